@@ -1,0 +1,107 @@
+"""zerver: an async HTTP/1.1 web framework whose observability is the architecture.
+
+Handlers are pipelines of pure steps; all I/O is requested as effects and run
+by a reactor job system whose every lifecycle transition is recorded.
+"""
+
+from ._app import App
+from ._clock import Clock, MonotonicClock, VirtualClock
+from ._config import Settings, load_settings
+from ._decisions import Continue, Decision, Done, Fail, Join, Mode, Need
+from ._effects import (
+    CacheDel,
+    CacheGet,
+    CacheSet,
+    DbDel,
+    DbGet,
+    DbPut,
+    DbQuery,
+    Effect,
+    HttpDelete,
+    HttpGet,
+    HttpPost,
+    HttpPut,
+    HttpResult,
+    RetryPolicy,
+)
+from ._errors import (
+    ConfigError,
+    EffectError,
+    MissingSlotError,
+    PeerError,
+    QueueFullError,
+    UsageError,
+    ZerverError,
+)
+from ._http import Request, Response
+from ._park import ConcurrencyLimiter, Interpreter, JobContext, RateLimiter
+from ._records import (
+    JobState,
+    NeedRecord,
+    ParkEpisode,
+    RequestRecord,
+    RetryRecord,
+    SlotWrite,
+    StepRecord,
+    Subscriber,
+)
+from ._slots import Context, Slot
+from ._steps import Step, step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "CacheDel",
+    "CacheGet",
+    "CacheSet",
+    "Clock",
+    "ConcurrencyLimiter",
+    "ConfigError",
+    "Context",
+    "Continue",
+    "DbDel",
+    "DbGet",
+    "DbPut",
+    "DbQuery",
+    "Decision",
+    "Done",
+    "Effect",
+    "EffectError",
+    "Fail",
+    "HttpDelete",
+    "HttpGet",
+    "HttpPost",
+    "HttpPut",
+    "HttpResult",
+    "Interpreter",
+    "JobContext",
+    "JobState",
+    "Join",
+    "MissingSlotError",
+    "Mode",
+    "MonotonicClock",
+    "Need",
+    "NeedRecord",
+    "ParkEpisode",
+    "PeerError",
+    "QueueFullError",
+    "RateLimiter",
+    "Request",
+    "RequestRecord",
+    "Response",
+    "RetryPolicy",
+    "RetryRecord",
+    "Settings",
+    "SlotWrite",
+    "Slot",
+    "Step",
+    "StepRecord",
+    "Subscriber",
+    "UsageError",
+    "VirtualClock",
+    "ZerverError",
+    "__version__",
+    "load_settings",
+    "step",
+]

@@ -1,0 +1,347 @@
+"""The application: routes, steps, interpreters, subscribers and the request entry point."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from ._clock import Clock, MonotonicClock
+from ._config import Settings, load_settings
+from ._decisions import Done, Fail
+from ._errors import UsageError
+from ._executor import Executor, PipelineError
+from ._http import Request, Response
+from ._jobs import JobSystem
+from ._records import RequestRecord, StepRecord, Subscriber
+from ._routing import Match, NotAllowed, Route, Router
+from ._slots import Context
+from ._steps import Step
+
+if TYPE_CHECKING:
+    from ._park import Interpreter
+
+__all__ = ["App"]
+
+_log = structlog.get_logger("zerver")
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+_NOT_FOUND = b'{"error":"not found"}'
+_JSON = ("content-type", "application/json")
+
+
+def _valid_traceparent(value: str) -> str | None:
+    """The trace id of a well-formed W3C ``traceparent`` (version 00), else ``None``."""
+    m = _TRACEPARENT.match(value.strip())
+    if m is None or m.group(1) == _ZERO_TRACE or m.group(2) == _ZERO_SPAN:
+        return None
+    return m.group(1)
+
+
+
+
+class App:
+    """A zerver application.
+
+    >>> app = App("blog")
+    >>> app.get("/healthz", health)            # doctest: +SKIP
+
+    Steps run in order: the app's ``before`` steps, the route's ``before``
+    steps, then the route's steps. Interpreters for ``db``, ``cache`` and
+    ``http`` effects are SQLite, an in-process TTL cache and an httpx client
+    unless the app registers its own with :meth:`interpreter`.
+    """
+
+    def __init__(
+        self,
+        name: str = "zerver",
+        *,
+        settings: Settings | None = None,
+        clock: Clock | None = None,
+        version: str = "0.0.0",
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.settings = settings if settings is not None else load_settings()
+        self.clock: Clock = clock if clock is not None else MonotonicClock()
+        self.router = Router()
+        self._before: list[Step] = []
+        self._interpreters: dict[str, Interpreter] = {}
+        self._subscribers: list[Subscriber] = []
+        self._subscriber_fn: list[Any] = []
+        self.subscriber_errors = 0
+        self._jobs: JobSystem | None = None
+        self._executor: Executor | None = None
+        self._rng = random.Random()
+        self._started = False
+
+    # -- building -----------------------------------------------------------------
+
+    def before(self, *steps: Step) -> None:
+        """Add steps that run before every route's steps."""
+        for s in steps:
+            self._check_step(s)
+        self._before.extend(steps)
+
+    def route(
+        self, method: str, template: str, *steps: Step, before: Sequence[Step] = ()
+    ) -> Route:
+        """Register ``method template`` with its steps (and per-route ``before`` steps)."""
+        if not steps:
+            raise UsageError(f"route {method} {template} needs at least one step")
+        for s in (*before, *steps):
+            self._check_step(s)
+        r = Route(method.upper(), template, steps, before)
+        self.router.add(r)
+        return r
+
+    def get(self, template: str, *steps: Step, before: Sequence[Step] = ()) -> Route:
+        """Register a ``GET`` route (``HEAD`` falls back to it)."""
+        return self.route("GET", template, *steps, before=before)
+
+    def post(self, template: str, *steps: Step, before: Sequence[Step] = ()) -> Route:
+        """Register a ``POST`` route."""
+        return self.route("POST", template, *steps, before=before)
+
+    def put(self, template: str, *steps: Step, before: Sequence[Step] = ()) -> Route:
+        """Register a ``PUT`` route."""
+        return self.route("PUT", template, *steps, before=before)
+
+    def delete(self, template: str, *steps: Step, before: Sequence[Step] = ()) -> Route:
+        """Register a ``DELETE`` route."""
+        return self.route("DELETE", template, *steps, before=before)
+
+    @staticmethod
+    def _check_step(s: object) -> None:
+        if not isinstance(s, Step):
+            raise UsageError(f"expected a Step (decorate the function with @step), got {s!r}")
+
+    def interpreter(self, system: str, interpreter: Interpreter) -> None:
+        """Use ``interpreter`` for every effect whose ``system`` is ``system``."""
+        if self._started:
+            raise UsageError("interpreters must be registered before the app starts")
+        self._interpreters[system] = interpreter
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """Give every finished :class:`RequestRecord` to ``subscriber``."""
+        self._subscribers.append(subscriber)
+        self._subscriber_fn.append(subscriber.on_request_end)
+
+    @property
+    def interpreters(self) -> dict[str, Interpreter]:
+        return self._interpreters
+
+    # -- running ------------------------------------------------------------------
+
+    def _default_interpreters(self) -> None:
+        from ._interpreters import CacheInterpreter, HttpInterpreter, SqliteInterpreter
+
+        s = self.settings
+        self._interpreters.setdefault(
+            "db", SqliteInterpreter(s.db_path, pool_size=s.db_pool_size, clock=self.clock)
+        )
+        self._interpreters.setdefault(
+            "cache",
+            CacheInterpreter(
+                max_entries=s.cache_max_entries, default_ttl_ms=s.cache_ttl_ms, clock=self.clock
+            ),
+        )
+        self._interpreters.setdefault("http", HttpInterpreter())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Start interpreters and the job system; on exit drain and close them."""
+        if self._started:
+            raise UsageError(f"app {self.name!r} is already running")
+        self._started = True
+        self._default_interpreters()
+        s = self.settings
+        started: list[Interpreter] = []
+        try:
+            for interp in self._interpreters.values():
+                await interp.start()
+                started.append(interp)
+            jobs = JobSystem(
+                self.clock,
+                self._interpreters,
+                effects_queue=s.queue_name_effects,
+                cont_queue=s.queue_name_cont,
+                effects_capacity=s.queue_capacity_effects,
+                effects_workers=s.workers_effects,
+                cont_capacity=s.queue_capacity_cont,
+                cont_workers=s.workers_cont,
+            )
+            async with jobs:
+                self._jobs = jobs
+                self._executor = Executor(self.clock, jobs, max_depth=s.max_need_depth)
+                try:
+                    yield
+                finally:
+                    self._executor = None
+                    self._jobs = None
+        finally:
+            for interp in reversed(started):
+                try:
+                    await interp.aclose()
+                except Exception:
+                    _log.exception("interpreter close failed", interpreter=type(interp).__name__)
+            for sub in self._subscribers:
+                close = getattr(sub, "shutdown", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:
+                        _log.exception("subscriber shutdown failed", subscriber=repr(sub))
+            self._started = False
+
+    @property
+    def jobs(self) -> JobSystem:
+        """The running job system (only while :meth:`lifespan` is active)."""
+        if self._jobs is None:
+            raise UsageError("the app is not running; use `async with app.lifespan():`")
+        return self._jobs
+
+    def _start_record(self, request: Request) -> RequestRecord:
+        record = RequestRecord(self.clock)
+        record.method = request.method
+        record.path = request.path
+        record.query = request.query
+        record.scheme = request.scheme
+        record.protocol_version = request.http_version
+        record.request_body_size = len(request.body)
+        if request.client is not None:
+            record.client_address, record.client_port = request.client
+        if request.server is not None:
+            record.server_address, record.server_port = request.server
+        request_id: str | None = None
+        for k, v in request.headers:
+            if k == b"host":
+                record.host = v.decode("latin-1")
+            elif k == b"user-agent":
+                record.user_agent = v.decode("latin-1")
+            elif k == b"traceparent":
+                tp = v.decode("latin-1")
+                trace_id = _valid_traceparent(tp)
+                if trace_id is not None:
+                    record.traceparent = tp.strip()
+                    request_id = trace_id
+            elif k == b"tracestate":
+                ts = v.decode("latin-1")
+                record.tracestate = f"{record.tracestate},{ts}" if record.tracestate else ts
+            elif k == b"x-request-id" and request_id is None:
+                rid = v.decode("latin-1").strip()
+                if _REQUEST_ID_OK.match(rid):
+                    request_id = rid
+        if record.traceparent is None:
+            record.tracestate = None
+        record.request_id = request_id or f"{self._rng.getrandbits(64):016x}"
+        return record
+
+    async def dispatch(self, request: Request) -> Response:
+        """Handle one request through routing and the pipeline. Never raises for app errors."""
+        executor = self._executor
+        if executor is None:
+            raise UsageError("the app is not running; use `async with app.lifespan():`")
+        record = self._start_record(request)
+        response: Response | None = None
+        try:
+            response = await self._handle(executor, request, record)
+        finally:
+            if response is None:  # cancelled: the client went away
+                record.finish(499, 0)
+            else:
+                response.headers.append(("x-request-id", record.request_id))
+                size = 0 if request.method == "HEAD" else len(response.body)
+                record.finish(response.status, size)
+            self._notify(record)
+        return response
+
+    async def _handle(self, executor: Executor, request: Request, record: RequestRecord) -> Response:
+        clock = self.clock
+        sr = StepRecord(
+            index=0,
+            name="route_match",
+            layer="route_match",
+            sequence=0,
+            reads=(),
+            writes=(),
+            start_ts=clock.now_ns(),
+        )
+        record.steps.append(sr)
+        found = self.router.match(request.method, request.path)
+        sr.end_ts = clock.now_ns()
+        if type(found) is Match:
+            sr.decision = "Continue"
+            route = found.route
+            record.route = route.template
+            record.params = found.params
+            steps = [(s, "before") for s in self._before]
+            steps.extend((s, "before") for s in route.before)
+            steps.extend((s, "route") for s in route.steps)
+            ctx = Context(request, found.params, record)
+            outcome = await executor.run(ctx, record, steps, 0)
+            if type(outcome) is Done:
+                return outcome.response
+            if type(outcome) is Fail:
+                return self._fail_response(outcome)
+            assert isinstance(outcome, PipelineError)
+            return self._fault(record, outcome)
+        sr.decision = "Fail"
+        if isinstance(found, NotAllowed):
+            record.route = found.template
+            return Response(
+                405,
+                b'{"error":"method not allowed"}',
+                [_JSON, ("allow", ", ".join(found.allow))],
+            )
+        return Response(404, _NOT_FOUND, [_JSON])
+
+    @staticmethod
+    def _fail_response(fail: Fail) -> Response:
+        body: dict[str, Any] = {"error": fail.what or "request failed"}
+        if fail.key is not None:
+            body["key"] = fail.key
+        headers: list[tuple[str, str]] = []
+        if fail.status in (429, 503):
+            headers.append(("retry-after", "1"))
+        return Response.json(body, fail.status, headers)
+
+    def _fault(self, record: RequestRecord, err: PipelineError) -> Response:
+        error_id = f"{self._rng.getrandbits(64):016x}"
+        record.system_fault = True
+        record.error_type = err.error_type
+        record.error_message = str(err)
+        record.error_id = error_id
+        _log.error(
+            "request failed",
+            error_id=error_id,
+            request_id=record.request_id,
+            method=record.method,
+            route=record.route,
+            exc_info=err.__cause__ or err,
+        )
+        return Response.json({"error": "internal server error", "error_id": error_id}, 500)
+
+    def _notify(self, record: RequestRecord) -> None:
+        for fn in self._subscriber_fn:
+            try:
+                fn(record)
+            except Exception:
+                # Telemetry never breaks a request: count, log (rate-limited by the
+                # logging setup), carry on.
+                self.subscriber_errors += 1
+                if self.subscriber_errors & (self.subscriber_errors - 1) == 0:
+                    _log.exception("subscriber failed", count=self.subscriber_errors)
+
+    def __repr__(self) -> str:
+        return f"<App {self.name!r} {len(self.router.routes)} routes>"
+
+

@@ -1,0 +1,351 @@
+"""The executor: runs a request's steps, turns ``Need`` into jobs and joins them.
+
+Steps run synchronously on the request's task. A ``Need`` creates one effect
+job per effect on the effects queue (all at once, or one after another in
+sequential mode); a :class:`~zerver._join.JoinState` decides when the need is
+resolved. On resolution the continuation (``then``) is enqueued directly on
+the continuations queue from the finishing worker, so the request task wakes
+up once per need, with the continuation's decision in hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._decisions import Continue, Decision, Done, Fail, Mode, Need
+from ._errors import EffectError, ZerverError
+from ._jobs import Job, JobSystem
+from ._join import JoinState
+from ._records import COMPLETE, FAIL, JobState, NeedRecord, RequestRecord, StepRecord
+
+if TYPE_CHECKING:
+    from ._clock import Clock
+    from ._slots import Context
+    from ._steps import Step
+
+__all__ = ["Executor", "PipelineError"]
+
+
+class PipelineError(ZerverError):
+    """The pipeline itself broke: a step raised, a loop ran too deep, no response."""
+
+    def __init__(self, message: str, *, error_type: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+def _record_step(
+    record: RequestRecord, step: Step, layer: str, sequence: int, job_index: int | None = None
+) -> StepRecord:
+    sr = StepRecord(
+        index=len(record.steps),
+        name=step.name,
+        layer=layer,
+        sequence=sequence,
+        reads=step.reads,
+        writes=step.writes,
+        start_ts=record.clock.now_ns(),
+        job_index=job_index,
+    )
+    record.steps.append(sr)
+    return sr
+
+
+def call_step(
+    ctx: Context, record: RequestRecord, step: Step, sr: StepRecord
+) -> Decision | PipelineError:
+    """Run one step, recording its decision; a raising step becomes a PipelineError."""
+    record.current_step = sr.index
+    ctx.step_name = step.name
+    try:
+        decision = step.fn(ctx)
+    except Exception as exc:
+        sr.end_ts = record.clock.now_ns()
+        sr.error_type = type(exc).__name__
+        sr.error_message = str(exc)
+        err = PipelineError(f"step {step.name!r} raised {type(exc).__name__}: {exc}",
+                            error_type=type(exc).__name__)
+        err.__cause__ = exc
+        return err
+    finally:
+        record.current_step = None
+    sr.end_ts = record.clock.now_ns()
+    kind = getattr(decision, "kind", None)
+    if kind is None:
+        sr.error_type = "InvalidDecision"
+        sr.error_message = f"step returned {decision!r}"
+        return PipelineError(
+            f"step {step.name!r} returned {decision!r}; expected Continue, Done, Fail or Need",
+            error_type="InvalidDecision",
+        )
+    sr.decision = kind
+    if kind == "Need":
+        assert isinstance(decision, Need)
+        if decision.then is not None:
+            sr.resume = decision.then.name
+    elif kind == "Done":
+        assert isinstance(decision, Done)
+        resp = decision.response
+        if resp.render_phase is not None:
+            sr.render_phase = resp.render_phase
+            sr.render_size = len(resp.body)
+    return decision
+
+
+class _NeedRun:
+    """One ``Need`` in flight: its jobs, its join state and its continuation."""
+
+    __slots__ = (
+        "cont_job",
+        "ctx",
+        "done",
+        "effects",
+        "error",
+        "executor",
+        "join",
+        "jobs",
+        "need",
+        "next_effect",
+        "outcome",
+        "rec",
+        "record",
+        "sequence",
+        "step_index",
+    )
+
+    def __init__(
+        self,
+        executor: Executor,
+        ctx: Context,
+        record: RequestRecord,
+        need: Need,
+        rec: NeedRecord,
+        step_index: int,
+        sequence: int,
+    ) -> None:
+        self.executor = executor
+        self.ctx = ctx
+        self.record = record
+        self.need = need
+        self.rec = rec
+        self.step_index = step_index
+        self.sequence = sequence
+        self.effects = need.effects
+        self.join = JoinState(need.join, [e.required for e in need.effects])
+        self.jobs: list[Job] = []
+        self.next_effect = 0
+        self.cont_job: Job | None = None
+        self.done = anyio.Event()
+        self.outcome: Decision | PipelineError | None = None
+        self.error: JobState | None = None
+
+    def start(self) -> None:
+        if self.need.mode is Mode.PARALLEL:
+            for _ in range(len(self.effects)):
+                if not self._start_next():
+                    return
+        else:
+            self._start_next()
+
+    def _start_next(self) -> bool:
+        """Start the next effect; returns False if the need resolved meanwhile."""
+        effect = self.effects[self.next_effect]
+        self.next_effect += 1
+        record = self.record
+        ex = self.executor
+        st = JobState(
+            index=len(record.jobs),
+            kind="effect",
+            name=effect.span_name,
+            queue=ex.jobs.effects.name,
+            step_index=self.step_index,
+            effect=effect,
+        )
+        record.jobs.append(st)
+        self.rec.jobs.append(st.index)
+        job = Job(st, ex.clock, ex.jobs.run_effect, self._effect_done)
+        self.jobs.append(job)
+        try:
+            ex.jobs.effects.enqueue(job)
+        except EffectError as exc:
+            job.finish(FAIL, error_type=exc.kind, error_message=str(exc),
+                       status_hint=exc.status_hint)
+        return not self.join.resolved
+
+    def _effect_done(self, job: Job) -> None:
+        st = job.state
+        if self.join.resolved:  # cancelled after resolution
+            return
+        effect = st.effect
+        assert effect is not None
+        success = st.success is True
+        if success and effect.slot is not None:
+            record = self.record
+            record.current_job = st.index
+            self.ctx.put_raw(effect.slot.name, job.result)
+            record.current_job = None
+        if not success and effect.required and self.error is None:
+            self.error = st
+        if not self.join.add(success=success, required=effect.required):
+            if self.need.mode is Mode.SEQUENTIAL and self.next_effect < len(self.effects):
+                self._start_next()
+            return
+        self._resolved()
+
+    def _resolved(self) -> None:
+        rec = self.rec
+        join = self.join
+        rec.join_ts = self.executor.clock.now_ns()
+        rec.completed = join.succeeded
+        rec.failed = join.failed
+        for job in self.jobs:
+            if not job.finished:
+                job.cancel("join resolved")
+        if join.failure:
+            err = self.error
+            assert err is not None
+            self.outcome = Fail(
+                err.status_hint or 500,
+                f"required effect failed: {err.error_type}",
+                key=err.name,
+            )
+            self.done.set()
+            return
+        then = self.need.then
+        if then is None:
+            self.outcome = Continue
+            self.done.set()
+            return
+        self._enqueue_continuation(then)
+
+    def _enqueue_continuation(self, then: Step) -> None:
+        ex = self.executor
+        record = self.record
+        st = JobState(
+            index=len(record.jobs),
+            kind="continuation",
+            name=f"step.{then.name}.resume",
+            queue=ex.jobs.continuations.name,
+            step_index=self.step_index,
+        )
+        record.jobs.append(st)
+        job = Job(st, ex.clock, self._run_continuation, self._continuation_done)
+        self.cont_job = job
+        try:
+            ex.jobs.continuations.enqueue(job)
+        except EffectError as exc:
+            job.finish(FAIL, error_type=exc.kind, error_message=str(exc),
+                       status_hint=exc.status_hint)
+
+    async def _run_continuation(self, job: Job) -> None:
+        then = self.need.then
+        assert then is not None
+        st = job.state
+        record = self.record
+        st.start_ts = record.clock.now_ns()
+        st.attempts = 1
+        sr = _record_step(record, then, "continuation", self.sequence, job_index=st.index)
+        st.cont_step_index = sr.index
+        record.current_job = st.index
+        try:
+            result = call_step(self.ctx, record, then, sr)
+        finally:
+            record.current_job = None
+        job.result = result
+        if isinstance(result, PipelineError):
+            job.finish(FAIL, error_type=result.error_type, error_message=str(result),
+                       status_hint=500)
+        else:
+            job.finish(COMPLETE)
+
+    def _continuation_done(self, job: Job) -> None:
+        st = job.state
+        result = job.result
+        if isinstance(result, PipelineError):
+            self.outcome = result
+        elif st.success:
+            self.outcome = result
+        elif st.error_type == "queue_full":
+            self.outcome = Fail(429, "continuations queue is full", key=st.queue)
+        else:
+            self.outcome = PipelineError(
+                f"continuation {st.name!r} ended with {st.outcome}: {st.error_message}",
+                error_type=st.error_type or "continuation_failed",
+            )
+        self.done.set()
+
+    def cancel(self, reason: str) -> None:
+        if not self.join.resolved:
+            self.join.resolved = True
+        for job in self.jobs:
+            job.cancel(reason)
+        if self.cont_job is not None:
+            self.cont_job.cancel(reason)
+
+
+class Executor:
+    """Runs pipelines for one app (shared by all its requests)."""
+
+    __slots__ = ("clock", "jobs", "max_depth")
+
+    def __init__(self, clock: Clock, jobs: JobSystem, *, max_depth: int = 16) -> None:
+        self.clock = clock
+        self.jobs = jobs
+        self.max_depth = max_depth
+
+    async def run(
+        self,
+        ctx: Context,
+        record: RequestRecord,
+        steps: Sequence[tuple[Step, str]],
+        sequence: int,
+    ) -> Done | Fail | PipelineError:
+        """Run ``steps`` (each with its layer) until one answers."""
+        for step, layer in steps:
+            sequence += 1
+            sr = _record_step(record, step, layer, sequence)
+            decision = call_step(ctx, record, step, sr)
+            depth = 0
+            while isinstance(decision, Need):
+                depth += 1
+                if depth > self.max_depth:
+                    return PipelineError(
+                        f"step {step.name!r}: more than {self.max_depth} chained Needs",
+                        error_type="NeedDepthExceeded",
+                    )
+                decision = await self._need(ctx, record, decision, sr, sequence)
+                if isinstance(decision, Need):
+                    sr = record.steps[-1]  # the continuation that asked again
+            if decision is Continue:
+                continue
+            assert isinstance(decision, Done | Fail | PipelineError)
+            return decision
+        return PipelineError(
+            "every step returned Continue and none answered the request",
+            error_type="NoResponse",
+        )
+
+    async def _need(
+        self, ctx: Context, record: RequestRecord, need: Need, sr: StepRecord, sequence: int
+    ) -> Decision | PipelineError:
+        rec = NeedRecord(
+            self.clock.now_ns(),
+            len(need.effects),
+            need.mode.value,
+            need.join.value,
+            need.then.name if need.then is not None else None,
+        )
+        sr.need = rec
+        run = _NeedRun(self, ctx, record, need, rec, sr.index, sequence)
+        try:
+            run.start()
+            await run.done.wait()
+        except BaseException:
+            run.cancel("request cancelled")
+            raise
+        outcome = run.outcome
+        assert outcome is not None
+        return outcome

@@ -1,0 +1,270 @@
+"""The reactor job system: bounded queues, worker pools and the job lifecycle.
+
+Rules of the lifecycle (the job system, never user code, writes them):
+
+* ``ENQUEUE``: :meth:`JobQueue.enqueue` stamps ``enqueue_ts`` and the queue
+  depth. A full queue refuses the job at once with :class:`QueueFullError`
+  (a 429-class effect failure): a request never hangs on a queue.
+* ``TAKE``: a worker receives the job and stamps ``take_ts``, its index and
+  the depth left behind.
+* ``START``: the job's work begins (``start_ts``). Between take and start
+  the worker only sets up the attempt, so ``dispatch_ms`` stays tiny.
+* ``PARK``/``RESUME``: recorded by park points (:mod:`zerver._park`) while the
+  job runs: limiters, rate limiters, retry back-off, awaited I/O.
+* ``COMPLETE | FAIL | CANCEL``: ``end_ts`` and ``outcome`` are written exactly
+  once by :meth:`Job.finish`. A job cancelled while queued is never started.
+  After ``finish`` nothing writes to the job's state again, even when a
+  cancelled worker unwinds later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from ._errors import EffectError, QueueFullError
+from ._park import JobContext
+from ._records import CANCEL, COMPLETE, FAIL, JobState, RetryRecord
+
+if TYPE_CHECKING:
+    from ._clock import Clock
+    from ._effects import Effect
+    from ._park import Interpreter
+
+__all__ = ["Job", "JobQueue", "JobSystem"]
+
+
+class Job:
+    """A unit of work on a queue: its recorded state plus what to run.
+
+    ``work`` is an async callable run by the worker; ``on_done`` is called
+    once, synchronously, when the job finishes in any way.
+    """
+
+    __slots__ = ("clock", "on_done", "result", "scope", "state", "work")
+
+    def __init__(
+        self,
+        state: JobState,
+        clock: Clock,
+        work: Callable[[Job], Any],
+        on_done: Callable[[Job], None],
+    ) -> None:
+        self.state = state
+        self.clock = clock
+        self.work = work
+        self.on_done = on_done
+        self.result: Any = None
+        self.scope: anyio.CancelScope | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state.outcome is not None
+
+    def finish(
+        self,
+        outcome: str,
+        *,
+        error_type: str | None = None,
+        error_message: str | None = None,
+        status_hint: int | None = None,
+    ) -> None:
+        """Record the end of the job (once) and tell whoever waits for it."""
+        st = self.state
+        if st.outcome is not None:
+            return
+        st.end_ts = self.clock.now_ns()
+        st.outcome = outcome
+        st.success = outcome == COMPLETE
+        if error_type is not None:
+            st.error_type = error_type
+            st.error_message = error_message
+            st.status_hint = status_hint
+        self.on_done(self)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Cancel the job: record CANCEL now, and stop its work if it is running."""
+        if self.state.outcome is not None:
+            return
+        if self.scope is not None:
+            self.scope.cancel()
+        self.finish(CANCEL, error_type="cancelled", error_message=reason)
+
+
+class JobQueue:
+    """A bounded queue with its pool of workers."""
+
+    __slots__ = ("_recv", "_send", "capacity", "clock", "depth", "name", "workers")
+
+    def __init__(self, name: str, capacity: int, workers: int, clock: Clock) -> None:
+        if capacity < 1 or workers < 1:
+            raise ValueError(f"queue {name!r} needs capacity >= 1 and workers >= 1")
+        self.name = name
+        self.capacity = capacity
+        self.workers = workers
+        self.clock = clock
+        self.depth = 0
+        self._send, self._recv = anyio.create_memory_object_stream[Job](capacity)
+
+    def enqueue(self, job: Job) -> None:
+        """Put the job on the queue or raise :class:`QueueFullError` at once."""
+        st = job.state
+        st.enqueue_ts = self.clock.now_ns()
+        st.depth_enqueue = self.depth
+        try:
+            self._send.send_nowait(job)
+        except anyio.WouldBlock:
+            raise QueueFullError(self.name, self.capacity) from None
+        self.depth += 1
+
+    async def _worker(self, index: int, recv: MemoryObjectReceiveStream[Job]) -> None:
+        now = self.clock.now_ns
+        async with recv:
+            async for job in recv:
+                self.depth -= 1
+                st = job.state
+                if st.outcome is not None:  # cancelled while queued
+                    continue
+                st.take_ts = now()
+                st.worker = index
+                st.depth_take = self.depth
+                try:
+                    await job.work(job)
+                except Exception as exc:  # a broken job must not kill the worker
+                    job.finish(
+                        FAIL,
+                        error_type=type(exc).__name__,
+                        error_message=str(exc),
+                        status_hint=500,
+                    )
+
+    def idle_workers(self) -> int:
+        """Workers waiting for a job right now."""
+        return self._send.statistics().tasks_waiting_receive
+
+    def start(self, tg: TaskGroup) -> None:
+        for i in range(self.workers):
+            tg.start_soon(self._worker, i, self._recv.clone(), name=f"zerver-{self.name}-{i}")
+        self._recv.close()
+
+    def close(self) -> None:
+        """Stop intake; workers finish what is queued and exit."""
+        self._send.close()
+
+
+class JobSystem:
+    """The effects and continuations queues, and how an effect job runs."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        interpreters: dict[str, Interpreter],
+        *,
+        effects_queue: str = "effects",
+        cont_queue: str = "continuations",
+        effects_capacity: int = 1024,
+        effects_workers: int = 64,
+        cont_capacity: int = 1024,
+        cont_workers: int = 4,
+    ) -> None:
+        self.clock = clock
+        self.interpreters = interpreters
+        self.effects = JobQueue(effects_queue, effects_capacity, effects_workers, clock)
+        self.continuations = JobQueue(cont_queue, cont_capacity, cont_workers, clock)
+        self._tg: TaskGroup | None = None
+
+    async def __aenter__(self) -> JobSystem:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self.effects.start(self._tg)
+        self.continuations.start(self._tg)
+        # Let the workers reach their queues before the first job arrives
+        # (bounded: a worker needs a couple of scheduling rounds to get there).
+        for _ in range(16):
+            if self.effects.idle_workers() == self.effects.workers and (
+                self.continuations.idle_workers() == self.continuations.workers
+            ):
+                break
+            await anyio.lowlevel.checkpoint()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self.effects.close()
+        self.continuations.close()
+        assert self._tg is not None
+        await self._tg.__aexit__(*exc_info)
+        self._tg = None
+
+    def interpreter_for(self, effect: Effect) -> Interpreter:
+        interp = self.interpreters.get(effect.system)
+        if interp is None:
+            raise EffectError(
+                f"no interpreter registered for effect system {effect.system!r} "
+                f"(effect {effect.span_name!r}); register one with app.interpreter()",
+                kind="no_interpreter",
+                status_hint=500,
+            )
+        return interp
+
+    async def run_effect(self, job: Job) -> None:
+        """Run an effect job: attempts with timeout, retries with back-off."""
+        st = job.state
+        effect = st.effect
+        assert effect is not None
+        clock = self.clock
+        ctx = JobContext(st, clock)
+        policy = effect.retry
+        timeout_s = effect.timeout_ms / 1000.0
+        st.start_ts = clock.now_ns()
+        try:
+            interp = self.interpreter_for(effect)
+        except EffectError as exc:
+            job.finish(FAIL, error_type=exc.kind, error_message=str(exc), status_hint=500)
+            return
+        while True:
+            st.attempts += 1
+            scope = anyio.CancelScope(deadline=anyio.current_time() + timeout_s)
+            job.scope = scope
+            error: EffectError | None = None
+            with scope:
+                try:
+                    job.result = await interp.perform(effect, ctx)
+                except EffectError as exc:
+                    error = exc
+                except Exception as exc:
+                    error = EffectError(
+                        f"{type(exc).__name__}: {exc}", kind=type(exc).__name__, status_hint=500
+                    )
+            job.scope = None
+            if job.finished:  # cancelled from outside while running
+                return
+            if error is None and scope.cancelled_caught:
+                error = EffectError(
+                    f"{effect.span_name} timed out after {effect.timeout_ms} ms",
+                    kind="timeout",
+                    status_hint=504,
+                    retryable=True,
+                )
+            if error is None:
+                job.finish(COMPLETE)
+                return
+            if error.retryable and st.attempts < policy.max_attempts:
+                backoff_ms = policy.backoff_for(st.attempts)
+                st.retries.append(RetryRecord(clock.now_ns(), st.attempts, error.kind, backoff_ms))
+                with anyio.CancelScope() as backoff_scope, ctx.parked("timer", "retry_backoff"):
+                    job.scope = backoff_scope
+                    await clock.sleep(backoff_ms / 1000.0)
+                job.scope = None
+                if job.finished:
+                    return
+                continue
+            job.finish(
+                FAIL, error_type=error.kind, error_message=str(error), status_hint=error.status_hint
+            )
+            return
+

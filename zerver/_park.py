@@ -1,0 +1,234 @@
+"""Park points: how a running job records that it waits, and the limiters that make it wait.
+
+A job *parks* when it stops working without finishing: it waits for a
+connection from a pool (``backpressure``), a rate-limit token
+(``rate_limit``), a back-off timer (``timer``) or awaited I/O (``io_wait``).
+Each wait is one :class:`~zerver._records.ParkEpisode`, opened on park and
+closed on resume, even when the wait is cancelled.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+
+from ._records import PARK_CAUSES, JobState, ParkEpisode
+
+if TYPE_CHECKING:
+    from ._clock import Clock
+    from ._effects import Effect
+
+__all__ = ["ConcurrencyLimiter", "Interpreter", "JobContext", "RateLimiter"]
+
+
+class _Parked:
+    __slots__ = ("_clock", "_episode")
+
+    def __init__(self, clock: Clock, episode: ParkEpisode) -> None:
+        self._clock = clock
+        self._episode = episode
+
+    def __enter__(self) -> ParkEpisode:
+        return self._episode
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._episode.resume_ts = self._clock.now_ns()
+
+
+class JobContext:
+    """What an interpreter gets with each effect: the job's record and its clock."""
+
+    __slots__ = ("clock", "state")
+
+    def __init__(self, state: JobState, clock: Clock) -> None:
+        self.state = state
+        self.clock = clock
+
+    def parked(
+        self,
+        cause: str,
+        token: str | None = None,
+        *,
+        limit_current: int | None = None,
+        limit_max: int | None = None,
+    ) -> _Parked:
+        """Record a park episode for the duration of a ``with`` block.
+
+        ``with job.parked("io_wait"): await run_query()`` parks on entry and
+        resumes on exit, whether the block finishes, raises or is cancelled.
+        """
+        if cause not in PARK_CAUSES:
+            raise ValueError(f"park cause must be one of {sorted(PARK_CAUSES)}, got {cause!r}")
+        episode = ParkEpisode(cause, self.clock.now_ns(), token, limit_current, limit_max)
+        self.state.park_episodes.append(episode)
+        return _Parked(self.clock, episode)
+
+    def note(self, key: str, value: Any) -> None:
+        """Report a fact about the result (``cache.hit``, ``http.response.status_code``)."""
+        meta = self.state.result_meta
+        if meta is None:
+            meta = self.state.result_meta = {}
+        meta[key] = value
+
+
+class _Waiter:
+    __slots__ = ("event", "granted")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.granted = False
+
+
+class ConcurrencyLimiter:
+    """At most ``limit`` holders at once; a job that must wait parks with ``backpressure``.
+
+    The park episode carries the limiter's name as token and the occupancy
+    (``current``/``max``) seen when the job started waiting. Waiters are
+    served in arrival order; a released slot is handed to the next waiter
+    directly, so no newcomer can overtake it.
+    """
+
+    __slots__ = ("_in_use", "_waiters", "limit", "name")
+
+    def __init__(self, name: str, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit of {name!r} must be >= 1, got {limit}")
+        self.name = name
+        self.limit = limit
+        self._in_use = 0
+        self._waiters: deque[_Waiter] = deque()
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self, job: JobContext | None = None) -> None:
+        """Take a slot, parking the job while none is free."""
+        if self._in_use < self.limit and not self._waiters:
+            self._in_use += 1
+            return
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        if job is None:
+            await self._wait(waiter)
+            return
+        with job.parked(
+            "backpressure", self.name, limit_current=self._in_use, limit_max=self.limit
+        ):
+            await self._wait(waiter)
+
+    async def _wait(self, waiter: _Waiter) -> None:
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.granted:
+                self.release()
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give the slot back (to the next waiter, if any)."""
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.granted = True
+            waiter.event.set()
+            return
+        if self._in_use <= 0:
+            raise RuntimeError(f"limiter {self.name!r} released more often than acquired")
+        self._in_use -= 1
+
+    def slot(self, job: JobContext | None = None) -> _LimiterSlot:
+        """``async with limiter.slot(job): ...`` acquires and always releases."""
+        return _LimiterSlot(self, job)
+
+
+class _LimiterSlot:
+    __slots__ = ("_job", "_limiter")
+
+    def __init__(self, limiter: ConcurrencyLimiter, job: JobContext | None) -> None:
+        self._limiter = limiter
+        self._job = job
+
+    async def __aenter__(self) -> None:
+        await self._limiter.acquire(self._job)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._limiter.release()
+
+
+class RateLimiter:
+    """A token bucket: ``rate`` tokens per second, bursts up to ``burst``.
+
+    A job that finds the bucket empty parks with ``rate_limit`` (token: the
+    limiter's name) for exactly as long as the next token takes, measured on
+    the injected clock.
+    """
+
+    __slots__ = ("_clock", "_last_ns", "_tokens", "burst", "name", "rate")
+
+    def __init__(self, name: str, rate: float, burst: float, clock: Clock) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"rate limiter {name!r} needs rate > 0 and burst >= 1")
+        self.name = name
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last_ns = clock.now_ns()
+
+    def _refill(self) -> None:
+        now = self._clock.now_ns()
+        self._tokens = min(self.burst, self._tokens + (now - self._last_ns) * self.rate / 1e9)
+        self._last_ns = now
+
+    def try_acquire(self) -> bool:
+        """Take a token if one is available now."""
+        self._refill()
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+    async def acquire(self, job: JobContext | None = None) -> None:
+        """Take a token, parking the job until one is available."""
+        while not self.try_acquire():
+            wait_s = (1 - self._tokens) / self.rate
+            if job is None:
+                await self._clock.sleep(wait_s)
+            else:
+                with job.parked("rate_limit", self.name):
+                    await self._clock.sleep(wait_s)
+
+
+class Interpreter(Protocol):
+    """Performs the effects of one system (``db``, ``cache``, ``http``, ...).
+
+    ``perform`` returns the value that lands in the effect's slot, or raises
+    :class:`~zerver.EffectError` (``retryable=True`` for failures another
+    attempt may cure). It records waits with ``job.parked(...)``. ``start``
+    runs when the app starts, ``aclose`` when it stops.
+    """
+
+    async def start(self) -> None: ...
+
+    async def perform(self, effect: Effect, job: JobContext) -> Any: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,363 @@
+"""Telemetry records: what happened during one request, as plain data.
+
+Rules of this module (the contract the trace engine, debug pages and logs
+rely on):
+
+* Records are append-only and written only from the event loop thread that
+  handles the request, so they need no lock and perform no I/O.
+* Every timestamp is a monotonic nanosecond count from the app's injected
+  :class:`~zerver.Clock`; ``RequestRecord.start_wall_ns`` anchors them to wall
+  time (``wall = start_wall_ns + (ts - start_ts)``).
+* A job moves ``ENQUEUE -> TAKE -> START -> [PARK <-> RESUME]* -> COMPLETE |
+  FAIL | CANCEL``. Only the job system writes these fields; a phase that never
+  happened stays ``None`` (derived durations count it as 0).
+* Once :meth:`RequestRecord.finish` has run, nothing writes to the record
+  again and subscribers may read it freely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ._clock import Clock
+    from ._effects import Effect
+
+__all__ = [
+    "JobState",
+    "NeedRecord",
+    "ParkEpisode",
+    "RequestRecord",
+    "RetryRecord",
+    "SlotWrite",
+    "StepRecord",
+    "Subscriber",
+]
+
+PARK_CAUSES = frozenset({"io_wait", "rate_limit", "backpressure", "lock", "timer", "other"})
+
+# Job outcomes.
+COMPLETE = "complete"
+FAIL = "fail"
+CANCEL = "cancel"
+
+
+class ParkEpisode:
+    """One stretch during which a started job waited instead of working."""
+
+    __slots__ = ("cause", "limit_current", "limit_max", "park_ts", "resume_ts", "token")
+
+    def __init__(
+        self,
+        cause: str,
+        park_ts: int,
+        token: str | None = None,
+        limit_current: int | None = None,
+        limit_max: int | None = None,
+    ) -> None:
+        self.cause = cause
+        self.token = token
+        self.park_ts = park_ts
+        self.resume_ts: int | None = None
+        self.limit_current = limit_current
+        self.limit_max = limit_max
+
+    def __repr__(self) -> str:
+        return (
+            f"ParkEpisode({self.cause!r}, token={self.token!r}, "
+            f"{self.park_ts}->{self.resume_ts}, limit={self.limit_current}/{self.limit_max})"
+        )
+
+
+class RetryRecord:
+    """A ``zerver.retry`` event: attempt ``attempt`` failed and will be retried."""
+
+    __slots__ = ("attempt", "backoff_ms", "reason", "ts")
+
+    def __init__(self, ts: int, attempt: int, reason: str, backoff_ms: float) -> None:
+        self.ts = ts
+        self.attempt = attempt
+        self.reason = reason
+        self.backoff_ms = backoff_ms
+
+
+class JobState:
+    """The lifecycle of one job: an effect, or a continuation step.
+
+    ``kind`` is ``"effect"`` or ``"continuation"``. ``step_index`` is the
+    index in ``RequestRecord.steps`` of the step whose ``Need`` created the
+    job; for a continuation, ``cont_step_index`` is the index of the step
+    record of the continuation once it ran.
+    """
+
+    __slots__ = (
+        "attempts",
+        "cont_step_index",
+        "depth_enqueue",
+        "depth_take",
+        "effect",
+        "end_ts",
+        "enqueue_ts",
+        "error_message",
+        "error_type",
+        "index",
+        "kind",
+        "name",
+        "outcome",
+        "park_episodes",
+        "queue",
+        "result_meta",
+        "retries",
+        "start_ts",
+        "status_hint",
+        "step_index",
+        "success",
+        "take_ts",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        *,
+        index: int,
+        kind: str,
+        name: str,
+        queue: str,
+        step_index: int,
+        effect: Effect | None = None,
+    ) -> None:
+        self.index = index
+        self.kind = kind
+        self.name = name
+        self.queue = queue
+        self.step_index = step_index
+        self.effect = effect
+        self.cont_step_index: int | None = None
+        self.enqueue_ts: int | None = None
+        self.take_ts: int | None = None
+        self.start_ts: int | None = None
+        self.end_ts: int | None = None
+        self.park_episodes: list[ParkEpisode] = []
+        self.worker: int | None = None
+        self.attempts = 0
+        self.success: bool | None = None
+        self.outcome: str | None = None
+        self.error_type: str | None = None
+        self.error_message: str | None = None
+        self.status_hint: int | None = None
+        self.depth_enqueue: int | None = None
+        self.depth_take: int | None = None
+        self.retries: list[RetryRecord] = []
+        # Facts an interpreter reports about the result (e.g. ``cache.hit``).
+        self.result_meta: dict[str, Any] | None = None
+
+    @property
+    def required(self) -> bool:
+        """Whether the request depends on this job (continuations always do)."""
+        return self.effect.required if self.effect is not None else True
+
+    def __repr__(self) -> str:
+        return f"<JobState #{self.index} {self.kind} {self.name!r} {self.outcome}>"
+
+
+class NeedRecord:
+    """A ``Need`` a step returned: ``zerver.need.requested`` and ``zerver.need.join``."""
+
+    __slots__ = (
+        "completed",
+        "failed",
+        "join",
+        "join_ts",
+        "jobs",
+        "mode",
+        "n_effects",
+        "requested_ts",
+        "then",
+    )
+
+    def __init__(
+        self, requested_ts: int, n_effects: int, mode: str, join: str, then: str | None
+    ) -> None:
+        self.requested_ts = requested_ts
+        self.n_effects = n_effects
+        self.mode = mode
+        self.join = join
+        self.then = then
+        self.jobs: list[int] = []
+        self.join_ts: int | None = None
+        self.completed = 0
+        self.failed = 0
+
+
+class SlotWrite:
+    """A ``zerver.slot.write`` event; ``step_index``/``job_index`` say who wrote it."""
+
+    __slots__ = ("job_index", "size_bytes", "slot", "step_index", "ts")
+
+    def __init__(
+        self, ts: int, slot: str, size_bytes: int, step_index: int | None, job_index: int | None
+    ) -> None:
+        self.ts = ts
+        self.slot = slot
+        self.size_bytes = size_bytes
+        self.step_index = step_index
+        self.job_index = job_index
+
+
+class StepRecord:
+    """One step run. ``layer`` is ``route_match``, ``before``, ``route`` or ``continuation``."""
+
+    __slots__ = (
+        "decision",
+        "end_ts",
+        "error_message",
+        "error_type",
+        "index",
+        "job_index",
+        "layer",
+        "name",
+        "need",
+        "reads",
+        "render_phase",
+        "render_size",
+        "resume",
+        "sequence",
+        "start_ts",
+        "writes",
+    )
+
+    def __init__(
+        self,
+        *,
+        index: int,
+        name: str,
+        layer: str,
+        sequence: int,
+        reads: Sequence[str],
+        writes: Sequence[str],
+        start_ts: int,
+        job_index: int | None = None,
+    ) -> None:
+        self.index = index
+        self.name = name
+        self.layer = layer
+        self.sequence = sequence
+        self.reads = reads
+        self.writes = writes
+        self.start_ts = start_ts
+        self.end_ts: int | None = None
+        self.decision: str | None = None
+        self.resume: str | None = None
+        self.need: NeedRecord | None = None
+        self.job_index = job_index
+        self.error_type: str | None = None
+        self.error_message: str | None = None
+        self.render_phase: str | None = None
+        self.render_size: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<StepRecord #{self.index} {self.name!r} {self.decision}>"
+
+
+class RequestRecord:
+    """Everything recorded about one request, from arrival to response."""
+
+    __slots__ = (
+        "client_address",
+        "client_port",
+        "clock",
+        "current_job",
+        "current_step",
+        "end_ts",
+        "error_id",
+        "error_message",
+        "error_type",
+        "host",
+        "jobs",
+        "method",
+        "params",
+        "path",
+        "protocol_version",
+        "query",
+        "request_body_size",
+        "request_id",
+        "response_body_size",
+        "route",
+        "scheme",
+        "server_address",
+        "server_port",
+        "slot_writes",
+        "start_ts",
+        "start_wall_ns",
+        "status",
+        "steps",
+        "system_fault",
+        "traceparent",
+        "tracestate",
+        "user_agent",
+    )
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.start_ts = clock.now_ns()
+        self.start_wall_ns = clock.wall_ns()
+        self.end_ts: int | None = None
+        self.method = ""
+        self.route: str | None = None
+        self.path = ""
+        self.query = ""
+        self.params: dict[str, str] = {}
+        self.scheme = "http"
+        self.host: str | None = None
+        self.user_agent: str | None = None
+        self.server_address: str | None = None
+        self.server_port: int | None = None
+        self.client_address: str | None = None
+        self.client_port: int | None = None
+        self.protocol_version = "1.1"
+        self.request_body_size = 0
+        self.response_body_size = 0
+        self.status = 0
+        self.request_id = ""
+        self.traceparent: str | None = None
+        self.tracestate: str | None = None
+        self.steps: list[StepRecord] = []
+        self.jobs: list[JobState] = []
+        self.slot_writes: list[SlotWrite] = []
+        # The step or continuation job currently running (for attributing slot writes).
+        self.current_step: int | None = None
+        self.current_job: int | None = None
+        # A system fault: a step raised or the runtime broke (not an application Fail).
+        self.system_fault = False
+        self.error_type: str | None = None
+        self.error_message: str | None = None
+        self.error_id: str | None = None
+
+    def slot_written(self, slot: str, size_bytes: int) -> None:
+        self.slot_writes.append(
+            SlotWrite(self.clock.now_ns(), slot, size_bytes, self.current_step, self.current_job)
+        )
+
+    def finish(self, status: int, response_body_size: int) -> None:
+        self.status = status
+        self.response_body_size = response_body_size
+        self.end_ts = self.clock.now_ns()
+
+    @property
+    def duration_ns(self) -> int:
+        return (self.end_ts or self.start_ts) - self.start_ts
+
+    def __repr__(self) -> str:
+        return f"<RequestRecord {self.method} {self.route or self.path} {self.status}>"
+
+
+class Subscriber(Protocol):
+    """Receives each finished :class:`RequestRecord` (trace engine, debug pages, logs).
+
+    Called on the event loop right after the response is ready. It must be
+    cheap and must not block; an exception is counted and logged, never
+    raised into the request.
+    """
+
+    def on_request_end(self, record: RequestRecord) -> None: ...
