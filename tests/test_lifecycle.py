@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-
 import pytest
 
 from zerver import (
@@ -15,8 +14,8 @@ from zerver import (
     DbGet,
     DbPut,
     Done,
-    Join,
     JobState,
+    Join,
     Need,
     Request,
     Response,
@@ -40,7 +39,13 @@ def phases(j: JobState) -> tuple[int, int, int, int, int]:
     take = j.take_ts if j.take_ts is not None else j.enqueue_ts
     start = j.start_ts if j.start_ts is not None else take
     park = sum((p.resume_ts or j.end_ts) - p.park_ts for p in j.park_episodes)
-    return take - j.enqueue_ts, start - take, park, (j.end_ts - start) - park, j.end_ts - j.enqueue_ts
+    return (
+        take - j.enqueue_ts,
+        start - take,
+        park,
+        (j.end_ts - start) - park,
+        j.end_ts - j.enqueue_ts,
+    )
 
 
 @step
@@ -87,7 +92,9 @@ async def test_db_effect_behind_full_pool_parks_with_backpressure(tmp_path: Path
         assert j.enqueue_ts <= j.take_ts <= j.start_ts <= (j.end_ts or 0)
         assert any(p.cause == "io_wait" for p in j.park_episodes)
         for p in j.park_episodes:
-            assert p.resume_ts is not None and j.start_ts <= p.park_ts <= p.resume_ts <= (j.end_ts or 0)
+            assert p.resume_ts is not None and j.start_ts <= p.park_ts <= p.resume_ts <= (
+                j.end_ts or 0
+            )
         qw, disp, park, active, total = phases(j)
         assert min(qw, disp, park, active) >= 0
         assert qw + disp + park + active == total
@@ -109,8 +116,9 @@ async def test_queue_wait_and_depth_recorded_on_virtual_clock() -> None:
 
     @step
     def load(ctx: Context) -> Need:
-        return Need([DbGet(table="a", key="k", slot=A), DbGet(table="b", key="k", slot=B)],
-                    then=answer)
+        return Need(
+            [DbGet(table="a", key="k", slot=A), DbGet(table="b", key="k", slot=B)], then=answer
+        )
 
     app.get("/q", load)
     async with AppClient(app) as c:

@@ -10,8 +10,8 @@ import pytest
 from zerver import (
     App,
     CacheGet,
-    Continue,
     Context,
+    Continue,
     DbGet,
     Done,
     EffectError,
@@ -180,7 +180,9 @@ async def test_raising_step_gives_500_with_error_id() -> None:
     body = orjson.loads(r.body)
     assert r.status == 500 and len(body["error_id"]) == 16
     rec = cap.last
-    assert rec.system_fault and rec.error_type == "RuntimeError" and rec.error_id == body["error_id"]
+    assert (
+        rec.system_fault and rec.error_type == "RuntimeError" and rec.error_id == body["error_id"]
+    )
     assert rec.steps[1].error_type == "RuntimeError"
 
 
@@ -196,7 +198,9 @@ async def test_missing_required_slot_is_a_clear_fault() -> None:
         r = await c.get("/p")
     assert r.status == 500
     assert cap.last.error_type == "MissingSlotError"
-    assert "required slot 'post' has no value in step 'needs_post'" in (cap.last.error_message or "")
+    assert "required slot 'post' has no value in step 'needs_post'" in (
+        cap.last.error_message or ""
+    )
 
 
 async def test_step_returning_garbage_and_pipeline_without_answer() -> None:
@@ -279,7 +283,7 @@ async def test_optional_failure_does_not_fail_request() -> None:
 
 
 async def test_retries_are_real_and_recorded() -> None:
-    app, clock, fake, cap = make_app()
+    app, _clock, fake, cap = make_app()
     fake.on(
         "db.get t",
         error=EffectError("busy", kind="db_busy", retryable=True),

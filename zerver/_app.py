@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -46,8 +46,6 @@ def _valid_traceparent(value: str) -> str | None:
     return m.group(1)
 
 
-
-
 class App:
     """A zerver application.
 
@@ -82,6 +80,7 @@ class App:
         self._executor: Executor | None = None
         self._rng = random.Random()
         self._started = False
+        self._on_startup: list[Callable[[App], Awaitable[None]]] = []
 
     # -- building -----------------------------------------------------------------
 
@@ -91,9 +90,7 @@ class App:
             self._check_step(s)
         self._before.extend(steps)
 
-    def route(
-        self, method: str, template: str, *steps: Step, before: Sequence[Step] = ()
-    ) -> Route:
+    def route(self, method: str, template: str, *steps: Step, before: Sequence[Step] = ()) -> Route:
         """Register ``method template`` with its steps (and per-route ``before`` steps)."""
         if not steps:
             raise UsageError(f"route {method} {template} needs at least one step")
@@ -129,6 +126,10 @@ class App:
         if self._started:
             raise UsageError("interpreters must be registered before the app starts")
         self._interpreters[system] = interpreter
+
+    def on_startup(self, hook: Callable[[App], Awaitable[None]]) -> None:
+        """Run ``await hook(app)`` once interpreters have started, before serving."""
+        self._on_startup.append(hook)
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """Give every finished :class:`RequestRecord` to ``subscriber``."""
@@ -179,6 +180,8 @@ class App:
                 cont_capacity=s.queue_capacity_cont,
                 cont_workers=s.workers_cont,
             )
+            for hook in self._on_startup:
+                await hook(self)
             async with jobs:
                 self._jobs = jobs
                 self._executor = Executor(self.clock, jobs, max_depth=s.max_need_depth)
@@ -264,7 +267,9 @@ class App:
             self._notify(record)
         return response
 
-    async def _handle(self, executor: Executor, request: Request, record: RequestRecord) -> Response:
+    async def _handle(
+        self, executor: Executor, request: Request, record: RequestRecord
+    ) -> Response:
         clock = self.clock
         sr = StepRecord(
             index=0,
@@ -343,5 +348,3 @@ class App:
 
     def __repr__(self) -> str:
         return f"<App {self.name!r} {len(self.router.routes)} routes>"
-
-

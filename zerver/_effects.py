@@ -97,7 +97,11 @@ class Effect:
     def span_name(self) -> str:
         """``<system>.<operation> <target>``, e.g. ``db.get blog_post``."""
         target = self.target
-        return f"{self.system}.{self.operation} {target}" if target else f"{self.system}.{self.operation}"
+        return (
+            f"{self.system}.{self.operation} {target}"
+            if target
+            else f"{self.system}.{self.operation}"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

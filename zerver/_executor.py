@@ -66,8 +66,9 @@ def call_step(
         sr.end_ts = record.clock.now_ns()
         sr.error_type = type(exc).__name__
         sr.error_message = str(exc)
-        err = PipelineError(f"step {step.name!r} raised {type(exc).__name__}: {exc}",
-                            error_type=type(exc).__name__)
+        err = PipelineError(
+            f"step {step.name!r} raised {type(exc).__name__}: {exc}", error_type=type(exc).__name__
+        )
         err.__cause__ = exc
         return err
     finally:
@@ -105,8 +106,8 @@ class _NeedRun:
         "effects",
         "error",
         "executor",
-        "join",
         "jobs",
+        "join",
         "need",
         "next_effect",
         "outcome",
@@ -171,8 +172,9 @@ class _NeedRun:
         try:
             ex.jobs.effects.enqueue(job)
         except EffectError as exc:
-            job.finish(FAIL, error_type=exc.kind, error_message=str(exc),
-                       status_hint=exc.status_hint)
+            job.finish(
+                FAIL, error_type=exc.kind, error_message=str(exc), status_hint=exc.status_hint
+            )
         return not self.join.resolved
 
     def _effect_done(self, job: Job) -> None:
@@ -237,8 +239,9 @@ class _NeedRun:
         try:
             ex.jobs.continuations.enqueue(job)
         except EffectError as exc:
-            job.finish(FAIL, error_type=exc.kind, error_message=str(exc),
-                       status_hint=exc.status_hint)
+            job.finish(
+                FAIL, error_type=exc.kind, error_message=str(exc), status_hint=exc.status_hint
+            )
 
     async def _run_continuation(self, job: Job) -> None:
         then = self.need.then
@@ -256,17 +259,16 @@ class _NeedRun:
             record.current_job = None
         job.result = result
         if isinstance(result, PipelineError):
-            job.finish(FAIL, error_type=result.error_type, error_message=str(result),
-                       status_hint=500)
+            job.finish(
+                FAIL, error_type=result.error_type, error_message=str(result), status_hint=500
+            )
         else:
             job.finish(COMPLETE)
 
     def _continuation_done(self, job: Job) -> None:
         st = job.state
         result = job.result
-        if isinstance(result, PipelineError):
-            self.outcome = result
-        elif st.success:
+        if isinstance(result, PipelineError) or st.success:
             self.outcome = result
         elif st.error_type == "queue_full":
             self.outcome = Fail(429, "continuations queue is full", key=st.queue)

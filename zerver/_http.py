@@ -131,7 +131,9 @@ class Response:
         )
 
     @classmethod
-    def text(cls, text: str, status: int = 200, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    def text(
+        cls, text: str, status: int = 200, headers: Iterable[tuple[str, str]] = ()
+    ) -> Response:
         """A plain-text response (UTF-8)."""
         return cls(
             status,

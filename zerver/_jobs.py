@@ -267,4 +267,3 @@ class JobSystem:
                 FAIL, error_type=error.kind, error_message=str(error), status_hint=error.status_hint
             )
             return
-

@@ -3,18 +3,21 @@
 A sans-I/O state machine fed one finished effect at a time. The table it
 implements (docs/concepts.md shows the same table):
 
-=============  ==========================================  ===========================================
-join           resolves when                               fails when
-=============  ==========================================  ===========================================
-all            every effect finished, or at once when a    a required effect failed
-               required effect fails
-all_required   every required effect finished (optional    a required effect failed
-               ones still running are cancelled), or at
-               once when a required effect fails; with no
+=============  =====================================  ====================================
+join           resolves when                          fails when
+=============  =====================================  ====================================
+all            every effect finished, or at once      a required effect failed
+               when a required effect fails
+all_required   every required effect finished         a required effect failed
+               (optional ones still running are
+               cancelled), or at once when a
+               required effect fails; with no
                required effect, like ``all``
-any            the first effect finishes, either way       that first effect is required and failed
-first_success  the first effect succeeds, or all finished  all failed and at least one was required
-=============  ==========================================  ===========================================
+any            the first effect finishes, either way  that first effect is required and
+                                                      failed
+first_success  the first effect succeeds, or all      all failed and at least one was
+               finished                               required
+=============  =====================================  ====================================
 
 Optional failures never fail a join on their own. Once resolved, effects
 still queued or running are cancelled and, in sequential mode, effects not
@@ -33,6 +36,7 @@ class JoinState:
 
     __slots__ = (
         "failed",
+        "failure",
         "finished",
         "join",
         "req_failed",
@@ -41,7 +45,6 @@ class JoinState:
         "resolved",
         "succeeded",
         "total",
-        "failure",
     )
 
     def __init__(self, join: Join, required_flags: list[bool]) -> None:

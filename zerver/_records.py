@@ -167,9 +167,9 @@ class NeedRecord:
     __slots__ = (
         "completed",
         "failed",
+        "jobs",
         "join",
         "join_ts",
-        "jobs",
         "mode",
         "n_effects",
         "requested_ts",

@@ -54,9 +54,7 @@ class Context:
 
     __slots__ = ("_values", "params", "record", "request", "step_name")
 
-    def __init__(
-        self, request: Request, params: Mapping[str, str], record: RequestRecord
-    ) -> None:
+    def __init__(self, request: Request, params: Mapping[str, str], record: RequestRecord) -> None:
         self.request = request
         self.params = params
         self.record = record
@@ -68,7 +66,7 @@ class Context:
         value = self._values.get(slot.name, _MISSING)
         if value is _MISSING:
             raise MissingSlotError(slot.name, self.step_name)
-        return value  # type: ignore[no-any-return]
+        return value  # type: ignore[return-value]
 
     @overload
     def optional(self, slot: Slot[T]) -> T | None: ...

@@ -89,7 +89,14 @@ class SpanEvent:
 class SpanLink:
     """A link to another span (e.g. a message producer)."""
 
-    __slots__ = ("attributes", "dropped_attributes_count", "flags", "span_id", "trace_id", "trace_state")
+    __slots__ = (
+        "attributes",
+        "dropped_attributes_count",
+        "flags",
+        "span_id",
+        "trace_id",
+        "trace_state",
+    )
 
     def __init__(
         self,

@@ -1,0 +1,81 @@
+"""Logging through structlog: a console renderer on a TTY, JSON lines otherwise.
+
+The access log is a :class:`~zerver.Subscriber`: one line per finished
+request with method, route, status, duration and request id.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+import orjson
+import structlog
+
+from ._records import RequestRecord
+
+__all__ = ["AccessLog", "configure_logging"]
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def _orjson_dumps(obj: object, default: object = None) -> str:
+    return orjson.dumps(obj, default=str).decode()
+
+
+def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure structlog for zerver and the app.
+
+    ``fmt`` is ``console``, ``json`` or ``auto`` (console on a TTY, JSON
+    otherwise); ``level`` is ``debug|info|warning|error``.
+    """
+    out = stream if stream is not None else sys.stdout
+    if fmt == "auto":
+        fmt = "console" if out.isatty() else "json"
+    renderer: structlog.types.Processor
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        processors: list[structlog.types.Processor] = [
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
+            renderer,
+        ]
+    else:
+        processors = [
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=_orjson_dumps),
+        ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=True,
+    )
+
+
+class AccessLog:
+    """Logs one ``request`` line per finished request."""
+
+    def __init__(self, logger_name: str = "zerver.access") -> None:
+        self._log = structlog.get_logger(logger_name)
+
+    def on_request_end(self, record: RequestRecord) -> None:
+        self._log.info(
+            "request",
+            method=record.method,
+            route=record.route,
+            path=record.path,
+            status=record.status,
+            duration_ms=round(record.duration_ns / 1e6, 3),
+            request_id=record.request_id,
+        )

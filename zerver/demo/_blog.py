@@ -1,0 +1,218 @@
+"""The demo service: a small blog on SQLite.
+
+Routes:
+
+* ``GET /blogs/posts/{id}`` — one step needs, in parallel (join=all),
+  ``db.get blog_post`` and ``cache.get author_profile``; its continuation
+  renders JSON (``?format=html`` renders HTML). A cache miss falls through
+  to ``db.get author`` and refills the cache. Unknown id → 404.
+* ``GET /blogs/posts/{id}/comments`` — the post's comments from the DB.
+* ``POST /blogs/posts`` — validates the JSON body, writes with ``db.put``,
+  answers 201 with the new id.
+* ``GET /healthz``.
+"""
+
+from __future__ import annotations
+
+import html
+import secrets
+from typing import Any
+
+from .._app import App
+from .._clock import Clock
+from .._config import Settings
+from .._decisions import Continue, Decision, Done, Fail, Join, Mode, Need
+from .._effects import CacheGet, CacheSet, DbGet, DbPut, DbQuery
+from .._http import Response
+from .._slots import Context, Slot
+from .._steps import step
+
+__all__ = ["SEED_AUTHORS", "SEED_COMMENTS", "SEED_POSTS", "create_app"]
+
+Row = dict[str, Any]
+
+POST: Slot[Row | None] = Slot("post")
+AUTHOR: Slot[Row | None] = Slot("author")
+COMMENTS: Slot[list[Row]] = Slot("comments")
+NEW_POST: Slot[Row] = Slot("new_post")
+
+SEED_AUTHORS: dict[str, Row] = {
+    "ada": {"id": "ada", "name": "Ada Lovelace", "bio": "Writes about engines."},
+    "alan": {"id": "alan", "name": "Alan Turing", "bio": "Writes about machines."},
+}
+SEED_POSTS: dict[str, Row] = {
+    "1": {
+        "id": "1",
+        "title": "Hello, zerver",
+        "body": "Steps, effects and traces.",
+        "author_id": "ada",
+        "created": "2026-01-01T10:00:00Z",
+    },
+    "2": {
+        "id": "2",
+        "title": "Parking explained",
+        "body": "Why a job waits.",
+        "author_id": "alan",
+        "created": "2026-01-02T10:00:00Z",
+    },
+    "3": {
+        "id": "3",
+        "title": "Promotion thresholds",
+        "body": "Spans only when they matter.",
+        "author_id": "ada",
+        "created": "2026-01-03T10:00:00Z",
+    },
+}
+SEED_COMMENTS: dict[str, Row] = {
+    "c1": {"id": "c1", "post_id": "1", "author": "alan", "text": "Nice.", "created": "1"},
+    "c2": {"id": "c2", "post_id": "1", "author": "ada", "text": "Thanks!", "created": "2"},
+    "c3": {"id": "c3", "post_id": "2", "author": "ada", "text": "Clear.", "created": "3"},
+}
+
+_MAX_TITLE = 200
+_MAX_BODY = 20_000
+
+
+# -- GET /blogs/posts/{id} ------------------------------------------------------------
+
+
+@step(reads=[POST, AUTHOR])
+def render_blog_post_page(ctx: Context) -> Decision:
+    post = ctx.optional(POST)
+    if post is None:
+        return Fail(404, "post not found", key=ctx.params["id"])
+    author = ctx.optional(AUTHOR)
+    if author is None:
+        # Cache miss: fall through to the database, then refill the cache.
+        return Need(
+            DbGet(table="author", key=str(post.get("author_id", "")), slot=AUTHOR),
+            then=refill_author_cache,
+        )
+    if ctx.request.query_params.get("format") == "html":
+        return Done(Response.html(_post_html(post, author)))
+    return Done(Response.json({"post": post, "author": author}))
+
+
+@step(reads=[POST, AUTHOR], writes=[AUTHOR])
+def refill_author_cache(ctx: Context) -> Decision:
+    author = ctx.optional(AUTHOR)
+    if author is None:
+        return Fail(404, "author not found", key=str((ctx.optional(POST) or {}).get("author_id")))
+    return Need(
+        CacheSet(namespace="author_profile", key=ctx.params["id"], value=author, required=False),
+        then=render_blog_post_page,
+    )
+
+
+@step(writes=[POST, AUTHOR])
+def load_blog_post_page(ctx: Context) -> Decision:
+    post_id = ctx.params["id"]
+    return Need(
+        [
+            DbGet(table="blog_post", key=post_id, slot=POST),
+            CacheGet(namespace="author_profile", key=post_id, slot=AUTHOR, required=False),
+        ],
+        mode=Mode.PARALLEL,
+        join=Join.ALL,
+        then=render_blog_post_page,
+    )
+
+
+def _post_html(post: Row, author: Row) -> str:
+    e = html.escape
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{e(str(post.get('title', '')))}</title></head><body>"
+        f"<article><h1>{e(str(post.get('title', '')))}</h1>"
+        f"<p class='byline'>by {e(str(author.get('name', '')))}</p>"
+        f"<div>{e(str(post.get('body', '')))}</div></article></body></html>"
+    )
+
+
+# -- GET /blogs/posts/{id}/comments ------------------------------------------------
+
+
+@step(writes=[POST, COMMENTS])
+def load_comments(ctx: Context) -> Decision:
+    post_id = ctx.params["id"]
+    return Need(
+        [
+            DbGet(table="blog_post", key=post_id, slot=POST),
+            DbQuery(table="comment", where={"post_id": post_id}, order_by="created", slot=COMMENTS),
+        ],
+        then=render_comments,
+    )
+
+
+@step(reads=[POST, COMMENTS])
+def render_comments(ctx: Context) -> Decision:
+    if ctx.optional(POST) is None:
+        return Fail(404, "post not found", key=ctx.params["id"])
+    return Done(Response.json({"post_id": ctx.params["id"], "comments": ctx.require(COMMENTS)}))
+
+
+# -- POST /blogs/posts ------------------------------------------------------------
+
+
+@step(writes=[NEW_POST])
+def validate_new_post(ctx: Context) -> Decision:
+    try:
+        data = ctx.request.json()
+    except ValueError as exc:
+        return Fail(400, str(exc), key="body")
+    if not isinstance(data, dict):
+        return Fail(400, "body must be a JSON object", key="body")
+    fields: dict[str, int] = {"title": _MAX_TITLE, "body": _MAX_BODY, "author_id": 64}
+    for name, limit in fields.items():
+        value = data.get(name)
+        if not isinstance(value, str) or not value.strip():
+            return Fail(400, f"{name} must be a non-empty string", key=name)
+        if len(value) > limit:
+            return Fail(400, f"{name} must be at most {limit} characters", key=name)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        return Fail(400, f"unknown field {unknown[0]!r}", key=unknown[0])
+    ctx.put(NEW_POST, {k: data[k].strip() for k in fields})
+    return Continue
+
+
+@step(reads=[NEW_POST], writes=[NEW_POST])
+def create_post(ctx: Context) -> Decision:
+    post: Row = ctx.require(NEW_POST).copy()
+    post["id"] = secrets.token_hex(6)
+    ctx.put(NEW_POST, post)
+    return Need(DbPut(table="blog_post", key=post["id"], value=post), then=created)
+
+
+@step(reads=[NEW_POST])
+def created(ctx: Context) -> Decision:
+    post_id = ctx.require(NEW_POST)["id"]
+    return Done(Response.json({"id": post_id}, 201, [("location", f"/blogs/posts/{post_id}")]))
+
+
+@step
+def healthz(ctx: Context) -> Decision:
+    return Done(Response.json({"status": "ok"}))
+
+
+async def _seed(app: App) -> None:
+    from .._interpreters import SqliteInterpreter
+
+    db = app.interpreters.get("db")
+    if not isinstance(db, SqliteInterpreter):
+        return  # another database (or a fake in tests): seeding is its business
+    if await db.get("blog_post", "1") is None:
+        await db.put_many("author", SEED_AUTHORS)
+        await db.put_many("blog_post", SEED_POSTS)
+        await db.put_many("comment", SEED_COMMENTS)
+
+
+def create_app(*, settings: Settings | None = None, clock: Clock | None = None) -> App:
+    """Build the demo blog app (seeded on first start when it runs on SQLite)."""
+    app = App("zerver-demo", settings=settings, clock=clock, version="0.1.0")
+    app.get("/blogs/posts/{id}", load_blog_post_page)
+    app.get("/blogs/posts/{id}/comments", load_comments)
+    app.post("/blogs/posts", validate_new_post, create_post)
+    app.get("/healthz", healthz)
+    app.on_startup(_seed)
+    return app
