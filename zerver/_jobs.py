@@ -19,13 +19,13 @@ Rules of the lifecycle (the job system, never user code, writes them):
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._errors import EffectError, QueueFullError
 from ._park import JobContext
@@ -97,9 +97,16 @@ class Job:
 
 
 class JobQueue:
-    """A bounded queue with its pool of workers."""
+    """A bounded FIFO queue with its pool of workers.
 
-    __slots__ = ("_recv", "_send", "capacity", "clock", "depth", "name", "workers")
+    Hand-written rather than an anyio memory stream: a stream's ``receive``
+    yields to the loop once even when an item is waiting, which costs a full
+    loop iteration per hop, and the runtime makes three hops per request.
+    Idle workers wait on one event each and are woken last-in first-out, so
+    the same few warm workers do most of the work.
+    """
+
+    __slots__ = ("_closed", "_idle", "_items", "capacity", "clock", "name", "workers")
 
     def __init__(self, name: str, capacity: int, workers: int, clock: Clock) -> None:
         if capacity < 1 or workers < 1:
@@ -108,53 +115,74 @@ class JobQueue:
         self.capacity = capacity
         self.workers = workers
         self.clock = clock
-        self.depth = 0
-        self._send, self._recv = anyio.create_memory_object_stream[Job](capacity)
+        self._items: deque[Job] = deque()
+        self._idle: list[anyio.Event] = []
+        self._closed = False
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting to be taken."""
+        return len(self._items)
 
     def enqueue(self, job: Job) -> None:
         """Put the job on the queue or raise :class:`QueueFullError` at once."""
         st = job.state
+        items = self._items
         st.enqueue_ts = self.clock.now_ns()
-        st.depth_enqueue = self.depth
-        try:
-            self._send.send_nowait(job)
-        except anyio.WouldBlock:
-            raise QueueFullError(self.name, self.capacity) from None
-        self.depth += 1
+        st.depth_enqueue = len(items)
+        if len(items) >= self.capacity:
+            raise QueueFullError(self.name, self.capacity)
+        if self._closed:
+            raise EffectError(
+                f"queue {self.name!r} is shut down", kind="queue_closed", status_hint=503
+            )
+        items.append(job)
+        if self._idle:
+            self._idle.pop().set()
 
-    async def _worker(self, index: int, recv: MemoryObjectReceiveStream[Job]) -> None:
+    async def _worker(self, index: int) -> None:
         now = self.clock.now_ns
-        async with recv:
-            async for job in recv:
-                self.depth -= 1
-                st = job.state
-                if st.outcome is not None:  # cancelled while queued
-                    continue
-                st.take_ts = now()
-                st.worker = index
-                st.depth_take = self.depth
-                try:
-                    await job.work(job)
-                except Exception as exc:  # a broken job must not kill the worker
-                    job.finish(
-                        FAIL,
-                        error_type=type(exc).__name__,
-                        error_message=str(exc),
-                        status_hint=500,
-                    )
+        items = self._items
+        idle = self._idle
+        while True:
+            if not items:
+                if self._closed:
+                    return
+                ev = anyio.Event()
+                idle.append(ev)
+                await ev.wait()
+                continue
+            job = items.popleft()
+            st = job.state
+            if st.outcome is not None:  # cancelled while queued
+                continue
+            st.take_ts = now()
+            st.worker = index
+            st.depth_take = len(items)
+            try:
+                await job.work(job)
+            except Exception as exc:  # a broken job must not kill the worker
+                job.finish(
+                    FAIL,
+                    error_type=type(exc).__name__,
+                    error_message=str(exc),
+                    status_hint=500,
+                )
 
     def idle_workers(self) -> int:
         """Workers waiting for a job right now."""
-        return self._send.statistics().tasks_waiting_receive
+        return len(self._idle)
 
     def start(self, tg: TaskGroup) -> None:
         for i in range(self.workers):
-            tg.start_soon(self._worker, i, self._recv.clone(), name=f"zerver-{self.name}-{i}")
-        self._recv.close()
+            tg.start_soon(self._worker, i, name=f"zerver-{self.name}-{i}")
 
     def close(self) -> None:
         """Stop intake; workers finish what is queued and exit."""
-        self._send.close()
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for ev in idle:
+            ev.set()
 
 
 class JobSystem:
