@@ -38,12 +38,12 @@ _NOT_FOUND = b'{"error":"not found"}'
 _JSON = ("content-type", "application/json")
 
 
-def _valid_traceparent(value: str) -> str | None:
-    """The trace id of a well-formed W3C ``traceparent`` (version 00), else ``None``."""
-    m = _TRACEPARENT.match(value.strip())
+def _parse_traceparent(value: str) -> tuple[str, str, str] | None:
+    """(trace id, parent id, flags) of a valid W3C ``traceparent`` (version 00), else ``None``."""
+    m = _TRACEPARENT.match(value)
     if m is None or m.group(1) == _ZERO_TRACE or m.group(2) == _ZERO_SPAN:
         return None
-    return m.group(1)
+    return m.group(1), m.group(2), m.group(3)
 
 
 class App:
@@ -65,6 +65,7 @@ class App:
         settings: Settings | None = None,
         clock: Clock | None = None,
         version: str = "0.0.0",
+        rng: random.Random | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -78,7 +79,8 @@ class App:
         self.subscriber_errors = 0
         self._jobs: JobSystem | None = None
         self._executor: Executor | None = None
-        self._rng = random.Random()
+        # Trace, span, request and error ids; seed it for reproducible ids in tests.
+        self._rng = rng if rng is not None else random.Random()
         self._started = False
         self._on_startup: list[Callable[[App], Awaitable[None]]] = []
 
@@ -213,7 +215,8 @@ class App:
         return self._jobs
 
     def _start_record(self, request: Request) -> RequestRecord:
-        record = RequestRecord(self.clock)
+        rng = self._rng
+        record = RequestRecord(self.clock, rng)
         record.method = request.method
         record.path = request.path
         record.query = request.query
@@ -231,11 +234,15 @@ class App:
             elif k == b"user-agent":
                 record.user_agent = v.decode("latin-1")
             elif k == b"traceparent":
-                tp = v.decode("latin-1")
-                trace_id = _valid_traceparent(tp)
-                if trace_id is not None:
-                    record.traceparent = tp.strip()
-                    request_id = trace_id
+                tp = v.decode("latin-1").strip()
+                m = _parse_traceparent(tp)
+                if m is not None and record.traceparent is None:
+                    record.traceparent = tp
+                    request_id = m[0]
+                    record.trace_id = int(m[0], 16)
+                    record.parent_span_id = int(m[1], 16)
+                    record.trace_flags = int(m[2], 16) & 0xFF
+                    record.parent_remote = True
             elif k == b"tracestate":
                 ts = v.decode("latin-1")
                 record.tracestate = f"{record.tracestate},{ts}" if record.tracestate else ts
@@ -245,7 +252,9 @@ class App:
                     request_id = rid
         if record.traceparent is None:
             record.tracestate = None
-        record.request_id = request_id or f"{self._rng.getrandbits(64):016x}"
+            record.trace_id = rng.getrandbits(128) or 1
+        record.span_id = rng.getrandbits(64) or 1
+        record.request_id = request_id or f"{rng.getrandbits(64):016x}"
         return record
 
     async def dispatch(self, request: Request) -> Response:
@@ -280,6 +289,7 @@ class App:
             writes=(),
             start_ts=clock.now_ns(),
         )
+        sr.span_id = record.new_span_id()
         record.steps.append(sr)
         found = self.router.match(request.method, request.path)
         sr.end_ts = clock.now_ns()

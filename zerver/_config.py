@@ -7,11 +7,15 @@ docs/configuration.md lists every variable with its default.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ._errors import ConfigError
 
@@ -26,6 +30,19 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=_PREFIX, case_sensitive=False, extra="ignore", frozen=True
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings() reads the environment it is given (os.environ by default),
+        # so tests can pass a plain dict and nothing leaks in from the process.
+        return (init_settings,)
 
     # Job system.
     queue_name_effects: str = Field("effects", min_length=1)
@@ -51,20 +68,155 @@ class Settings(BaseSettings):
     cache_max_entries: int = Field(10_000, ge=1)
     cache_ttl_ms: int = Field(60_000, ge=1)
 
+    # Trace engine.
+    promote_queue_ms: float = Field(5.0, ge=0)
+    promote_park_ms: float = Field(5.0, ge=0)
+    debug_jobs: bool = False
+    export_job_depth: bool = False
+    semconv: Literal["old", "new", "dup"] | None = None
+    metrics_view_route_p95_window: str = "60s"
+    sampler: str = "head:1"
+    service_name: str | None = Field(None, validation_alias="OTEL_SERVICE_NAME")
+    resource_attributes: str = Field("", validation_alias="OTEL_RESOURCE_ATTRIBUTES")
+    semconv_stability_opt_in: str = Field("", validation_alias="OTEL_SEMCONV_STABILITY_OPT_IN")
+
     # Logging.
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
 
-    @field_validator("log_format", "log_level", mode="before")
+    @field_validator("log_format", "log_level", "semconv", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
 
-    @field_validator("access_log", mode="before")
+    @field_validator("access_log", "debug_jobs", "export_job_depth", mode="before")
     @classmethod
     def _strict_bool(cls, v: Any) -> Any:
         return parse_bool(v)
+
+    @field_validator("metrics_view_route_p95_window")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        parse_window(v)
+        return v
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, v: str) -> str:
+        parse_sampler(v)
+        return v
+
+    @field_validator("resource_attributes")
+    @classmethod
+    def _resource(cls, v: str) -> str:
+        parse_resource_attributes(v)
+        return v
+
+    @property
+    def semconv_mode(self) -> str:
+        """``old``, ``new`` or ``dup``: ``ZER_VER_SEMCONV``, else the OTel opt-in, else ``dup``."""
+        if self.semconv is not None:
+            return self.semconv
+        opts = {o.strip() for o in self.semconv_stability_opt_in.split(",")}
+        if "http/dup" in opts:
+            return "dup"
+        if "http" in opts:
+            return "new"
+        return "dup"
+
+    @property
+    def route_window(self) -> Window:
+        return parse_window(self.metrics_view_route_p95_window)
+
+    @property
+    def sampler_spec(self) -> SamplerSpec:
+        return parse_sampler(self.sampler)
+
+    @property
+    def resource_attrs(self) -> dict[str, str]:
+        return parse_resource_attributes(self.resource_attributes)
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A rolling window: the last ``count`` samples, or those of the last ``seconds``.
+
+    A time window still keeps at most ``max_samples`` samples, so it is bounded.
+    """
+
+    count: int | None = None
+    seconds: float | None = None
+    max_samples: int = 4096
+
+
+_WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+
+
+def parse_window(text: str) -> Window:
+    """``60s``, ``500ms``, ``5m`` (a time window) or ``1000`` (the last N samples)."""
+    m = _WINDOW.match(text)
+    if m is None:
+        raise ValueError("accepted: a sample count like 1000, or a duration like 60s, 500ms, 5m")
+    number, unit = m.group(1), m.group(2)
+    if unit is None:
+        if "." in number or not 1 <= int(number) <= 1_000_000:
+            raise ValueError("accepted: a sample count from 1 to 1000000, or a duration like 60s")
+        return Window(count=int(number))
+    seconds = float(number) * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
+    if seconds <= 0:
+        raise ValueError("accepted: a duration greater than zero")
+    return Window(seconds=seconds)
+
+
+TAIL_TRIGGERS = ("error", "p95", "p99", "required_failure", "slow_queue")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerSpec:
+    """``head:<ratio>[,tail:<trigger>|<trigger>...]`` parsed."""
+
+    head_ratio: float = 1.0
+    tail: tuple[str, ...] = ()
+
+
+def parse_sampler(text: str) -> SamplerSpec:
+    """Parse ``head:0.05,tail:error|p99``; raises ``ValueError`` saying what is accepted."""
+    grammar = (
+        "accepted: head:<ratio 0..1>[,tail:<trigger>|...] with triggers "
+        + ", ".join(TAIL_TRIGGERS)
+    )
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or not parts[0].startswith("head:") or len(parts) > 2:
+        raise ValueError(grammar)
+    try:
+        ratio = float(parts[0].removeprefix("head:"))
+    except ValueError:
+        raise ValueError(grammar) from None
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(grammar)
+    tail: tuple[str, ...] = ()
+    if len(parts) == 2:
+        if not parts[1].startswith("tail:"):
+            raise ValueError(grammar)
+        tail = tuple(t.strip() for t in parts[1].removeprefix("tail:").split("|"))
+        if not tail or any(t not in TAIL_TRIGGERS for t in tail) or len(set(tail)) != len(tail):
+            raise ValueError(grammar)
+    return SamplerSpec(head_ratio=ratio, tail=tail)
+
+
+def parse_resource_attributes(text: str) -> dict[str, str]:
+    """``key=value,key2=value2`` (values URL-decoded), as ``OTEL_RESOURCE_ATTRIBUTES``."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError("accepted: comma-separated key=value pairs")
+        out[key] = unquote(value.strip())
+    return out
 
 
 _TRUE = {"1", "true"}
@@ -98,6 +250,12 @@ def _accepted(err: Mapping[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def env_name(field: str) -> str:
+    """The environment variable a settings field is read from."""
+    alias = Settings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else _PREFIX + field.upper()
+
+
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Read settings from ``environ`` (default: ``os.environ``) plus keyword overrides.
 
@@ -105,17 +263,22 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     """
     try:
         if environ is None:
-            return Settings(**overrides)
+            environ = os.environ
+        upper = {k.upper(): v for k, v in environ.items()}
         values: dict[str, Any] = {}
-        for name in Settings.model_fields:
-            key = _PREFIX + name.upper()
-            for k, v in environ.items():
-                if k.upper() == key:
-                    values[name] = v
-        values.update(overrides)
+        for name, info in Settings.model_fields.items():
+            var = env_name(name)
+            if var in upper:
+                values[info.validation_alias if isinstance(info.validation_alias, str) else name] = (
+                    upper[var]
+                )
+        for name, value in overrides.items():
+            info = Settings.model_fields[name]
+            alias = info.validation_alias
+            values[alias if isinstance(alias, str) else name] = value
         return Settings.model_validate(values)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
-        var = _PREFIX + field.upper()
+        var = env_name(field) if field in Settings.model_fields else field
         raise ConfigError(f"{var}={err.get('input')!r} is invalid: {_accepted(err)}") from None

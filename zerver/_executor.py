@@ -50,6 +50,7 @@ def _record_step(
         start_ts=record.clock.now_ns(),
         job_index=job_index,
     )
+    sr.span_id = record.new_span_id()
     record.steps.append(sr)
     return sr
 
@@ -165,6 +166,7 @@ class _NeedRun:
             step_index=self.step_index,
             effect=effect,
         )
+        st.span_id = record.new_span_id()
         record.jobs.append(st)
         self.rec.jobs.append(st.index)
         job = Job(st, ex.clock, ex.jobs.run_effect, self._effect_done)
@@ -252,6 +254,7 @@ class _NeedRun:
         st.attempts = 1
         sr = _record_step(record, then, "continuation", self.sequence, job_index=st.index)
         st.cont_step_index = sr.index
+        st.span_id = sr.span_id
         record.current_job = st.index
         try:
             result = call_step(self.ctx, record, then, sr)

@@ -17,6 +17,7 @@ rely on):
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 PARK_CAUSES = frozenset({"io_wait", "rate_limit", "backpressure", "lock", "timer", "other"})
+
+_default_ids = random.Random()
 
 # Job outcomes.
 COMPLETE = "complete"
@@ -109,6 +112,7 @@ class JobState:
         "queue",
         "result_meta",
         "retries",
+        "span_id",
         "start_ts",
         "status_hint",
         "step_index",
@@ -134,6 +138,8 @@ class JobState:
         self.step_index = step_index
         self.effect = effect
         self.cont_step_index: int | None = None
+        # The effect span's id, reserved when the job is created (0: none).
+        self.span_id = 0
         self.enqueue_ts: int | None = None
         self.take_ts: int | None = None
         self.start_ts: int | None = None
@@ -223,6 +229,7 @@ class StepRecord:
         "render_size",
         "resume",
         "sequence",
+        "span_id",
         "start_ts",
         "writes",
     )
@@ -240,6 +247,7 @@ class StepRecord:
         job_index: int | None = None,
     ) -> None:
         self.index = index
+        self.span_id = 0
         self.name = name
         self.layer = layer
         self.sequence = sequence
@@ -274,9 +282,12 @@ class RequestRecord:
         "error_message",
         "error_type",
         "host",
+        "ids",
         "jobs",
         "method",
         "params",
+        "parent_remote",
+        "parent_span_id",
         "path",
         "protocol_version",
         "query",
@@ -288,18 +299,28 @@ class RequestRecord:
         "server_address",
         "server_port",
         "slot_writes",
+        "span_id",
         "start_ts",
         "start_wall_ns",
         "status",
         "steps",
         "system_fault",
+        "trace_flags",
+        "trace_id",
         "traceparent",
         "tracestate",
         "user_agent",
     )
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, ids: random.Random | None = None) -> None:
         self.clock = clock
+        self.ids = ids if ids is not None else _default_ids
+        # Trace identity, fixed at arrival so user spans can nest under steps.
+        self.trace_id = 0
+        self.span_id = 0
+        self.parent_span_id = 0
+        self.parent_remote = False
+        self.trace_flags = 0x01
         self.start_ts = clock.now_ns()
         self.start_wall_ns = clock.wall_ns()
         self.end_ts: int | None = None
@@ -333,6 +354,10 @@ class RequestRecord:
         self.error_type: str | None = None
         self.error_message: str | None = None
         self.error_id: str | None = None
+
+    def new_span_id(self) -> int:
+        """A fresh non-zero 64-bit span id."""
+        return self.ids.getrandbits(64) or 1
 
     def slot_written(self, slot: str, size_bytes: int) -> None:
         self.slot_writes.append(

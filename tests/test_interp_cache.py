@@ -1,0 +1,233 @@
+"""CacheInterpreter: TTL on a virtual clock, LRU bounds, notes and counters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zerver._clock import VirtualClock
+from zerver._effects import CacheDel, CacheGet, CacheSet, DbGet, Effect
+from zerver._errors import EffectError
+from zerver._interpreters import CacheInterpreter, CacheStats
+from zerver._park import JobContext
+from zerver._records import JobState
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock()
+
+
+def make_job(effect: Effect, clock: VirtualClock) -> JobContext:
+    state = JobState(
+        index=0, kind="effect", name=effect.span_name, queue="effects", step_index=0, effect=effect
+    )
+    return JobContext(state, clock)
+
+
+async def run(cache: CacheInterpreter, effect: Effect, clock: VirtualClock) -> tuple[Any, JobState]:
+    job = make_job(effect, clock)
+    return await cache.perform(effect, job), job.state
+
+
+async def test_get_set_del_and_hit_notes(clock: VirtualClock) -> None:
+    cache = CacheInterpreter(clock=clock)
+    await cache.start()
+
+    value, state = await run(cache, CacheGet(namespace="author", key="7"), clock)
+    assert value is None
+    assert state.result_meta == {"cache.hit": False}
+
+    result, state = await run(
+        cache, CacheSet(namespace="author", key="7", value={"name": "Ann"}), clock
+    )
+    assert result is None
+    assert state.result_meta is None
+
+    value, state = await run(cache, CacheGet(namespace="author", key="7"), clock)
+    assert value == {"name": "Ann"}
+    assert state.result_meta == {"cache.hit": True}
+    # Pure in-memory: nothing ever parks.
+    assert state.park_episodes == []
+
+    assert (await run(cache, CacheDel(namespace="author", key="7"), clock))[0] is True
+    assert (await run(cache, CacheDel(namespace="author", key="7"), clock))[0] is False
+    assert (await run(cache, CacheGet(namespace="author", key="7"), clock))[0] is None
+
+    assert cache.stats == CacheStats(entries=0, hits=1, misses=2, evictions=0, expirations=0)
+    assert cache.stats.hit_ratio == pytest.approx(1 / 3)
+    await cache.aclose()
+
+
+async def test_namespaces_are_separate(clock: VirtualClock) -> None:
+    cache = CacheInterpreter(clock=clock)
+    await run(cache, CacheSet(namespace="a", key="k", value=1), clock)
+    await run(cache, CacheSet(namespace="b", key="k", value=2), clock)
+    assert (await run(cache, CacheGet(namespace="a", key="k"), clock))[0] == 1
+    assert (await run(cache, CacheGet(namespace="b", key="k"), clock))[0] == 2
+
+
+async def test_ttl_expiry_on_virtual_clock(clock: VirtualClock) -> None:
+    cache = CacheInterpreter(default_ttl_ms=1000, clock=clock)
+    await run(cache, CacheSet(namespace="n", key="short", value="s", ttl_ms=100), clock)
+    await run(cache, CacheSet(namespace="n", key="default", value="d"), clock)
+
+    clock.advance_ms(99.999)
+    assert (await run(cache, CacheGet(namespace="n", key="short"), clock))[0] == "s"
+    clock.advance_ms(0.001)
+    value, state = await run(cache, CacheGet(namespace="n", key="short"), clock)
+    assert value is None
+    assert state.result_meta == {"cache.hit": False}
+    assert cache.stats.expirations == 1
+
+    clock.advance_ms(899)
+    assert (await run(cache, CacheGet(namespace="n", key="default"), clock))[0] == "d"
+    clock.advance_ms(1)
+    assert (await run(cache, CacheGet(namespace="n", key="default"), clock))[0] is None
+    assert cache.stats == CacheStats(entries=0, hits=2, misses=2, evictions=0, expirations=2)
+
+
+def test_set_refreshes_ttl_and_deleting_expired_is_false(clock: VirtualClock) -> None:
+    cache = CacheInterpreter(default_ttl_ms=100, clock=clock)
+    cache.set("n", "k", 1)
+    clock.advance_ms(90)
+    cache.set("n", "k", 2)
+    clock.advance_ms(90)
+    assert cache.get("n", "k") == (True, 2)
+    clock.advance_ms(10)
+    assert cache.delete("n", "k") is False
+    assert cache.stats.expirations == 1
+    assert len(cache) == 0
+
+
+async def test_lru_eviction_order(clock: VirtualClock) -> None:
+    cache = CacheInterpreter(max_entries=3, clock=clock)
+    for key in "abc":
+        await run(cache, CacheSet(namespace="n", key=key, value=key), clock)
+    # Reading "a" makes "b" the least recently used.
+    assert (await run(cache, CacheGet(namespace="n", key="a"), clock))[0] == "a"
+    await run(cache, CacheSet(namespace="n", key="d", value="d"), clock)
+    assert len(cache) == 3
+    assert cache.stats.evictions == 1
+    assert cache.get("n", "b") == (False, None)
+    # Overwriting an existing key evicts nothing but refreshes its recency.
+    cache.set("n", "c", "C")
+    cache.set("n", "e", "e")
+    assert cache.get("n", "a") == (False, None)
+    assert [cache.get("n", k) for k in "cde"] == [(True, "C"), (True, "d"), (True, "e")]
+    assert cache.stats.evictions == 2
+
+
+def test_expired_victims_count_as_expirations(clock: VirtualClock) -> None:
+    cache = CacheInterpreter(max_entries=2, clock=clock)
+    cache.set("n", "old", 1, ttl_ms=10)
+    cache.set("n", "live", 2, ttl_ms=1000)
+    clock.advance_ms(10)
+    cache.set("n", "new", 3)
+    assert cache.stats.evictions == 0
+    assert cache.stats.expirations == 1
+    assert cache.get("n", "live") == (True, 2)
+
+
+@pytest.mark.parametrize("ttl_ms", [0, -5])
+async def test_invalid_ttl(clock: VirtualClock, ttl_ms: int) -> None:
+    cache = CacheInterpreter(clock=clock)
+    with pytest.raises(EffectError) as info:
+        await run(cache, CacheSet(namespace="n", key="k", value=1, ttl_ms=ttl_ms), clock)
+    assert info.value.kind == "invalid_ttl"
+    assert str(ttl_ms) in str(info.value)
+    assert len(cache) == 0
+
+
+async def test_unsupported_effect(clock: VirtualClock) -> None:
+    with pytest.raises(EffectError) as info:
+        await run(CacheInterpreter(clock=clock), DbGet(table="t", key="k"), clock)
+    assert info.value.kind == "unsupported_effect"
+
+
+def test_constructor_validates() -> None:
+    with pytest.raises(ValueError, match="max_entries"):
+        CacheInterpreter(max_entries=0)
+    with pytest.raises(ValueError, match="default_ttl_ms"):
+        CacheInterpreter(default_ttl_ms=0)
+
+
+class DictModel:
+    """The cache's rules written as plainly as possible: a dict kept in recency order."""
+
+    def __init__(self, max_entries: int, clock: VirtualClock) -> None:
+        self.max_entries = max_entries
+        self.clock = clock
+        self.entries: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def get(self, k: tuple[str, str]) -> tuple[bool, int | None]:
+        if k not in self.entries:
+            return False, None
+        value, expires = self.entries.pop(k)
+        if self.clock.now_ns() >= expires:
+            return False, None
+        self.entries[k] = (value, expires)
+        return True, value
+
+    def set(self, k: tuple[str, str], value: int, ttl_ms: int) -> None:
+        if k in self.entries:
+            del self.entries[k]
+        elif len(self.entries) >= self.max_entries:
+            del self.entries[next(iter(self.entries))]
+        self.entries[k] = (value, self.clock.now_ns() + ttl_ms * 1_000_000)
+
+    def delete(self, k: tuple[str, str]) -> bool:
+        entry = self.entries.pop(k, None)
+        return entry is not None and self.clock.now_ns() < entry[1]
+
+
+keys = st.tuples(st.sampled_from(["a", "b"]), st.sampled_from(["1", "2", "3", "4", "5"]))
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("get"), keys),
+        st.tuples(st.just("set"), keys, st.integers(0, 99), st.integers(1, 50)),
+        st.tuples(st.just("del"), keys),
+        st.tuples(st.just("tick"), st.integers(0, 30)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(max_entries=st.integers(1, 6), operations=ops)
+def test_cache_agrees_with_dict_model(max_entries: int, operations: list[tuple[Any, ...]]) -> None:
+    clock = VirtualClock()
+    cache = CacheInterpreter(max_entries=max_entries, default_ttl_ms=20, clock=clock)
+    model = DictModel(max_entries, clock)
+    hits = 0
+    for op in operations:
+        match op:
+            case ("get", (ns, key)):
+                expected = model.get((ns, key))
+                hits += expected[0]
+                assert cache.get(ns, key) == expected
+            case ("set", (ns, key), value, ttl_ms):
+                cache.set(ns, key, value, ttl_ms)
+                model.set((ns, key), value, ttl_ms)
+            case ("del", (ns, key)):
+                assert cache.delete(ns, key) == model.delete((ns, key))
+            case ("tick", ms):
+                clock.advance_ms(ms)
+        assert len(cache) <= max_entries
+        assert len(cache) == len(model.entries)
+    # Every key the model still holds unexpired reads back identically.
+    for (ns, key), (value, expires) in list(model.entries.items()):
+        if clock.now_ns() < expires:
+            assert cache.get(ns, key) == (True, value)
+            hits += 1
+    assert cache.stats.hits == hits
