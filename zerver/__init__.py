@@ -47,8 +47,7 @@ from ._records import (
 )
 from ._slots import Context, Slot
 from ._steps import Step, step
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "App",

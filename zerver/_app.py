@@ -17,10 +17,15 @@ from ._errors import UsageError
 from ._executor import Executor, PipelineError
 from ._http import Request, Response
 from ._jobs import JobSystem
+from ._promotion import Promoter
 from ._records import RequestRecord, StepRecord, Subscriber
 from ._routing import Match, NotAllowed, Route, Router
+from ._semconv import SemConv
 from ._slots import Context
+from ._spans import InstrumentationScope
 from ._steps import Step
+from ._tracing import SpanSink, TraceEngine, default_resource
+from ._version import __version__
 
 if TYPE_CHECKING:
     from ._park import Interpreter
@@ -82,6 +87,7 @@ class App:
         # Trace, span, request and error ids; seed it for reproducible ids in tests.
         self._rng = rng if rng is not None else random.Random()
         self._started = False
+        self._default_interpreters()
         self._on_startup: list[Callable[[App], Awaitable[None]]] = []
 
     # -- building -----------------------------------------------------------------
@@ -133,6 +139,34 @@ class App:
         """Run ``await hook(app)`` once interpreters have started, before serving."""
         self._on_startup.append(hook)
 
+    def trace_to(self, sink: SpanSink) -> TraceEngine:
+        """Build each request's trace from the app's settings and give it to ``sink``.
+
+        Returns the :class:`TraceEngine` (already subscribed).
+        """
+        s = self.settings
+        engine = TraceEngine(
+            sink,
+            promoter=Promoter(
+                queue_ms=s.promote_queue_ms,
+                park_ms=s.promote_park_ms,
+                debug=s.debug_jobs,
+                window=s.route_window,
+            ),
+            semconv=SemConv(s.semconv_mode),
+            resource=default_resource(
+                s.service_name or self.name,
+                self.version,
+                s.resource_attrs,
+                sdk_version=__version__,
+            ),
+            scope=InstrumentationScope(name="zerver", version=__version__),
+            export_job_depth=s.export_job_depth,
+            interpreters=self._interpreters,
+        )
+        self.subscribe(engine)
+        return engine
+
     def subscribe(self, subscriber: Subscriber) -> None:
         """Give every finished :class:`RequestRecord` to ``subscriber``."""
         self._subscribers.append(subscriber)
@@ -165,7 +199,6 @@ class App:
         if self._started:
             raise UsageError(f"app {self.name!r} is already running")
         self._started = True
-        self._default_interpreters()
         s = self.settings
         started: list[Interpreter] = []
         try:

@@ -182,9 +182,8 @@ class SamplerSpec:
 
 def parse_sampler(text: str) -> SamplerSpec:
     """Parse ``head:0.05,tail:error|p99``; raises ``ValueError`` saying what is accepted."""
-    grammar = (
-        "accepted: head:<ratio 0..1>[,tail:<trigger>|...] with triggers "
-        + ", ".join(TAIL_TRIGGERS)
+    grammar = "accepted: head:<ratio 0..1>[,tail:<trigger>|...] with triggers " + ", ".join(
+        TAIL_TRIGGERS
     )
     parts = [p.strip() for p in text.split(",")]
     if not parts or not parts[0].startswith("head:") or len(parts) > 2:
@@ -235,13 +234,24 @@ def parse_bool(v: Any) -> Any:
     return v
 
 
+_BOUNDS = {
+    "greater_than_equal": ("ge", ">="),
+    "greater_than": ("gt", ">"),
+    "less_than_equal": ("le", "<="),
+    "less_than": ("lt", "<"),
+}
+
+
 def _accepted(err: Mapping[str, Any]) -> str:
     ctx = err.get("ctx") or {}
-    kind = err.get("type", "")
+    kind = str(err.get("type", ""))
     if kind == "literal_error":
         return f"accepted: {ctx.get('expected', '')}"
-    if kind in {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}:
-        return str(err.get("msg", "")).lower()
+    if kind in _BOUNDS:
+        key, op = _BOUNDS[kind]
+        return f"accepted: a number {op} {ctx.get(key)}"
+    if kind == "string_too_short":
+        return "accepted: a non-empty string"
     if kind.startswith("int_"):
         return "accepted: a whole number"
     if kind.startswith("float_"):
@@ -269,9 +279,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         for name, info in Settings.model_fields.items():
             var = env_name(name)
             if var in upper:
-                values[info.validation_alias if isinstance(info.validation_alias, str) else name] = (
-                    upper[var]
-                )
+                values[
+                    info.validation_alias if isinstance(info.validation_alias, str) else name
+                ] = upper[var]
         for name, value in overrides.items():
             info = Settings.model_fields[name]
             alias = info.validation_alias

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar, Any
 
 from .._clock import Clock, MonotonicClock
 from .._effects import CacheDel, CacheGet, CacheSet, Effect
@@ -53,6 +53,8 @@ class CacheInterpreter:
     """
 
     system = "cache"
+    #: Static attributes of every span this interpreter's effects produce.
+    span_attributes: ClassVar[dict[str, str]] = {"cache.system": "in_process"}
 
     __slots__ = (
         "_clock",

@@ -30,7 +30,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import ClassVar, TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -148,6 +148,8 @@ class SqliteInterpreter:
     """
 
     system = "db"
+    #: Static attributes of every span this interpreter's effects produce.
+    span_attributes: ClassVar[dict[str, str]] = {"db.system": "sqlite"}
 
     def __init__(
         self,

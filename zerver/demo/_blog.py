@@ -15,6 +15,7 @@ Routes:
 from __future__ import annotations
 
 import html
+import random
 import secrets
 from typing import Any
 
@@ -207,9 +208,14 @@ async def _seed(app: App) -> None:
         await db.put_many("comment", SEED_COMMENTS)
 
 
-def create_app(*, settings: Settings | None = None, clock: Clock | None = None) -> App:
+def create_app(
+    *,
+    settings: Settings | None = None,
+    clock: Clock | None = None,
+    rng: random.Random | None = None,
+) -> App:
     """Build the demo blog app (seeded on first start when it runs on SQLite)."""
-    app = App("zerver-demo", settings=settings, clock=clock, version="0.1.0")
+    app = App("zerver-demo", settings=settings, clock=clock, version="0.1.0", rng=rng)
     app.get("/blogs/posts/{id}", load_blog_post_page)
     app.get("/blogs/posts/{id}/comments", load_comments)
     app.post("/blogs/posts", validate_new_post, create_post)

@@ -106,15 +106,19 @@ class FakeRule:
     """What a :class:`FakeInterpreter` does for matching effects.
 
     ``work_ms`` advances the virtual clock while the job works; each
-    ``parks`` entry ``(cause, ms, token)`` records a park episode of that
-    length; ``gate`` makes the job wait for an event (to hold a worker).
+    ``parks`` entry ``(cause, ms, token)`` — or ``(cause, ms, token,
+    limit_current, limit_max)`` — records a park episode of that length
+    (other tasks run first, then the clock moves); ``gate`` makes the job
+    wait for an event (to hold a worker).
     """
 
     result: Any = None
     error: EffectError | None = None
     fail_times: int = 0
     work_ms: float = 0.0
-    parks: Sequence[tuple[str, float, str | None]] = ()
+    parks: Sequence[
+        tuple[str, float, str | None] | tuple[str, float, str | None, int | None, int | None]
+    ] = ()
     gate: anyio.Event | None = None
     note: dict[str, Any] = field(default_factory=dict)
     calls: int = 0
@@ -128,8 +132,16 @@ class FakeInterpreter:
     fail and later ones succeed (``fail_times=0``: always fail).
     """
 
-    def __init__(self, clock: Clock, *, default: FakeRule | None = None) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        default: FakeRule | None = None,
+        span_attributes: dict[str, str] | None = None,
+    ) -> None:
         self.clock = clock
+        #: Static span attributes, as real interpreters declare them (``db.system``).
+        self.span_attributes = dict(span_attributes or {})
         self.default = default
         self.rules: list[tuple[Callable[[Effect], bool], FakeRule]] = []
         self.performed: list[Effect] = []
@@ -157,10 +169,12 @@ class FakeInterpreter:
         if rule is None:
             raise EffectError(f"no fake rule for {effect.span_name!r}", kind="no_rule")
         rule.calls += 1
-        for cause, ms, token in rule.parks:
-            with job.parked(cause, token):
-                self._advance(ms)
+        for park in rule.parks:
+            cause, ms, token = park[0], park[1], park[2]
+            current, limit = (park[3], park[4]) if len(park) == 5 else (None, None)
+            with job.parked(cause, token, limit_current=current, limit_max=limit):
                 await anyio.lowlevel.checkpoint()
+                self._advance(ms)
         if rule.gate is not None:
             with job.parked("io_wait", "gate"):
                 await rule.gate.wait()

@@ -1,0 +1,149 @@
+"""Every configuration variable: default, a valid override, an invalid value."""
+
+from __future__ import annotations
+
+import pytest
+
+from zerver import ConfigError, load_settings
+
+# variable -> (attribute, default, valid text, parsed valid value, invalid text, message part)
+CASES: dict[str, tuple[str, object, str, object, str | None, str | None]] = {
+    "ZER_VER_QUEUE_NAME_EFFECTS": ("queue_name_effects", "effects", "fx", "fx", "", "non-empty"),
+    "ZER_VER_QUEUE_NAME_CONT": ("queue_name_cont", "continuations", "k", "k", "", "non-empty"),
+    "ZER_VER_QUEUE_CAPACITY_EFFECTS": ("queue_capacity_effects", 1024, "8", 8, "0", ">= 1"),
+    "ZER_VER_QUEUE_CAPACITY_CONT": ("queue_capacity_cont", 1024, "8", 8, "x", "whole number"),
+    "ZER_VER_WORKERS_EFFECTS": ("workers_effects", 64, "2", 2, "0", ">= 1"),
+    "ZER_VER_WORKERS_CONT": ("workers_cont", 4, "2", 2, "-1", ">= 1"),
+    "ZER_VER_MAX_NEED_DEPTH": ("max_need_depth", 16, "4", 4, "0", ">= 1"),
+    "ZER_VER_HOST": ("host", "127.0.0.1", "0.0.0.0", "0.0.0.0", None, None),
+    "ZER_VER_PORT": ("port", 8080, "9000", 9000, "70000", "<= 65535"),
+    "ZER_VER_MAX_HEADER_BYTES": ("max_header_bytes", 16384, "32768", 32768, "10", ">= 1024"),
+    "ZER_VER_MAX_BODY_BYTES": ("max_body_bytes", 1048576, "10", 10, "-1", ">= 0"),
+    "ZER_VER_HEADER_TIMEOUT_S": ("header_timeout_s", 10.0, "2.5", 2.5, "0", "> 0"),
+    "ZER_VER_KEEPALIVE_TIMEOUT_S": ("keepalive_timeout_s", 5.0, "1", 1.0, "soon", "a number"),
+    "ZER_VER_SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", 10.0, "3", 3.0, "0", "> 0"),
+    "ZER_VER_DB_PATH": ("db_path", "zerver.sqlite3", "/tmp/x.db", "/tmp/x.db", None, None),
+    "ZER_VER_DB_POOL_SIZE": ("db_pool_size", 4, "8", 8, "0", ">= 1"),
+    "ZER_VER_CACHE_MAX_ENTRIES": ("cache_max_entries", 10000, "5", 5, "0", ">= 1"),
+    "ZER_VER_CACHE_TTL_MS": ("cache_ttl_ms", 60000, "5", 5, "0", ">= 1"),
+    "ZER_VER_PROMOTE_QUEUE_MS": ("promote_queue_ms", 5.0, "2.5", 2.5, "-1", ">= 0"),
+    "ZER_VER_PROMOTE_PARK_MS": ("promote_park_ms", 5.0, "0", 0.0, "fast", "a number"),
+    "ZER_VER_DEBUG_JOBS": ("debug_jobs", False, "1", True, "yes", "0, 1, true, false"),
+    "ZER_VER_EXPORT_JOB_DEPTH": ("export_job_depth", False, "true", True, "2", "0, 1, true"),
+    "ZER_VER_SEMCONV": ("semconv", None, "NEW", "new", "both", "'old', 'new' or 'dup'"),
+    "ZER_VER_METRICS_VIEW_ROUTE_P95_WINDOW": (
+        "metrics_view_route_p95_window",
+        "60s",
+        "500",
+        "500",
+        "1h",
+        "duration like 60s",
+    ),
+    "ZER_VER_SAMPLER": (
+        "sampler",
+        "head:1",
+        "head:0.05,tail:error|p99",
+        "head:0.05,tail:error|p99",
+        "head:2",
+        "head:<ratio 0..1>",
+    ),
+    "OTEL_SERVICE_NAME": ("service_name", None, "blog", "blog", None, None),
+    "OTEL_RESOURCE_ATTRIBUTES": ("resource_attributes", "", "a=b", "a=b", "a", "key=value"),
+    "OTEL_SEMCONV_STABILITY_OPT_IN": ("semconv_stability_opt_in", "", "http", "http", None, None),
+    "ZER_VER_LOG_FORMAT": ("log_format", "auto", "JSON", "json", "xml", "'auto', 'console'"),
+    "ZER_VER_LOG_LEVEL": ("log_level", "info", "debug", "debug", "loud", "'debug', 'info'"),
+    "ZER_VER_ACCESS_LOG": ("access_log", True, "0", False, "maybe", "0, 1, true, false"),
+}
+
+
+def test_every_setting_has_a_case() -> None:
+    from zerver._config import Settings, env_name
+
+    assert {env_name(f) for f in Settings.model_fields} == set(CASES)
+
+
+@pytest.mark.parametrize("var", sorted(CASES))
+def test_default(var: str) -> None:
+    attr, default, *_ = CASES[var]
+    assert getattr(load_settings({}), attr) == default
+
+
+@pytest.mark.parametrize("var", sorted(CASES))
+def test_valid_override(var: str) -> None:
+    attr, _default, text, value, *_ = CASES[var]
+    assert getattr(load_settings({var: text}), attr) == value
+
+
+@pytest.mark.parametrize("var", sorted(v for v, c in CASES.items() if c[4] is not None))
+def test_invalid_value_names_variable_value_and_accepted(var: str) -> None:
+    *_, bad, accepted = CASES[var]
+    assert bad is not None
+    with pytest.raises(ConfigError) as err:
+        load_settings({var: bad})
+    msg = str(err.value)
+    assert msg.startswith(f"{var}={bad!r} is invalid: ")
+    assert accepted is not None and accepted in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "head", "tail"),
+    [
+        ("head:1", 1.0, ()),
+        ("head:0", 0.0, ()),
+        ("head:0.02,tail:error|p99", 0.02, ("error", "p99")),
+        (
+            "head:0.5,tail:required_failure|slow_queue|p95",
+            0.5,
+            ("required_failure", "slow_queue", "p95"),
+        ),
+    ],
+)
+def test_sampler_grammar(text: str, head: float, tail: tuple[str, ...]) -> None:
+    spec = load_settings({"ZER_VER_SAMPLER": text}).sampler_spec
+    assert (spec.head_ratio, spec.tail) == (head, tail)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "tail:error",
+        "head:x",
+        "head:-0.1",
+        "head:1,tail:",
+        "head:1,tail:nope",
+        "head:1,tail:error|error",
+        "head:1,foo:error",
+        "head:1,tail:error,extra",
+    ],
+)
+def test_sampler_grammar_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="ZER_VER_SAMPLER"):
+        load_settings({"ZER_VER_SAMPLER": text})
+
+
+def test_windows() -> None:
+    assert load_settings({}).route_window.seconds == 60.0
+    assert (
+        load_settings({"ZER_VER_METRICS_VIEW_ROUTE_P95_WINDOW": "250ms"}).route_window.seconds
+        == 0.25
+    )
+    assert (
+        load_settings({"ZER_VER_METRICS_VIEW_ROUTE_P95_WINDOW": "2m"}).route_window.seconds == 120
+    )
+    assert load_settings({"ZER_VER_METRICS_VIEW_ROUTE_P95_WINDOW": "100"}).route_window.count == 100
+
+
+def test_resource_attributes_are_url_decoded() -> None:
+    s = load_settings({"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,note=a%20b%2Cc"})
+    assert s.resource_attrs == {"deployment.environment": "prod", "note": "a b,c"}
+
+
+def test_variable_names_are_case_insensitive_and_process_env_is_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ZER_VER_PORT", "1234")
+    assert load_settings({}).port == 8080
+    assert load_settings().port == 1234
+    assert load_settings({"zer_ver_port": "99"}).port == 99

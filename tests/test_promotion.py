@@ -1,0 +1,138 @@
+"""Duration maths and promotion, with property tests."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zerver import JobState, ParkEpisode
+from zerver._config import Window
+from zerver._promotion import MIN_SAMPLES, Promoter, RollingPercentile, durations
+
+NS = st.integers(min_value=0, max_value=10_000_000_000)
+
+
+@st.composite
+def lifecycles(draw: st.DrawFn) -> JobState:
+    """A job with ordered timestamps; some phases may be missing."""
+    enq = draw(NS)
+    take = enq + draw(st.integers(0, 50_000_000))
+    start = take + draw(st.integers(0, 5_000_000))
+    cursor = start
+    episodes = []
+    for _ in range(draw(st.integers(0, 4))):
+        park = cursor + draw(st.integers(0, 10_000_000))
+        resume = park + draw(st.integers(0, 20_000_000))
+        ep = ParkEpisode(draw(st.sampled_from(["io_wait", "backpressure", "timer"])), park)
+        ep.resume_ts = resume
+        episodes.append(ep)
+        cursor = resume
+    end = cursor + draw(st.integers(0, 10_000_000))
+    job = JobState(index=0, kind="effect", name="db.get t", queue="effects", step_index=0)
+    job.enqueue_ts = enq
+    job.take_ts = take if draw(st.booleans()) else None
+    job.start_ts = start if job.take_ts is not None and draw(st.booleans()) else None
+    job.park_episodes = episodes if job.start_ts is not None else []
+    job.end_ts = end
+    return job
+
+
+@given(lifecycles())
+def test_durations_are_non_negative_and_add_up(job: JobState) -> None:
+    d = durations(job)
+    for v in (d.queue_wait_ms, d.dispatch_ms, d.park_wait_ms_total, d.run_active_ms, d.total_ms):
+        assert v >= 0
+    total = d.queue_wait_ms + d.dispatch_ms + d.park_wait_ms_total + d.run_active_ms
+    assert math.isclose(total, d.total_ms, rel_tol=1e-9, abs_tol=1e-9)
+    assert d.park_count == len(job.park_episodes)
+
+
+@given(lifecycles())
+def test_missing_phases_count_zero(job: JobState) -> None:
+    d = durations(job)
+    if job.take_ts is None:
+        assert d.queue_wait_ms == 0 and d.dispatch_ms == 0
+    if job.start_ts is None:
+        assert d.dispatch_ms == 0 and d.park_wait_ms_total == 0
+
+
+def test_durations_of_a_known_job() -> None:
+    job = JobState(index=0, kind="effect", name="x", queue="effects", step_index=0)
+    job.enqueue_ts, job.take_ts, job.start_ts, job.end_ts = 0, 2_000_000, 2_500_000, 20_000_000
+    ep = ParkEpisode("io_wait", 3_000_000)
+    ep.resume_ts = 13_000_000
+    job.park_episodes.append(ep)
+    d = durations(job)
+    assert (d.queue_wait_ms, d.dispatch_ms, d.park_wait_ms_total, d.run_active_ms, d.total_ms) == (
+        2.0,
+        0.5,
+        10.0,
+        7.5,
+        20.0,
+    )
+
+
+def test_unfinished_job_uses_fallback_end() -> None:
+    job = JobState(index=0, kind="effect", name="x", queue="effects", step_index=0)
+    job.enqueue_ts, job.take_ts, job.start_ts = 0, 1_000_000, 1_000_000
+    job.park_episodes.append(ParkEpisode("io_wait", 2_000_000))  # never resumed
+    d = durations(job, end_fallback=5_000_000)
+    assert d.park_wait_ms_total == 3.0 and d.total_ms == 5.0 and d.run_active_ms == 1.0
+
+
+@given(
+    wait=st.floats(0, 100, allow_nan=False),
+    queue_ms=st.floats(0, 100, allow_nan=False),
+    park_ms=st.floats(0, 100, allow_nan=False),
+    debug=st.booleans(),
+)
+def test_promotion_matches_thresholds(
+    wait: float, queue_ms: float, park_ms: float, debug: bool
+) -> None:
+    p = Promoter(queue_ms=queue_ms, park_ms=park_ms, debug=debug)
+    stats = p.stats("/r")  # no samples yet: only the thresholds (or debug) decide
+    assert p.promote_queue(stats, wait) == (debug or wait >= queue_ms)
+    assert p.promote_park(stats, wait) == (debug or wait >= park_ms)
+
+
+@given(st.lists(st.floats(0, 1000, allow_nan=False), min_size=MIN_SAMPLES, max_size=300))
+def test_rolling_p95_matches_sorted_rank(samples: list[float]) -> None:
+    rp = RollingPercentile(Window(count=1000))
+    for i, s in enumerate(samples):
+        rp.add(i, s)
+    rp._recompute(len(samples))
+    ordered = sorted(samples)
+    assert rp.value == ordered[math.ceil(0.95 * len(ordered)) - 1]
+
+
+def test_rolling_window_forgets_old_samples() -> None:
+    rp = RollingPercentile(Window(seconds=1.0))
+    for i in range(40):
+        rp.add(i, 100.0)
+    assert rp.value == 100.0
+    late = 10_000_000_000
+    for i in range(40):
+        rp.add(late + i, 1.0)
+    rp._recompute(late + 40)
+    assert rp.value == 1.0
+
+
+def test_p95_needs_min_samples_and_never_promotes_zero() -> None:
+    p = Promoter(queue_ms=1e9, park_ms=1e9)
+    stats = p.stats("/r")
+    for i in range(MIN_SAMPLES - 1):
+        stats.queue.add(i, 0.0)
+    assert stats.queue.value == math.inf
+    stats.queue.add(99, 0.0)
+    assert stats.queue.value == 0.0
+    assert not p.promote_queue(stats, 0.0)
+    assert p.promote_queue(stats, 0.1)
+
+
+def test_routes_are_bounded() -> None:
+    p = Promoter(max_routes=3)
+    for r in "abcde":
+        p.stats(r)
+    assert len(p._routes) == 3

@@ -1,0 +1,132 @@
+"""The ``zerver`` command: ``zerver run module:app`` and ``zerver demo``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from ._app import App
+from ._config import Settings, load_settings
+from ._errors import ConfigError, UsageError
+
+__all__ = ["load_app", "main"]
+
+
+def load_app(target: str) -> App:
+    """Import ``module:attr``; ``attr`` is an :class:`App` or a function returning one."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"app must be given as module:attribute, got {target!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import module {module_name!r}: {exc}") from None
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, App) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, App):
+        raise UsageError(f"{target} is {obj!r}, not a zerver App (or a function returning one)")
+    return obj
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address to bind (default: ZER_VER_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to bind (default: ZER_VER_PORT or 8080)")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (default 1)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zerver", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve an app: zerver run module:app")
+    run.add_argument("app", help="module:attribute naming an App or a factory returning one")
+    _server_args(run)
+    demo = sub.add_parser("demo", help="serve the demo blog on SQLite")
+    demo.add_argument("--db", help="SQLite file (default: ZER_VER_DB_PATH or zerver.sqlite3)")
+    _server_args(demo)
+    golden = sub.add_parser("golden", help="check or re-record golden traces")
+    golden.add_argument("action", choices=["check", "update"])
+    golden.add_argument("--dir", default="golden_traces", help="fixture directory")
+    golden.add_argument(
+        "--scenarios",
+        default="zerver.demo.golden:SCENARIOS",
+        help="module:attribute naming a list of zerver.testing.Scenario",
+    )
+    golden.add_argument("--only", action="append", default=[], help="run only this scenario")
+    return parser
+
+
+def _golden(args: argparse.Namespace) -> int:
+    from .testing import Scenario, check_scenarios
+
+    module_name, _, attr = args.scenarios.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        scenarios = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        print(f"zerver: cannot load scenarios {args.scenarios!r}: {exc}", file=sys.stderr)
+        return 2
+    chosen = [
+        s for s in scenarios if isinstance(s, Scenario) and (not args.only or s.name in args.only)
+    ]
+    if not chosen:
+        print(f"zerver: no scenarios to run from {args.scenarios!r}", file=sys.stderr)
+        return 2
+    update = args.action == "update"
+    failures = check_scenarios(chosen, args.dir, update=update)
+    for name, problem in failures:
+        print(f"FAIL {name}\n{problem}")
+    verb = "recorded" if update else "match"
+    print(f"{len(chosen) - len(failures)} of {len(chosen)} golden traces {verb} ({args.dir})")
+    return 1 if failures else 0
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, object] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    if getattr(args, "db", None):
+        overrides["db_path"] = args.db
+    return load_settings(os.environ, **overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``zerver`` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "golden":
+        return _golden(args)
+    from ._logging import configure_logging
+    from ._server import serve_from_settings
+
+    try:
+        settings = _settings(args)
+        if args.workers < 1:
+            raise ConfigError(f"--workers={args.workers} is invalid: accepted: 1 or more")
+        configure_logging(settings.log_format, settings.log_level)
+        if args.command == "demo":
+            # Children of a multi-worker run re-import the app by name, so the demo
+            # settings travel through the environment.
+            os.environ["ZER_VER_DB_PATH"] = settings.db_path
+            target = "zerver.demo:create_app"
+        else:
+            target = args.app
+            load_app(target)  # fail fast, before binding, on a bad target
+    except (ConfigError, UsageError) as exc:
+        print(f"zerver: {exc}", file=sys.stderr)
+        return 2
+    return serve_from_settings(target, settings, workers=args.workers)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

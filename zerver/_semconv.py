@@ -1,0 +1,186 @@
+"""HTTP semantic conventions: one table drives the ``old``, ``new`` and ``dup`` modes.
+
+Each row names a fact about the request and the attribute key it has in the
+stable (v1.21+) conventions and in the pre-1.21 ones. ``new`` emits the first
+key, ``old`` the second, ``dup`` both. A row with no old key exists only in
+the new conventions (``network.transport``, ``error.type``), one with the
+same key in both (``http.route``) is emitted once.
+
+Migration: this release emits ``dup`` by default; the next major release
+emits ``new`` only. Set ``ZER_VER_SEMCONV=new`` (or the standard
+``OTEL_SEMCONV_STABILITY_OPT_IN=http``) to move early.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+from ._records import RequestRecord
+from ._spans import AttrValue
+
+__all__ = ["CLIENT_ROWS", "SERVER_ROWS", "ClientFacts", "SemConv"]
+
+# fact name -> (new key, old key or None)
+SERVER_ROWS: dict[str, tuple[str, str | None]] = {
+    "method": ("http.request.method", "http.method"),
+    "route": ("http.route", "http.route"),
+    "scheme": ("url.scheme", "http.scheme"),
+    "path": ("url.path", None),
+    "query": ("url.query", None),
+    "target": ("", "http.target"),
+    "host": ("", "http.host"),
+    "server_address": ("server.address", "net.host.name"),
+    "server_port": ("server.port", "net.host.port"),
+    "client_address": ("client.address", "http.client_ip"),
+    "client_port": ("client.port", "net.peer.port"),
+    "user_agent": ("user_agent.original", "http.user_agent"),
+    "transport": ("network.transport", None),
+    "protocol_version": ("network.protocol.version", "http.flavor"),
+    "status": ("http.response.status_code", "http.status_code"),
+    "request_size": ("http.request.body.size", "http.request_content_length"),
+    "response_size": ("http.response.body.size", "http.response_content_length"),
+    "error_type": ("error.type", None),
+}
+
+CLIENT_ROWS: dict[str, tuple[str, str | None]] = {
+    "method": ("http.request.method", "http.method"),
+    "url": ("url.full", "http.url"),
+    "server_address": ("server.address", "net.peer.name"),
+    "server_port": ("server.port", "net.peer.port"),
+    "status": ("http.response.status_code", "http.status_code"),
+}
+
+MODES = ("old", "new", "dup")
+
+
+def _keys(rows: dict[str, tuple[str, str | None]], mode: str) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for fact, (new, old) in rows.items():
+        keys: list[str] = []
+        if mode in ("new", "dup") and new:
+            keys.append(new)
+        if mode in ("old", "dup") and old and old not in keys:
+            keys.append(old)
+        out[fact] = tuple(keys)
+    return out
+
+
+def _split_host(host: str) -> tuple[str, int | None]:
+    if host.startswith("["):  # [v6]:port
+        end = host.find("]")
+        addr = host[1:end] if end > 0 else host
+        rest = host[end + 1 :] if end > 0 else ""
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        addr, _, port = host.partition(":")
+    return addr, int(port) if port.isdigit() else None
+
+
+def redact_url(url: str) -> str:
+    """``url.full`` without credentials and with query values redacted."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "REDACTED"
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    if "@" in parts.netloc:
+        netloc = "REDACTED:REDACTED@" + netloc
+    query = "&".join(
+        f"{p.partition('=')[0]}=REDACTED" if "=" in p else p for p in parts.query.split("&") if p
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+class ClientFacts:
+    """What an outbound HTTP effect span reports."""
+
+    __slots__ = ("method", "server_address", "server_port", "status", "url")
+
+    def __init__(self, method: str, url: str, status: int | None) -> None:
+        self.method = method
+        self.url = redact_url(url)
+        try:
+            parts = urlsplit(url)
+            self.server_address = parts.hostname or ""
+            port = parts.port
+        except ValueError:
+            self.server_address, port = "", None
+        if port is None:
+            port = 443 if url.startswith("https:") else 80
+        self.server_port = port
+        self.status = status
+
+
+class SemConv:
+    """Writes semantic-convention attributes for one mode, chosen once."""
+
+    __slots__ = ("_client", "_server", "mode")
+
+    def __init__(self, mode: str = "dup") -> None:
+        if mode not in MODES:
+            raise ValueError(f"semconv mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self._server = _keys(SERVER_ROWS, mode)
+        self._client = _keys(CLIENT_ROWS, mode)
+
+    def server_attributes(self, rec: RequestRecord, attrs: dict[str, AttrValue]) -> None:
+        """Add the root span's HTTP attributes for ``rec`` to ``attrs``."""
+        k = self._server
+        put: Callable[[str, AttrValue], None] = attrs.__setitem__
+
+        def emit(fact: str, value: AttrValue) -> None:
+            for key in k[fact]:
+                put(key, value)
+
+        emit("method", rec.method)
+        if rec.route is not None:
+            emit("route", rec.route)
+        emit("scheme", rec.scheme)
+        emit("path", rec.path)
+        if rec.query:
+            emit("query", rec.query)
+        emit("target", f"{rec.path}?{rec.query}" if rec.query else rec.path)
+        host_addr: str | None = None
+        host_port: int | None = None
+        if rec.host:
+            emit("host", rec.host)
+            host_addr, host_port = _split_host(rec.host)
+        addr = host_addr or rec.server_address
+        if addr:
+            emit("server_address", addr)
+        port = host_port if host_addr else rec.server_port
+        if port is None and host_addr:
+            port = 443 if rec.scheme == "https" else 80
+        if port is not None:
+            emit("server_port", port)
+        if rec.client_address:
+            emit("client_address", rec.client_address)
+        if rec.client_port is not None:
+            emit("client_port", rec.client_port)
+        if rec.user_agent:
+            emit("user_agent", rec.user_agent)
+        emit("transport", "tcp")
+        emit("protocol_version", rec.protocol_version)
+        if rec.status:
+            emit("status", rec.status)
+        emit("request_size", rec.request_body_size)
+        emit("response_size", rec.response_body_size)
+        if rec.system_fault or rec.status >= 500:
+            emit("error_type", rec.error_type or str(rec.status))
+
+    def client_attributes(self, facts: ClientFacts, attrs: dict[str, AttrValue]) -> None:
+        """Add an HTTP client span's attributes to ``attrs``."""
+        k = self._client
+        for key in k["method"]:
+            attrs[key] = facts.method
+        for key in k["url"]:
+            attrs[key] = facts.url
+        if facts.server_address:
+            for key in k["server_address"]:
+                attrs[key] = facts.server_address
+        for key in k["server_port"]:
+            attrs[key] = facts.server_port
+        if facts.status is not None:
+            for key in k["status"]:
+                attrs[key] = facts.status

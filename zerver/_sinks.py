@@ -1,0 +1,85 @@
+"""Span sinks for development and tests: an in-memory collector and a console writer.
+
+The OTLP exporter (``zerver.export``) is the production sink.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from typing import TextIO
+
+from ._spans import SpanData, SpanKind, StatusCode
+
+__all__ = ["ConsoleSpanSink", "InMemorySpanSink"]
+
+_KINDS = {
+    SpanKind.INTERNAL: "INTERNAL",
+    SpanKind.SERVER: "SERVER",
+    SpanKind.CLIENT: "CLIENT",
+    SpanKind.PRODUCER: "PRODUCER",
+    SpanKind.CONSUMER: "CONSUMER",
+    SpanKind.UNSPECIFIED: "UNSPECIFIED",
+}
+_STATUS = {StatusCode.UNSET: "", StatusCode.OK: " OK", StatusCode.ERROR: " ERROR"}
+
+
+class InMemorySpanSink:
+    """Keeps the most recent ``maxlen`` spans; older ones are dropped and counted."""
+
+    def __init__(self, maxlen: int = 100_000) -> None:
+        self.spans: deque[SpanData] = deque(maxlen=maxlen)
+        self.traces: deque[list[SpanData]] = deque(maxlen=maxlen)
+        self.dropped = 0
+
+    def export(self, spans: list[SpanData]) -> None:
+        overflow = len(self.spans) + len(spans) - (self.spans.maxlen or 0)
+        if overflow > 0:
+            self.dropped += overflow
+        self.spans.extend(spans)
+        self.traces.append(spans)
+
+    def by_name(self, name: str) -> list[SpanData]:
+        """Every kept span called ``name``."""
+        return [s for s in self.spans if s.name == name]
+
+    def clear(self) -> None:
+        self.spans.clear()
+        self.traces.clear()
+
+
+def format_tree(spans: list[SpanData]) -> str:
+    """A trace as an indented tree with durations, for humans."""
+    children: dict[int, list[SpanData]] = {}
+    ids = {s.span_id for s in spans}
+    roots: list[SpanData] = []
+    for s in spans:
+        if s.parent_span_id in ids:
+            children.setdefault(s.parent_span_id, []).append(s)
+        else:
+            roots.append(s)
+    lines: list[str] = []
+
+    def walk(span: SpanData, depth: int) -> None:
+        ms = (span.end_ns - span.start_ns) / 1e6
+        lines.append(
+            f"{'  ' * depth}{_KINDS.get(span.kind, '?'):<8} {span.name}  "
+            f"{ms:.3f} ms{_STATUS.get(span.status_code, '')}"
+        )
+        for child in sorted(children.get(span.span_id, ()), key=lambda c: c.start_ns):
+            walk(child, depth + 1)
+
+    for r in roots:
+        lines.append(f"trace {r.trace_id:032x}")
+        walk(r, 0)
+    return "\n".join(lines)
+
+
+class ConsoleSpanSink:
+    """Writes each trace as an indented tree (development only: this is I/O)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+
+    def export(self, spans: list[SpanData]) -> None:
+        self.stream.write(format_tree(spans) + "\n")
