@@ -136,7 +136,7 @@ async def test_queue_wait_and_depth_recorded_on_virtual_clock() -> None:
 
 async def test_full_queue_fails_fast_with_429() -> None:
     clock = VirtualClock()
-    settings = load_settings({}, workers_effects=1, queue_capacity_effects=2)
+    settings = load_settings({}, workers_effects=1, queue_capacity_effects=1)
     app = App("full", clock=clock, settings=settings)
     gate = anyio.Event()
     fake = FakeInterpreter(clock)

@@ -45,8 +45,20 @@ from ._records import (
     StepRecord,
     Subscriber,
 )
+from ._server import ServerApp, ServerConfig, run, serve
+from ._sinks import ConsoleSpanSink, InMemorySpanSink
 from ._slots import Context, Slot
+from ._spans import (
+    InstrumentationScope,
+    Resource,
+    SpanData,
+    SpanEvent,
+    SpanKind,
+    SpanLink,
+    StatusCode,
+)
 from ._steps import Step, step
+from ._tracing import SpanSink, TraceEngine
 from ._version import __version__
 
 __all__ = [
@@ -57,6 +69,7 @@ __all__ = [
     "Clock",
     "ConcurrencyLimiter",
     "ConfigError",
+    "ConsoleSpanSink",
     "Context",
     "Continue",
     "DbDel",
@@ -73,6 +86,8 @@ __all__ = [
     "HttpPost",
     "HttpPut",
     "HttpResult",
+    "InMemorySpanSink",
+    "InstrumentationScope",
     "Interpreter",
     "JobContext",
     "JobState",
@@ -88,19 +103,31 @@ __all__ = [
     "RateLimiter",
     "Request",
     "RequestRecord",
+    "Resource",
     "Response",
     "RetryPolicy",
     "RetryRecord",
+    "ServerApp",
+    "ServerConfig",
     "Settings",
     "Slot",
     "SlotWrite",
+    "SpanData",
+    "SpanEvent",
+    "SpanKind",
+    "SpanLink",
+    "SpanSink",
+    "StatusCode",
     "Step",
     "StepRecord",
     "Subscriber",
+    "TraceEngine",
     "UsageError",
     "VirtualClock",
     "ZerverError",
     "__version__",
     "load_settings",
+    "run",
+    "serve",
     "step",
 ]

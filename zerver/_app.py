@@ -298,7 +298,14 @@ class App:
         record = self._start_record(request)
         response: Response | None = None
         try:
-            response = await self._handle(executor, request, record)
+            try:
+                response = await self._handle(executor, request, record)
+            except Exception as exc:  # the runtime itself broke: a fault, not a hang
+                err = PipelineError(
+                    f"runtime error: {type(exc).__name__}: {exc}", error_type=type(exc).__name__
+                )
+                err.__cause__ = exc
+                response = self._fault(record, err)
         finally:
             if response is None:  # cancelled: the client went away
                 record.finish(499, 0)

@@ -12,29 +12,30 @@ from ._app import App
 from ._config import Settings, load_settings
 from ._errors import ConfigError, UsageError
 
-__all__ = ["load_app", "main"]
+__all__ = ["main", "serving_app"]
 
 
-def load_app(target: str) -> App:
-    """Import ``module:attr``; ``attr`` is an :class:`App` or a function returning one."""
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(f"app must be given as module:attribute, got {target!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"cannot import module {module_name!r}: {exc}") from None
-    try:
-        obj = getattr(module, attr)
-    except AttributeError:
-        raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, App) and callable(obj):
-        obj = obj()
-    if not isinstance(obj, App):
-        raise UsageError(f"{target} is {obj!r}, not a zerver App (or a function returning one)")
-    return obj
+_APP_ENV = "ZERVER_APP"
+
+
+def serving_app() -> App:
+    """The app named by ``$ZERVER_APP``, prepared for serving (each worker calls this).
+
+    Configures logging, the access log and trace export from the environment.
+    """
+    from ._logging import AccessLog, configure_logging
+    from ._server import load_app
+    from ._telemetry import setup_tracing
+
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    app = load_app(os.environ[_APP_ENV])
+    if not isinstance(app, App):
+        raise UsageError(f"{os.environ[_APP_ENV]} is not a zerver App")
+    if settings.access_log:
+        app.subscribe(AccessLog())
+    setup_tracing(app)
+    return app
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
@@ -106,26 +107,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "golden":
         return _golden(args)
-    from ._logging import configure_logging
     from ._server import serve_from_settings
 
     try:
         settings = _settings(args)
         if args.workers < 1:
             raise ConfigError(f"--workers={args.workers} is invalid: accepted: 1 or more")
-        configure_logging(settings.log_format, settings.log_level)
-        if args.command == "demo":
-            # Children of a multi-worker run re-import the app by name, so the demo
-            # settings travel through the environment.
-            os.environ["ZER_VER_DB_PATH"] = settings.db_path
-            target = "zerver.demo:create_app"
-        else:
-            target = args.app
-            load_app(target)  # fail fast, before binding, on a bad target
+        # Every worker process builds the app itself from the environment.
+        os.environ["ZER_VER_DB_PATH"] = settings.db_path
+        os.environ[_APP_ENV] = "zerver.demo:create_app" if args.command == "demo" else args.app
+        serving_app()  # fail fast, before binding, on a bad app or telemetry setting
     except (ConfigError, UsageError) as exc:
         print(f"zerver: {exc}", file=sys.stderr)
         return 2
-    return serve_from_settings(target, settings, workers=args.workers)
+    return serve_from_settings("zerver._cli:serving_app", settings, workers=args.workers)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -106,7 +106,7 @@ class JobQueue:
     the same few warm workers do most of the work.
     """
 
-    __slots__ = ("_closed", "_idle", "_items", "capacity", "clock", "name", "workers")
+    __slots__ = ("_closed", "_idle", "_items", "_woken", "capacity", "clock", "name", "workers")
 
     def __init__(self, name: str, capacity: int, workers: int, clock: Clock) -> None:
         if capacity < 1 or workers < 1:
@@ -117,6 +117,8 @@ class JobQueue:
         self.clock = clock
         self._items: deque[Job] = deque()
         self._idle: list[anyio.Event] = []
+        # Jobs already promised to a woken worker do not count against capacity.
+        self._woken = 0
         self._closed = False
 
     @property
@@ -130,7 +132,7 @@ class JobQueue:
         items = self._items
         st.enqueue_ts = self.clock.now_ns()
         st.depth_enqueue = len(items)
-        if len(items) >= self.capacity:
+        if len(items) - self._woken >= self.capacity:
             raise QueueFullError(self.name, self.capacity)
         if self._closed:
             raise EffectError(
@@ -138,6 +140,7 @@ class JobQueue:
             )
         items.append(job)
         if self._idle:
+            self._woken += 1
             self._idle.pop().set()
 
     async def _worker(self, index: int) -> None:
@@ -150,7 +153,11 @@ class JobQueue:
                     return
                 ev = anyio.Event()
                 idle.append(ev)
-                await ev.wait()
+                try:
+                    await ev.wait()
+                finally:
+                    if ev.is_set() and self._woken:
+                        self._woken -= 1
                 continue
             job = items.popleft()
             st = job.state
@@ -181,6 +188,7 @@ class JobQueue:
         """Stop intake; workers finish what is queued and exit."""
         self._closed = True
         idle, self._idle = self._idle, []
+        self._woken += len(idle)
         for ev in idle:
             ev.set()
 

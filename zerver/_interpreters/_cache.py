@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import ClassVar, Any
+from typing import Any, ClassVar
 
 from .._clock import Clock, MonotonicClock
 from .._effects import CacheDel, CacheGet, CacheSet, Effect

@@ -30,7 +30,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from typing import ClassVar, TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import anyio
 import anyio.to_thread

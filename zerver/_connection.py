@@ -1,0 +1,559 @@
+"""One HTTP/1.1 connection: h11 on an anyio socket stream, with limits and timeouts.
+
+h11 owns the protocol state machine; this module adds what a server needs on top
+of it. The rules of a connection:
+
+* Requests are answered strictly in order, one at a time (pipelined requests
+  wait in h11's receive buffer until the previous response has been sent).
+  HTTP/1.1 connections stay open unless either side says ``connection: close``;
+  HTTP/1.0 connections close after one response (h11 has no 1.0 keep-alive).
+* One **reader task** per connection is the only caller of ``stream.receive``.
+  It feeds every byte to h11 and wakes the handler. It keeps reading while the
+  handler waits for bytes, and otherwise only until ``max_pipelined`` bytes have
+  been read ahead since the handler last ran dry; then it parks. So h11's buffer
+  never holds more than ``max_pipelined`` + ``max_header_bytes`` + one read.
+* Reading ahead is also how a disconnect is noticed. The peer's EOF means it is
+  gone (a half-close is treated as a close, as most servers do): EOF while the
+  app's ``dispatch`` is awaited cancels the connection's cancel scope, hence the
+  dispatch and whatever jobs the app ties to it; a request that was complete
+  before the EOF is not dispatched. A reader parked on the read-ahead budget
+  notices nothing until the current response has been written.
+* Waiting for a new request with nothing buffered is *idle*: after
+  ``keepalive_timeout_s``, or at once when the server shuts down, the
+  connection closes silently.
+* Once a request head has started it must be complete within
+  ``header_timeout_s``; each wait for more body bytes is bounded by the same
+  value. Running out of time answers 408 and closes.
+* A peer error answers with a small JSON body and closes: h11's status hint
+  for malformed input (400, 431 for an incomplete head over
+  ``max_header_bytes``, 501 for an unknown transfer coding), 431 for a complete
+  head over the limit, 400 for a request target that is not origin-, absolute-
+  or asterisk-form, 413 for a body over ``max_body_bytes`` (a Content-Length
+  over the limit is refused before any body byte is read; chunked bodies are
+  counted), 417 for an ``Expect`` other than ``100-continue``.
+* Every server-side close after a response is a *lingering close*: half-close,
+  then discard what the peer still sends (bounded in time and bytes) until its
+  EOF, so that a TCP reset cannot destroy the response in flight.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+import h11
+import orjson
+import structlog
+
+from ._http import Request, Response
+
+__all__ = ["ConnectionContext", "DateHeader", "ServerConnection", "split_target"]
+
+_log: structlog.typing.FilteringBoundLogger = structlog.get_logger("zerver.server")
+
+_READ_SIZE = 64 * 1024
+# Coalescing head and body into one write saves a syscall; above this size the
+# copy costs more than the syscall.
+_COALESCE_MAX = 16 * 1024
+_LINGER_TIMEOUT_S = 1.0
+_LINGER_MAX_BYTES = 256 * 1024
+# h11 checks the size of an *incomplete* head only; a complete head that arrived
+# in one read is measured here. Each header line costs its name, value, ": " and CRLF.
+_HEADER_LINE_OVERHEAD = 4
+_REQUEST_LINE_OVERHEAD = 12
+# h11's messages may quote the offending input; an error body echoes only this much.
+_DETAIL_MAX = 200
+
+_REASONS: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+_METHODS: dict[bytes, str] = {
+    m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+}
+_VERSIONS: dict[bytes, str] = {b"1.1": "1.1", b"1.0": "1.0"}
+
+Dispatch = Callable[[Request], Awaitable[Response]]
+
+
+class DateHeader:
+    """The ``date`` header value, formatted at most once per second."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def current(self) -> bytes:
+        """The IMF-fixdate of the current second, as bytes."""
+        now = int(time.time())
+        if now != self._second:
+            self._value = email.utils.formatdate(now, usegmt=True).encode("ascii")
+            self._second = now
+        return self._value
+
+
+class ConnectionContext:
+    """What every connection of one server shares: the app, limits and shutdown state."""
+
+    __slots__ = (
+        "closing",
+        "dates",
+        "dispatch",
+        "header_timeout_s",
+        "keepalive_timeout_s",
+        "max_body_bytes",
+        "max_body_digits",
+        "max_header_bytes",
+        "max_pipelined",
+    )
+
+    def __init__(
+        self,
+        dispatch: Dispatch,
+        *,
+        max_header_bytes: int,
+        max_body_bytes: int,
+        header_timeout_s: float,
+        keepalive_timeout_s: float,
+        max_pipelined: int,
+    ) -> None:
+        self.dispatch = dispatch
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self.max_body_digits = len(str(max_body_bytes))
+        self.header_timeout_s = header_timeout_s
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.max_pipelined = max_pipelined
+        self.dates = DateHeader()
+        self.closing = False
+
+
+def split_target(method: bytes, target: bytes) -> tuple[str, str] | None:
+    """Split a request target into (path, query); ``None`` if its form is not served.
+
+    Origin-form (``/a?b``) keeps the raw path; absolute-form
+    (``http://host/a?b``) is reduced to its path and query; asterisk-form
+    (``*``) is accepted for ``OPTIONS`` only. Authority-form (``CONNECT``) is not served.
+    """
+    if target[:1] == b"/":
+        path, _, query = target.partition(b"?")
+        return path.decode("latin-1"), query.decode("latin-1")
+    if target == b"*":
+        return ("*", "") if method == b"OPTIONS" else None
+    scheme = target[:8].lower()
+    if scheme.startswith((b"http://", b"https://")):
+        parts = urlsplit(target.decode("latin-1"))
+        if not parts.netloc:
+            return None
+        return parts.path or "/", parts.query
+    return None
+
+
+def error_body(message: str, **extra: object) -> bytes:
+    """The small JSON body of an error response."""
+    return orjson.dumps({"error": message, **extra})
+
+
+def raw_error_response(status: int, body: bytes, date: bytes, *, head: bool = False) -> bytes:
+    """A complete ``connection: close`` error response, written without h11.
+
+    Used when the connection closes right after the response, so h11's state
+    (which may already be ERROR) does not matter.
+    """
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"")),
+            b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+            b"connection: close\r\ndate: %s\r\n\r\n" % date,
+            b"" if head else body,
+        )
+    )
+
+
+class _RejectedError(Exception):
+    """Internal: the request is refused with ``status`` and the connection closes."""
+
+    def __init__(self, status: int, message: str, **extra: object) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+class ServerConnection:
+    """Serves the requests of one accepted socket stream; see the module rules."""
+
+    __slots__ = (
+        "_ahead",
+        "_client",
+        "_ctx",
+        "_data_ready",
+        "_discard",
+        "_dispatching",
+        "_eof",
+        "_h11",
+        "_idle_scope",
+        "_local",
+        "_reader_done",
+        "_reader_wakeup",
+        "_scope",
+        "stream",
+    )
+
+    def __init__(self, ctx: ConnectionContext, stream: anyio.abc.SocketStream) -> None:
+        self._ctx = ctx
+        self.stream = stream
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=ctx.max_header_bytes)
+        # anyio leaves remote_address out when the peer already reset the connection.
+        self._client = _host_port(stream.extra(anyio.abc.SocketAttribute.remote_address, None))
+        self._local = _host_port(stream.extra(anyio.abc.SocketAttribute.local_address, None))
+        self._scope: anyio.CancelScope | None = None
+        self._dispatching = False
+        self._eof = False
+        self._discard = False
+        self._reader_done = False
+        self._ahead = 0
+        self._data_ready: anyio.Event | None = None
+        self._reader_wakeup: anyio.Event | None = None
+        self._idle_scope: anyio.CancelScope | None = None
+
+    def close_if_idle(self) -> None:
+        """Close the connection now if it is waiting for a new request (server shutdown)."""
+        if self._idle_scope is not None:
+            self._idle_scope.cancel()
+
+    async def run(self) -> None:
+        """Serve requests until the connection is done, then close the stream."""
+        # Why a per-connection reader task instead of a watcher per request: it
+        # keeps the hot path free of task and task-group creation. A request
+        # costs one wake-up of this task by the reader; the only per-request
+        # objects are h11's events, the Request, the response headers and one
+        # timeout scope while waiting for the next request.
+        try:
+            async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
+                tg.start_soon(self._read_loop)
+                try:
+                    await self._serve()
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            await self.stream.aclose()
+
+    # ---------------------------------------------------------------- handler
+
+    async def _serve(self) -> None:
+        conn = self._h11
+        dispatch = self._ctx.dispatch
+        while True:
+            try:
+                request = await self._read_request()
+            except _RejectedError as reject:
+                await self._reject(reject)
+                return
+            if request is None:
+                return
+            if self._eof:
+                # The peer's EOF means it is gone (see the module rules); a
+                # request that was complete before it is dropped, not dispatched.
+                _log.debug("client disconnected before dispatch", client=self._client)
+                return
+            self._dispatching = True
+            try:
+                response = await dispatch(request)
+            except Exception:
+                response = _internal_error("app dispatch raised", request)
+            finally:
+                self._dispatching = False
+            if not await self._respond(request, response):
+                return
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+            else:
+                await self._linger()
+                return
+
+    async def _read_request(self) -> Request | None:
+        """The next complete request, or ``None`` when the connection should close."""
+        conn = self._h11
+        ctx = self._ctx
+        head: h11.Request | None = None
+        headers: list[tuple[bytes, bytes]] = []
+        path = query = ""
+        parts: list[bytes] = []
+        body_size = 0
+        head_deadline: float | None = None
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _reject_for(exc) from None
+            if event is h11.NEED_DATA:
+                if head is None:
+                    if head_deadline is None:
+                        if not conn.trailing_data[0]:
+                            if ctx.closing or not await self._wait_for_bytes(
+                                ctx.keepalive_timeout_s, idle=True
+                            ):
+                                return None
+                            continue
+                        head_deadline = anyio.current_time() + ctx.header_timeout_s
+                    timeout = head_deadline - anyio.current_time()
+                else:
+                    if conn.they_are_waiting_for_100_continue and not await self._continue():
+                        return None
+                    timeout = ctx.header_timeout_s
+                if not await self._wait_for_bytes(timeout):
+                    if self._reader_done:
+                        return None
+                    raise _RejectedError(408, "request timeout")
+                continue
+            if type(event) is h11.Data:
+                body_size += len(event.data)
+                if body_size > ctx.max_body_bytes:
+                    raise _RejectedError(413, "request body too large", limit=ctx.max_body_bytes)
+                parts.append(event.data)
+            elif type(event) is h11.Request:
+                head = event
+                headers = list(event.headers)
+                path, query = self._check_head(event, headers)
+            elif type(event) is h11.EndOfMessage:
+                if head is None:  # pragma: no cover - h11 never ends a message it did not start
+                    return None
+                return Request(
+                    method=_METHODS.get(head.method) or head.method.decode("ascii"),
+                    path=path,
+                    query=query,
+                    headers=headers,
+                    body=b"".join(parts) if len(parts) != 1 else parts[0],
+                    http_version=_VERSIONS.get(head.http_version)
+                    or head.http_version.decode("ascii"),
+                    scheme="http",
+                    client=self._client,
+                    server=self._local,
+                )
+            else:
+                # ConnectionClosed. PAUSED cannot happen: a cycle starts after its response.
+                return None
+
+    def _check_head(
+        self, event: h11.Request, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[str, str]:
+        ctx = self._ctx
+        size = len(event.method) + len(event.target) + _REQUEST_LINE_OVERHEAD
+        length: bytes | None = None
+        expect: bytes | None = None
+        for name, value in headers:
+            size += len(name) + len(value) + _HEADER_LINE_OVERHEAD
+            if name == b"content-length":
+                length = value
+            elif name == b"expect":
+                expect = value
+        if size > ctx.max_header_bytes:
+            raise _RejectedError(431, "request header block too large", limit=ctx.max_header_bytes)
+        split = split_target(event.method, event.target)
+        if split is None:
+            raise _RejectedError(400, "invalid request target")
+        # h11 handles 100-continue (and ignores it in HTTP/1.0, as RFC 9110 asks).
+        if expect is not None and expect.lower() != b"100-continue":
+            raise _RejectedError(417, "unsupported expectation")
+        # h11 has validated the digits; comparing the length first avoids
+        # converting an absurdly long number.
+        if length is not None and (
+            len(length) > ctx.max_body_digits or int(length) > ctx.max_body_bytes
+        ):
+            raise _RejectedError(413, "request body too large", limit=ctx.max_body_bytes)
+        return split
+
+    async def _wait_for_bytes(self, timeout: float, *, idle: bool = False) -> bool:
+        """Wait until the reader has fed h11 more bytes; ``False`` on timeout or shutdown."""
+        if self._reader_done:
+            return False
+        self._ahead = 0
+        ready = self._data_ready = anyio.Event()
+        wakeup = self._reader_wakeup
+        if wakeup is not None:
+            wakeup.set()
+        with anyio.move_on_after(timeout) as scope:
+            if idle:
+                self._idle_scope = scope
+            try:
+                await ready.wait()
+            finally:
+                self._idle_scope = None
+        self._data_ready = None
+        return ready.is_set()
+
+    async def _continue(self) -> bool:
+        """Send ``100 Continue``; ``False`` if the peer is gone."""
+        event = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+        try:
+            await self.stream.send(self._h11.send(event))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return False
+        return True
+
+    async def _respond(self, request: Request, response: Response) -> bool:
+        """Send the response; ``False`` if the peer is gone."""
+        try:
+            head, body = self._encode(request, response)
+        except (h11.LocalProtocolError, UnicodeError, ValueError, TypeError) as exc:
+            fallback = _internal_error("app response cannot be sent", request, error=str(exc))
+            head, body = self._encode(request, fallback)
+        try:
+            if body and len(body) <= _COALESCE_MAX:
+                await self.stream.send(head + body)
+            else:
+                await self.stream.send(head)
+                if body:
+                    await self.stream.send(body)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return False
+        return True
+
+    def _encode(self, request: Request, response: Response) -> tuple[bytes, bytes]:
+        """Response head bytes and the body to send, through h11's state machine."""
+        status = response.status
+        if status < 200:
+            raise ValueError(f"the app returned status {status}; a final response needs 200..599")
+        body = response.body
+        declared: bytes | None = None
+        headers: list[tuple[bytes, bytes]] = [(b"date", self._ctx.dates.current())]
+        for name, value in response.headers:
+            lname = name.lower()
+            # The server frames every body itself; an app-given length is kept
+            # only where no body follows (HEAD, 304).
+            if lname == "content-length":
+                declared = value.encode("ascii")
+            elif lname == "date":
+                headers[0] = (b"date", value.encode("latin-1"))
+            elif lname != "transfer-encoding":
+                headers.append((name.encode("ascii"), value.encode("latin-1")))
+        if status == 204:
+            body = b""
+        elif status == 304:
+            body = b""
+            if declared is not None:
+                headers.append((b"content-length", declared))
+        elif request.method == "HEAD":
+            length = b"%d" % len(body) if body or declared is None else declared
+            headers.append((b"content-length", length))
+            body = b""
+        else:
+            headers.append((b"content-length", b"%d" % len(body)))
+        if self._ctx.closing:
+            headers.append((b"connection", b"close"))
+        event = h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
+        conn = self._h11
+        head = conn.send(event)
+        if body:
+            conn.send(h11.Data(data=body))
+        conn.send(h11.EndOfMessage())
+        return head, body
+
+    async def _reject(self, reject: _RejectedError) -> None:
+        _log.debug(
+            "request rejected",
+            status=reject.status,
+            reason=reject.message,
+            client=self._client,
+        )
+        body = error_body(reject.message, **reject.extra)
+        data = raw_error_response(reject.status, body, self._ctx.dates.current())
+        try:
+            await self.stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return
+        await self._linger()
+
+    async def _linger(self) -> None:
+        """Half-close, then discard input until the peer's EOF (bounded)."""
+        self._discard = True
+        wakeup = self._reader_wakeup
+        if wakeup is not None:
+            wakeup.set()
+        if self._reader_done:
+            return
+        try:
+            await self.stream.send_eof()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return
+        # In discard mode the reader sets this event only when it stops.
+        ready = self._data_ready = anyio.Event()
+        if not self._reader_done:
+            with anyio.move_on_after(_LINGER_TIMEOUT_S):
+                await ready.wait()
+
+    # ----------------------------------------------------------------- reader
+
+    async def _read_loop(self) -> None:
+        receive = self.stream.receive
+        feed = self._h11.receive_data
+        limit = self._ctx.max_pipelined
+        discarded = 0
+        try:
+            while True:
+                if not self._discard and self._ahead >= limit and self._data_ready is None:
+                    wakeup = self._reader_wakeup = anyio.Event()
+                    await wakeup.wait()
+                    self._reader_wakeup = None
+                    continue
+                try:
+                    data = await receive(_READ_SIZE)
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    data = b""
+                if self._discard:
+                    discarded += len(data)
+                    if data and discarded <= _LINGER_MAX_BYTES:
+                        continue
+                    return
+                if not data:
+                    self._eof = True
+                    feed(b"")
+                    if self._dispatching and self._scope is not None:
+                        _log.debug("client disconnected during dispatch", client=self._client)
+                        self._scope.cancel()
+                    return
+                self._ahead += len(data)
+                feed(data)
+                ready = self._data_ready
+                if ready is not None:
+                    ready.set()
+        except anyio.ClosedResourceError:
+            return
+        finally:
+            self._reader_done = True
+            ready = self._data_ready
+            if ready is not None:
+                ready.set()
+
+
+def _host_port(address: object) -> tuple[str, int] | None:
+    # IPv6 socket addresses carry flow info and scope id after (host, port).
+    if isinstance(address, tuple) and len(address) >= 2:
+        return str(address[0]), int(address[1])
+    return None
+
+
+def _reject_for(exc: h11.RemoteProtocolError) -> _RejectedError:
+    status = exc.error_status_hint
+    if status == 431:
+        return _RejectedError(431, "request header block too large")
+    if status == 501:
+        return _RejectedError(501, "not implemented", detail=str(exc)[:_DETAIL_MAX])
+    return _RejectedError(status, "malformed request", detail=str(exc)[:_DETAIL_MAX])
+
+
+def _internal_error(what: str, request: Request, *, error: str | None = None) -> Response:
+    """A 500 whose ``error_id`` is logged with ``what`` (and the exception being handled)."""
+    error_id = secrets.token_hex(8)
+    if error is None:
+        _log.exception(what, error_id=error_id, method=request.method, path=request.path)
+    else:
+        _log.error(what, error_id=error_id, method=request.method, path=request.path, error=error)
+    return Response.json({"error": "internal server error", "error_id": error_id}, status=500)

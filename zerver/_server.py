@@ -1,0 +1,537 @@
+"""The HTTP/1.1 server shell: listening, graceful shutdown, signals and worker processes.
+
+One connection's protocol handling lives in :mod:`zerver._connection`; this
+module accepts connections, runs the app's lifespan around them and stops
+gracefully:
+
+1. stop accepting and close the listening socket;
+2. close idle keep-alive connections at once; busy ones answer their current
+   request with ``connection: close`` and then close;
+3. after ``shutdown_timeout_s``, cancel whatever is still running;
+4. exit the app's lifespan (which drains jobs and flushes telemetry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import functools
+import importlib
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from multiprocessing.connection import Connection as Pipe
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Protocol, TypeGuard
+
+import anyio
+import anyio.abc
+import structlog
+from anyio.streams.stapled import MultiListener
+
+from ._connection import ConnectionContext, ServerConnection
+from ._errors import ConfigError, UsageError
+from ._http import Request, Response
+
+if TYPE_CHECKING:
+    from ._config import Settings
+
+__all__ = ["ServerApp", "ServerConfig", "run", "serve", "serve_from_settings"]
+
+_log: structlog.typing.FilteringBoundLogger = structlog.get_logger("zerver.server")
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Back-off after a failed accept (EMFILE and friends) so the loop cannot spin.
+_ACCEPT_BACKOFF_S = 0.1
+_PEER_ERRNOS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO})
+# How much longer than a worker's own shutdown deadline the parent waits before SIGKILL.
+_KILL_GRACE_S = 5.0
+
+
+class ServerApp(Protocol):
+    """What the server needs from an application (``zerver.App`` implements it)."""
+
+    def lifespan(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Start the runtime; on exit drain jobs and flush telemetry."""
+        ...
+
+    async def dispatch(self, request: Request) -> Response:
+        """Answer one request. Must not raise for app errors (it returns 500 itself)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """Listening address, limits and timeouts of the HTTP server.
+
+    ``max_pipelined`` bounds read-ahead: the bytes read past the request being
+    answered (pipelined requests) before the server stops reading the socket.
+    ``reuse_port`` sets ``SO_REUSEPORT`` so several processes can share the
+    port; :func:`run` sets it for ``workers > 1``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_header_bytes: int = 16 * 1024
+    max_body_bytes: int = 1024 * 1024
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 5.0
+    shutdown_timeout_s: float = 10.0
+    backlog: int = 2048
+    max_pipelined: int = 64 * 1024
+    reuse_port: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"ServerConfig.port must be 0..65535, got {self.port}")
+        for name in ("max_header_bytes", "backlog", "max_pipelined"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"ServerConfig.{name} must be at least 1, got {value}")
+        if self.max_body_bytes < 0:
+            raise ConfigError(
+                f"ServerConfig.max_body_bytes must be 0 or more, got {self.max_body_bytes}"
+            )
+        for name in ("header_timeout_s", "keepalive_timeout_s", "shutdown_timeout_s"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"ServerConfig.{name} must be greater than 0, got {value}")
+
+
+async def serve(
+    app: ServerApp,
+    config: ServerConfig,
+    *,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+    shutdown: anyio.Event | None = None,
+) -> None:
+    """Serve ``app`` over HTTP/1.1 until ``shutdown`` is set, then stop gracefully.
+
+    Binds ``config.host:config.port`` (port 0 picks a free port; a port that
+    cannot be bound raises :class:`~zerver.ConfigError`), enters
+    ``app.lifespan()``, and reports the bound port through ``task_status``
+    once connections are being accepted. Returns after the graceful shutdown
+    described in this module's docstring, lifespan exit included.
+    """
+    if shutdown is None:
+        shutdown = anyio.Event()
+    try:
+        listener = await anyio.create_tcp_listener(
+            local_host=config.host,
+            local_port=config.port,
+            backlog=config.backlog,
+            reuse_port=config.reuse_port,
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
+    async with listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        server = _Server(app, config)
+        async with app.lifespan():
+            await server.run(listener, shutdown, task_status, port)
+    _log.info("server stopped", host=config.host, port=port, pid=os.getpid())
+
+
+class _Server:
+    """The accept loops and the set of live connections of one :func:`serve` call."""
+
+    __slots__ = ("_config", "_connections", "_ctx", "_drained")
+
+    def __init__(self, app: ServerApp, config: ServerConfig) -> None:
+        self._config = config
+        self._ctx = ConnectionContext(
+            app.dispatch,
+            max_header_bytes=config.max_header_bytes,
+            max_body_bytes=config.max_body_bytes,
+            header_timeout_s=config.header_timeout_s,
+            keepalive_timeout_s=config.keepalive_timeout_s,
+            max_pipelined=config.max_pipelined,
+        )
+        self._connections: set[ServerConnection] = set()
+        self._drained: anyio.Event | None = None
+
+    async def run(
+        self,
+        listener: MultiListener[anyio.abc.SocketStream],
+        shutdown: anyio.Event,
+        task_status: anyio.abc.TaskStatus[int],
+        port: int,
+    ) -> None:
+        config = self._config
+        try:
+            async with anyio.create_task_group() as connections:
+                async with anyio.create_task_group() as acceptors:
+                    for sub in listener.listeners:
+                        if isinstance(sub, anyio.abc.SocketListener):
+                            acceptors.start_soon(self._accept_loop, sub, connections)
+                    _log.info("server started", host=config.host, port=port, pid=os.getpid())
+                    task_status.started(port)
+                    await shutdown.wait()
+                    acceptors.cancel_scope.cancel()
+                await listener.aclose()
+                _log.info("server shutting down", connections=len(self._connections))
+                await self._drain(connections.cancel_scope)
+        finally:
+            # A handler cancelled before its first step never closed its stream.
+            with anyio.CancelScope(shield=True):
+                for conn in list(self._connections):
+                    await conn.stream.aclose()
+
+    async def _drain(self, scope: anyio.CancelScope) -> None:
+        self._ctx.closing = True
+        drained = self._drained = anyio.Event()
+        for conn in list(self._connections):
+            conn.close_if_idle()
+        if not self._connections:
+            return
+        with anyio.move_on_after(self._config.shutdown_timeout_s):
+            await drained.wait()
+        if self._connections:
+            _log.warning(
+                "shutdown timeout; cancelling requests in flight",
+                connections=len(self._connections),
+                timeout_s=self._config.shutdown_timeout_s,
+            )
+            scope.cancel()
+
+    async def _accept_loop(
+        self,
+        listener: anyio.abc.SocketListener,
+        connections: anyio.abc.TaskGroup,
+    ) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _PEER_ERRNOS:
+                    # The peer gave up between connecting and being accepted.
+                    _log.debug("accept failed", error=str(exc))
+                    continue
+                # Out of file descriptors or memory (or worse): keep serving the
+                # open connections and retry shortly instead of crashing or spinning.
+                _log.error("accept failed", error=str(exc), errno=exc.errno)
+                await anyio.sleep(_ACCEPT_BACKOFF_S)
+                continue
+            conn = ServerConnection(self._ctx, stream)
+            self._connections.add(conn)
+            connections.start_soon(self._handle, conn)
+
+    async def _handle(self, conn: ServerConnection) -> None:
+        try:
+            await conn.run()
+        except Exception:
+            _log.exception("connection failed")
+        finally:
+            self._connections.discard(conn)
+            if self._drained is not None and not self._connections:
+                self._drained.set()
+
+
+# ------------------------------------------------------------------ processes
+
+
+def run(
+    app: ServerApp | str,
+    config: ServerConfig,
+    workers: int = 1,
+    *,
+    on_started: Callable[[int], object] | None = None,
+    worker_init: Callable[[], object] | None = None,
+) -> int:
+    """Serve until SIGTERM or SIGINT, shut down gracefully and return the exit code.
+
+    ``app`` is an app object or an import string ``module:attr`` (``attr`` may
+    be a function returning the app). With ``workers > 1`` the app must be an
+    import string: that many processes, each importing it, share the port
+    through ``SO_REUSEPORT``; this process supervises them, forwards
+    SIGTERM/SIGINT and returns 0 only if every worker exited with 0.
+
+    ``on_started(port)`` is called in this process once every worker accepts
+    connections (useful with port 0). ``worker_init()`` runs first in each
+    worker process (for example to configure logging); it must be picklable.
+    Raises :class:`~zerver.UsageError` for a bad app or worker count and
+    :class:`~zerver.ConfigError` when the address cannot be bound.
+    """
+    if workers < 1:
+        raise UsageError(f"workers must be 1 or more, got {workers}")
+    if workers == 1:
+        loaded = load_app(app) if isinstance(app, str) else app
+        anyio.run(_serve_until_signalled, loaded, config, on_started, None)
+        return 0
+    if not isinstance(app, str):
+        raise UsageError(
+            "workers > 1 needs the app as an import string 'module:attr' "
+            f"so that each worker process can import it, got {app!r}"
+        )
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise UsageError("workers > 1 needs SO_REUSEPORT, which this platform lacks")
+    with _reserve_port(config.host, config.port) as port:
+        shared = dataclasses.replace(config, port=port, reuse_port=True)
+        supervisor = _Supervisor(app, shared, workers, on_started, worker_init)
+        return anyio.run(supervisor.run)
+
+
+def serve_from_settings(target: str, settings: Settings, *, workers: int = 1) -> int:
+    """Run the app named ``target`` with the server part of ``settings`` (the CLI's entry).
+
+    A configuration or usage error (such as a port that cannot be bound) is
+    printed as one line on stderr and gives exit code 2.
+    """
+    from ._logging import configure_logging
+
+    init = functools.partial(configure_logging, settings.log_format, settings.log_level)
+    try:
+        config = ServerConfig(
+            host=settings.host,
+            port=settings.port,
+            max_header_bytes=settings.max_header_bytes,
+            max_body_bytes=settings.max_body_bytes,
+            header_timeout_s=settings.header_timeout_s,
+            keepalive_timeout_s=settings.keepalive_timeout_s,
+            shutdown_timeout_s=settings.shutdown_timeout_s,
+        )
+        return run(target, config, workers, worker_init=init)
+    except (ConfigError, UsageError) as exc:
+        print(f"zerver: {exc}", file=sys.stderr)
+        return 2
+
+
+def load_app(target: str) -> ServerApp:
+    """Import ``module:attr``; a callable that is not an app is called to make one."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"app must be given as module:attribute, got {target!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import module {module_name!r}: {exc}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not _is_app(obj) and callable(obj):
+        obj = obj()
+    if not _is_app(obj):
+        raise UsageError(f"{target} is {obj!r}, which has no lifespan() and dispatch()")
+    return obj
+
+
+def _is_app(obj: object) -> TypeGuard[ServerApp]:
+    # A class has these methods too, but it is a factory, not an app.
+    return (
+        not isinstance(obj, type)
+        and callable(getattr(obj, "dispatch", None))
+        and callable(getattr(obj, "lifespan", None))
+    )
+
+
+class _Reporter:
+    """A task status that forwards the bound port to a callback."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[int], object] | None) -> None:
+        self._callback = callback
+
+    def started(self, value: int | None = None) -> None:
+        if self._callback is not None and value is not None:
+            self._callback(value)
+
+
+async def _serve_until_signalled(
+    app: ServerApp,
+    config: ServerConfig,
+    on_started: Callable[[int], object] | None,
+    parent_sentinel: int | None,
+) -> None:
+    shutdown = anyio.Event()
+    with anyio.open_signal_receiver(*_SIGNALS) as signals:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_shutdown_on_signal, signals, shutdown)
+            if parent_sentinel is not None:
+                tg.start_soon(_shutdown_when_parent_exits, parent_sentinel, shutdown)
+            await serve(app, config, task_status=_Reporter(on_started), shutdown=shutdown)
+            tg.cancel_scope.cancel()
+
+
+async def _shutdown_on_signal(signals: AsyncIterator[int], shutdown: anyio.Event) -> None:
+    async for signum in signals:
+        if shutdown.is_set():
+            # Shutdown is already bounded by shutdown_timeout_s; a second signal
+            # (e.g. SIGINT from the terminal and again from the parent) changes nothing.
+            _log.info("signal ignored; already shutting down", signal=signal.Signals(signum).name)
+            continue
+        _log.info("signal received; shutting down", signal=signal.Signals(signum).name)
+        shutdown.set()
+
+
+async def _shutdown_when_parent_exits(sentinel: int, shutdown: anyio.Event) -> None:
+    await anyio.wait_readable(sentinel)
+    _log.warning("parent process exited; shutting down")
+    shutdown.set()
+
+
+@contextlib.contextmanager
+def _reserve_port(host: str, port: int) -> Iterator[int]:
+    """Bind (without listening) a ``SO_REUSEPORT`` socket so that every worker gets one port.
+
+    A bound socket that does not listen receives no connections, but it pins
+    the port for the workers' reuse-port group even when ``port`` is 0.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
+    with sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
+        yield int(sock.getsockname()[1])
+
+
+def _worker_main(
+    target: str, config: ServerConfig, ready: Pipe, init: Callable[[], object] | None
+) -> None:
+    """Entry point of a worker process (spawned, so everything arrives pickled)."""
+    if init is not None:
+        init()
+    app = load_app(target)
+    parent = multiprocessing.parent_process()
+
+    def report(port: int) -> None:
+        ready.send(port)
+        ready.close()
+
+    anyio.run(_serve_until_signalled, app, config, report, parent.sentinel if parent else None)
+
+
+@dataclasses.dataclass(slots=True)
+class _Worker:
+    process: BaseProcess
+    ready: Pipe
+    is_ready: bool = False
+
+
+class _Supervisor:
+    """Starts the worker processes, forwards signals and collects exit codes."""
+
+    def __init__(
+        self,
+        target: str,
+        config: ServerConfig,
+        count: int,
+        on_started: Callable[[int], object] | None,
+        init: Callable[[], object] | None,
+    ) -> None:
+        self._target = target
+        self._config = config
+        self._count = count
+        self._on_started = on_started
+        self._init = init
+        self._workers: list[_Worker] = []
+        self._stop: anyio.Event
+        self._exited: anyio.Event
+        self._alive = 0
+        self._failed = False
+        self._signal = signal.SIGTERM
+
+    async def run(self) -> int:
+        self._stop = anyio.Event()
+        self._exited = anyio.Event()
+        with anyio.open_signal_receiver(*_SIGNALS) as signals:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._forward_signals, signals)
+                try:
+                    self._start_workers(tg)
+                    await self._stop.wait()
+                    self._signal_workers()
+                    with anyio.move_on_after(self._config.shutdown_timeout_s + _KILL_GRACE_S):
+                        await self._exited.wait()
+                    for worker in self._workers:
+                        if worker.process.exitcode is None:
+                            _log.error("worker did not stop; killing it", pid=worker.process.pid)
+                            worker.process.kill()
+                    await self._exited.wait()
+                finally:
+                    tg.cancel_scope.cancel()
+        codes = [w.process.exitcode for w in self._workers]
+        _log.info("workers stopped", exit_codes=codes)
+        return 0 if not self._failed and all(code == 0 for code in codes) else 1
+
+    def _start_workers(self, tg: anyio.abc.TaskGroup) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        for index in range(self._count):
+            receiver, sender = ctx.Pipe(duplex=False)
+            process = ctx.Process(
+                target=_worker_main,
+                args=(self._target, self._config, sender, self._init),
+                name=f"zerver-worker-{index + 1}",
+            )
+            process.start()
+            sender.close()
+            worker = _Worker(process, receiver)
+            self._workers.append(worker)
+            self._alive += 1
+            tg.start_soon(self._watch, worker)
+        _log.info("workers started", workers=self._count, port=self._config.port)
+
+    async def _watch(self, worker: _Worker) -> None:
+        process = worker.process
+        try:
+            await anyio.wait_readable(worker.ready)
+            worker.ready.recv()
+        except EOFError:
+            pass  # it exited before listening; its exit code tells why
+        else:
+            worker.is_ready = True
+            if self._stop.is_set():
+                self._kill(process, self._signal)
+            elif all(w.is_ready for w in self._workers):
+                _log.info("all workers ready", port=self._config.port)
+                if self._on_started is not None:
+                    self._on_started(self._config.port)
+        finally:
+            worker.ready.close()
+        await anyio.wait_readable(process.sentinel)
+        process.join()
+        self._alive -= 1
+        if not self._stop.is_set():
+            _log.error("worker exited unexpectedly", pid=process.pid, exit_code=process.exitcode)
+            self._failed = True
+            self._stop.set()
+        if self._alive == 0:
+            self._exited.set()
+
+    async def _forward_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            _log.info("signal received; stopping workers", signal=signal.Signals(signum).name)
+            self._signal = signal.Signals(signum)
+            if self._stop.is_set():
+                self._signal_workers()
+            self._stop.set()
+
+    def _signal_workers(self) -> None:
+        # Only workers that are listening have their signal handlers in place;
+        # the others are signalled when they report ready (see _watch).
+        for worker in self._workers:
+            if worker.is_ready:
+                self._kill(worker.process, self._signal)
+
+    @staticmethod
+    def _kill(process: BaseProcess, signum: signal.Signals) -> None:
+        if process.pid is not None and process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
