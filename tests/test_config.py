@@ -29,6 +29,7 @@ CASES: dict[str, tuple[str, object, str, object, str | None, str | None]] = {
     "ZER_VER_PROMOTE_QUEUE_MS": ("promote_queue_ms", 5.0, "2.5", 2.5, "-1", ">= 0"),
     "ZER_VER_PROMOTE_PARK_MS": ("promote_park_ms", 5.0, "0", 0.0, "fast", "a number"),
     "ZER_VER_DEBUG_JOBS": ("debug_jobs", False, "1", True, "yes", "0, 1, true, false"),
+    "ZER_VER_OTEL_CONTEXT": ("otel_context", True, "0", False, "on", "0, 1, true, false"),
     "ZER_VER_EXPORT_JOB_DEPTH": ("export_job_depth", False, "true", True, "2", "0, 1, true"),
     "ZER_VER_SEMCONV": ("semconv", None, "NEW", "new", "both", "'old', 'new' or 'dup'"),
     "ZER_VER_METRICS_VIEW_ROUTE_P95_WINDOW": (

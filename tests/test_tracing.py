@@ -316,3 +316,41 @@ async def test_route_p95_promotes_outliers_without_threshold() -> None:
     # outlier is promoted too. Before MIN_SAMPLES nothing is promoted.
     assert sink.traces[0] not in promoted
     assert sink.traces[-1] in promoted
+
+
+async def test_otel_api_spans_nest_under_the_step_span() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("user")
+    app, fake, sink = build_app()
+    fake.on("db.get t", result=1)
+
+    @step
+    def work(ctx: Context) -> Need:
+        with tracer.start_as_current_span("user.compute"):
+            pass
+        return Need(DbGet(table="t", key="k"), then=finish)
+
+    @step
+    def finish(ctx: Context) -> Done:
+        with tracer.start_as_current_span("user.render"):
+            pass
+        return Done(Response.text("ok"))
+
+    app.get("/u", work)
+    async with AppClient(app) as c:
+        await c.get("/u")
+    spans = by_name(list(sink.traces[-1]))
+    user = {s.name: s for s in exporter.get_finished_spans()}
+    compute, render = user["user.compute"], user["user.render"]
+    assert compute.context is not None and compute.parent is not None
+    assert compute.context.trace_id == spans["step.work"].trace_id
+    assert compute.parent.span_id == spans["step.work"].span_id
+    assert render.parent is not None
+    assert render.parent.span_id == spans["step.finish.resume"].span_id
+    provider.shutdown()

@@ -88,6 +88,7 @@ class App:
         self._rng = rng if rng is not None else random.Random()
         self._started = False
         self._default_interpreters()
+        self._otel_context = self.settings.otel_context
         self._on_startup: list[Callable[[App], Awaitable[None]]] = []
 
     # -- building -----------------------------------------------------------------
@@ -250,6 +251,7 @@ class App:
     def _start_record(self, request: Request) -> RequestRecord:
         rng = self._rng
         record = RequestRecord(self.clock, rng)
+        record.otel_context = self._otel_context
         record.method = request.method
         record.path = request.path
         record.query = request.query

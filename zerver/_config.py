@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     promote_queue_ms: float = Field(5.0, ge=0)
     promote_park_ms: float = Field(5.0, ge=0)
     debug_jobs: bool = False
+    otel_context: bool = True
     export_job_depth: bool = False
     semconv: Literal["old", "new", "dup"] | None = None
     metrics_view_route_p95_window: str = "60s"
@@ -90,7 +91,7 @@ class Settings(BaseSettings):
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
 
-    @field_validator("access_log", "debug_jobs", "export_job_depth", mode="before")
+    @field_validator("access_log", "debug_jobs", "export_job_depth", "otel_context", mode="before")
     @classmethod
     def _strict_bool(cls, v: Any) -> Any:
         return parse_bool(v)

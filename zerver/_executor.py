@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import anyio
+from opentelemetry import context as otel_context
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
 from ._decisions import Continue, Decision, Done, Fail, Mode, Need
 from ._errors import EffectError, ZerverError
@@ -26,7 +28,15 @@ if TYPE_CHECKING:
     from ._slots import Context
     from ._steps import Step
 
-__all__ = ["Executor", "PipelineError"]
+__all__ = ["Executor", "PipelineError", "attach_span"]
+
+
+def attach_span(record: RequestRecord, span_id: int) -> object:
+    """Make ``span_id`` of the request's trace the current OpenTelemetry span."""
+    span = NonRecordingSpan(
+        SpanContext(record.trace_id, span_id, False, TraceFlags(record.trace_flags & 0xFF))
+    )
+    return otel_context.attach(set_span_in_context(span))
 
 
 class PipelineError(ZerverError):
@@ -61,6 +71,8 @@ def call_step(
     """Run one step, recording its decision; a raising step becomes a PipelineError."""
     record.current_step = sr.index
     ctx.step_name = step.name
+    # Spans made through the OpenTelemetry API inside the step nest under its span.
+    token = attach_span(record, sr.span_id) if record.otel_context else None
     try:
         decision = step.fn(ctx)
     except Exception as exc:
@@ -74,6 +86,8 @@ def call_step(
         return err
     finally:
         record.current_step = None
+        if token is not None:
+            otel_context.detach(token)
     sr.end_ts = record.clock.now_ns()
     kind = getattr(decision, "kind", None)
     if kind is None:

@@ -285,6 +285,7 @@ class RequestRecord:
         "ids",
         "jobs",
         "method",
+        "otel_context",
         "params",
         "parent_remote",
         "parent_span_id",
@@ -321,6 +322,8 @@ class RequestRecord:
         self.parent_span_id = 0
         self.parent_remote = False
         self.trace_flags = 0x01
+        # Whether steps run with their span as the current OpenTelemetry span.
+        self.otel_context = False
         self.start_ts = clock.now_ns()
         self.start_wall_ns = clock.wall_ns()
         self.end_ts: int | None = None
