@@ -11,10 +11,12 @@ up once per need, with the continuation's decision in hand.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import Token
 from typing import TYPE_CHECKING
 
 import anyio
 from opentelemetry import context as otel_context
+from opentelemetry.context import Context as OtelContext
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
 from ._decisions import Continue, Decision, Done, Fail, Mode, Need
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["Executor", "PipelineError", "attach_span"]
 
 
-def attach_span(record: RequestRecord, span_id: int) -> object:
+def attach_span(record: RequestRecord, span_id: int) -> Token[OtelContext]:
     """Make ``span_id`` of the request's trace the current OpenTelemetry span."""
     span = NonRecordingSpan(
         SpanContext(record.trace_id, span_id, False, TraceFlags(record.trace_flags & 0xFF))
