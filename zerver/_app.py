@@ -18,6 +18,7 @@ from ._executor import Executor, PipelineError
 from ._http import Request, Response
 from ._jobs import JobSystem
 from ._promotion import Promoter
+from ._propagation import extract_into, propagation_fields
 from ._records import RequestRecord, StepRecord, Subscriber
 from ._routing import Match, NotAllowed, Route, Router
 from ._semconv import SemConv
@@ -34,21 +35,10 @@ __all__ = ["App"]
 
 _log = structlog.get_logger("zerver")
 
-_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-_ZERO_TRACE = "0" * 32
-_ZERO_SPAN = "0" * 16
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 _NOT_FOUND = b'{"error":"not found"}'
 _JSON = ("content-type", "application/json")
-
-
-def _parse_traceparent(value: str) -> tuple[str, str, str] | None:
-    """(trace id, parent id, flags) of a valid W3C ``traceparent`` (version 00), else ``None``."""
-    m = _TRACEPARENT.match(value)
-    if m is None or m.group(1) == _ZERO_TRACE or m.group(2) == _ZERO_SPAN:
-        return None
-    return m.group(1), m.group(2), m.group(3)
 
 
 class App:
@@ -89,6 +79,7 @@ class App:
         self._started = False
         self._default_interpreters()
         self._otel_context = self.settings.otel_context
+        self._prop_fields = propagation_fields()
         self._on_startup: list[Callable[[App], Awaitable[None]]] = []
 
     # -- building -----------------------------------------------------------------
@@ -263,30 +254,26 @@ class App:
         if request.server is not None:
             record.server_address, record.server_port = request.server
         request_id: str | None = None
+        fields = self._prop_fields
+        carrier: dict[str, list[str]] | None = None
         for k, v in request.headers:
             if k == b"host":
                 record.host = v.decode("latin-1")
             elif k == b"user-agent":
                 record.user_agent = v.decode("latin-1")
-            elif k == b"traceparent":
-                tp = v.decode("latin-1").strip()
-                m = _parse_traceparent(tp)
-                if m is not None and record.traceparent is None:
-                    record.traceparent = tp
-                    request_id = m[0]
-                    record.trace_id = int(m[0], 16)
-                    record.parent_span_id = int(m[1], 16)
-                    record.trace_flags = int(m[2], 16) & 0xFF
-                    record.parent_remote = True
-            elif k == b"tracestate":
-                ts = v.decode("latin-1")
-                record.tracestate = f"{record.tracestate},{ts}" if record.tracestate else ts
-            elif k == b"x-request-id" and request_id is None:
+            elif k in fields:
+                if carrier is None:
+                    carrier = {}
+                carrier.setdefault(k.decode("latin-1"), []).append(v.decode("latin-1"))
+            elif k == b"x-request-id":
                 rid = v.decode("latin-1").strip()
                 if _REQUEST_ID_OK.match(rid):
                     request_id = rid
-        if record.traceparent is None:
-            record.tracestate = None
+        if carrier is not None:
+            extract_into(record, carrier)
+        if record.parent_remote:
+            request_id = f"{record.trace_id:032x}"
+        else:
             record.trace_id = rng.getrandbits(128) or 1
         record.span_id = rng.getrandbits(64) or 1
         record.request_id = request_id or f"{rng.getrandbits(64):016x}"

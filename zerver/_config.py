@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     cache_max_entries: int = Field(10_000, ge=1)
     cache_ttl_ms: int = Field(60_000, ge=1)
 
+    # Demo service.
+    demo_base_url: str | None = None
+
     # Trace engine.
     promote_queue_ms: float = Field(5.0, ge=0)
     promote_park_ms: float = Field(5.0, ge=0)
@@ -95,6 +98,13 @@ class Settings(BaseSettings):
     @classmethod
     def _strict_bool(cls, v: Any) -> Any:
         return parse_bool(v)
+
+    @field_validator("demo_base_url")
+    @classmethod
+    def _base_url(cls, v: str | None) -> str | None:
+        if v is not None and not _BASE_URL.match(v):
+            raise ValueError("accepted: an http:// or https:// URL such as http://127.0.0.1:8080")
+        return v
 
     @field_validator("metrics_view_route_p95_window")
     @classmethod
@@ -219,6 +229,7 @@ def parse_resource_attributes(text: str) -> dict[str, str]:
     return out
 
 
+_BASE_URL = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 _TRUE = {"1", "true"}
 _FALSE = {"0", "false"}
 

@@ -11,18 +11,16 @@ up once per need, with the continuation's decision in hand.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextvars import Token
 from typing import TYPE_CHECKING
 
 import anyio
 from opentelemetry import context as otel_context
-from opentelemetry.context import Context as OtelContext
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
 from ._decisions import Continue, Decision, Done, Fail, Mode, Need
 from ._errors import EffectError, ZerverError
 from ._jobs import Job, JobSystem
 from ._join import JoinState
+from ._propagation import attach_span
 from ._records import COMPLETE, FAIL, JobState, NeedRecord, RequestRecord, StepRecord
 
 if TYPE_CHECKING:
@@ -30,15 +28,7 @@ if TYPE_CHECKING:
     from ._slots import Context
     from ._steps import Step
 
-__all__ = ["Executor", "PipelineError", "attach_span"]
-
-
-def attach_span(record: RequestRecord, span_id: int) -> Token[OtelContext]:
-    """Make ``span_id`` of the request's trace the current OpenTelemetry span."""
-    span = NonRecordingSpan(
-        SpanContext(record.trace_id, span_id, False, TraceFlags(record.trace_flags & 0xFF))
-    )
-    return otel_context.attach(set_span_in_context(span))
+__all__ = ["Executor", "PipelineError"]
 
 
 class PipelineError(ZerverError):
@@ -185,7 +175,7 @@ class _NeedRun:
         st.span_id = record.new_span_id()
         record.jobs.append(st)
         self.rec.jobs.append(st.index)
-        job = Job(st, ex.clock, ex.jobs.run_effect, self._effect_done)
+        job = Job(st, ex.clock, ex.jobs.run_effect, self._effect_done, record)
         self.jobs.append(job)
         try:
             ex.jobs.effects.enqueue(job)
@@ -252,7 +242,7 @@ class _NeedRun:
             step_index=self.step_index,
         )
         record.jobs.append(st)
-        job = Job(st, ex.clock, self._run_continuation, self._continuation_done)
+        job = Job(st, ex.clock, self._run_continuation, self._continuation_done, record)
         self.cont_job = job
         try:
             ex.jobs.continuations.enqueue(job)

@@ -26,10 +26,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
+from opentelemetry import context as otel_context
 
 from ._errors import EffectError, QueueFullError
 from ._park import JobContext
-from ._records import CANCEL, COMPLETE, FAIL, JobState, RetryRecord
+from ._propagation import attach_span
+from ._records import CANCEL, COMPLETE, FAIL, JobState, RequestRecord, RetryRecord
 
 if TYPE_CHECKING:
     from ._clock import Clock
@@ -46,7 +48,7 @@ class Job:
     once, synchronously, when the job finishes in any way.
     """
 
-    __slots__ = ("clock", "on_done", "result", "scope", "state", "work")
+    __slots__ = ("clock", "on_done", "request", "result", "scope", "state", "work")
 
     def __init__(
         self,
@@ -54,9 +56,11 @@ class Job:
         clock: Clock,
         work: Callable[[Job], Any],
         on_done: Callable[[Job], None],
+        request: RequestRecord | None = None,
     ) -> None:
         self.state = state
         self.clock = clock
+        self.request = request
         self.work = work
         self.on_done = on_done
         self.result: Any = None
@@ -253,15 +257,33 @@ class JobSystem:
         effect = st.effect
         assert effect is not None
         clock = self.clock
-        ctx = JobContext(st, clock)
-        policy = effect.retry
-        timeout_s = effect.timeout_ms / 1000.0
+        request = job.request
+        ctx = JobContext(st, clock, request)
         st.start_ts = clock.now_ns()
         try:
             interp = self.interpreter_for(effect)
         except EffectError as exc:
             job.finish(FAIL, error_type=exc.kind, error_message=str(exc), status_hint=500)
             return
+        # Spans an interpreter makes through the OpenTelemetry API nest under the effect.
+        token = (
+            attach_span(request, st.span_id)
+            if request is not None and request.otel_context and st.span_id
+            else None
+        )
+        try:
+            await self._attempts(job, ctx, interp, effect)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+
+    async def _attempts(
+        self, job: Job, ctx: JobContext, interp: Interpreter, effect: Effect
+    ) -> None:
+        st = job.state
+        clock = self.clock
+        policy = effect.retry
+        timeout_s = effect.timeout_ms / 1000.0
         while True:
             st.attempts += 1
             scope = anyio.CancelScope(deadline=anyio.current_time() + timeout_s)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
-from ._records import PARK_CAUSES, JobState, ParkEpisode
+from ._records import PARK_CAUSES, JobState, ParkEpisode, RequestRecord
 
 if TYPE_CHECKING:
     from ._clock import Clock
@@ -44,13 +44,29 @@ class _Parked:
 
 
 class JobContext:
-    """What an interpreter gets with each effect: the job's record and its clock."""
+    """What an interpreter gets with each effect: the job's record and its clock.
 
-    __slots__ = ("clock", "state")
+    ``request`` is the record of the request the job works for (``None`` for
+    work outside a request).
+    """
 
-    def __init__(self, state: JobState, clock: Clock) -> None:
+    __slots__ = ("clock", "request", "state")
+
+    def __init__(self, state: JobState, clock: Clock, request: RequestRecord | None = None) -> None:
         self.state = state
         self.clock = clock
+        self.request = request
+
+    def propagation_headers(self) -> dict[str, str]:
+        """Headers carrying this job's trace context (``traceparent``, ``tracestate``,
+        ``baggage``), with the effect's span as the parent of the receiver's work."""
+        carrier: dict[str, str] = {}
+        rec = self.request
+        if rec is not None and rec.trace_id and self.state.span_id:
+            from ._propagation import inject
+
+            inject(rec, self.state.span_id, carrier)
+        return carrier
 
     def parked(
         self,

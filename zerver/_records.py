@@ -272,6 +272,7 @@ class RequestRecord:
     """Everything recorded about one request, from arrival to response."""
 
     __slots__ = (
+        "baggage",
         "client_address",
         "client_port",
         "clock",
@@ -346,6 +347,8 @@ class RequestRecord:
         self.request_id = ""
         self.traceparent: str | None = None
         self.tracestate: str | None = None
+        # W3C baggage received with the request (forwarded on outbound calls).
+        self.baggage: dict[str, str] | None = None
         self.steps: list[StepRecord] = []
         self.jobs: list[JobState] = []
         self.slot_writes: list[SlotWrite] = []

@@ -13,7 +13,6 @@ emits ``new`` only. Set ``ZER_VER_SEMCONV=new`` (or the standard
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from ._records import RequestRecord
@@ -126,48 +125,48 @@ class SemConv:
 
     def server_attributes(self, rec: RequestRecord, attrs: dict[str, AttrValue]) -> None:
         """Add the root span's HTTP attributes for ``rec`` to ``attrs``."""
-        k = self._server
-        put: Callable[[str, AttrValue], None] = attrs.__setitem__
-
-        def emit(fact: str, value: AttrValue) -> None:
-            for key in k[fact]:
-                put(key, value)
-
-        emit("method", rec.method)
+        query = rec.query
+        facts: list[tuple[str, AttrValue]] = [
+            ("method", rec.method),
+            ("scheme", rec.scheme),
+            ("path", rec.path),
+            ("target", f"{rec.path}?{query}" if query else rec.path),
+            ("transport", "tcp"),
+            ("protocol_version", rec.protocol_version),
+            ("request_size", rec.request_body_size),
+            ("response_size", rec.response_body_size),
+        ]
         if rec.route is not None:
-            emit("route", rec.route)
-        emit("scheme", rec.scheme)
-        emit("path", rec.path)
-        if rec.query:
-            emit("query", rec.query)
-        emit("target", f"{rec.path}?{rec.query}" if rec.query else rec.path)
+            facts.append(("route", rec.route))
+        if query:
+            facts.append(("query", query))
         host_addr: str | None = None
         host_port: int | None = None
         if rec.host:
-            emit("host", rec.host)
+            facts.append(("host", rec.host))
             host_addr, host_port = _split_host(rec.host)
         addr = host_addr or rec.server_address
         if addr:
-            emit("server_address", addr)
+            facts.append(("server_address", addr))
         port = host_port if host_addr else rec.server_port
         if port is None and host_addr:
             port = 443 if rec.scheme == "https" else 80
         if port is not None:
-            emit("server_port", port)
+            facts.append(("server_port", port))
         if rec.client_address:
-            emit("client_address", rec.client_address)
+            facts.append(("client_address", rec.client_address))
         if rec.client_port is not None:
-            emit("client_port", rec.client_port)
+            facts.append(("client_port", rec.client_port))
         if rec.user_agent:
-            emit("user_agent", rec.user_agent)
-        emit("transport", "tcp")
-        emit("protocol_version", rec.protocol_version)
+            facts.append(("user_agent", rec.user_agent))
         if rec.status:
-            emit("status", rec.status)
-        emit("request_size", rec.request_body_size)
-        emit("response_size", rec.response_body_size)
+            facts.append(("status", rec.status))
         if rec.system_fault or rec.status >= 500:
-            emit("error_type", rec.error_type or str(rec.status))
+            facts.append(("error_type", rec.error_type or str(rec.status)))
+        keys = self._server
+        for fact, value in facts:
+            for key in keys[fact]:
+                attrs[key] = value
 
     def client_attributes(self, facts: ClientFacts, attrs: dict[str, AttrValue]) -> None:
         """Add an HTTP client span's attributes to ``attrs``."""

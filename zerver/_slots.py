@@ -61,6 +61,11 @@ class Context:
         self.step_name: str | None = None
         self._values: dict[str, object] = {}
 
+    @property
+    def baggage(self) -> Mapping[str, str]:
+        """W3C baggage the request carried (forwarded on outbound HTTP effects)."""
+        return self.record.baggage or {}
+
     def require(self, slot: Slot[T]) -> T:
         """The slot's value; raises :class:`MissingSlotError` when it was never written."""
         value = self._values.get(slot.name, _MISSING)

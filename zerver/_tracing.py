@@ -312,8 +312,8 @@ class TraceEngine:
             "zerver.step.sequence": sr.sequence,
             "zerver.step.layer": sr.layer,
             "zerver.step.decision": sr.decision or "Error",
-            "zerver.step.reads": list(sr.reads),
-            "zerver.step.writes": list(sr.writes),
+            "zerver.step.reads": sr.reads,
+            "zerver.step.writes": sr.writes,
         }
         if sr.resume is not None:
             attrs["zerver.step.resume"] = sr.resume

@@ -94,6 +94,7 @@ class HttpInterpreter:
         self,
         *,
         headers_hook: HeadersHook | None = None,
+        propagate: bool = True,
         max_connections: int = 100,
         max_keepalive_connections: int = 20,
         max_response_bytes: int = 10 * 1024 * 1024,
@@ -104,6 +105,7 @@ class HttpInterpreter:
         if max_response_bytes < 0:
             raise ValueError(f"max_response_bytes must be >= 0, got {max_response_bytes}")
         self.headers_hook = headers_hook
+        self.propagate = propagate
         self.max_response_bytes = max_response_bytes
         self.limiter = ConcurrencyLimiter("http_pool", max_connections)
         self._limits = httpx.Limits(
@@ -153,6 +155,9 @@ class HttpInterpreter:
         content: bytes | None = None
         if isinstance(effect, HttpPost | HttpPut):
             content = self._body(effect, method, headers)
+        if self.propagate:
+            # The effect's span becomes the parent of the downstream server's work.
+            headers.extend(job.propagation_headers().items())
         if self.headers_hook is not None:
             headers.extend(self.headers_hook(effect, job))
         client = self._client or await self._new_client()

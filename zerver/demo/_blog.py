@@ -7,6 +7,10 @@ Routes:
   renders JSON (``?format=html`` renders HTML). A cache miss falls through
   to ``db.get author`` and refills the cache. Unknown id → 404.
 * ``GET /blogs/posts/{id}/comments`` — the post's comments from the DB.
+* ``GET /blogs/posts/{id}/with-comments`` — the post from the DB and the
+  comments fetched over real HTTP from this service's own comments route
+  (``ZER_VER_DEMO_BASE_URL``, default: the address the request came to), so
+  one trace shows the client and server spans of the hop.
 * ``POST /blogs/posts`` — validates the JSON body, writes with ``db.put``,
   answers 201 with the new id.
 * ``GET /healthz``.
@@ -18,15 +22,16 @@ import html
 import random
 import secrets
 from typing import Any
+from urllib.parse import quote
 
 from .._app import App
 from .._clock import Clock
 from .._config import Settings
 from .._decisions import Continue, Decision, Done, Fail, Join, Mode, Need
-from .._effects import CacheGet, CacheSet, DbGet, DbPut, DbQuery
+from .._effects import CacheGet, CacheSet, DbGet, DbPut, DbQuery, HttpGet, HttpResult
 from .._http import Response
 from .._slots import Context, Slot
-from .._steps import step
+from .._steps import Step, step
 
 __all__ = ["SEED_AUTHORS", "SEED_COMMENTS", "SEED_POSTS", "create_app"]
 
@@ -36,6 +41,7 @@ POST: Slot[Row | None] = Slot("post")
 AUTHOR: Slot[Row | None] = Slot("author")
 COMMENTS: Slot[list[Row]] = Slot("comments")
 NEW_POST: Slot[Row] = Slot("new_post")
+REMOTE_COMMENTS: Slot[HttpResult] = Slot("remote_comments")
 
 SEED_AUTHORS: dict[str, Row] = {
     "ada": {"id": "ada", "name": "Ada Lovelace", "bio": "Writes about engines."},
@@ -152,6 +158,42 @@ def render_comments(ctx: Context) -> Decision:
     return Done(Response.json({"post_id": ctx.params["id"], "comments": ctx.require(COMMENTS)}))
 
 
+# -- GET /blogs/posts/{id}/with-comments ------------------------------------------
+
+
+def _with_comments_steps(base_url: str | None) -> Step:
+    """The post and, over real HTTP, this service's own comments route."""
+
+    @step(reads=[POST, REMOTE_COMMENTS])
+    def render_post_with_comments(ctx: Context) -> Decision:
+        post = ctx.optional(POST)
+        if post is None:
+            return Fail(404, "post not found", key=ctx.params["id"])
+        reply = ctx.optional(REMOTE_COMMENTS)
+        comments = reply.json()["comments"] if reply is not None and reply.status == 200 else []
+        return Done(Response.json({"post": post, "comments": comments}))
+
+    @step(writes=[POST, REMOTE_COMMENTS])
+    def load_post_with_comments(ctx: Context) -> Decision:
+        post_id = ctx.params["id"]
+        base = base_url or f"{ctx.request.scheme}://{ctx.request.header('host') or 'localhost'}"
+        return Need(
+            [
+                DbGet(table="blog_post", key=post_id, slot=POST),
+                HttpGet(
+                    url=f"{base.rstrip('/')}/blogs/posts/{quote(post_id, safe='')}/comments",
+                    name="comments",
+                    slot=REMOTE_COMMENTS,
+                    timeout_ms=2000,
+                ),
+            ],
+            join=Join.ALL,
+            then=render_post_with_comments,
+        )
+
+    return load_post_with_comments
+
+
 # -- POST /blogs/posts ------------------------------------------------------------
 
 
@@ -218,6 +260,7 @@ def create_app(
     app = App("zerver-demo", settings=settings, clock=clock, version="0.1.0", rng=rng)
     app.get("/blogs/posts/{id}", load_blog_post_page)
     app.get("/blogs/posts/{id}/comments", load_comments)
+    app.get("/blogs/posts/{id}/with-comments", _with_comments_steps(app.settings.demo_base_url))
     app.post("/blogs/posts", validate_new_post, create_post)
     app.get("/healthz", healthz)
     app.on_startup(_seed)
