@@ -151,6 +151,12 @@ class TraceEngine:
         self.built += 1
         self.sink.export(spans)
 
+    def shutdown(self) -> None:
+        """Flush the sink (called when the app stops)."""
+        close = getattr(self.sink, "shutdown", None)
+        if close is not None:
+            close()
+
     # -- building -----------------------------------------------------------------------
 
     def _span(

@@ -1,0 +1,132 @@
+"""zerver's own spans and user OpenTelemetry spans leave through one OTLP pipeline."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from zerver import ConfigError, Context, Done, Response, load_settings, step
+from zerver._telemetry import PipelineSink, setup_tracing
+from zerver.demo import create_app
+from zerver.export import OtlpReceiver
+from zerver.testing import AppClient
+
+pytestmark = pytest.mark.anyio
+
+
+def _env(receiver: OtlpReceiver, **extra: str) -> dict[str, str]:
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+        **extra,
+    }
+
+
+async def test_app_spans_reach_an_otlp_receiver_as_json(tmp_path: Path) -> None:
+    with OtlpReceiver() as receiver:
+        app = create_app(settings=load_settings({}, db_path=str(tmp_path / "x.sqlite3")))
+        engine = setup_tracing(app, _env(receiver))
+        assert engine is not None and isinstance(engine.sink, PipelineSink)
+        async with AppClient(app) as c:
+            for _ in range(5):
+                assert (await c.get("/blogs/posts/1")).status == 200
+        # Leaving the lifespan drained the pipeline.
+        spans = receiver.spans()
+        roots = [s for s in spans if s["name"] == "http.server: GET /blogs/posts/{id}"]
+        assert len(roots) == 5
+        assert receiver.requests[0].content_type == "application/json"
+        names = {s["name"] for s in spans}
+        assert {"step.load_blog_post_page", "db.get blog_post", "cache.get author_profile"} <= names
+        stats = engine.sink.pipeline.stats()
+        assert stats.exported == len(spans) and sum(stats.dropped.values()) == 0
+
+
+def test_tracing_off_and_bad_values() -> None:
+    app = create_app(settings=load_settings({}, db_path=":memory:"))
+    assert setup_tracing(app, {"OTEL_TRACES_EXPORTER": "none"}) is None
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
+        setup_tracing(app, {"OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"})
+
+
+def test_demo_process_exports_and_drains_on_sigterm(tmp_path: Path) -> None:
+    with OtlpReceiver() as receiver:
+        env = {
+            **os.environ,
+            **_env(receiver, OTEL_BSP_SCHEDULE_DELAY="60000"),
+            "ZER_VER_DB_PATH": str(tmp_path / "cli.sqlite3"),
+            "ZER_VER_LOG_FORMAT": "json",
+            "ZER_VER_ACCESS_LOG": "0",
+            "OTEL_SERVICE_NAME": "blog-under-test",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zerver", "demo", "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=tmp_path,
+        )
+        try:
+            assert proc.stdout is not None
+            port = None
+            for _ in range(50):
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                if orjson.loads(line).get("event") == "server started":
+                    port = orjson.loads(line)["port"]
+                    break
+            assert port
+            for _ in range(3):
+                assert httpx.get(f"http://127.0.0.1:{port}/blogs/posts/2", timeout=5).is_success
+            # A 60 s schedule delay: only the shutdown drain can deliver these spans.
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+        roots = [s for s in receiver.spans() if s["name"].startswith("http.server: GET")]
+        assert len(roots) == 3
+        resource = receiver.requests[0].decode()["resourceSpans"][0]["resource"]
+        attrs = {a["key"]: a["value"] for a in resource["attributes"]}
+        assert attrs["service.name"] == {"stringValue": "blog-under-test"}
+
+
+async def test_user_otel_spans_leave_through_the_same_pipeline(tmp_path: Path) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from zerver.export import ExportConfig, ExportPipeline, ZerverSpanProcessor
+
+    with OtlpReceiver() as receiver:
+        app = create_app(settings=load_settings({}, db_path=str(tmp_path / "u.sqlite3")))
+        pipeline = ExportPipeline.from_config(ExportConfig.from_env(_env(receiver)))
+        provider = TracerProvider()
+        provider.add_span_processor(ZerverSpanProcessor(pipeline, shutdown_pipeline=False))
+        tracer = provider.get_tracer("user")
+
+        @step
+        def traced(ctx: Context) -> Done:
+            with tracer.start_as_current_span("user.work"):
+                pass
+            return Done(Response.text("ok"))
+
+        app.get("/u", traced)
+        app.trace_to(PipelineSink(pipeline))
+        async with AppClient(app) as c:
+            await c.get("/u")
+        spans = {s["name"]: s for s in receiver.spans()}
+        assert spans["user.work"]["parentSpanId"] == spans["step.traced"]["spanId"]
+        assert spans["user.work"]["traceId"] == spans["step.traced"]["traceId"]
+        provider.shutdown()
+        del trace

@@ -1,0 +1,595 @@
+"""The export pipeline: a cheap ``submit`` into a bounded buffer, a worker thread
+that batches and exports, counters for everything.
+
+Rules of the hand-off (the request path only ever runs ``submit``):
+
+- ``submit`` appends to a ``collections.deque`` (atomic under the GIL) and
+  takes no lock on the fast path; it wakes the worker only when a full batch
+  is waiting. It never raises and never does I/O.
+- The buffer holds ``max_queue_size`` spans. When it is full the overflow
+  policy decides, and every refused span is counted by reason. Concurrent
+  producers may overshoot the bound by at most one span each (the check and
+  the append are two steps); nothing grows without bound.
+- One worker thread takes up to ``max_export_batch_size`` spans when that many
+  are waiting, when ``schedule_delay_s`` has passed since the last export, or at
+  once on ``force_flush``/``shutdown``. It converts SDK spans, groups the batch
+  by trace (stable: first-seen order, so each trace's spans stay in submission
+  order), and calls the exporter chain with a deadline of ``export_timeout_s``.
+- An exporter answering ``DEFERRED`` (breaker open, rate limit) makes the
+  worker hold the batch and wait; it takes nothing more meanwhile, so the
+  buffer fills and the overflow policy applies, bounded.
+- ``shutdown`` refuses new spans (``closed``), drains within its deadline,
+  counts what is left as ``shutdown_deadline`` and reports it.
+
+Why a thread, not a process: handing a span to another process costs a
+pickle (≈4 µs per span, measured in ``loadtest/bench_export.py``), as much as
+encoding it, so a process would not unload the event loop's core. The worker
+releases the GIL during network I/O, and yields it between batches.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import anyio.to_thread
+from opentelemetry.sdk.trace import ReadableSpan
+
+from zerver._spans import SpanData
+from zerver.export._base import (
+    BatchExporter,
+    DropReason,
+    ExportContext,
+    ExportResult,
+    ExportStatus,
+    RealTimer,
+    Timer,
+)
+from zerver.export._config import ExportConfig, Overflow
+from zerver.export._log import RateLimitedLog
+from zerver.export._otel import span_from_readable
+from zerver.export._resilience import find_breaker
+
+__all__ = ["ExportPipeline", "ExportStats", "ShutdownReport"]
+
+INVALID = "invalid"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExportStats:
+    """A snapshot of the pipeline's counters (exact once the pipeline is idle).
+
+    ``submitted == exported + dropped_total + queue_depth + in_flight``.
+    """
+
+    submitted: int
+    exported: int
+    """Spans the backend accepted (partial rejections excluded)."""
+    dropped: Mapping[str, int]
+    """Dropped spans by reason (see :class:`DropReason`; ``invalid`` = unencodable)."""
+    queue_depth: int
+    queue_capacity: int
+    in_flight: int
+    """Spans taken by the worker and not yet exported or dropped."""
+    batches_exported: int
+    batches_failed: int
+    """Batches dropped after transient failures outlasted retries or deadline."""
+    permanent_failures: int
+    """Batches refused permanently (HTTP 400 and other non-retryable codes)."""
+    retries: int
+    partial_rejections: int
+    """Spans the backend rejected inside successful answers (``partialSuccess``)."""
+    rate_limited: int
+    """Times a batch waited for the rate limiter."""
+    breaker_state: str
+    """``closed``, ``open``, ``half_open`` or ``disabled``."""
+    breaker_openings: int
+    bytes_sent: int
+    export_latency_last_ms: float
+    export_latency_avg_ms: float
+    export_latency_max_ms: float
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownReport:
+    """What :meth:`ExportPipeline.shutdown` achieved."""
+
+    completed: bool
+    """True if everything was exported or dropped for a reason before the deadline."""
+    not_sent: int
+    """Spans that could not be sent because the deadline passed."""
+    stats: ExportStats = field(repr=False)
+
+
+class _Counters:
+    """Worker- and layer-side counters; the lock keeps cross-thread adds exact."""
+
+    __slots__ = ("_lock", "values")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.values: dict[str, int] = {}
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.values[name] = self.values.get(name, 0) + n
+
+    def get(self, name: str) -> int:
+        return self.values.get(name, 0)
+
+
+class ExportPipeline:
+    """Buffers finished spans and exports them in batches on a worker thread.
+
+    Accepts :class:`~zerver._spans.SpanData` and OpenTelemetry SDK
+    ``ReadableSpan`` objects (converted on the worker).
+
+    Example::
+
+        pipeline = ExportPipeline.from_config(ExportConfig.from_env())
+        pipeline.submit(span)            # on the request path: cheap, never raises
+        pipeline.stats().dropped         # counters, any time
+        pipeline.shutdown(timeout=5.0)   # drain, then stop
+    """
+
+    def __init__(
+        self,
+        exporter: BatchExporter,
+        *,
+        max_queue_size: int = 2048,
+        max_export_batch_size: int = 512,
+        schedule_delay_s: float = 5.0,
+        export_timeout_s: float = 30.0,
+        overflow: Overflow = Overflow.DROP_NEWEST,
+        block_timeout_s: float = 0.5,
+        timer: Timer | None = None,
+        log: RateLimitedLog | None = None,
+        thread_name: str = "zerver-export",
+    ) -> None:
+        if max_queue_size < 1 or max_export_batch_size < 1:
+            raise ValueError("max_queue_size and max_export_batch_size must be >= 1")
+        if max_export_batch_size > max_queue_size:
+            raise ValueError(
+                f"max_export_batch_size ({max_export_batch_size}) exceeds "
+                f"max_queue_size ({max_queue_size})"
+            )
+        if schedule_delay_s < 0 or export_timeout_s <= 0 or block_timeout_s < 0:
+            raise ValueError("schedule_delay_s, block_timeout_s >= 0 and export_timeout_s > 0")
+        self._exporter = exporter
+        self._breaker = find_breaker(exporter)
+        self._capacity = max_queue_size
+        self._limit = max_queue_size  # set to -1 at shutdown: sends every submit to the slow path
+        self._batch_size = max_export_batch_size
+        # With no schedule delay, wake on every span rather than poll.
+        self._wake_at = max_export_batch_size if schedule_delay_s > 0 else 1
+        self._schedule_delay_s = schedule_delay_s
+        self._export_timeout_s = export_timeout_s
+        self._block_timeout_s = block_timeout_s
+        self._overflow = overflow
+        self._timer: Timer = timer if timer is not None else RealTimer()
+        self._log = log or RateLimitedLog()
+
+        self._q: deque[SpanData | ReadableSpan] = deque()
+        self._wake = threading.Event()
+        self._signalled = False
+        self._room = threading.Condition(threading.Lock())
+        self._blocked = 0
+        self._submit_lock = threading.Lock()
+        self._submit_drops: dict[str, int] = {}
+
+        self._counters = _Counters()
+        self._taken = 0
+        self._done = 0
+        self._latency_sum = 0.0
+        self._latency_max = 0.0
+        self._latency_last = 0.0
+
+        self._flush_lock = threading.Lock()
+        self._flush_waiters: list[tuple[int, threading.Event]] = []
+        self._closed = False
+        self._stop_at: float | None = None
+        self._ctx: ExportContext | None = None
+        self._report: ShutdownReport | None = None
+
+        submit = {
+            Overflow.DROP_NEWEST: self._submit_drop_newest,
+            Overflow.DROP_OLDEST: self._submit_drop_oldest,
+            Overflow.BLOCK: self._submit_block,
+        }[overflow]
+        self.submit = submit  # type: ignore[method-assign]
+
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ExportConfig,
+        *,
+        exporter: BatchExporter | None = None,
+        timer: Timer | None = None,
+    ) -> ExportPipeline:
+        """A pipeline with ``config``'s buffer, batching and overflow settings.
+
+        Without ``exporter`` one is built from ``OTEL_TRACES_EXPORTER``: the
+        resilient OTLP/HTTP exporter, the console exporter, both, or none.
+        """
+        if exporter is None:
+            from zerver.export._factory import build_exporter
+
+            exporter = build_exporter(config)
+        return cls(
+            exporter,
+            max_queue_size=config.max_queue_size,
+            max_export_batch_size=config.max_export_batch_size,
+            schedule_delay_s=config.schedule_delay_s,
+            export_timeout_s=config.export_timeout_s,
+            overflow=config.overflow,
+            block_timeout_s=config.block_timeout_s,
+            timer=timer,
+        )
+
+    # -- submit (request path) --------------------------------------------------
+
+    def submit(self, span: SpanData | ReadableSpan) -> None:
+        """Hand a finished span to the pipeline. Cheap; never blocks (except with
+        ``Overflow.BLOCK``), never raises. Replaced per instance by the variant
+        for the configured overflow policy."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _submit_drop_newest(self, span: SpanData | ReadableSpan) -> None:
+        q = self._q
+        if len(q) >= self._limit:
+            self._refuse(DropReason.QUEUE_FULL)
+            return
+        q.append(span)
+        if len(q) >= self._wake_at and not self._signalled:
+            self._signalled = True
+            self._wake.set()
+
+    def _submit_drop_oldest(self, span: SpanData | ReadableSpan) -> None:
+        q = self._q
+        if len(q) >= self._limit:
+            if self._closed:
+                self._refuse(DropReason.CLOSED)
+                return
+            try:
+                q.popleft()
+            except IndexError:
+                pass  # the worker emptied it meanwhile
+            else:
+                self._refuse(DropReason.EVICTED)
+        q.append(span)
+        if len(q) >= self._wake_at and not self._signalled:
+            self._signalled = True
+            self._wake.set()
+
+    def _submit_block(self, span: SpanData | ReadableSpan) -> None:
+        q = self._q
+        if len(q) >= self._limit and not self._wait_for_room():
+            return
+        q.append(span)
+        if len(q) >= self._wake_at and not self._signalled:
+            self._signalled = True
+            self._wake.set()
+
+    def _wait_for_room(self) -> bool:
+        try:
+            deadline = time.monotonic() + self._block_timeout_s
+            with self._room:
+                self._blocked += 1
+                try:
+                    while len(self._q) >= self._limit:
+                        if self._closed:
+                            self._refuse(DropReason.CLOSED)
+                            return False
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            self._refuse(DropReason.BLOCK_TIMEOUT)
+                            return False
+                        self._signalled = True
+                        self._wake.set()
+                        self._room.wait(remaining)
+                finally:
+                    self._blocked -= 1
+            return True
+        except Exception:  # telemetry never raises into the request
+            return False
+
+    def _refuse(self, reason: str) -> None:
+        if self._closed and reason == DropReason.QUEUE_FULL:
+            reason = DropReason.CLOSED
+        with self._submit_lock:
+            self._submit_drops[reason] = self._submit_drops.get(reason, 0) + 1
+
+    # -- worker -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            next_due = self._timer.monotonic() + self._schedule_delay_s
+            while True:
+                batch = self._next_batch(next_due)
+                if batch is None:
+                    return
+                if batch:
+                    self._export(batch)
+                    self._done += len(batch)
+                    time.sleep(0)  # let the event loop thread have the GIL between batches
+                next_due = self._timer.monotonic() + self._schedule_delay_s
+                self._release_flushers()
+        except BaseException as exc:  # pragma: no cover - a bug; keep the process alive
+            self._log.warning("worker_crash", "export worker stopped", error=repr(exc))
+        finally:
+            self._release_flushers(everything=True)
+
+    def _next_batch(self, next_due: float) -> list[SpanData | ReadableSpan] | None:
+        """Wait until a batch is due, then take it; ``[]`` = nothing due; None = stop."""
+        q = self._q
+        while True:
+            self._signalled = False
+            self._wake.clear()
+            if len(q) >= self._batch_size or self._flush_waiters or self._closed:
+                break
+            if self._schedule_delay_s == 0:
+                if q:
+                    break
+                self._wake.wait()
+                continue
+            timeout = next_due - self._timer.monotonic()
+            if timeout <= 0:
+                break
+            self._wake.wait(timeout)
+        n = min(len(q), self._batch_size)
+        if n == 0:
+            if self._closed:
+                return None
+            return []
+        if self._stop_at is not None and self._timer.monotonic() >= self._stop_at:
+            self._drop_rest()
+            return None
+        self._taken += n  # before popping: a concurrent force_flush may overcount, never under
+        popleft = q.popleft
+        batch: list[SpanData | ReadableSpan] = []
+        append = batch.append
+        try:
+            for _ in range(n):
+                append(popleft())
+        except IndexError:  # drop_oldest producers evicted some meanwhile
+            self._taken -= n - len(batch)
+        if self._blocked:
+            with self._room:
+                self._room.notify_all()
+        return batch
+
+    def _drop_rest(self) -> None:
+        q = self._q
+        n = 0
+        while True:
+            try:
+                q.popleft()
+            except IndexError:
+                break
+            n += 1
+        self._taken += n
+        self._done += n
+        self._counters.add(DropReason.SHUTDOWN_DEADLINE, n)
+
+    def _prepare(self, batch: list[SpanData | ReadableSpan]) -> list[SpanData]:
+        """Convert SDK spans and group by trace, keeping first-seen order."""
+        spans: list[SpanData] = []
+        bad = 0
+        for s in batch:
+            if type(s) is SpanData:
+                spans.append(s)
+                continue
+            try:
+                spans.append(span_from_readable(s))  # type: ignore[arg-type]
+            except Exception:
+                bad += 1
+        if bad:
+            self._counters.add(INVALID, bad)
+        groups: dict[int, list[SpanData]] = {}
+        for s in spans:
+            members = groups.get(s.trace_id)
+            if members is None:
+                groups[s.trace_id] = [s]
+            else:
+                members.append(s)
+        if len(groups) == len(spans):
+            return spans
+        return [s for members in groups.values() for s in members]
+
+    def _export(self, batch: list[SpanData | ReadableSpan]) -> None:
+        counters = self._counters
+        timer = self._timer
+        spans = self._prepare(batch)
+        if not spans:
+            return
+        n = len(spans)
+        started = timer.monotonic()
+        while True:
+            now = timer.monotonic()
+            deadline = now + self._export_timeout_s
+            stop_at = self._stop_at
+            if stop_at is not None:
+                if now >= stop_at:
+                    counters.add(DropReason.SHUTDOWN_DEADLINE, n)
+                    return
+                deadline = min(deadline, stop_at)
+            ctx = self._ctx = ExportContext(timer, deadline, counters)
+            try:
+                result = self._exporter.export(spans, ctx)
+            except Exception as exc:
+                counters.add(DropReason.EXPORTER_ERROR, n)
+                self._log.warning(
+                    "exporter_error", "exporter raised; batch dropped", error=repr(exc)
+                )
+                return
+            finally:
+                self._ctx = None
+            if result.status is not ExportStatus.DEFERRED:
+                break
+            wait = result.retry_after_s if result.retry_after_s else 0.01
+            if self._stop_at is not None:
+                wait = min(wait, self._stop_at - timer.monotonic())
+            timer.sleep(wait)
+        elapsed = max(0.0, timer.monotonic() - started) * 1000.0
+        self._latency_last = elapsed
+        self._latency_sum += elapsed
+        self._latency_max = max(self._latency_max, elapsed)
+        self._account(result, n)
+
+    def _account(self, result: ExportResult, n: int) -> None:
+        counters = self._counters
+        invalid = min(result.invalid_spans, n)
+        if invalid:
+            counters.add(INVALID, invalid)
+        n -= invalid
+        if result.status is ExportStatus.SUCCESS:
+            rejected = min(result.rejected_spans, n)
+            counters.add("exported", n - rejected)
+            counters.add("batches_exported")
+            counters.add("bytes_sent", result.bytes_sent)
+            if rejected:
+                counters.add(DropReason.PARTIAL_REJECTED, rejected)
+        elif result.status is ExportStatus.PERMANENT:
+            counters.add(DropReason.REJECTED, n)
+            counters.add("permanent_failures")
+        else:
+            counters.add(DropReason.EXPORT_FAILED, n)
+            counters.add("batches_failed")
+            self._log.warning(
+                "export_failed",
+                "otlp export failed after retries; batch dropped",
+                spans=n,
+                detail=result.detail,
+            )
+
+    def _release_flushers(self, *, everything: bool = False) -> None:
+        if not self._flush_waiters:
+            return
+        with self._flush_lock:
+            idle = everything or not self._q
+            keep = []
+            for target, event in self._flush_waiters:
+                if idle or self._done >= target:
+                    event.set()
+                else:
+                    keep.append((target, event))
+            self._flush_waiters = keep
+
+    # -- control ------------------------------------------------------------------
+
+    def force_flush(self, timeout: float | None = 30.0) -> bool:
+        """Export everything submitted before this call; False if ``timeout`` passed first."""
+        if not self._thread.is_alive():
+            return not self._q
+        event = threading.Event()
+        with self._flush_lock:
+            self._flush_waiters.append((self._taken + len(self._q), event))
+        self._wake.set()
+        return event.wait(timeout)
+
+    def shutdown(self, timeout: float = 30.0) -> ShutdownReport:
+        """Refuse new spans, export what is buffered within ``timeout`` seconds, stop.
+
+        Idempotent: later calls return the first report.
+        """
+        with self._flush_lock:
+            if self._report is not None:
+                return self._report
+            already = self._closed
+            self._closed = True
+            self._limit = -1
+        if not already:
+            self._stop_at = self._timer.monotonic() + timeout
+            ctx = self._ctx
+            if ctx is not None:
+                ctx.deadline = min(ctx.deadline, self._stop_at)
+            self._wake.set()
+            self._timer.wake()
+            with self._room:
+                self._room.notify_all()
+        self._thread.join(timeout + 1.0)
+        completed = not self._thread.is_alive()
+        try:
+            self._exporter.shutdown()
+        except Exception as exc:
+            self._log.warning("exporter_shutdown", "exporter shutdown raised", error=repr(exc))
+        stats = self.stats()
+        not_sent = (
+            stats.dropped.get(DropReason.SHUTDOWN_DEADLINE, 0)
+            + stats.queue_depth
+            + (stats.in_flight if not completed else 0)
+        )
+        report = ShutdownReport(
+            completed=completed and not_sent == 0, not_sent=not_sent, stats=stats
+        )
+        if completed:
+            self._report = report
+        return report
+
+    async def aflush(self, timeout: float | None = 30.0) -> bool:
+        """:meth:`force_flush` without blocking the event loop."""
+        return await anyio.to_thread.run_sync(self.force_flush, timeout)
+
+    async def ashutdown(self, timeout: float = 30.0) -> ShutdownReport:
+        """:meth:`shutdown` without blocking the event loop (the server's SIGTERM path)."""
+        return await anyio.to_thread.run_sync(self.shutdown, timeout)
+
+    def __enter__(self) -> ExportPipeline:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+    # -- counters -----------------------------------------------------------------
+
+    def stats(self) -> ExportStats:
+        """A snapshot of every counter; cheap enough for a debug page or metrics scrape."""
+        values = dict(self._counters.values)
+        with self._submit_lock:
+            submit_drops = dict(self._submit_drops)
+        dropped = {reason: 0 for reason in (*DropReason.ALL, INVALID)}
+        for reason, n in (*values.items(), *submit_drops.items()):
+            if reason in dropped:
+                dropped[reason] += n
+        depth = len(self._q)
+        taken = self._taken
+        submitted = taken + depth + sum(submit_drops.values())
+        batches = values.get("batches_exported", 0) + values.get("batches_failed", 0)
+        batches += values.get("permanent_failures", 0)
+        breaker = self._breaker
+        return ExportStats(
+            submitted=submitted,
+            exported=values.get("exported", 0),
+            dropped=dropped,
+            queue_depth=depth,
+            queue_capacity=self._capacity,
+            in_flight=max(0, taken - self._done),
+            batches_exported=values.get("batches_exported", 0),
+            batches_failed=values.get("batches_failed", 0),
+            permanent_failures=values.get("permanent_failures", 0),
+            retries=values.get("retries", 0),
+            partial_rejections=values.get(DropReason.PARTIAL_REJECTED, 0),
+            rate_limited=values.get("rate_limited", 0),
+            breaker_state=breaker.state.value if breaker is not None else "disabled",
+            breaker_openings=breaker.openings if breaker is not None else 0,
+            bytes_sent=values.get("bytes_sent", 0),
+            export_latency_last_ms=self._latency_last,
+            export_latency_avg_ms=self._latency_sum / batches if batches else 0.0,
+            export_latency_max_ms=self._latency_max,
+        )

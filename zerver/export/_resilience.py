@@ -1,0 +1,368 @@
+"""Composable resilience layers: retry, circuit breaker, rate limit, and their builder.
+
+The decision logic (:class:`CircuitBreaker`, :class:`TokenBucket`,
+:meth:`RetryPolicy.backoff`) is sans-I/O and takes ``now`` as an argument; the
+``*Exporter`` wrappers apply it around an inner exporter using the batch's
+:class:`ExportContext` for time.
+
+The builder always stacks them in one order, outermost first::
+
+    rate limit → circuit breaker → retry → transport
+
+because the other orders are wrong: a breaker inside the retry loop would
+count every attempt as a failed batch, and a rate limiter inside the breaker
+would make waiting for tokens look like backend trouble.
+
+Circuit breaker rules::
+
+    CLOSED    --N consecutive failed batches-->       OPEN (openings += 1)
+    OPEN      --cool-down elapsed, next batch-->      HALF_OPEN (that batch is the probe)
+    HALF_OPEN --probe failed-->                       OPEN (new cool-down)
+    HALF_OPEN --M consecutive successful probes-->    CLOSED
+
+"Failed" means the retry layer gave up on a transient failure. A permanent
+refusal (HTTP 400) proves the backend is up and counts as a success. While
+OPEN the breaker answers ``DEFERRED`` without calling the backend; the
+pipeline then holds the batch and stops draining, so spans wait in its
+bounded buffer.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from zerver._spans import SpanData
+from zerver.export._base import BatchExporter, ExportContext, ExportResult, ExportStatus
+from zerver.export._config import ExportConfig
+
+__all__ = [
+    "BreakerState",
+    "CircuitBreaker",
+    "CircuitBreakerExporter",
+    "RateLimitedExporter",
+    "ResilienceBuilder",
+    "RetryPolicy",
+    "RetryingExporter",
+    "TokenBucket",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """Exponential back-off with jitter, bounded by the batch deadline.
+
+    ``max_attempts`` = 0 means "until the deadline". A server's ``Retry-After``
+    replaces the computed back-off (floored at ``min_retry_after_s`` so a
+    ``Retry-After: 0`` cannot spin).
+    """
+
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    """Each delay is reduced by a random fraction up to this (0 = no jitter)."""
+    max_attempts: int = 0
+    min_retry_after_s: float = 0.05
+
+    def backoff(self, retry: int, rnd: float) -> float:
+        """The delay before retry number ``retry`` (1-based); ``rnd`` is in [0, 1)."""
+        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (retry - 1))
+        return base * (1.0 - self.jitter * rnd)
+
+
+class RetryingExporter:
+    """Retries ``RETRYABLE`` results until success, the attempt budget or the deadline.
+
+    Gives up at once (without sleeping) when the next wait would pass the
+    deadline. Counts each retry as ``retries``.
+    """
+
+    __slots__ = ("_rng", "inner", "policy")
+
+    def __init__(
+        self,
+        inner: BatchExporter,
+        policy: RetryPolicy | None = None,
+        *,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.inner = inner
+        self.policy = policy or RetryPolicy()
+        self._rng = rng
+
+    def export(self, spans: Sequence[SpanData], ctx: ExportContext) -> ExportResult:
+        policy = self.policy
+        retry = 0
+        while True:
+            result = self.inner.export(spans, ctx)
+            if result.status is not ExportStatus.RETRYABLE:
+                return result
+            retry += 1
+            if policy.max_attempts and retry >= policy.max_attempts:
+                return result
+            if result.retry_after_s is not None:
+                delay = max(result.retry_after_s, policy.min_retry_after_s)
+            else:
+                delay = policy.backoff(retry, self._rng())
+            if delay >= ctx.remaining():
+                return result
+            ctx.stats.add("retries")
+            ctx.timer.sleep(delay)
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """The breaker's state machine (rules in the module docstring). Thread-safe."""
+
+    __slots__ = (
+        "_failures",
+        "_lock",
+        "_opened_at",
+        "_successes",
+        "cooldown_s",
+        "failure_threshold",
+        "openings",
+        "state",
+        "success_threshold",
+    )
+
+    def __init__(
+        self, failure_threshold: int = 5, cooldown_s: float = 30.0, success_threshold: int = 2
+    ) -> None:
+        if failure_threshold < 1 or success_threshold < 1 or cooldown_s <= 0:
+            raise ValueError(
+                "a circuit breaker needs failure_threshold >= 1, success_threshold >= 1 "
+                f"and cooldown_s > 0 (got {failure_threshold}, {success_threshold}, {cooldown_s})"
+            )
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = cooldown_s
+        self.success_threshold = success_threshold
+        self.state = BreakerState.CLOSED
+        self.openings = 0
+        self._failures = 0
+        self._successes = 0
+        self._opened_at = 0.0
+        self._lock = threading.Lock()
+
+    def before_call(self, now: float) -> float:
+        """0.0 if a call may go ahead now, else the seconds until it may."""
+        with self._lock:
+            if self.state is BreakerState.OPEN:
+                wait = self._opened_at + self.cooldown_s - now
+                if wait > 0:
+                    return wait
+                self.state = BreakerState.HALF_OPEN
+                self._successes = 0
+            return 0.0
+
+    def on_success(self) -> None:
+        with self._lock:
+            self._failures = 0
+            if self.state is BreakerState.HALF_OPEN:
+                self._successes += 1
+                if self._successes >= self.success_threshold:
+                    self.state = BreakerState.CLOSED
+
+    def on_failure(self, now: float) -> None:
+        with self._lock:
+            if self.state is BreakerState.HALF_OPEN:
+                self._open(now)
+                return
+            self._failures += 1
+            if self.state is BreakerState.CLOSED and self._failures >= self.failure_threshold:
+                self._open(now)
+
+    def _open(self, now: float) -> None:
+        self.state = BreakerState.OPEN
+        self.openings += 1
+        self._opened_at = now
+        self._failures = 0
+        self._successes = 0
+
+
+class CircuitBreakerExporter:
+    """Answers ``DEFERRED`` while its :class:`CircuitBreaker` is open."""
+
+    __slots__ = ("breaker", "inner")
+
+    def __init__(self, inner: BatchExporter, breaker: CircuitBreaker | None = None) -> None:
+        self.inner = inner
+        self.breaker = breaker or CircuitBreaker()
+
+    def export(self, spans: Sequence[SpanData], ctx: ExportContext) -> ExportResult:
+        wait = self.breaker.before_call(ctx.now())
+        if wait > 0:
+            ctx.stats.add("breaker_deferrals")
+            return ExportResult(ExportStatus.DEFERRED, retry_after_s=wait, detail="circuit open")
+        result = self.inner.export(spans, ctx)
+        if result.status is ExportStatus.RETRYABLE:
+            self.breaker.on_failure(ctx.now())
+        elif result.status is not ExportStatus.DEFERRED:
+            self.breaker.on_success()
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+
+class TokenBucket:
+    """A token bucket that may go into debt: a call passes while the balance is
+    not negative and is charged afterwards, so a batch bigger than the bucket (or
+    whose byte size is only known after sending) still passes, and the
+    long-run rate stays ``rate`` per second. Thread-safe."""
+
+    __slots__ = ("_last", "_lock", "_tokens", "capacity", "rate")
+
+    def __init__(self, rate: float, *, capacity: float | None = None) -> None:
+        if rate <= 0:
+            raise ValueError(f"a token bucket needs rate > 0 (got {rate})")
+        self.rate = rate
+        self.capacity = capacity if capacity is not None else rate
+        self._tokens = self.capacity
+        self._last: float | None = None
+        self._lock = threading.Lock()
+
+    def _refill(self, now: float) -> None:
+        if self._last is not None and now > self._last:
+            self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+        if self._last is None or now > self._last:
+            self._last = now
+
+    def wait_time(self, now: float) -> float:
+        """0.0 if the balance is not negative, else the seconds until it will be."""
+        with self._lock:
+            self._refill(now)
+            if self._tokens >= -1e-9:  # tolerance for float refill arithmetic
+                return 0.0
+            return (-self._tokens) / self.rate
+
+    def charge(self, amount: float, now: float) -> None:
+        with self._lock:
+            self._refill(now)
+            self._tokens -= amount
+
+
+class RateLimitedExporter:
+    """Limits spans/s and/or bytes/s (0 = off); answers ``DEFERRED`` when over."""
+
+    __slots__ = ("_bytes", "_spans", "inner")
+
+    def __init__(
+        self, inner: BatchExporter, *, spans_per_s: float = 0.0, bytes_per_s: float = 0.0
+    ) -> None:
+        self.inner = inner
+        self._spans = TokenBucket(spans_per_s) if spans_per_s > 0 else None
+        self._bytes = TokenBucket(bytes_per_s) if bytes_per_s > 0 else None
+
+    def export(self, spans: Sequence[SpanData], ctx: ExportContext) -> ExportResult:
+        now = ctx.now()
+        wait = 0.0
+        if self._spans is not None:
+            wait = self._spans.wait_time(now)
+        if self._bytes is not None:
+            wait = max(wait, self._bytes.wait_time(now))
+        if wait > 0:
+            ctx.stats.add("rate_limited")
+            return ExportResult(ExportStatus.DEFERRED, retry_after_s=wait, detail="rate limited")
+        if self._spans is not None:
+            self._spans.charge(len(spans), now)
+        result = self.inner.export(spans, ctx)
+        if self._bytes is not None and result.bytes_sent:
+            self._bytes.charge(result.bytes_sent, ctx.now())
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+
+class ResilienceBuilder:
+    """Composes retry, circuit breaker and rate limit around an exporter.
+
+    Example::
+
+        exporter = (
+            ResilienceBuilder(OtlpHttpExporter(endpoint))
+            .retry(RetryPolicy(initial_backoff_s=1.0))
+            .circuit_breaker(failures=5, cooldown_s=30, successes=2)
+            .rate_limit(spans_per_s=50_000)
+            .build()
+        )
+    """
+
+    def __init__(self, exporter: BatchExporter) -> None:
+        self._exporter = exporter
+        self._retry: RetryPolicy | None = None
+        self._rng: Callable[[], float] = random.random
+        self._breaker: CircuitBreaker | None = None
+        self._spans_per_s = 0.0
+        self._bytes_per_s = 0.0
+
+    @classmethod
+    def from_config(cls, exporter: BatchExporter, config: ExportConfig) -> ResilienceBuilder:
+        """Retry always; breaker and rate limits as ``config`` says (0 = off)."""
+        builder = cls(exporter).retry()
+        if config.breaker_failures > 0:
+            builder.circuit_breaker(
+                failures=config.breaker_failures,
+                cooldown_s=config.breaker_cooldown_s,
+                successes=config.breaker_successes,
+            )
+        return builder.rate_limit(
+            spans_per_s=config.rate_spans_per_s, bytes_per_s=config.rate_bytes_per_s
+        )
+
+    def retry(
+        self, policy: RetryPolicy | None = None, *, rng: Callable[[], float] | None = None
+    ) -> ResilienceBuilder:
+        self._retry = policy or RetryPolicy()
+        if rng is not None:
+            self._rng = rng
+        return self
+
+    def circuit_breaker(
+        self, *, failures: int = 5, cooldown_s: float = 30.0, successes: int = 2
+    ) -> ResilienceBuilder:
+        self._breaker = CircuitBreaker(failures, cooldown_s, successes)
+        return self
+
+    def rate_limit(
+        self, *, spans_per_s: float = 0.0, bytes_per_s: float = 0.0
+    ) -> ResilienceBuilder:
+        self._spans_per_s = spans_per_s
+        self._bytes_per_s = bytes_per_s
+        return self
+
+    def build(self) -> BatchExporter:
+        exporter = self._exporter
+        if self._retry is not None:
+            exporter = RetryingExporter(exporter, self._retry, rng=self._rng)
+        if self._breaker is not None:
+            exporter = CircuitBreakerExporter(exporter, self._breaker)
+        if self._spans_per_s > 0 or self._bytes_per_s > 0:
+            exporter = RateLimitedExporter(
+                exporter, spans_per_s=self._spans_per_s, bytes_per_s=self._bytes_per_s
+            )
+        return exporter
+
+
+def find_breaker(exporter: object) -> CircuitBreaker | None:
+    """The first circuit breaker in a layer chain (followed through ``.inner``)."""
+    seen = 0
+    while exporter is not None and seen < 32:
+        if isinstance(exporter, CircuitBreakerExporter):
+            return exporter.breaker
+        exporter = getattr(exporter, "inner", None)
+        seen += 1
+    return None
