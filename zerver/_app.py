@@ -19,7 +19,7 @@ from ._http import Request, Response
 from ._jobs import JobSystem
 from ._promotion import Promoter
 from ._propagation import extract_into, propagation_fields
-from ._records import RequestRecord, StepRecord, Subscriber
+from ._records import RequestRecord, StepRecord, Subscriber, active_span
 from ._routing import Match, NotAllowed, Route, Router
 from ._semconv import SemConv
 from ._slots import Context
@@ -286,6 +286,7 @@ class App:
             raise UsageError("the app is not running; use `async with app.lifespan():`")
         record = self._start_record(request)
         response: Response | None = None
+        active = active_span.set((record, record.span_id))
         try:
             try:
                 response = await self._handle(executor, request, record)
@@ -303,6 +304,7 @@ class App:
                 size = 0 if request.method == "HEAD" else len(response.body)
                 record.finish(response.status, size)
             self._notify(record)
+            active_span.reset(active)
         return response
 
     async def _handle(

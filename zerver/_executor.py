@@ -21,7 +21,15 @@ from ._errors import EffectError, ZerverError
 from ._jobs import Job, JobSystem
 from ._join import JoinState
 from ._propagation import attach_span
-from ._records import COMPLETE, FAIL, JobState, NeedRecord, RequestRecord, StepRecord
+from ._records import (
+    COMPLETE,
+    FAIL,
+    JobState,
+    NeedRecord,
+    RequestRecord,
+    StepRecord,
+    active_span,
+)
 
 if TYPE_CHECKING:
     from ._clock import Clock
@@ -65,6 +73,7 @@ def call_step(
     ctx.step_name = step.name
     # Spans made through the OpenTelemetry API inside the step nest under its span.
     token = attach_span(record, sr.span_id) if record.otel_context else None
+    active = active_span.set((record, sr.span_id))
     try:
         decision = step.fn(ctx)
     except Exception as exc:
@@ -78,6 +87,7 @@ def call_step(
         return err
     finally:
         record.current_step = None
+        active_span.reset(active)
         if token is not None:
             otel_context.detach(token)
     sr.end_ts = record.clock.now_ns()

@@ -31,7 +31,15 @@ from opentelemetry import context as otel_context
 from ._errors import EffectError, QueueFullError
 from ._park import JobContext
 from ._propagation import attach_span
-from ._records import CANCEL, COMPLETE, FAIL, JobState, RequestRecord, RetryRecord
+from ._records import (
+    CANCEL,
+    COMPLETE,
+    FAIL,
+    JobState,
+    RequestRecord,
+    RetryRecord,
+    active_span,
+)
 
 if TYPE_CHECKING:
     from ._clock import Clock
@@ -271,9 +279,12 @@ class JobSystem:
             if request is not None and request.otel_context and st.span_id
             else None
         )
+        active = active_span.set((request, st.span_id)) if request is not None else None
         try:
             await self._attempts(job, ctx, interp, effect)
         finally:
+            if active is not None:
+                active_span.reset(active)
             if token is not None:
                 otel_context.detach(token)
 

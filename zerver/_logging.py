@@ -13,9 +13,28 @@ from typing import TextIO
 import orjson
 import structlog
 
-from ._records import RequestRecord
+from ._records import RequestRecord, active_span
 
-__all__ = ["AccessLog", "configure_logging"]
+__all__ = ["AccessLog", "add_trace_context", "configure_logging"]
+
+
+def add_trace_context(
+    logger: object, method_name: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """structlog processor: ``trace_id``, ``span_id`` and ``request_id`` of the work in hand.
+
+    The span is the step, effect or continuation running when the line is
+    logged (the request's root span outside them). Costs nothing when no
+    request is active.
+    """
+    active = active_span.get()
+    if active is not None:
+        record, span_id = active
+        event_dict.setdefault("trace_id", f"{record.trace_id:032x}")
+        event_dict.setdefault("span_id", f"{span_id:016x}")
+        event_dict.setdefault("request_id", record.request_id)
+    return event_dict
+
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -43,6 +62,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
         processors: list[structlog.types.Processor] = [
             structlog.contextvars.merge_contextvars,
+            add_trace_context,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
             renderer,
@@ -50,6 +70,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     else:
         processors = [
             structlog.contextvars.merge_contextvars,
+            add_trace_context,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

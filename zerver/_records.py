@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -39,6 +40,11 @@ __all__ = [
 PARK_CAUSES = frozenset({"io_wait", "rate_limit", "backpressure", "lock", "timer", "other"})
 
 _default_ids = random.Random()
+
+#: The request and span the current task works for (read by log processors).
+active_span: ContextVar[tuple[RequestRecord, int] | None] = ContextVar(
+    "zerver_active_span", default=None
+)
 
 # Job outcomes.
 COMPLETE = "complete"

@@ -1,7 +1,14 @@
 """Helpers for testing zerver apps (as structlog ships ``capture_logs``)."""
 
 from .._sinks import InMemorySpanSink
-from ._client import AppClient, FakeInterpreter, FakeRule, RecordCapture, running
+from ._client import (
+    AppClient,
+    FakeInterpreter,
+    FakeRule,
+    RecordCapture,
+    capture_logs,
+    running,
+)
 from ._golden import (
     GoldenMismatchError,
     assert_golden,
@@ -21,6 +28,7 @@ __all__ = [
     "RecordCapture",
     "Scenario",
     "assert_golden",
+    "capture_logs",
     "check_scenarios",
     "diff_trees",
     "normalise",

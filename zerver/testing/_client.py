@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -21,7 +21,7 @@ from .._http import Request, Response
 from .._park import JobContext
 from .._records import RequestRecord
 
-__all__ = ["AppClient", "FakeInterpreter", "FakeRule", "RecordCapture"]
+__all__ = ["AppClient", "FakeInterpreter", "FakeRule", "RecordCapture", "capture_logs"]
 
 
 class RecordCapture:
@@ -191,3 +191,32 @@ async def running(app: App) -> AsyncIterator[AppClient]:
     """``async with running(app) as client:`` — shorthand for :class:`AppClient`."""
     async with AppClient(app) as client:
         yield client
+
+
+@contextlib.contextmanager
+def capture_logs() -> Iterator[list[dict[str, Any]]]:
+    """Capture structlog lines as dicts, with ``trace_id``/``span_id``/``request_id``.
+
+    Like ``structlog.testing.capture_logs`` plus zerver's trace-context
+    processor, so tests can check which span a line was logged under.
+    """
+    import structlog
+    from structlog.testing import LogCapture
+
+    from .._logging import add_trace_context
+
+    capture = LogCapture()
+    old = structlog.get_config()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            add_trace_context,
+            structlog.processors.add_log_level,
+            capture,
+        ],
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield capture.entries
+    finally:
+        structlog.configure(**old)
