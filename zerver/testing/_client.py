@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -194,7 +194,7 @@ async def running(app: App) -> AsyncIterator[AppClient]:
 
 
 @contextlib.contextmanager
-def capture_logs() -> Iterator[list[dict[str, Any]]]:
+def capture_logs() -> Iterator[list[MutableMapping[str, Any]]]:
     """Capture structlog lines as dicts, with ``trace_id``/``span_id``/``request_id``.
 
     Like ``structlog.testing.capture_logs`` plus zerver's trace-context
