@@ -34,6 +34,15 @@ from ._errors import (
     ZerverError,
 )
 from ._http import Request, Response
+from ._messaging import (
+    Broker,
+    BrokerInterpreter,
+    Consumer,
+    ConsumerStats,
+    MemoryBroker,
+    Message,
+    Publish,
+)
 from ._park import ConcurrencyLimiter, Interpreter, JobContext, RateLimiter
 from ._records import (
     JobState,
@@ -63,6 +72,8 @@ from ._version import __version__
 
 __all__ = [
     "App",
+    "Broker",
+    "BrokerInterpreter",
     "CacheDel",
     "CacheGet",
     "CacheSet",
@@ -70,6 +81,8 @@ __all__ = [
     "ConcurrencyLimiter",
     "ConfigError",
     "ConsoleSpanSink",
+    "Consumer",
+    "ConsumerStats",
     "Context",
     "Continue",
     "DbDel",
@@ -92,6 +105,8 @@ __all__ = [
     "JobContext",
     "JobState",
     "Join",
+    "MemoryBroker",
+    "Message",
     "MissingSlotError",
     "Mode",
     "MonotonicClock",
@@ -99,6 +114,7 @@ __all__ = [
     "NeedRecord",
     "ParkEpisode",
     "PeerError",
+    "Publish",
     "QueueFullError",
     "RateLimiter",
     "Request",

@@ -26,7 +26,14 @@ from opentelemetry.trace import (
 
 from ._records import RequestRecord
 
-__all__ = ["attach_span", "context_for", "extract_into", "inject", "propagation_fields"]
+__all__ = [
+    "attach_span",
+    "context_for",
+    "extract_into",
+    "inject",
+    "link_message_context",
+    "propagation_fields",
+]
 
 
 def propagation_fields() -> frozenset[bytes]:
@@ -50,6 +57,21 @@ def extract_into(record: RequestRecord, carrier: Mapping[str, list[str]]) -> Non
     entries = otel_baggage.get_all(ctx)
     if entries:
         record.baggage = {k: str(v) for k, v in entries.items()}
+
+
+def link_message_context(
+    record: RequestRecord, carrier: Mapping[str, list[str]], *, continue_trace: bool
+) -> None:
+    """Link a consumer's record to the producer context in a message's headers,
+    and continue its trace unless ``continue_trace`` is false."""
+    ctx = propagate.extract(carrier)
+    sc = get_current_span(ctx).get_span_context()
+    if not sc.is_valid:
+        return
+    state = sc.trace_state.to_header() if sc.trace_state else ""
+    record.links.append((sc.trace_id, sc.span_id, state))
+    if continue_trace:
+        extract_into(record, carrier)
 
 
 def context_for(record: RequestRecord, span_id: int) -> OtelContext:

@@ -291,6 +291,11 @@ class RequestRecord:
         "host",
         "ids",
         "jobs",
+        "kind",
+        "links",
+        "message_attempt",
+        "message_id",
+        "message_size",
         "method",
         "otel_context",
         "params",
@@ -334,6 +339,13 @@ class RequestRecord:
         self.start_ts = clock.now_ns()
         self.start_wall_ns = clock.wall_ns()
         self.end_ts: int | None = None
+        # "http" for a served request, "consumer" for a consumed message.
+        self.kind = "http"
+        self.message_id: str | None = None
+        self.message_size = 0
+        self.message_attempt = 0
+        # Linked contexts (trace id, span id, trace state), e.g. a message's producer.
+        self.links: list[tuple[int, int, str]] = []
         self.method = ""
         self.route: str | None = None
         self.path = ""

@@ -10,6 +10,7 @@ from ._errors import MissingSlotError
 
 if TYPE_CHECKING:
     from ._http import Request
+    from ._messaging import Message
     from ._records import RequestRecord
 
 __all__ = ["Context", "Slot"]
@@ -52,12 +53,20 @@ class Context:
     needs no lock. Every write is recorded as a ``zerver.slot.write`` event.
     """
 
-    __slots__ = ("_values", "params", "record", "request", "step_name")
+    __slots__ = ("_values", "message", "params", "record", "request", "step_name")
 
-    def __init__(self, request: Request, params: Mapping[str, str], record: RequestRecord) -> None:
+    def __init__(
+        self,
+        request: Request,
+        params: Mapping[str, str],
+        record: RequestRecord,
+        message: Message | None = None,
+    ) -> None:
         self.request = request
         self.params = params
         self.record = record
+        #: The message being consumed (consumers only; ``None`` for HTTP requests).
+        self.message = message
         self.step_name: str | None = None
         self._values: dict[str, object] = {}
 

@@ -39,6 +39,7 @@ from ._spans import (
     SpanData,
     SpanEvent,
     SpanKind,
+    SpanLink,
     StatusCode,
     make_span,
 )
@@ -202,35 +203,40 @@ class TraceEngine:
         wall = b.w0 - b.t0
 
         # Root.
-        attrs: dict[str, AttrValue] = {}
-        self.semconv.server_attributes(rec, attrs)
-        for pname, pval in rec.params.items():
-            attrs["url.path.params." + pname] = pval
-        attrs["zerver.request_id"] = rec.request_id
-        status = StatusCode.UNSET
-        message = ""
-        if rec.system_fault or rec.status >= 500:
-            status = StatusCode.ERROR
-            message = rec.error_message or f"HTTP {rec.status}"
-            if rec.error_id:
-                attrs["zerver.error_id"] = rec.error_id
-        name = (
-            f"http.server: {rec.method} {rec.route}" if rec.route else f"http.server: {rec.method}"
-        )
-        root = self._span(
-            b,
-            rec,
-            name,
-            rec.span_id,
-            rec.parent_span_id,
-            SpanKind.SERVER,
-            rec.start_ts,
-            end,
-            attrs,
-            None,
-            status,
-            message,
-        )
+        if rec.kind == "consumer":
+            root = self._consumer_root(b, rec, end)
+        else:
+            attrs: dict[str, AttrValue] = {}
+            self.semconv.server_attributes(rec, attrs)
+            for pname, pval in rec.params.items():
+                attrs["url.path.params." + pname] = pval
+            attrs["zerver.request_id"] = rec.request_id
+            status = StatusCode.UNSET
+            message = ""
+            if rec.system_fault or rec.status >= 500:
+                status = StatusCode.ERROR
+                message = rec.error_message or f"HTTP {rec.status}"
+                if rec.error_id:
+                    attrs["zerver.error_id"] = rec.error_id
+            name = (
+                f"http.server: {rec.method} {rec.route}"
+                if rec.route
+                else f"http.server: {rec.method}"
+            )
+            root = self._span(
+                b,
+                rec,
+                name,
+                rec.span_id,
+                rec.parent_span_id,
+                SpanKind.SERVER,
+                rec.start_ts,
+                end,
+                attrs,
+                None,
+                status,
+                message,
+            )
         if rec.parent_remote:
             root.flags |= _IS_REMOTE
         root_id = rec.span_id
@@ -313,6 +319,51 @@ class TraceEngine:
                 )
         return b.spans
 
+    def _consumer_root(self, b: _Builder, rec: RequestRecord, end: int) -> SpanData:
+        topic = rec.route or ""
+        attrs: dict[str, AttrValue] = {
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": topic,
+            "messaging.message.id": rec.message_id or "",
+            "messaging.message.body.size": rec.message_size,
+            "zerver.message.attempt": rec.message_attempt,
+            "zerver.request_id": rec.request_id,
+        }
+        static = self._static_for("queue")
+        if static:
+            attrs.update(static)
+        status, message = StatusCode.UNSET, ""
+        if rec.system_fault or rec.status >= 400:
+            # For a consumer any failure is an error: the message is retried or dead-lettered.
+            status, message = StatusCode.ERROR, rec.error_message or f"failed ({rec.status})"
+            attrs["error.type"] = rec.error_type or str(rec.status)
+        root = self._span(
+            b,
+            rec,
+            f"queue.process {topic}",
+            rec.span_id,
+            rec.parent_span_id,
+            SpanKind.CONSUMER,
+            rec.start_ts,
+            end,
+            attrs,
+            None,
+            status,
+            message,
+        )
+        for trace_id, span_id, state in rec.links:
+            root.links.append(SpanLink(trace_id, span_id, trace_state=state, flags=0x100 | 0x200))
+        return root
+
+    def _static_for(self, system: str) -> Mapping[str, AttrValue]:
+        static = self._static.get(system)
+        if static is None:
+            interp = self._interpreters.get(system) if self._interpreters else None
+            found = getattr(interp, "span_attributes", None)
+            static = self._static[system] = dict(found) if isinstance(found, Mapping) else {}
+        return static
+
     def _step_attrs(self, sr: StepRecord) -> dict[str, AttrValue]:
         attrs: dict[str, AttrValue] = {
             "zerver.step.sequence": sr.sequence,
@@ -392,11 +443,7 @@ class TraceEngine:
             "effect.timeout_ms": effect.timeout_ms,
         }
         self._job_attrs(attrs, job, d)
-        static = self._static.get(system)
-        if static is None:
-            interp = self._interpreters.get(system) if self._interpreters else None
-            found = getattr(interp, "span_attributes", None)
-            static = self._static[system] = dict(found) if isinstance(found, Mapping) else {}
+        static = self._static_for(system)
         if static:
             attrs.update(static)
         meta = job.result_meta
@@ -406,13 +453,14 @@ class TraceEngine:
         status, message = self._outcome_status(job, effect.required)
         start = job.enqueue_ts if job.enqueue_ts is not None else b.end
         end = job.end_ts if job.end_ts is not None else b.end
+        kind = SpanKind.PRODUCER if system == "queue" else SpanKind.CLIENT
         return self._span(
             b,
             rec,
             job.name,
             job.span_id or rec.new_span_id(),
             parent,
-            SpanKind.CLIENT,
+            kind,
             start,
             end,
             attrs,
@@ -437,6 +485,16 @@ class TraceEngine:
             attrs["cache.operation"] = effect.operation
             if meta is not None and "cache.hit" in meta:
                 attrs["cache.hit"] = bool(meta["cache.hit"])
+        elif system == "queue":
+            attrs["messaging.operation.type"] = "send"
+            attrs["messaging.operation.name"] = effect.operation
+            attrs["messaging.destination.name"] = getattr(effect, "topic", effect.target)
+            if meta is not None:
+                for key in ("messaging.message.id", "messaging.message.body.size"):
+                    if key in meta:
+                        value = meta[key]
+                        if isinstance(value, str | int):
+                            attrs[key] = value
         elif system == "http":
             status = meta.get("http.response.status_code") if meta else None
             facts = ClientFacts(

@@ -28,6 +28,7 @@ __all__ = [
     "ExportContext",
     "ExportResult",
     "ExportStatus",
+    "PreEncoder",
     "RealTimer",
     "SpanEncoder",
     "StatsSink",
@@ -202,3 +203,17 @@ class SpanEncoder(Protocol):
     content_type: str
 
     def encode(self, spans: Sequence[SpanData]) -> bytes: ...
+
+
+@runtime_checkable
+class PreEncoder(Protocol):
+    """A transport that can build a batch's request body ahead of sending it.
+
+    The pipeline calls :meth:`encode_ahead` on its encoder thread and hands the
+    result down the layer chain in place of the batch; the transport then sends
+    the prepared body instead of encoding on the sending thread. The result must
+    still be a ``Sequence[SpanData]`` with the same spans, so layers that look
+    at the batch (rate limit by span count, adapters) see no difference.
+    """
+
+    def encode_ahead(self, spans: Sequence[SpanData]) -> Sequence[SpanData]: ...

@@ -12,6 +12,13 @@ connection errors are retryable (with the server's ``Retry-After`` passed up);
 every other non-2xx status is permanent. A 2xx answer may carry
 ``partialSuccess`` (JSON or protobuf); its ``rejectedSpans`` is reported and its
 message logged, rate-limited.
+
+Encoding ahead: :meth:`OtlpHttpExporter.encode_ahead` builds (and compresses)
+a batch's body on the pipeline's encoder thread and returns an
+:class:`EncodedBatch`, the same spans carrying their body. When that batch
+reaches :meth:`~OtlpHttpExporter.export` (through retry, breaker and rate
+limit, which pass it on unchanged) only the POST is left, so the pipeline can
+encode batch N+1 while batch N is on the wire.
 """
 
 from __future__ import annotations
@@ -42,7 +49,10 @@ from zerver.export._json import JsonEncoder
 from zerver.export._log import RateLimitedLog
 from zerver.export._protobuf import ProtobufEncoder
 
-__all__ = ["RETRYABLE_STATUSES", "OtlpHttpExporter", "parse_partial_success", "parse_retry_after"]
+__all__ = [
+    "RETRYABLE_STATUSES",
+    "EncodedBatch",
+    "OtlpHttpExporter", "parse_partial_success", "parse_retry_after"]
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 _MAX_RESPONSE = 1 << 20
@@ -92,6 +102,22 @@ def parse_partial_success(body: bytes, content_type: str) -> tuple[int, str]:
         return int(rejected or 0), str(message or "")
     except Exception:
         return 0, ""
+
+
+class EncodedBatch(list[SpanData]):
+    """A batch whose request body is already built: the spans, plus ``body``
+    (compressed if configured), the spans the encoder skipped and the exporter
+    that built it (only that exporter uses the body)."""
+
+    __slots__ = ("body", "encoded_by", "invalid_spans")
+
+    def __init__(
+        self, spans: Iterable[SpanData], body: bytes, invalid_spans: int, encoded_by: object
+    ) -> None:
+        super().__init__(spans)
+        self.body = body
+        self.invalid_spans = invalid_spans
+        self.encoded_by = encoded_by
 
 
 class _HTTPConnection(http.client.HTTPConnection):
@@ -161,6 +187,7 @@ class OtlpHttpExporter:
         self._wall_clock = wall_clock
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
+        self._encode_lock = threading.Lock()
         self._last_spans: Sequence[SpanData] | None = None
         self._last_body = b""
         self._last_invalid = 0
@@ -177,15 +204,32 @@ class OtlpHttpExporter:
             **kwargs,  # type: ignore[arg-type]
         )
 
+    def _encode(self, spans: Sequence[SpanData]) -> tuple[bytes, int]:
+        # The encoder keeps caches and is not thread-safe; encode_ahead (encoder
+        # thread) and export (sending thread) may both get here.
+        with self._encode_lock:
+            before = getattr(self._encoder, "invalid_spans", 0)
+            body = self._encoder.encode(spans)
+            invalid = getattr(self._encoder, "invalid_spans", 0) - before
+        if self._gzip:
+            body = gzip.compress(body, compresslevel=1)
+        return body, invalid
+
+    def encode_ahead(self, spans: Sequence[SpanData]) -> EncodedBatch:
+        """Build ``spans``' request body now; :meth:`export` of the result only sends it.
+
+        Raises what the encoder raises (the pipeline counts it as an exporter error).
+        """
+        body, invalid = self._encode(spans)
+        return EncodedBatch(spans, body, invalid, self)
+
     def _body(self, spans: Sequence[SpanData]) -> tuple[bytes, int]:
+        if type(spans) is EncodedBatch and spans.encoded_by is self:
+            return spans.body, spans.invalid_spans
         # A retried batch is the same list object: encode (and compress) it once.
         if spans is self._last_spans:
             return self._last_body, self._last_invalid
-        before = getattr(self._encoder, "invalid_spans", 0)
-        body = self._encoder.encode(spans)
-        invalid = getattr(self._encoder, "invalid_spans", 0) - before
-        if self._gzip:
-            body = gzip.compress(body, compresslevel=1)
+        body, invalid = self._encode(spans)
         self._last_spans, self._last_body, self._last_invalid = spans, body, invalid
         return body, invalid
 

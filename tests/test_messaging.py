@@ -1,0 +1,225 @@
+"""Publish → consume through the embedded broker: spans, retries, dead letters, bounds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from zerver import (
+    App,
+    Context,
+    DbPut,
+    Done,
+    Fail,
+    MemoryBroker,
+    Need,
+    Publish,
+    Response,
+    RetryPolicy,
+    Slot,
+    VirtualClock,
+    load_settings,
+    step,
+)
+from zerver._spans import SpanKind, StatusCode
+from zerver.testing import AppClient, FakeInterpreter, InMemorySpanSink
+
+pytestmark = pytest.mark.anyio
+
+MID: Slot[str] = Slot("message_id")
+
+
+def make_app(**kw: Any) -> tuple[App, InMemorySpanSink, FakeInterpreter]:
+    clock = VirtualClock()
+    app = App("msg", clock=clock, settings=load_settings({}), **kw)
+    fake = FakeInterpreter(clock)
+    fake.on("db.put audit", result=None, work_ms=1)
+    app.interpreter("db", fake)
+    sink = InMemorySpanSink()
+    app.trace_to(sink)
+    return app, sink, fake
+
+
+@step(writes=[MID])
+def publish_order(ctx: Context) -> Need:
+    return Need(
+        Publish(topic="orders", message={"order": ctx.params["id"]}, slot=MID), then=accepted
+    )
+
+
+@step(reads=[MID])
+def accepted(ctx: Context) -> Done:
+    return Done(Response.json({"message_id": ctx.require(MID)}, 202))
+
+
+async def settle(app: App) -> None:
+    """Let consumers run until every message in flight is done (bounded)."""
+    with anyio.fail_after(5):
+        for _ in range(200):
+            await anyio.wait_all_tasks_blocked()
+            if all(c.stats.in_flight == 0 for c in app.consumers) and all(
+                app.broker.depth(c.topic) == 0  # type: ignore[attr-defined]
+                for c in app.consumers
+            ):
+                return
+
+
+async def test_producer_and_consumer_spans_in_one_trace() -> None:
+    app, sink, fake = make_app()
+    seen: list[Any] = []
+
+    @step
+    def record_order(ctx: Context) -> Need:
+        assert ctx.message is not None
+        seen.append((ctx.message.json(), ctx.message.attempt, ctx.request.json()))
+        return Need(DbPut(table="audit", key=ctx.message.id, value=ctx.message.json()), then=done)
+
+    @step
+    def done(ctx: Context) -> Done:
+        return Done(Response.text("ok"))
+
+    app.post("/orders/{id}", publish_order)
+    consumer = app.consumer("orders", record_order)
+    async with AppClient(app) as c:
+        r = await c.post("/orders/7")
+        await settle(app)
+    assert r.status == 202 and r.body == b'{"message_id":"m1"}'
+    assert seen == [({"order": "7"}, 1, {"order": "7"})]
+    assert consumer.stats.received == consumer.stats.processed == 1
+    http_trace, consumer_trace = sink.traces
+    producer = next(s for s in http_trace if s.name == "queue.publish orders")
+    root = consumer_trace[0]
+    assert producer.kind == SpanKind.PRODUCER
+    assert producer.attributes["messaging.destination.name"] == "orders"
+    assert producer.attributes["messaging.operation.type"] == "send"
+    assert producer.attributes["messaging.system"] == "zerver"
+    assert producer.attributes["messaging.message.id"] == "m1"
+    assert producer.attributes["messaging.message.body.size"] == len(b'{"order":"7"}')
+    assert root.name == "queue.process orders" and root.kind == SpanKind.CONSUMER
+    assert root.trace_id == producer.trace_id and root.parent_span_id == producer.span_id
+    assert [(link.trace_id, link.span_id) for link in root.links] == [
+        (producer.trace_id, producer.span_id)
+    ]
+    assert root.attributes["messaging.operation.type"] == "process"
+    assert root.attributes["messaging.message.id"] == "m1"
+    assert root.status_code == StatusCode.UNSET
+    names = {s.name for s in consumer_trace}
+    assert {"step.record_order", "db.put audit", "step.done.resume"} <= names
+
+
+async def test_link_only_when_not_continuing() -> None:
+    app, sink, _fake = make_app()
+
+    @step
+    def ok(ctx: Context) -> Done:
+        return Done(Response.text("ok"))
+
+    app.post("/orders/{id}", publish_order)
+    app.consumer("orders", ok, continue_trace=False)
+    async with AppClient(app) as c:
+        await c.post("/orders/1")
+        await settle(app)
+    producer = next(s for s in sink.traces[0] if s.kind == SpanKind.PRODUCER)
+    root = sink.traces[1][0]
+    assert root.trace_id != producer.trace_id and root.parent_span_id == 0
+    assert root.links[0].span_id == producer.span_id
+
+
+async def test_failing_consumer_is_retried_then_dead_lettered() -> None:
+    app, sink, _fake = make_app()
+    attempts: list[int] = []
+
+    @step
+    def flaky(ctx: Context) -> Any:
+        assert ctx.message is not None
+        attempts.append(ctx.message.attempt)
+        if ctx.message.json()["order"] == "boom":
+            raise RuntimeError("handler broke")
+        if ctx.message.attempt < 2:
+            return Fail(503, "try later")
+        return Done(Response.text("ok"))
+
+    app.post("/orders/{id}", publish_order)
+    consumer = app.consumer(
+        "orders", flaky, max_attempts=3, retry=RetryPolicy(backoff_ms=10, jitter=0)
+    )
+    async with AppClient(app) as c:
+        await c.post("/orders/fine")
+        await c.post("/orders/boom")
+        await settle(app)
+    stats = consumer.stats
+    assert stats.processed == 1 and stats.dead_lettered == 1 and stats.retried == 3
+    assert stats.received == stats.processed + stats.retried + stats.dead_lettered
+    assert sorted(attempts) == [1, 1, 2, 2, 3]
+    broker = app.broker
+    assert isinstance(broker, MemoryBroker)
+    dead = broker.drain("orders.dead")
+    assert [m.json() for m in dead] == [{"order": "boom"}]
+    assert dead[0].attempt == 3 and "handler broke" in dead[0].headers["x-zerver-dead-reason"]
+    assert dead[0].headers["x-zerver-original-topic"] == "orders"
+    failed_roots = [t[0] for t in sink.traces if t[0].status_code == StatusCode.ERROR]
+    assert len(failed_roots) == 4  # 1 Fail(503) + 3 raising attempts
+    assert all(r.name == "queue.process orders" for r in failed_roots)
+    assert {r.attributes["zerver.message.attempt"] for r in failed_roots} == {1, 2, 3}
+
+
+async def test_full_topic_fails_the_publish_and_never_hangs() -> None:
+    app, _sink, _fake = make_app(broker=MemoryBroker(capacity=1))
+    app.post("/orders/{id}", publish_order)
+    async with AppClient(app) as c:
+        first = await c.post("/orders/1")
+        second = await c.post("/orders/2")  # no consumer: the topic stays full
+    assert first.status == 202
+    assert second.status == 503
+    assert app.broker.refused == 1  # type: ignore[attr-defined]
+
+
+async def test_publish_of_unserialisable_message_is_a_clear_failure() -> None:
+    app, _sink, _fake = make_app()
+
+    @step
+    def bad(ctx: Context) -> Need:
+        return Need(Publish(topic="t", message=object()), then=accepted)
+
+    app.get("/bad", bad)
+    async with AppClient(app) as c:
+        r = await c.get("/bad")
+    assert r.status == 500 and b"invalid_message" in r.body
+
+
+async def test_shutdown_finishes_message_in_hand() -> None:
+    app, _sink, _fake = make_app()
+    started = anyio.Event()
+    gate = anyio.Event()
+
+    class Slow(FakeInterpreter):
+        async def perform(self, effect: Any, job: Any) -> Any:
+            started.set()
+            await gate.wait()
+            return None
+
+    app.interpreter("db", Slow(app.clock))
+
+    @step
+    def write(ctx: Context) -> Need:
+        return Need(DbPut(table="x", key="k", value=1, timeout_ms=10_000), then=fin)
+
+    @step
+    def fin(ctx: Context) -> Done:
+        return Done(Response.text("ok"))
+
+    app.post("/orders/{id}", publish_order)
+    consumer = app.consumer("orders", write)
+    async with anyio.create_task_group() as tg, AppClient(app) as c:
+        await c.post("/orders/1")
+        await started.wait()
+        tg.start_soon(_release, gate)
+        # Leaving the app waited for the message in hand.
+    assert consumer.stats.processed == 1 and consumer.stats.in_flight == 0
+
+
+async def _release(gate: anyio.Event) -> None:
+    await anyio.wait_all_tasks_blocked()
+    gate.set()
