@@ -8,8 +8,8 @@ from zerver import ConfigError, load_settings
 
 # variable -> (attribute, default, valid text, parsed valid value, invalid text, message part)
 CASES: dict[str, tuple[str, object, str, object, str | None, str | None]] = {
-    "ZER_VER_QUEUE_NAME_EFFECTS": ("queue_name_effects", "effects", "fx", "fx", "", "non-empty"),
-    "ZER_VER_QUEUE_NAME_CONT": ("queue_name_cont", "continuations", "k", "k", "", "non-empty"),
+    "ZER_VER_QUEUE_NAME_EFFECTS": ("queue_name_effects", "effects", "fx", "fx", "a b", "1 to 64"),
+    "ZER_VER_QUEUE_NAME_CONT": ("queue_name_cont", "continuations", "k", "k", "x" * 65, "1 to 64"),
     "ZER_VER_QUEUE_CAPACITY_EFFECTS": ("queue_capacity_effects", 1024, "8", 8, "0", ">= 1"),
     "ZER_VER_QUEUE_CAPACITY_CONT": ("queue_capacity_cont", 1024, "8", 8, "x", "whole number"),
     "ZER_VER_WORKERS_EFFECTS": ("workers_effects", 64, "2", 2, "0", ">= 1"),
@@ -35,6 +35,7 @@ CASES: dict[str, tuple[str, object, str, object, str | None, str | None]] = {
         "http:// or https:// URL",
     ),
     "ZER_VER_PROMOTE_QUEUE_MS": ("promote_queue_ms", 5.0, "2.5", 2.5, "-1", ">= 0"),
+    "ZER_VER_PROMOTE_P95_MIN_MS": ("promote_p95_min_ms", 1.0, "0.5", 0.5, "-2", ">= 0"),
     "ZER_VER_PROMOTE_PARK_MS": ("promote_park_ms", 5.0, "0", 0.0, "fast", "a number"),
     "ZER_VER_DEBUG_JOBS": ("debug_jobs", False, "1", True, "yes", "0, 1, true, false"),
     "ZER_VER_OTEL_CONTEXT": ("otel_context", True, "0", False, "on", "0, 1, true, false"),
@@ -116,7 +117,6 @@ def test_sampler_grammar(text: str, head: float, tail: tuple[str, ...]) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "",
         "tail:error",
         "head:x",
         "head:-0.1",
@@ -156,3 +156,8 @@ def test_variable_names_are_case_insensitive_and_process_env_is_ignored(
     assert load_settings({}).port == 8080
     assert load_settings().port == 1234
     assert load_settings({"zer_ver_port": "99"}).port == 99
+
+
+def test_empty_values_mean_unset() -> None:
+    s = load_settings({"ZER_VER_SEMCONV": "", "ZER_VER_PORT": "  ", "OTEL_SERVICE_NAME": ""})
+    assert s.semconv is None and s.port == 8080 and s.service_name is None

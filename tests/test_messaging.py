@@ -67,7 +67,7 @@ async def settle(app: App) -> None:
 
 
 async def test_producer_and_consumer_spans_in_one_trace() -> None:
-    app, sink, fake = make_app()
+    app, sink, _fake = make_app()
     seen: list[Any] = []
 
     @step

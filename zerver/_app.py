@@ -188,10 +188,11 @@ class App:
                 park_ms=s.promote_park_ms,
                 debug=s.debug_jobs,
                 window=s.route_window,
+                p95_min_ms=s.promote_p95_min_ms,
             ),
             semconv=SemConv(s.semconv_mode),
             resource=default_resource(
-                s.service_name or self.name,
+                s.service_name or s.resource_attrs.get("service.name") or self.name,
                 self.version,
                 s.resource_attrs,
                 sdk_version=__version__,
@@ -251,6 +252,7 @@ class App:
                 effects_workers=s.workers_effects,
                 cont_capacity=s.queue_capacity_cont,
                 cont_workers=s.workers_cont,
+                rng=self._rng,
             )
             for hook in self._on_startup:
                 await hook(self)

@@ -45,8 +45,8 @@ class Settings(BaseSettings):
         return (init_settings,)
 
     # Job system.
-    queue_name_effects: str = Field("effects", min_length=1)
-    queue_name_cont: str = Field("continuations", min_length=1)
+    queue_name_effects: str = Field("effects", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    queue_name_cont: str = Field("continuations", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     queue_capacity_effects: int = Field(1024, ge=1)
     queue_capacity_cont: int = Field(1024, ge=1)
     workers_effects: int = Field(64, ge=1, le=10_000)
@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     # Trace engine.
     promote_queue_ms: float = Field(5.0, ge=0)
     promote_park_ms: float = Field(5.0, ge=0)
+    promote_p95_min_ms: float = Field(1.0, ge=0)
     debug_jobs: bool = False
     otel_context: bool = True
     export_job_depth: bool = False
@@ -264,6 +265,8 @@ def _accepted(err: Mapping[str, Any]) -> str:
         return f"accepted: a number {op} {ctx.get(key)}"
     if kind == "string_too_short":
         return "accepted: a non-empty string"
+    if kind == "string_pattern_mismatch":
+        return "accepted: 1 to 64 letters, digits, '_', '.' or '-'"
     if kind.startswith("int_"):
         return "accepted: a whole number"
     if kind.startswith("float_"):
@@ -290,7 +293,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         values: dict[str, Any] = {}
         for name, info in Settings.model_fields.items():
             var = env_name(name)
-            if var in upper:
+            # As in OpenTelemetry, an empty value means "not set".
+            if var in upper and upper[var].strip() != "":
                 values[
                     info.validation_alias if isinstance(info.validation_alias, str) else name
                 ] = upper[var]

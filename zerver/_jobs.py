@@ -19,6 +19,7 @@ Rules of the lifecycle (the job system, never user code, writes them):
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -219,8 +220,11 @@ class JobSystem:
         effects_workers: int = 64,
         cont_capacity: int = 1024,
         cont_workers: int = 4,
+        rng: random.Random | None = None,
     ) -> None:
         self.clock = clock
+        # Retry jitter comes from here, so a seeded app retries reproducibly.
+        self.rng = rng if rng is not None else random.Random()
         self.interpreters = interpreters
         self.effects = JobQueue(effects_queue, effects_capacity, effects_workers, clock)
         self.continuations = JobQueue(cont_queue, cont_capacity, cont_workers, clock)
@@ -323,7 +327,7 @@ class JobSystem:
                 job.finish(COMPLETE)
                 return
             if error.retryable and st.attempts < policy.max_attempts:
-                backoff_ms = policy.backoff_for(st.attempts)
+                backoff_ms = policy.backoff_for(st.attempts, self.rng)
                 st.retries.append(RetryRecord(clock.now_ns(), st.attempts, error.kind, backoff_ms))
                 with anyio.CancelScope() as backoff_scope, ctx.parked("timer", "retry_backoff"):
                     job.scope = backoff_scope

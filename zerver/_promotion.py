@@ -14,7 +14,8 @@ wait, or always with ``ZER_VER_DEBUG_JOBS=1``.
 The rolling p95 is kept per route in a bounded ring of recent samples; the
 percentile is recomputed every :data:`RECOMPUTE_EVERY` samples, so a check
 is a comparison with a cached number. It only applies once a route has
-:data:`MIN_SAMPLES` samples, and never promotes a wait of zero.
+:data:`MIN_SAMPLES` samples, and only to waits of at least
+``ZER_VER_PROMOTE_P95_MIN_MS`` (default 1 ms).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class JobDurations:
         end = job.end_ts if job.end_ts is not None else end_fallback
         if enq is None:
             enq = job.take_ts if job.take_ts is not None else end
-        take = job.take_ts if job.take_ts is not None else enq
+        # A job never taken (cancelled while queued, refused by a full queue) spent
+        # all its time queued: the phases it never reached count 0.
+        take = job.take_ts if job.take_ts is not None else max(end, enq)
         start = job.start_ts if job.start_ts is not None else take
         end = max(end, start)
         park = 0
@@ -132,7 +135,7 @@ class RouteStats:
 class Promoter:
     """Decides promotions and keeps the per-route rolling p95s."""
 
-    __slots__ = ("_routes", "_window", "debug", "max_routes", "park_ms", "queue_ms")
+    __slots__ = ("_routes", "_window", "debug", "max_routes", "p95_min_ms", "park_ms", "queue_ms")
 
     def __init__(
         self,
@@ -142,8 +145,12 @@ class Promoter:
         debug: bool = False,
         window: Window | None = None,
         max_routes: int = 1024,
+        p95_min_ms: float = 1.0,
     ) -> None:
         self.queue_ms = queue_ms
+        # The route-p95 rule only promotes waits at least this long: on a fast route
+        # the p95 may be microseconds, and such waits tell nobody anything.
+        self.p95_min_ms = p95_min_ms
         self.park_ms = park_ms
         self.debug = debug
         self._window = window if window is not None else Window(seconds=60.0)
@@ -163,7 +170,7 @@ class Promoter:
         return (
             self.debug
             or queue_wait_ms >= self.queue_ms
-            or (queue_wait_ms > 0 and queue_wait_ms >= stats.queue.value)
+            or (queue_wait_ms >= self.p95_min_ms and queue_wait_ms >= stats.queue.value)
         )
 
     def promote_park(self, stats: RouteStats, park_ms: float) -> bool:

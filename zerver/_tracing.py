@@ -480,6 +480,9 @@ class TraceEngine:
             key = getattr(effect, "key", None)
             if isinstance(key, str):
                 attrs["db.key"] = _sanitise_key(key)
+            rows = meta.get("db.rows") if meta else None
+            if isinstance(rows, int):
+                attrs["db.response.returned_rows"] = rows
         elif system == "cache":
             attrs.setdefault("cache.system", "other")
             attrs["cache.operation"] = effect.operation
@@ -503,6 +506,9 @@ class TraceEngine:
                 status if isinstance(status, int) else None,
             )
             self.semconv.client_attributes(facts, attrs)
+            size = meta.get("http.response.body.size") if meta else None
+            if isinstance(size, int):
+                attrs["http.response.body.size"] = size
 
     def _continuation_span(
         self,

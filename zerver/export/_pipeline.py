@@ -258,9 +258,7 @@ class ExportPipeline:
         self._encode_thread: threading.Thread | None = None
         if self._pre_encoder is not None:
             # ``_thread`` is the sender: the last stage to finish.
-            self._thread = threading.Thread(
-                target=self._run_sender, name=thread_name, daemon=True
-            )
+            self._thread = threading.Thread(target=self._run_sender, name=thread_name, daemon=True)
             self._encode_thread = threading.Thread(
                 target=self._run_encoder, name=f"{thread_name}-encode", daemon=True
             )

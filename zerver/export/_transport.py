@@ -52,7 +52,10 @@ from zerver.export._protobuf import ProtobufEncoder
 __all__ = [
     "RETRYABLE_STATUSES",
     "EncodedBatch",
-    "OtlpHttpExporter", "parse_partial_success", "parse_retry_after"]
+    "OtlpHttpExporter",
+    "parse_partial_success",
+    "parse_retry_after",
+]
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 _MAX_RESPONSE = 1 << 20

@@ -1,0 +1,277 @@
+"""Smoke tests of the load-test harness pieces (fast; every server and socket is closed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import orjson
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+from loadtest._contenders import BLOG, ITEMS, Contender, by_name
+from loadtest._loadgen import LoadResult, LoadSpec, run_load, run_python_load
+from loadtest._receiver import SpanReceiver, TallySnapshot
+from loadtest._runner import (
+    ContenderResult,
+    Report,
+    WorkloadResult,
+    _account,
+    format_table,
+    free_port,
+    stop_process,
+    wait_ready,
+    write_results,
+    write_svg,
+)
+from loadtest.apps.h11_floor import BODY, _FloorProtocol
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _post(url: str, body: bytes, content_type: str) -> int:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        status: int = resp.status
+        return status
+
+
+def _json_span(trace: str, span: str, parent: str, kind: int, route: str = "") -> dict[str, object]:
+    attrs = [{"key": "http.route", "value": {"stringValue": route}}] if route else []
+    return {
+        "traceId": trace,
+        "spanId": span,
+        "parentSpanId": parent,
+        "name": f"GET {route}" if route else "step",
+        "kind": kind,
+        "attributes": attrs,
+    }
+
+
+def test_receiver_counts_json_and_protobuf_spans() -> None:
+    t1, t2 = "11" * 16, "22" * 16
+    doc = {
+        "resourceSpans": [
+            {
+                "scopeSpans": [
+                    {
+                        "spans": [
+                            _json_span(t1, "a1" * 8, "", 2, "/items/{id}"),
+                            _json_span(t1, "a2" * 8, "a1" * 8, 1),
+                            _json_span(t1, "a3" * 8, "a1" * 8, 3),
+                        ]
+                    }
+                ]
+            }
+        ]
+    }
+    message = ExportTraceServiceRequest(
+        resource_spans=[
+            ResourceSpans(
+                scope_spans=[
+                    ScopeSpans(
+                        spans=[
+                            Span(
+                                trace_id=bytes.fromhex(t2),
+                                span_id=b"\x01" * 8,
+                                name="GET /blogs/posts/{id}",
+                                kind=Span.SPAN_KIND_SERVER,
+                                attributes=[
+                                    KeyValue(
+                                        key="http.route",
+                                        value=AnyValue(string_value="/blogs/posts/{id}"),
+                                    )
+                                ],
+                            ),
+                            Span(
+                                trace_id=bytes.fromhex(t2),
+                                span_id=b"\x02" * 8,
+                                parent_span_id=b"\x01" * 8,
+                                name="db.get blog_post",
+                                kind=Span.SPAN_KIND_CLIENT,
+                            ),
+                        ]
+                    )
+                ]
+            )
+        ]
+    )
+    with SpanReceiver() as receiver:
+        url = receiver.traces_endpoint
+        assert _post(url, orjson.dumps(doc), "application/json") == 200
+        assert _post(url, message.SerializeToString(), "application/x-protobuf") == 200
+        assert receiver.wait_quiet(quiet_s=0.05, timeout_s=5)
+        snap = receiver.snapshot()
+    assert (snap.spans, snap.root_server_spans, snap.export_requests) == (5, 2, 2)
+    assert snap.decode_errors == 0
+    assert {k: (v.roots, v.spans) for k, v in snap.by_root.items()} == {
+        "/items/{id}": (1, 3),
+        "/blogs/posts/{id}": (1, 2),
+    }
+
+
+def test_python_loadgen_counts_responses_and_stops_at_its_bound() -> None:
+    async def scenario() -> tuple[LoadResult, LoadResult]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_FloorProtocol, "127.0.0.1", 0)
+        try:
+            port = server.sockets[0].getsockname()[1]
+            by_count = await run_python_load(
+                LoadSpec(port=port, path="/x", connections=4, duration_s=5, max_requests=300)
+            )
+            by_time = await run_python_load(
+                LoadSpec(port=port, path="/x", connections=2, duration_s=0.2, timeout_s=1)
+            )
+            return by_count, by_time
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    by_count, by_time = asyncio.run(scenario())
+    assert by_count.requests == 300
+    assert by_count.errors == 0
+    assert by_count.duration_s < 5
+    assert by_count.p50_ms <= by_count.p99_ms <= by_count.max_ms
+    assert by_time.requests > 0
+    assert by_time.errors == 0
+    assert by_time.duration_s < 1.2
+
+
+def test_python_loadgen_process_drives_the_anyio_floor_server() -> None:
+    port = free_port()
+    argv = [sys.executable, "-m", "loadtest.apps.h11_floor", "--transport", "anyio"]
+    proc = subprocess.Popen(
+        [*argv, "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_ready(port, proc, timeout_s=15)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/items/1", timeout=5) as resp:
+            assert resp.read() == BODY
+        result = run_load(
+            LoadSpec(port=port, path="/items/1", connections=2, duration_s=0.5, max_requests=200),
+            "python",
+        )
+    finally:
+        killed = stop_process(proc, timeout_s=10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert not killed
+    assert proc.returncode == 0
+    assert result.tool == "python"
+    assert result.requests == 200
+    assert result.errors == 0
+
+
+def _contender(name: str, *, check: bool) -> Contender:
+    return Contender(
+        name=name, title=name, argv=("x",), workloads=(ITEMS, BLOG), traced=True, check_spans=check
+    )
+
+
+def _snapshot(roots: int) -> TallySnapshot:
+    return TallySnapshot(
+        spans=3 * roots, root_server_spans=roots, export_requests=1, decode_errors=0
+    )
+
+
+def test_span_loss_is_root_server_spans_short_of_completed_requests() -> None:
+    def account(roots: int, check: bool) -> ContenderResult:
+        result = ContenderResult(name="z", title="z", traced=True, check_spans=check)
+        result.workloads = [
+            WorkloadResult(
+                contender="z",
+                workload="items",
+                path="/items/42",
+                warmup_requests=10,
+                load=LoadResult(tool="wrk", requests=90, duration_s=1.0),
+            ),
+            WorkloadResult(
+                contender="z",
+                workload="blog",
+                path="/blogs/posts/1",
+                load=LoadResult(tool="wrk", requests=100, duration_s=1.0),
+            ),
+        ]
+        _account(result, _contender("z", check=check), _snapshot(roots))
+        return result
+
+    assert account(200, check=True).ok
+    assert account(205, check=True).ok  # requests in flight when the generator stopped
+    lost = account(199, check=True)
+    assert lost.problems == [
+        "z: lost spans: 199 root SERVER spans received for 200 completed requests (1 missing)"
+    ]
+    peer = account(150, check=False)
+    assert peer.ok
+    assert peer.notes
+
+
+def test_a_contender_that_served_nothing_fails() -> None:
+    result = ContenderResult(name="z", title="z", traced=False, check_spans=False)
+    result.workloads = [
+        WorkloadResult(
+            contender="z",
+            workload="items",
+            path="/items/42",
+            load=LoadResult(tool="wrk", requests=0, duration_s=1.0),
+        )
+    ]
+    contender = Contender(name="z", title="z", argv=("x",))
+    _account(result, contender, _snapshot(0))
+    assert result.problems == ["z /items/42: served no requests"]
+
+
+def test_results_json_table_and_chart_are_written(tmp_path: Path) -> None:
+    result = ContenderResult(name="zerver-otlp", title="t", traced=True, check_spans=True)
+    result.workloads = [
+        WorkloadResult(
+            contender="zerver-otlp",
+            workload="items",
+            path="/items/42",
+            warmup_requests=5,
+            load=LoadResult(tool="wrk", requests=995, duration_s=2.0, p50_ms=1.5, p99_ms=4.0),
+            spans=3000,
+            root_spans=1000,
+        )
+    ]
+    report = Report(
+        started="2026-01-01T00:00:00+00:00",
+        elapsed_s=3.0,
+        machine={"cpus": 2},
+        config={"quick": True},
+        contenders=[result],
+        ratios={},
+    )
+    path = write_results(report, tmp_path)
+    saved = json.loads(path.read_text())
+    assert saved == json.loads((tmp_path / "latest.json").read_text())
+    assert saved["ok"] is True
+    (row,) = saved["contenders"][0]["workloads"]
+    assert row["load"]["rps"] == 497.5
+    assert row["requests_total"] == 1000
+    table = format_table(report)
+    assert (
+        "| zerver-otlp | /items/42 | 498 | 1.50 | 4.00 | 0 | 995 | 3000 | 3.00 | 1000 / 1000 |"
+        in (table)
+    )
+    svg = write_svg(report, tmp_path / "chart.svg").read_text()
+    assert svg.startswith("<svg") and "zerver-otlp /items/42" in svg
+
+
+def test_contenders_are_chosen_by_name() -> None:
+    assert [c.name for c in by_name(["floor-anyio", "zerver"])] == ["zerver", "floor-anyio"]
+    assert len(by_name([])) == 7
+    try:
+        by_name(["nope"])
+    except ValueError as exc:
+        assert "unknown contender 'nope'" in str(exc)
+    else:
+        raise AssertionError("expected ValueError")
