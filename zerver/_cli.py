@@ -18,20 +18,29 @@ __all__ = ["main", "serving_app"]
 _APP_ENV = "ZERVER_APP"
 
 
-def serving_app() -> App:
+def serving_app(*, check_only: bool = False) -> App:
     """The app named by ``$ZERVER_APP``, prepared for serving (each worker calls this).
 
     Configures logging, the access log and trace export from the environment.
+    With ``check_only`` it only validates (settings, exporter variables, the
+    app import) and starts nothing: the CLI calls it so a bad value stops
+    start-up before the port is bound.
     """
     from ._logging import AccessLog, configure_logging
     from ._server import load_app
     from ._telemetry import setup_tracing
+    from .export import ExportConfig
 
     settings = load_settings()
-    configure_logging(settings.log_format, settings.log_level)
+    if check_only:
+        ExportConfig.from_env()
+    else:
+        configure_logging(settings.log_format, settings.log_level)
     app = load_app(os.environ[_APP_ENV])
     if not isinstance(app, App):
         raise UsageError(f"{os.environ[_APP_ENV]} is not a zerver App")
+    if check_only:
+        return app
     if settings.access_log:
         app.subscribe(AccessLog())
     setup_tracing(app)
@@ -116,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Every worker process builds the app itself from the environment.
         os.environ["ZER_VER_DB_PATH"] = settings.db_path
         os.environ[_APP_ENV] = "zerver.demo:create_app" if args.command == "demo" else args.app
-        serving_app()  # fail fast, before binding, on a bad app or telemetry setting
+        serving_app(check_only=True)  # fail fast, before binding, on a bad value
     except (ConfigError, UsageError) as exc:
         print(f"zerver: {exc}", file=sys.stderr)
         return 2
