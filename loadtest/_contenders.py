@@ -1,0 +1,125 @@
+"""The contenders: how each server is started and what it is asked.
+
+Every contender serves ``GET /items/{id}`` (a small JSON body); zerver's also
+serve the demo's ``GET /blogs/posts/{id}``. Each is started as
+``<argv> --port P`` on 127.0.0.1 with a clean environment: inherited
+``OTEL_*`` and ``ZER_VER_*`` variables are removed and the contender's own set,
+so a developer's shell cannot change what is measured.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+__all__ = ["BLOG", "CONTENDERS", "ITEMS", "Contender", "Workload", "by_name"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Workload:
+    name: str
+    path: str
+    """The request path the load generator sends."""
+    route: str
+    """The route template, as traced spans name it (``http.route``)."""
+
+
+ITEMS = Workload(name="items", path="/items/42", route="/items/{id}")
+BLOG = Workload(name="blog", path="/blogs/posts/1", route="/blogs/posts/{id}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Contender:
+    name: str
+    title: str
+    argv: tuple[str, ...]
+    """Command without the port; ``--host 127.0.0.1 --port P`` is appended."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Set on top of the cleaned environment; ``{receiver}`` becomes the receiver's base URL."""
+    workloads: tuple[Workload, ...] = (ITEMS,)
+    traced: bool = False
+    check_spans: bool = False
+    """A failure unless every completed request's root SERVER span reached the receiver."""
+
+
+_PY = sys.executable
+_UVICORN = (
+    _PY,
+    "-m",
+    "uvicorn",
+    "--http",
+    "h11",
+    "--loop",
+    "asyncio",
+    "--workers",
+    "1",
+    "--log-level",
+    "warning",
+    "--no-access-log",
+)
+_ZERVER = (_PY, "-m", "zerver", "run", "loadtest.apps.zerver_app:create_app")
+_ZERVER_ENV = {"ZER_VER_ACCESS_LOG": "0"}
+_OTLP_ENV = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "{receiver}"}
+
+CONTENDERS: tuple[Contender, ...] = (
+    Contender(
+        name="starlette",
+        title="uvicorn (h11) + Starlette, untraced",
+        argv=(*_UVICORN, "loadtest.apps.starlette_app:app"),
+    ),
+    Contender(
+        name="starlette-otel",
+        title="uvicorn (h11) + Starlette + OTel ASGI, BatchSpanProcessor, OTLP/HTTP protobuf",
+        argv=(*_UVICORN, "--factory", "loadtest.apps.starlette_app:create_traced_app"),
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": "{receiver}", "OTEL_SERVICE_NAME": "loadtest"},
+        traced=True,
+    ),
+    Contender(
+        name="zerver",
+        title="zerver, telemetry off",
+        argv=_ZERVER,
+        env={**_ZERVER_ENV, "OTEL_TRACES_EXPORTER": "none"},
+        workloads=(ITEMS, BLOG),
+    ),
+    Contender(
+        name="zerver-otlp",
+        title="zerver, default telemetry, OTLP/HTTP JSON",
+        argv=_ZERVER,
+        env={**_ZERVER_ENV, **_OTLP_ENV},
+        workloads=(ITEMS, BLOG),
+        traced=True,
+        check_spans=True,
+    ),
+    Contender(
+        name="zerver-debug-jobs",
+        title="zerver, ZER_VER_DEBUG_JOBS=1, OTLP/HTTP JSON",
+        argv=_ZERVER,
+        env={**_ZERVER_ENV, **_OTLP_ENV, "ZER_VER_DEBUG_JOBS": "1"},
+        workloads=(ITEMS, BLOG),
+        traced=True,
+        check_spans=True,
+    ),
+    Contender(
+        name="floor-anyio",
+        title="floor: bare h11 on anyio streams, constant answer",
+        argv=(_PY, "-m", "loadtest.apps.h11_floor", "--transport", "anyio"),
+    ),
+    Contender(
+        name="floor-protocol",
+        title="floor: bare h11 on an asyncio Protocol, constant answer",
+        argv=(_PY, "-m", "loadtest.apps.h11_floor", "--transport", "protocol"),
+    ),
+)
+
+
+def by_name(names: list[str]) -> tuple[Contender, ...]:
+    """The contenders named (all when ``names`` is empty); ValueError naming an unknown one."""
+    if not names:
+        return CONTENDERS
+    known = {c.name: c for c in CONTENDERS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown contender {unknown[0]!r}: choose from {', '.join(c.name for c in CONTENDERS)}"
+        )
+    return tuple(c for c in CONTENDERS if c.name in names)

@@ -1,0 +1,250 @@
+"""The load test's OTLP/HTTP receiver: counts spans, root SERVER spans, and
+attributes spans to the route of their trace's root.
+
+Built on :class:`zerver.export.OtlpReceiver` (threaded, 127.0.0.1, decodes JSON
+and protobuf, gzip too): its responder hook tallies each accepted request and
+then drops the body, so a long run holds counters, not payloads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import orjson
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from zerver.export import OtlpReceiver, ReceivedRequest, Reply
+
+__all__ = ["RouteTally", "SpanReceiver", "SpanTally", "TallySnapshot"]
+
+_SERVER = 2  # SPAN_KIND_SERVER in OTLP's integer enum
+_ROUTE_KEYS = ("http.route", "url.path", "http.target")
+
+
+@dataclass(slots=True)
+class RouteTally:
+    """Spans of the traces whose root has one route (or name)."""
+
+    roots: int = 0
+    spans: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TallySnapshot:
+    spans: int
+    """Every span received."""
+    root_server_spans: int
+    """Spans of kind SERVER without a parent: one per traced request."""
+    export_requests: int
+    decode_errors: int
+    rejected_requests: int = 0
+    """Export requests the receiver answered with an error (undecodable, wrong path)."""
+    rejected_detail: tuple[str, ...] = ()
+    by_root: dict[str, RouteTally] = field(default_factory=dict)
+    """Per root key (``http.route``, else ``url.path``/``http.target``, else the
+    span name); spans whose trace root never arrived are under ``""``."""
+
+
+@dataclass(slots=True)
+class _Trace:
+    root: str | None = None
+    spans: int = 0
+
+
+class SpanTally:
+    """Thread-safe counters fed decoded OTLP payloads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._traces: dict[str, _Trace] = {}
+        self.spans = 0
+        self.root_server_spans = 0
+        self.export_requests = 0
+        self.decode_errors = 0
+
+    def add_protobuf(self, body: bytes) -> None:
+        message = ExportTraceServiceRequest.FromString(body)
+        rows: list[tuple[str, str | None]] = []
+        for rs in message.resource_spans:
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    root = None
+                    if span.kind == _SERVER and not span.parent_span_id:
+                        attrs = {a.key: a.value.string_value for a in span.attributes}
+                        root = _root_key(attrs, span.name)
+                    rows.append((span.trace_id.hex(), root))
+        self._add(rows)
+
+    def add_json(self, body: bytes) -> None:
+        doc = orjson.loads(body)
+        rows: list[tuple[str, str | None]] = []
+        for rs in doc.get("resourceSpans", ()):
+            for ss in rs.get("scopeSpans", ()):
+                for span in ss.get("spans", ()):
+                    root = None
+                    if _is_server(span.get("kind")) and not span.get("parentSpanId"):
+                        attrs = {
+                            a.get("key"): a.get("value", {}).get("stringValue")
+                            for a in span.get("attributes", ())
+                        }
+                        root = _root_key(attrs, str(span.get("name", "")))
+                    rows.append((str(span.get("traceId", "")), root))
+        self._add(rows)
+
+    def add_error(self) -> None:
+        with self._lock:
+            self.decode_errors += 1
+
+    def _add(self, rows: list[tuple[str, str | None]]) -> None:
+        """Count decoded spans: (trace id, root key when the span is a root SERVER span)."""
+        with self._lock:
+            self.export_requests += 1
+            self.spans += len(rows)
+            traces = self._traces
+            for trace_id, root in rows:
+                trace = traces.get(trace_id)
+                if trace is None:
+                    trace = traces[trace_id] = _Trace()
+                trace.spans += 1
+                if root is not None:
+                    self.root_server_spans += 1
+                    trace.root = root
+
+    def snapshot(self) -> TallySnapshot:
+        with self._lock:
+            by_root: dict[str, RouteTally] = {}
+            for trace in self._traces.values():
+                tally = by_root.setdefault(trace.root or "", RouteTally())
+                tally.spans += trace.spans
+                if trace.root is not None:
+                    tally.roots += 1
+            return TallySnapshot(
+                spans=self.spans,
+                root_server_spans=self.root_server_spans,
+                export_requests=self.export_requests,
+                decode_errors=self.decode_errors,
+                by_root=by_root,
+            )
+
+
+def _root_key(attrs: dict[str, str | None], name: str) -> str:
+    for key in _ROUTE_KEYS:
+        value = attrs.get(key)
+        if value:
+            return value
+    return name
+
+
+def _is_server(kind: object) -> bool:
+    return kind in (_SERVER, "SPAN_KIND_SERVER")
+
+
+class SpanReceiver:
+    """An OTLP/HTTP traces receiver on 127.0.0.1 that tallies what it accepts.
+
+    ``endpoint`` is the base URL to give as ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    (exporters append ``/v1/traces``). The HTTP thread answers as soon as the
+    request is queued; one decoder thread tallies it, so the exporter under test
+    waits for the receiver as little as possible. The queue is bounded: when it
+    is full the HTTP thread waits (the exporter sees a slow collector), and
+    nothing is ever dropped here.
+    """
+
+    def __init__(self, *, max_pending: int = 512) -> None:
+        self.tally = SpanTally()
+        self._receiver = OtlpReceiver(keep_bodies=True, responder=self._on_request)
+        self._pending: queue.Queue[tuple[str, bytes] | None] = queue.Queue(max_pending)
+        self._decoder: threading.Thread | None = None
+        self._last = time.monotonic()
+
+    def _on_request(self, req: ReceivedRequest) -> Reply | None:
+        body, req.body = req.body, b""
+        self._pending.put((req.content_type, body))
+        self._last = time.monotonic()
+        return None  # the receiver's default: 200 with an empty export response
+
+    def _decode_loop(self) -> None:
+        while True:
+            item = self._pending.get()
+            try:
+                if item is None:
+                    return
+                content_type, body = item
+                try:
+                    if "protobuf" in content_type:
+                        self.tally.add_protobuf(body)
+                    else:
+                        self.tally.add_json(body)
+                except Exception:
+                    self.tally.add_error()
+            finally:
+                self._pending.task_done()
+
+    def start(self) -> SpanReceiver:
+        if self._decoder is None:
+            self._decoder = threading.Thread(target=self._decode_loop, name="span-tally")
+            self._decoder.start()
+        self._receiver.start()
+        return self
+
+    def stop(self) -> None:
+        self._receiver.stop()
+        if self._decoder is not None:
+            self._pending.put(None)
+            self._decoder.join()
+            self._decoder = None
+
+    def __enter__(self) -> SpanReceiver:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._receiver.port
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._receiver.port}"
+
+    @property
+    def traces_endpoint(self) -> str:
+        return self._receiver.endpoint
+
+    def wait_quiet(self, quiet_s: float = 0.3, timeout_s: float = 3.0) -> bool:
+        """Wait until nothing arrived for ``quiet_s`` and all of it is tallied.
+
+        False if that did not happen within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        for _ in _ticks(deadline):
+            if time.monotonic() - self._last >= quiet_s and self._pending.unfinished_tasks == 0:
+                return True
+        return False
+
+    def snapshot(self) -> TallySnapshot:
+        snap = self.tally.snapshot()
+        rejected = [r for r in self._receiver.requests if r.status >= 300 or r.error]
+        return dataclasses.replace(
+            snap,
+            rejected_requests=len(rejected),
+            rejected_detail=tuple(f"{r.status} {r.path} {r.error}"[:200] for r in rejected[:3]),
+        )
+
+
+def _ticks(deadline: float, step_s: float = 0.05) -> Iterator[None]:
+    while time.monotonic() < deadline:
+        yield
+        time.sleep(step_s)

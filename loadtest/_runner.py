@@ -1,0 +1,597 @@
+"""Runs the contenders one after another and reports.
+
+Per contender: start a span receiver, start the server on a free 127.0.0.1
+port (pinned to CPU 0), poll the port until it accepts (bounded), then per
+workload a warm-up and a measured load (load generator pinned to CPU 1, this
+process and its receiver too), stop the server (SIGTERM, SIGKILL after a
+deadline), wait until the receiver is quiet and count.
+
+Span loss is judged on root SERVER spans: every request zerver serves makes
+one trace whose root is a SERVER span, so after the server has drained its
+exporter and exited, ``root SERVER spans received >= responses the load
+generator completed`` (warm-ups included) must hold. Requests in flight when a
+load generator stopped may add roots beyond that; they are never a loss.
+Timings never fail a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from ._contenders import Contender, Workload
+from ._loadgen import LoadResult, LoadSpec, available_tool, run_load
+from ._receiver import SpanReceiver, TallySnapshot
+
+__all__ = [
+    "ContenderResult",
+    "Report",
+    "RunConfig",
+    "WorkloadResult",
+    "format_table",
+    "ratios",
+    "run_all",
+    "write_results",
+    "write_svg",
+]
+
+_ROOT = Path(__file__).resolve().parent.parent
+_SERVER_CPU = 0
+_LOAD_CPU = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunConfig:
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    connections: int = 64
+    max_requests: int = 1_000_000
+    """Per measured load (warm-ups get a tenth)."""
+    loadgen: str = "auto"
+    pin: bool = True
+    out: Path = _ROOT / "loadtest" / "results"
+    ready_timeout_s: float = 20.0
+    stop_timeout_s: float = 15.0
+    quick: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class WorkloadResult:
+    contender: str
+    workload: str
+    path: str
+    load: LoadResult | None = None
+    warmup_requests: int = 0
+    spans: int = 0
+    root_spans: int = 0
+    error: str = ""
+
+    @property
+    def requests_total(self) -> int:
+        return self.warmup_requests + (self.load.requests if self.load else 0)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "contender": self.contender,
+            "workload": self.workload,
+            "path": self.path,
+            "load": self.load.to_dict() if self.load else None,
+            "warmup_requests": self.warmup_requests,
+            "requests_total": self.requests_total,
+            "spans": self.spans,
+            "root_spans": self.root_spans,
+            "error": self.error,
+        }
+
+
+@dataclass(slots=True, kw_only=True)
+class ContenderResult:
+    name: str
+    title: str
+    traced: bool
+    check_spans: bool
+    workloads: list[WorkloadResult] = field(default_factory=list)
+    spans: int = 0
+    root_server_spans: int = 0
+    unattributed_spans: int = 0
+    export_requests: int = 0
+    decode_errors: int = 0
+    rejected_requests: int = 0
+    exit_code: int | None = None
+    killed: bool = False
+    log: str = ""
+    log_problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def requests_total(self) -> int:
+        return sum(w.requests_total for w in self.workloads)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, object]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["workloads"] = [w.to_dict() for w in self.workloads]
+        d["requests_total"] = self.requests_total
+        d["ok"] = self.ok
+        return d
+
+
+# -- processes ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Poll until ``port`` accepts a connection; RuntimeError if the process exits or time's up."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.2)
+            try:
+                s.connect(("127.0.0.1", port))
+            except OSError:
+                time.sleep(0.05)
+                continue
+            return
+    raise RuntimeError(f"server did not listen on port {port} within {timeout_s:g} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """SIGTERM, then SIGKILL after ``timeout_s``; True when it had to be killed."""
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+        return True
+
+
+def _taskset(cpu: int | None) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if cpu is not None else []
+
+
+def _server_env(contender: Contender, receiver: str, db_dir: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ZER_VER_"))}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
+    env["ZER_VER_DB_PATH"] = str(Path(db_dir) / "loadtest.sqlite3")
+    for key, value in contender.env.items():
+        env[key] = value.replace("{receiver}", receiver)
+    return env
+
+
+def _log_problems(path: Path, limit: int = 5) -> list[str]:
+    """Lines of a server log that look like errors (first ``limit``, then a count)."""
+    if not path.exists():
+        return []
+    words = ("traceback", "error", "exception", "critical", "dropped", "lost")
+    hits = [
+        line.strip()[:300]
+        for line in path.read_text(errors="replace").splitlines()
+        if any(w in line.lower() for w in words)
+    ]
+    return hits[:limit] + ([f"... and {len(hits) - limit} more"] if len(hits) > limit else [])
+
+
+# -- progress -----------------------------------------------------------------------
+
+
+class Progress:
+    """One running line per contender (rewritten in place on a terminal)."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._tty = self._stream.isatty()
+
+    def update(self, text: str) -> None:
+        if self._tty:
+            self._stream.write("\r\033[K" + text)
+            self._stream.flush()
+
+    def done(self, text: str) -> None:
+        self._stream.write(("\r\033[K" if self._tty else "") + text + "\n")
+        self._stream.flush()
+
+
+# -- one contender ------------------------------------------------------------------
+
+
+def _attribute(snapshot: TallySnapshot, workload: Workload, only: bool) -> tuple[int, int]:
+    """(spans, roots) of the traces whose root is ``workload``'s route (all when ``only``)."""
+    spans = roots = 0
+    for key, tally in snapshot.by_root.items():
+        if only or key == workload.path or workload.route in key:
+            spans += tally.spans
+            roots += tally.roots
+    return spans, roots
+
+
+def run_contender(
+    contender: Contender,
+    cfg: RunConfig,
+    tool: str,
+    progress: Progress,
+    prefix: str = "",
+) -> ContenderResult:
+    """Start, load, stop and count one contender; never raises for a contender's failure."""
+    result = ContenderResult(
+        name=contender.name,
+        title=contender.title,
+        traced=contender.traced,
+        check_spans=contender.check_spans,
+    )
+    server_cpu = _SERVER_CPU if cfg.pin else None
+    load_cpu = _LOAD_CPU if cfg.pin else None
+    logs = cfg.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{contender.name}.log"
+    result.log = str(log_path)
+    with (
+        SpanReceiver() as receiver,
+        tempfile.TemporaryDirectory(prefix="loadtest-db-") as db_dir,
+        log_path.open("wb") as log,
+    ):
+        port = free_port()
+        argv = [*_taskset(server_cpu), *contender.argv, "--host", "127.0.0.1", "--port", str(port)]
+        progress.update(f"{prefix}{contender.name}: starting")
+        proc = subprocess.Popen(
+            argv,
+            cwd=_ROOT,
+            env=_server_env(contender, receiver.endpoint, db_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop the server
+        )
+        try:
+            wait_ready(port, proc, cfg.ready_timeout_s)
+            for workload in contender.workloads:
+                result.workloads.append(
+                    _run_workload(contender, workload, port, cfg, tool, load_cpu, progress, prefix)
+                )
+        except RuntimeError as exc:
+            result.problems.append(f"{contender.name}: {exc}")
+        finally:
+            progress.update(f"{prefix}{contender.name}: stopping")
+            result.killed = stop_process(proc, cfg.stop_timeout_s)
+            result.exit_code = proc.returncode
+            if result.killed:
+                result.notes.append(f"still running {cfg.stop_timeout_s:g} s after SIGTERM; killed")
+        # The server drained its exporter before exiting; what is still on the wire lands now.
+        if not receiver.wait_quiet(quiet_s=0.3, timeout_s=10.0):
+            result.notes.append("receiver still busy 10 s after the server stopped")
+        snapshot = receiver.snapshot()
+    _account(result, contender, snapshot)
+    result.log_problems = _log_problems(log_path)
+    progress.done(prefix + _summary_line(result))
+    return result
+
+
+def _run_workload(
+    contender: Contender,
+    workload: Workload,
+    port: int,
+    cfg: RunConfig,
+    tool: str,
+    cpu: int | None,
+    progress: Progress,
+    prefix: str,
+) -> WorkloadResult:
+    out = WorkloadResult(contender=contender.name, workload=workload.name, path=workload.path)
+    spec = LoadSpec(
+        port=port,
+        path=workload.path,
+        connections=cfg.connections,
+        duration_s=cfg.warmup_s,
+        max_requests=max(1, cfg.max_requests // 10),
+    )
+    name = f"{contender.name} {workload.path}"
+    try:
+        if cfg.warmup_s > 0:
+            progress.update(f"{prefix}{name}: warming up {cfg.warmup_s:g} s")
+            out.warmup_requests = run_load(spec, tool, cpu).requests
+        progress.update(f"{prefix}{name}: load {cfg.duration_s:g} s, {cfg.connections} conns")
+        measured = dataclasses.replace(
+            spec, duration_s=cfg.duration_s, max_requests=cfg.max_requests
+        )
+        out.load = run_load(measured, tool, cpu)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        out.error = str(exc)
+    return out
+
+
+def _account(result: ContenderResult, contender: Contender, snapshot: TallySnapshot) -> None:
+    result.spans = snapshot.spans
+    result.root_server_spans = snapshot.root_server_spans
+    result.export_requests = snapshot.export_requests
+    result.decode_errors = snapshot.decode_errors
+    result.rejected_requests = snapshot.rejected_requests
+    only = len(contender.workloads) == 1
+    attributed = 0
+    for w in result.workloads:
+        wl = next(x for x in contender.workloads if x.name == w.workload)
+        w.spans, w.root_spans = _attribute(snapshot, wl, only)
+        attributed += w.spans
+    result.unattributed_spans = result.spans - attributed
+    for w in result.workloads:
+        if w.error:
+            result.problems.append(f"{w.contender} {w.path}: load generator failed: {w.error}")
+        elif w.load is None or w.load.requests == 0:
+            result.problems.append(f"{w.contender} {w.path}: served no requests")
+    if snapshot.decode_errors or snapshot.rejected_requests:
+        result.problems.append(
+            f"{contender.name}: receiver rejected {snapshot.rejected_requests} and could not "
+            f"tally {snapshot.decode_errors} export requests {list(snapshot.rejected_detail)}"
+        )
+    served = result.requests_total
+    lost = served - result.root_server_spans
+    if contender.check_spans and served and lost > 0:
+        result.problems.append(
+            f"{contender.name}: lost spans: {result.root_server_spans} root SERVER spans "
+            f"received for {served} completed requests ({lost} missing)"
+        )
+    elif contender.traced and served and lost > 0:
+        result.notes.append(
+            f"{result.root_server_spans} root SERVER spans for {served} requests "
+            f"({lost} missing; not checked for peers)"
+        )
+    if not contender.traced and result.spans:
+        result.notes.append(f"untraced but {result.spans} spans arrived")
+
+
+def _summary_line(r: ContenderResult) -> str:
+    parts = [f"{r.name}:"]
+    for w in r.workloads:
+        if w.load is not None:
+            parts.append(
+                f"{w.path} {w.load.rps:,.0f} req/s p99 {w.load.p99_ms:.2f} ms"
+                f" ({w.load.requests} req, {w.load.errors} err)"
+            )
+    if r.traced or r.spans:
+        parts.append(f"spans {r.spans} (roots {r.root_server_spans} / {r.requests_total} req)")
+    parts.append("ok" if r.ok else "FAIL: " + "; ".join(r.problems))
+    return " ".join(parts)
+
+
+# -- all of them --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _pinned(cpu: int | None) -> Iterator[None]:
+    """Pin this process (and so the receiver's threads) to ``cpu`` for the block."""
+    if cpu is None or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def can_pin() -> bool:
+    return shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+
+
+@dataclass(slots=True, kw_only=True)
+class Report:
+    """One run of the load test: machine, configuration, per-contender results, ratios."""
+
+    started: str
+    elapsed_s: float
+    machine: dict[str, object]
+    config: dict[str, object]
+    contenders: list[ContenderResult]
+    ratios: dict[str, float]
+
+    @property
+    def problems(self) -> list[str]:
+        return [p for r in self.contenders for p in r.problems]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "started": self.started,
+            "elapsed_s": self.elapsed_s,
+            "machine": self.machine,
+            "config": self.config,
+            "contenders": [r.to_dict() for r in self.contenders],
+            "ratios": self.ratios,
+            "problems": self.problems,
+            "ok": self.ok,
+        }
+
+
+def run_all(
+    contenders: Sequence[Contender], cfg: RunConfig, progress: Progress | None = None
+) -> Report:
+    """Run every contender in turn."""
+    progress = progress or Progress()
+    cfg = dataclasses.replace(cfg, pin=cfg.pin and can_pin())
+    tool = available_tool(cfg.loadgen)
+    started = dt.datetime.now(dt.UTC)
+    clock = time.monotonic()
+    load_before = os.getloadavg()
+    results: list[ContenderResult] = []
+    with _pinned(_LOAD_CPU if cfg.pin else None):
+        for i, contender in enumerate(contenders, 1):
+            prefix = f"[{i}/{len(contenders)}] "
+            results.append(run_contender(contender, cfg, tool, progress, prefix))
+    return Report(
+        started=started.isoformat(timespec="seconds"),
+        elapsed_s=round(time.monotonic() - clock, 1),
+        machine=_machine(load_before),
+        config={
+            "duration_s": cfg.duration_s,
+            "warmup_s": cfg.warmup_s,
+            "connections": cfg.connections,
+            "max_requests": cfg.max_requests,
+            "loadgen": tool,
+            "pinned": cfg.pin,
+            "quick": cfg.quick,
+        },
+        contenders=results,
+        ratios=ratios(results),
+    )
+
+
+def _machine(load_before: tuple[float, float, float]) -> dict[str, object]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# -- reporting ----------------------------------------------------------------------
+
+
+def _rps(results: Sequence[ContenderResult], name: str, workload: str = "items") -> float | None:
+    for r in results:
+        if r.name == name:
+            for w in r.workloads:
+                if w.workload == workload and w.load is not None and w.load.requests:
+                    return w.load.rps
+    return None
+
+
+def ratios(results: Sequence[ContenderResult]) -> dict[str, float]:
+    """req/s ratios on ``GET /items/{id}`` (only those whose two contenders ran)."""
+    pairs = {
+        "zerver-otlp / starlette": ("zerver-otlp", "starlette"),
+        "zerver-otlp / starlette-otel": ("zerver-otlp", "starlette-otel"),
+        "zerver-otlp / floor-anyio": ("zerver-otlp", "floor-anyio"),
+        "zerver-otlp / floor-protocol": ("zerver-otlp", "floor-protocol"),
+        "zerver-otlp / zerver": ("zerver-otlp", "zerver"),
+        "zerver-debug-jobs / zerver": ("zerver-debug-jobs", "zerver"),
+        "zerver / starlette": ("zerver", "starlette"),
+    }
+    out: dict[str, float] = {}
+    for label, (a, b) in pairs.items():
+        ra, rb = _rps(results, a), _rps(results, b)
+        if ra is not None and rb:
+            out[label] = round(ra / rb, 3)
+    return out
+
+
+def format_table(report: Report) -> str:
+    """The report's rows as a Markdown table, then the ratios."""
+    lines = [
+        "| contender | path | req/s | p50 ms | p99 ms | errors | requests | "
+        "spans | spans/req | root spans / req |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in report.contenders:
+        for w in c.workloads:
+            load = w.load or LoadResult(tool="-", requests=0, duration_s=0.0)
+            total = w.requests_total
+            traced = c.traced or w.spans > 0
+            spans = str(w.spans) if traced else "-"
+            per = f"{w.spans / total:.2f}" if traced and total else "-"
+            roots = f"{w.root_spans} / {total}" if traced else "-"
+            lines.append(
+                f"| {c.name} | {w.path} | {load.rps:,.0f} | {load.p50_ms:.2f} | "
+                f"{load.p99_ms:.2f} | {load.errors} | {load.requests} | {spans} | {per} | {roots} |"
+            )
+    if report.ratios:
+        lines.append("")
+        lines.append(
+            "req/s ratios on GET /items/{id}: "
+            + ", ".join(f"{k} = {v:.2f}" for k, v in report.ratios.items())
+        )
+    return "\n".join(lines)
+
+
+def write_results(report: Report, out: Path) -> Path:
+    """Save the report as ``loadtest-<time>.json`` (and ``latest.json``) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = out / f"loadtest-{stamp}.json"
+    text = json.dumps(report.to_dict(), indent=2)
+    path.write_text(text)
+    (out / "latest.json").write_text(text)
+    return path
+
+
+def write_svg(report: Report, path: Path) -> Path:
+    """A dependency-free bar chart: req/s and p99 latency per contender and path."""
+    rows = [
+        (f"{c.name} {w.path}", w.load.rps if w.load else 0.0, w.load.p99_ms if w.load else 0.0)
+        for c in report.contenders
+        for w in c.workloads
+    ]
+    bar_h, gap, label_w, panel_w = 18, 6, 260, 300
+    height = 40 + len(rows) * (bar_h + gap)
+    width = label_w + 2 * panel_w + 60
+    max_rps = max((r[1] for r in rows), default=0.0) or 1.0
+    max_p99 = max((r[2] for r in rows), default=0.0) or 1.0
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{label_w}" y="18" font-weight="bold">req/s (higher is better)</text>',
+        f'<text x="{label_w + panel_w + 30}" y="18" font-weight="bold">'
+        "p99 latency ms (lower is better)</text>",
+    ]
+    for i, (label, rps, p99) in enumerate(rows):
+        y = 30 + i * (bar_h + gap)
+        w1 = rps / max_rps * (panel_w - 60)
+        w2 = p99 / max_p99 * (panel_w - 60)
+        x2 = label_w + panel_w + 30
+        parts += [
+            f'<text x="{label_w - 8}" y="{y + 13}" text-anchor="end">{_xml(label)}</text>',
+            f'<rect x="{label_w}" y="{y}" width="{w1:.1f}" height="{bar_h}" fill="#4477aa"/>',
+            f'<text x="{label_w + w1 + 4:.1f}" y="{y + 13}">{rps:,.0f}</text>',
+            f'<rect x="{x2}" y="{y}" width="{w2:.1f}" height="{bar_h}" fill="#cc6677"/>',
+            f'<text x="{x2 + w2 + 4:.1f}" y="{y + 13}">{p99:.2f}</text>',
+        ]
+    parts.append("</svg>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
