@@ -1,7 +1,8 @@
 """Stand-in apps for the server tests, and a tiny server script for subprocess tests.
 
 Run from the ``tests`` directory:
-``python -c "from server_apps import main; raise SystemExit(main())" --workers N``
+``python -c "from server_apps import main; raise SystemExit(main())" --workers N
+--transport T``
 serves :data:`announcing_app` on a free port, prints ``PORT_MARKER<port>`` on
 stdout once it accepts connections, and ``STARTED_MARKER<path>`` whenever a
 ``/sleep`` request starts.
@@ -14,20 +15,24 @@ import contextlib
 import http.client
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 import anyio
 import orjson
 import structlog
 
 from zerver._http import Request, Response
-from zerver._server import ServerConfig, run
+from zerver._server import ServerConfig, Transport, run
 
 PORT_MARKER = "ZT-PORT "
 STARTED_MARKER = "ZT-STARTED "
 MAX_SLEEP_S = 5.0
 CLIENT_TIMEOUT_S = 5.0
+# The server tests run against every concrete transport ("auto" picks one of them).
+TRANSPORTS: tuple[Transport, ...] = ("streams", "protocol")
+ConfigFactory = Callable[..., ServerConfig]
 
 
 class StandInApp:
@@ -39,6 +44,8 @@ class StandInApp:
     * ``/sleep?s=0.3`` sleeps (at most ``MAX_SLEEP_S``);
     * ``/status/<code>`` answers that status; ``/lying-length`` declares a wrong
       Content-Length; ``/pid`` answers the process id;
+    * ``/bad-header-name`` and ``/bad-header-value`` return a header h11 would
+      refuse to send; ``/app-close`` asks for ``Connection: close``;
     * anything else echoes the request as JSON.
     """
 
@@ -108,6 +115,12 @@ class StandInApp:
             return Response(200, b"abc", [("Content-Length", "10"), ("X-Kept", "yes")])
         if path == "/pid":
             return Response.json({"pid": os.getpid()})
+        if path == "/bad-header-name":
+            return Response.text("x", headers=[("X Bad", "v")])
+        if path == "/bad-header-value":
+            return Response.text("x", headers=[("X-Injected", "v\r\nSet-Cookie: a=b")])
+        if path == "/app-close":
+            return Response.text("bye", headers=[("Connection", "close")])
         return Response.json(
             {
                 "method": request.method,
@@ -179,9 +192,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--shutdown-timeout", type=float, default=5.0)
+    parser.add_argument("--transport", choices=get_args(Transport), default="auto")
     args = parser.parse_args(argv)
     log_to_stderr()
-    config = ServerConfig(host="127.0.0.1", port=0, shutdown_timeout_s=args.shutdown_timeout)
+    config = ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        shutdown_timeout_s=args.shutdown_timeout,
+        transport=args.transport,
+    )
     return run(
         "server_apps:announcing_app",
         config,

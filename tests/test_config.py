@@ -26,6 +26,14 @@ CASES: dict[str, tuple[str, object, str, object, str | None, str | None]] = {
     "ZER_VER_DB_POOL_SIZE": ("db_pool_size", 4, "8", 8, "0", ">= 1"),
     "ZER_VER_CACHE_MAX_ENTRIES": ("cache_max_entries", 10000, "5", 5, "0", ">= 1"),
     "ZER_VER_CACHE_TTL_MS": ("cache_ttl_ms", 60000, "5", 5, "0", ">= 1"),
+    "ZER_VER_EXPORT_PROCESS": (
+        "export_process",
+        "auto",
+        "1",
+        "on",
+        "maybe",
+        "'auto', 'on' or 'off'",
+    ),
     "ZER_VER_DEMO_BASE_URL": (
         "demo_base_url",
         None,

@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from zerver import ConfigError, Context, Done, Response, load_settings, step
+from zerver import ConfigError, Context, Done, Response, TraceEngine, load_settings, step
 from zerver._telemetry import PipelineSink, setup_tracing
 from zerver.demo import create_app
 from zerver.export import OtlpReceiver
@@ -31,9 +31,11 @@ def _env(receiver: OtlpReceiver, **extra: str) -> dict[str, str]:
 
 async def test_app_spans_reach_an_otlp_receiver_as_json(tmp_path: Path) -> None:
     with OtlpReceiver() as receiver:
-        app = create_app(settings=load_settings({}, db_path=str(tmp_path / "x.sqlite3")))
+        app = create_app(
+            settings=load_settings({}, db_path=str(tmp_path / "x.sqlite3"), export_process="off")
+        )
         engine = setup_tracing(app, _env(receiver))
-        assert engine is not None and isinstance(engine.sink, PipelineSink)
+        assert isinstance(engine, TraceEngine) and isinstance(engine.sink, PipelineSink)
         async with AppClient(app) as c:
             for _ in range(5):
                 assert (await c.get("/blogs/posts/1")).status == 200
@@ -130,3 +132,19 @@ async def test_user_otel_spans_leave_through_the_same_pipeline(tmp_path: Path) -
         assert spans["user.work"]["traceId"] == spans["step.traced"]["traceId"]
         provider.shutdown()
         del trace
+
+
+async def test_setup_picks_the_exporter_process_when_asked(tmp_path: Path) -> None:
+    from zerver._offload import ProcessTraceSubscriber
+
+    with OtlpReceiver() as receiver:
+        app = create_app(
+            settings=load_settings({}, db_path=str(tmp_path / "p.sqlite3"), export_process="on")
+        )
+        sub = setup_tracing(app, _env(receiver))
+        assert isinstance(sub, ProcessTraceSubscriber)
+        async with AppClient(app) as c:
+            assert (await c.get("/healthz")).status == 200
+        assert [s["name"] for s in receiver.spans() if not s.get("parentSpanId")] == [
+            "http.server: GET /healthz"
+        ]

@@ -19,13 +19,14 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from server_apps import (
     PORT_MARKER,
     STARTED_MARKER,
+    TRANSPORTS,
     Reply,
     StandInApp,
     http_client_requests,
 )
 
 from zerver._errors import ConfigError, UsageError
-from zerver._server import ServerConfig, load_app, run, serve
+from zerver._server import ServerConfig, Transport, load_app, run, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -41,6 +42,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> Transport:
+    """The transport under test (each test that serves runs on both)."""
+    value: Transport = request.param
+    return value
+
+
 async def read_until_eof(stream: anyio.abc.ByteStream) -> bytes:
     data = bytearray()
     with anyio.fail_after(WAIT_S):
@@ -54,10 +62,12 @@ async def read_until_eof(stream: anyio.abc.ByteStream) -> bytes:
 # --------------------------------------------------------------- in process
 
 
-async def test_shutdown_finishes_busy_connections_and_closes_idle_ones() -> None:
+async def test_shutdown_finishes_busy_connections_and_closes_idle_ones(
+    transport: Transport,
+) -> None:
     app = StandInApp()
     shutdown = anyio.Event()
-    config = ServerConfig(host="127.0.0.1", port=0)
+    config = ServerConfig(host="127.0.0.1", port=0, transport=transport)
     async with anyio.create_task_group() as tg:
         port: int = await tg.start(functools.partial(serve, app, config, shutdown=shutdown))
         async with (
@@ -89,10 +99,10 @@ async def test_shutdown_finishes_busy_connections_and_closes_idle_ones() -> None
     assert not app.cancelled.is_set()
 
 
-async def test_shutdown_timeout_cancels_requests_in_flight() -> None:
+async def test_shutdown_timeout_cancels_requests_in_flight(transport: Transport) -> None:
     app = StandInApp()
     shutdown = anyio.Event()
-    config = ServerConfig(host="127.0.0.1", port=0, shutdown_timeout_s=0.2)
+    config = ServerConfig(host="127.0.0.1", port=0, shutdown_timeout_s=0.2, transport=transport)
     with anyio.fail_after(WAIT_S):
         async with anyio.create_task_group() as tg:
             port: int = await tg.start(functools.partial(serve, app, config, shutdown=shutdown))
@@ -105,22 +115,26 @@ async def test_shutdown_timeout_cancels_requests_in_flight() -> None:
     assert app.lifespan_exited
 
 
-async def test_shutdown_with_no_connections_returns_promptly() -> None:
+async def test_shutdown_with_no_connections_returns_promptly(transport: Transport) -> None:
     app = StandInApp()
     shutdown = anyio.Event()
     shutdown.set()
     with anyio.fail_after(WAIT_S):
-        await serve(app, ServerConfig(host="127.0.0.1", port=0), shutdown=shutdown)
+        await serve(
+            app, ServerConfig(host="127.0.0.1", port=0, transport=transport), shutdown=shutdown
+        )
     assert app.lifespan_entered and app.lifespan_exited
 
 
-async def test_a_port_in_use_is_a_config_error() -> None:
+async def test_a_port_in_use_is_a_config_error(transport: Transport) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
-            await serve(StandInApp(), ServerConfig(host="127.0.0.1", port=port))
+            await serve(
+                StandInApp(), ServerConfig(host="127.0.0.1", port=port, transport=transport)
+            )
 
 
 # ------------------------------------------------------------- run() checks
@@ -152,13 +166,13 @@ def test_load_app_names_what_is_wrong() -> None:
 
 @contextlib.asynccontextmanager
 async def server_process(
-    tmp_path: Path, workers: int
+    tmp_path: Path, workers: int, transport: Transport
 ) -> AsyncIterator[tuple[anyio.abc.Process, BufferedByteReceiveStream, int]]:
     """Run the server script in a subprocess; yields it, its stdout and its port."""
     stderr_path = tmp_path / "server-stderr.txt"
     with stderr_path.open("wb") as stderr:
         process = await anyio.open_process(
-            [sys.executable, "-c", SCRIPT, "--workers", str(workers)],
+            [sys.executable, "-c", SCRIPT, "--workers", str(workers), "--transport", transport],
             stdout=subprocess.PIPE,
             stderr=stderr,
             cwd=TESTS_DIR,
@@ -192,11 +206,11 @@ async def wait_exit(process: anyio.abc.Process) -> int:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_signal_lets_the_request_in_flight_finish(
-    tmp_path: Path, signum: signal.Signals
+    tmp_path: Path, signum: signal.Signals, transport: Transport
 ) -> None:
     replies: list[Reply] = []
 
-    async with server_process(tmp_path, workers=1) as (process, lines, port):
+    async with server_process(tmp_path, workers=1, transport=transport) as (process, lines, port):
 
         async def slow_request() -> None:
             replies.extend(
@@ -217,8 +231,10 @@ async def test_signal_lets_the_request_in_flight_finish(
     assert reply.header("connection") == "close"
 
 
-async def test_two_workers_share_the_port_and_stop_on_sigterm(tmp_path: Path) -> None:
-    async with server_process(tmp_path, workers=2) as (process, _lines, port):
+async def test_two_workers_share_the_port_and_stop_on_sigterm(
+    tmp_path: Path, transport: Transport
+) -> None:
+    async with server_process(tmp_path, workers=2, transport=transport) as (process, _lines, port):
         replies = [
             (await anyio.to_thread.run_sync(http_client_requests, port, [("GET", "/pid", None)]))[0]
             for _ in range(4)

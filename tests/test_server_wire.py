@@ -18,7 +18,7 @@ import anyio
 import anyio.abc
 import pytest
 import structlog
-from server_apps import Reply, StandInApp, http_client_requests
+from server_apps import TRANSPORTS, ConfigFactory, Reply, StandInApp, http_client_requests
 
 from zerver._connection import split_target
 from zerver._errors import ConfigError
@@ -26,7 +26,6 @@ from zerver._server import ServerConfig, serve
 
 pytestmark = pytest.mark.anyio
 
-local_config = functools.partial(ServerConfig, host="127.0.0.1", port=0)
 WAIT_S = 5.0  # every wait is bounded; none is expected to come close
 GET = b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -36,14 +35,18 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(params=TRANSPORTS)
+def config(request: pytest.FixtureRequest) -> ConfigFactory:
+    """Local ``ServerConfig`` factory for the transport under test (each test runs on both)."""
+    return functools.partial(ServerConfig, host="127.0.0.1", port=0, transport=request.param)
+
+
 # ------------------------------------------------------------------ helpers
 
 
 @contextlib.asynccontextmanager
-async def running(app: StandInApp, config: ServerConfig | None = None) -> AsyncIterator[int]:
+async def running(app: StandInApp, config: ServerConfig) -> AsyncIterator[int]:
     """Serve ``app`` for the duration of the block; yields the port."""
-    if config is None:
-        config = local_config()
     shutdown = anyio.Event()
     async with anyio.create_task_group() as tg:
         port: int = await tg.start(functools.partial(serve, app, config, shutdown=shutdown))
@@ -140,9 +143,9 @@ async def assert_new_client_served(port: int) -> None:
 # ------------------------------------------------------------ framing basics
 
 
-async def test_keep_alive_serves_several_requests_on_one_connection() -> None:
+async def test_keep_alive_serves_several_requests_on_one_connection(config: ConfigFactory) -> None:
     app = StandInApp()
-    async with running(app) as port:
+    async with running(app, config()) as port:
         requests = [
             ("GET", "/echo?n=1", None),
             ("POST", "/echo?n=2", b"abc"),
@@ -158,9 +161,9 @@ async def test_keep_alive_serves_several_requests_on_one_connection() -> None:
     assert all(r.header("date") for r in replies)
 
 
-async def test_request_carries_connection_facts() -> None:
+async def test_request_carries_connection_facts(config: ConfigFactory) -> None:
     app = StandInApp()
-    async with running(app) as port, await anyio.connect_tcp("127.0.0.1", port) as stream:
+    async with running(app, config()) as port, await anyio.connect_tcp("127.0.0.1", port) as stream:
         await stream.send(b"GET /echo/a%20b?x=1&y=2 HTTP/1.1\r\nHost: t\r\nX-Thing: V\r\n\r\n")
         reply = await read_response(stream, bytearray())
         local_port = stream.extra(anyio.abc.SocketAttribute.local_port)
@@ -178,14 +181,14 @@ async def test_request_carries_connection_facts() -> None:
     }
 
 
-async def test_pipelined_requests_are_answered_in_order() -> None:
+async def test_pipelined_requests_are_answered_in_order(config: ConfigFactory) -> None:
     app = StandInApp()
     burst = (
         b"GET /echo?i=1 HTTP/1.1\r\nHost: t\r\n\r\n"
         b"POST /echo?i=2 HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"
         b"GET /echo?i=3 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
     )
-    async with running(app) as port:
+    async with running(app, config()) as port:
         replies = parse_all(await exchange(port, burst))
     assert [r.status for r in replies] == [200, 200, 200]
     assert [r.json()["query"] for r in replies] == ["i=1", "i=2", "i=3"]
@@ -193,47 +196,49 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
     assert replies[2].header("connection") == "close"
 
 
-async def test_upgrade_requests_get_an_ordinary_response_and_keep_alive() -> None:
+async def test_upgrade_requests_get_an_ordinary_response_and_keep_alive(
+    config: ConfigFactory,
+) -> None:
     # The server does not switch protocols; h11 must return to keep-alive.
     app = StandInApp()
     burst = (
         b"GET /echo?i=1 HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
         b"GET /echo?i=2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
     )
-    async with running(app) as port:
+    async with running(app, config()) as port:
         replies = parse_all(await exchange(port, burst))
     assert [r.json()["query"] for r in replies] == ["i=1", "i=2"]
 
 
-async def test_pipelining_beyond_the_read_ahead_budget() -> None:
+async def test_pipelining_beyond_the_read_ahead_budget(config: ConfigFactory) -> None:
     # A tiny budget makes the reader park and resume many times.
     app = StandInApp()
     count = 40
     burst = b"".join(b"GET /echo?i=%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(count))
     burst += b"GET /echo?i=last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    async with running(app, local_config(max_pipelined=64)) as port:
+    async with running(app, config(max_pipelined=64)) as port:
         replies = parse_all(await exchange(port, burst))
     expected = [f"i={i}" for i in range(count)] + ["i=last"]
     assert [r.json()["query"] for r in replies] == expected
 
 
 @pytest.mark.parametrize("piece", [1, 7, 64])
-async def test_request_fed_in_pieces(piece: int) -> None:
+async def test_request_fed_in_pieces(config: ConfigFactory, piece: int) -> None:
     app = StandInApp()
     request = (
         b"POST /echo?q=1 HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n\r\nhello world"
         b"GET /echo?q=2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
     )
     pieces = [request[i : i + piece] for i in range(0, len(request), piece)]
-    async with running(app) as port:
+    async with running(app, config()) as port:
         replies = parse_all(await exchange(port, *pieces))
     assert [r.json()["query"] for r in replies] == ["q=1", "q=2"]
     assert replies[0].json()["body"] == "hello world"
 
 
-async def test_trailing_garbage_after_a_request_gets_400_and_close() -> None:
+async def test_trailing_garbage_after_a_request_gets_400_and_close(config: ConfigFactory) -> None:
     app = StandInApp()
-    async with running(app) as port:
+    async with running(app, config()) as port:
         replies = parse_all(await exchange(port, GET + b"\x00\x01garbage\r\n\r\n"))
         await assert_new_client_served(port)
     assert [r.status for r in replies] == [200, 400]
@@ -241,22 +246,22 @@ async def test_trailing_garbage_after_a_request_gets_400_and_close() -> None:
     assert replies[1].header("connection") == "close"
 
 
-async def test_chunked_request_body() -> None:
+async def test_chunked_request_body(config: ConfigFactory) -> None:
     app = StandInApp()
     head = (
         b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     )
-    async with running(app) as port:
+    async with running(app, config()) as port:
         replies = parse_all(
             await exchange(port, head, b"5\r\nhello\r\n", b"6\r\n world\r\n0\r\n\r\n")
         )
     assert replies[0].json()["body"] == "hello world"
 
 
-async def test_content_length_body_via_reference_client() -> None:
+async def test_content_length_body_via_reference_client(config: ConfigFactory) -> None:
     app = StandInApp()
     body = bytes(range(256)) * 40
-    async with running(app) as port:
+    async with running(app, config()) as port:
         replies = await anyio.to_thread.run_sync(
             http_client_requests, port, [("PUT", "/echo", body)]
         )
@@ -264,35 +269,35 @@ async def test_content_length_body_via_reference_client() -> None:
     assert len(app.requests[0].body) == len(body)
 
 
-async def test_http_1_0_request_is_answered_then_closed() -> None:
+async def test_http_1_0_request_is_answered_then_closed(config: ConfigFactory) -> None:
     app = StandInApp()
-    async with running(app) as port:
+    async with running(app, config()) as port:
         replies = parse_all(await exchange(port, b"GET /echo HTTP/1.0\r\n\r\n"))
     assert replies[0].status == 200
     assert replies[0].json()["http_version"] == "1.0"
 
 
-async def test_head_response_has_length_but_no_body() -> None:
+async def test_head_response_has_length_but_no_body(config: ConfigFactory) -> None:
     app = StandInApp()
     request = (
         b"HEAD /pid HTTP/1.1\r\nHost: t\r\n\r\n"
         b"GET /pid HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
     )
-    async with running(app) as port:
+    async with running(app, config()) as port:
         head, get = parse_all(await exchange(port, request), methods=["HEAD", "GET"])
     assert (head.status, head.body) == (200, b"")
     assert head.header("content-length") == str(len(get.body))
     assert get.body
 
 
-async def test_response_framing_is_the_servers() -> None:
+async def test_response_framing_is_the_servers(config: ConfigFactory) -> None:
     app = StandInApp()
     request = (
         b"GET /lying-length HTTP/1.1\r\nHost: t\r\n\r\n"
         b"GET /status/204 HTTP/1.1\r\nHost: t\r\n\r\n"
         b"GET /status/304 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
     )
-    async with running(app) as port:
+    async with running(app, config()) as port:
         lying, no_content, not_modified = parse_all(await exchange(port, request))
     assert lying.body == b"abc"
     assert lying.header("content-length") == "3"
@@ -302,7 +307,7 @@ async def test_response_framing_is_the_servers() -> None:
     assert not_modified.status == 304
 
 
-async def test_target_forms() -> None:
+async def test_target_forms(config: ConfigFactory) -> None:
     assert split_target(b"GET", b"/a/b?c=d") == ("/a/b", "c=d")
     assert split_target(b"GET", b"http://example.com:8080/x/y?z=1") == ("/x/y", "z=1")
     assert split_target(b"GET", b"HTTP://example.com") == ("/", "")
@@ -311,7 +316,7 @@ async def test_target_forms() -> None:
     assert split_target(b"CONNECT", b"example.com:443") is None
     assert split_target(b"GET", b"http:///nohost") is None
     app = StandInApp()
-    async with running(app) as port:
+    async with running(app, config()) as port:
         absolute = parse_all(
             await exchange(
                 port, b"GET http://t/abs?q=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
@@ -326,9 +331,9 @@ async def test_target_forms() -> None:
 # ------------------------------------------------------------------- limits
 
 
-async def test_malformed_request_gets_400_then_close() -> None:
+async def test_malformed_request_gets_400_then_close(config: ConfigFactory) -> None:
     app = StandInApp()
-    async with running(app) as port:
+    async with running(app, config()) as port:
         replies = parse_all(await exchange(port, b"NOT HTTP AT ALL\r\n\r\n"))
         missing_host = parse_all(await exchange(port, b"GET / HTTP/1.1\r\n\r\n"))
         await assert_new_client_served(port)
@@ -339,21 +344,23 @@ async def test_malformed_request_gets_400_then_close() -> None:
 
 
 @pytest.mark.parametrize("complete", [False, True], ids=["incomplete", "complete"])
-async def test_oversized_header_block_gets_431(complete: bool) -> None:
+async def test_oversized_header_block_gets_431(config: ConfigFactory, complete: bool) -> None:
     app = StandInApp()
     head = b"GET /echo HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 3000 + b"\r\n"
     if complete:
         head += b"\r\n"
-    async with running(app, local_config(max_header_bytes=2048)) as port:
+    async with running(app, config(max_header_bytes=2048)) as port:
         replies = parse_all(await exchange(port, head))
         await assert_new_client_served(port)
     assert replies[0].status == 431
     assert replies[0].json()["error"] == "request header block too large"
 
 
-async def test_body_over_limit_by_content_length_gets_413_before_the_body() -> None:
+async def test_body_over_limit_by_content_length_gets_413_before_the_body(
+    config: ConfigFactory,
+) -> None:
     app = StandInApp()
-    async with running(app, local_config(max_body_bytes=1000)) as port:
+    async with running(app, config(max_body_bytes=1000)) as port:
         replies = parse_all(
             await exchange(port, b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\n\r\n")
         )
@@ -366,28 +373,28 @@ async def test_body_over_limit_by_content_length_gets_413_before_the_body() -> N
     assert fits[0].status == 200
 
 
-async def test_chunked_body_over_limit_gets_413() -> None:
+async def test_chunked_body_over_limit_gets_413(config: ConfigFactory) -> None:
     app = StandInApp()
     head = b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
     chunk = b"190\r\n" + b"x" * 400 + b"\r\n"  # 400 bytes per chunk
-    async with running(app, local_config(max_body_bytes=1000)) as port:
+    async with running(app, config(max_body_bytes=1000)) as port:
         replies = parse_all(await exchange(port, head, chunk, chunk, chunk, b"0\r\n\r\n"))
         await assert_new_client_served(port)
     assert replies[0].status == 413
     assert not any(r.method == "POST" for r in app.requests)
 
 
-async def test_huge_content_length_is_refused() -> None:
+async def test_huge_content_length_is_refused(config: ConfigFactory) -> None:
     app = StandInApp()
     request = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: " + b"9" * 19 + b"\r\n\r\n"
-    async with running(app) as port:
+    async with running(app, config()) as port:
         replies = parse_all(await exchange(port, request))
     assert replies[0].status == 413
 
 
-async def test_expect_100_continue_and_unknown_expectations() -> None:
+async def test_expect_100_continue_and_unknown_expectations(config: ConfigFactory) -> None:
     app = StandInApp()
-    async with running(app) as port:
+    async with running(app, config()) as port:
         async with await anyio.connect_tcp("127.0.0.1", port) as stream:
             await stream.send(
                 b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n"
@@ -408,9 +415,9 @@ async def test_expect_100_continue_and_unknown_expectations() -> None:
     assert refused[0].status == 417
 
 
-async def test_unsupported_transfer_coding_gets_501() -> None:
+async def test_unsupported_transfer_coding_gets_501(config: ConfigFactory) -> None:
     app = StandInApp()
-    async with running(app) as port:
+    async with running(app, config()) as port:
         replies = parse_all(
             await exchange(
                 port, b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n"
@@ -422,9 +429,11 @@ async def test_unsupported_transfer_coding_gets_501() -> None:
 # ------------------------------------------------------------- app failures
 
 
-async def test_raising_app_gets_500_with_error_id_and_connection_survives() -> None:
+async def test_raising_app_gets_500_with_error_id_and_connection_survives(
+    config: ConfigFactory,
+) -> None:
     app = StandInApp()
-    async with running(app) as port, await anyio.connect_tcp("127.0.0.1", port) as stream:
+    async with running(app, config()) as port, await anyio.connect_tcp("127.0.0.1", port) as stream:
         buffer = bytearray()
         with structlog.testing.capture_logs() as logs:
             await stream.send(b"GET /boom HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -441,9 +450,9 @@ async def test_raising_app_gets_500_with_error_id_and_connection_survives() -> N
     assert after.status == 200
 
 
-async def test_unsendable_response_becomes_500() -> None:
+async def test_unsendable_response_becomes_500(config: ConfigFactory) -> None:
     app = StandInApp()
-    async with running(app) as port:
+    async with running(app, config()) as port:
         replies = parse_all(
             await exchange(
                 port, b"GET /bad-status HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
@@ -453,9 +462,39 @@ async def test_unsendable_response_becomes_500() -> None:
     assert "error_id" in replies[0].json()
 
 
-async def test_client_disconnect_cancels_dispatch() -> None:
+async def test_headers_that_cannot_be_sent_become_500(config: ConfigFactory) -> None:
     app = StandInApp()
-    async with running(app) as port:
+    request = (
+        b"GET /bad-header-name HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"GET /bad-header-value HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    async with running(app, config()) as port:
+        replies = parse_all(await exchange(port, request))
+    assert [r.status for r in replies] == [500, 500]
+    assert all("error_id" in r.json() for r in replies)
+    assert all(r.header("x-injected") is None and r.header("set-cookie") is None for r in replies)
+
+
+async def test_connection_close_from_app_or_client_closes_after_the_response(
+    config: ConfigFactory,
+) -> None:
+    app = StandInApp()
+    async with running(app, config()) as port:
+        by_app = await exchange(port, b"GET /app-close HTTP/1.1\r\nHost: t\r\n\r\n" + GET)
+        by_client = await exchange(
+            port, b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: keep-alive, Close\r\n\r\n" + GET
+        )
+    [app_reply] = parse_all(by_app)
+    assert (app_reply.status, app_reply.body) == (200, b"bye")
+    assert app_reply.header("connection") == "close"
+    [client_reply] = parse_all(by_client)
+    assert client_reply.header("connection") == "close"
+    assert len(app.requests) == 2, "nothing after a closing response is dispatched"
+
+
+async def test_client_disconnect_cancels_dispatch(config: ConfigFactory) -> None:
+    app = StandInApp()
+    async with running(app, config()) as port:
         stream = await anyio.connect_tcp("127.0.0.1", port)
         async with stream:
             await stream.send(b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -470,26 +509,26 @@ async def test_client_disconnect_cancels_dispatch() -> None:
 # ----------------------------------------------------------------- timeouts
 
 
-async def test_incomplete_head_times_out_with_408() -> None:
+async def test_incomplete_head_times_out_with_408(config: ConfigFactory) -> None:
     app = StandInApp()
-    async with running(app, local_config(header_timeout_s=0.2)) as port:
+    async with running(app, config(header_timeout_s=0.2)) as port:
         replies = parse_all(await exchange(port, b"GET /echo HTTP/1.1\r\nHost: t\r\n"))
     assert replies[0].status == 408
     assert replies[0].json() == {"error": "request timeout"}
 
 
-async def test_stalled_body_times_out_with_408() -> None:
+async def test_stalled_body_times_out_with_408(config: ConfigFactory) -> None:
     app = StandInApp()
-    async with running(app, local_config(header_timeout_s=0.2)) as port:
+    async with running(app, config(header_timeout_s=0.2)) as port:
         replies = parse_all(
             await exchange(port, b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
         )
     assert replies[0].status == 408
 
 
-async def test_idle_connections_are_closed_silently() -> None:
+async def test_idle_connections_are_closed_silently(config: ConfigFactory) -> None:
     app = StandInApp()
-    async with running(app, local_config(keepalive_timeout_s=0.2)) as port:
+    async with running(app, config(keepalive_timeout_s=0.2)) as port:
         never_spoke = await exchange(port)
         after_one = parse_all(await exchange(port, GET))
     assert never_spoke == b""
@@ -508,3 +547,5 @@ def test_config_rejects_bad_values_by_name() -> None:
         ServerConfig(max_pipelined=0)
     with pytest.raises(ConfigError, match="max_body_bytes"):
         ServerConfig(max_body_bytes=-1)
+    with pytest.raises(ConfigError, match=r"transport must be one of auto, streams, protocol"):
+        ServerConfig(transport="uvloop")  # type: ignore[arg-type]

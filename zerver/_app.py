@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -27,7 +28,8 @@ from ._records import RequestRecord, StepRecord, Subscriber, active_span
 from ._routing import Match, NotAllowed, Route, Router
 from ._semconv import SemConv
 from ._slots import Context
-from ._spans import InstrumentationScope
+from ._offload import EngineSpec, ProcessTraceSubscriber
+from ._spans import InstrumentationScope, Resource
 from ._steps import Step
 from ._tracing import SpanSink, TraceEngine, default_resource
 from ._version import __version__
@@ -175,6 +177,25 @@ class App:
         """Run ``await hook(app)`` once interpreters have started, before serving."""
         self._on_startup.append(hook)
 
+    def _resource(self) -> Resource:
+        s = self.settings
+        return default_resource(
+            s.service_name or s.resource_attrs.get("service.name") or self.name,
+            self.version,
+            s.resource_attrs,
+            sdk_version=__version__,
+        )
+
+    def _promoter(self) -> Promoter:
+        s = self.settings
+        return Promoter(
+            queue_ms=s.promote_queue_ms,
+            park_ms=s.promote_park_ms,
+            debug=s.debug_jobs,
+            window=s.route_window,
+            p95_min_ms=s.promote_p95_min_ms,
+        )
+
     def trace_to(self, sink: SpanSink) -> TraceEngine:
         """Build each request's trace from the app's settings and give it to ``sink``.
 
@@ -183,26 +204,47 @@ class App:
         s = self.settings
         engine = TraceEngine(
             sink,
-            promoter=Promoter(
-                queue_ms=s.promote_queue_ms,
-                park_ms=s.promote_park_ms,
-                debug=s.debug_jobs,
-                window=s.route_window,
-                p95_min_ms=s.promote_p95_min_ms,
-            ),
+            promoter=self._promoter(),
             semconv=SemConv(s.semconv_mode),
-            resource=default_resource(
-                s.service_name or s.resource_attrs.get("service.name") or self.name,
-                self.version,
-                s.resource_attrs,
-                sdk_version=__version__,
-            ),
+            resource=self._resource(),
             scope=InstrumentationScope(name="zerver", version=__version__),
             export_job_depth=s.export_job_depth,
             interpreters=self._interpreters,
         )
         self.subscribe(engine)
         return engine
+
+    def trace_in_process(self, environ: Mapping[str, str]) -> ProcessTraceSubscriber:
+        """Build and export traces in a separate exporter process (see ``_offload``).
+
+        ``environ`` supplies the exporter variables for the child.
+        """
+        s = self.settings
+        window = s.route_window
+        spec = EngineSpec(
+            queue_ms=s.promote_queue_ms,
+            park_ms=s.promote_park_ms,
+            debug=s.debug_jobs,
+            p95_min_ms=s.promote_p95_min_ms,
+            window_count=window.count,
+            window_seconds=window.seconds,
+            semconv=s.semconv_mode,
+            resource=dict(self._resource().attributes),
+            scope_name="zerver",
+            scope_version=__version__,
+            export_job_depth=s.export_job_depth,
+            static_attributes={
+                system: dict(attrs)
+                for system, interp in self._interpreters.items()
+                if isinstance(attrs := getattr(interp, "span_attributes", None), Mapping)
+            },
+            environ=dict(environ),
+            drain_timeout_s=s.shutdown_timeout_s,
+            parent_cpus=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
+        )
+        sub = ProcessTraceSubscriber(spec)
+        self.subscribe(sub)
+        return sub
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """Give every finished :class:`RequestRecord` to ``subscriber``."""

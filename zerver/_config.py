@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     promote_p95_min_ms: float = Field(1.0, ge=0)
     debug_jobs: bool = False
     otel_context: bool = True
+    export_process: Literal["auto", "on", "off"] = "auto"
     export_job_depth: bool = False
     semconv: Literal["old", "new", "dup"] | None = None
     metrics_view_route_p95_window: str = "60s"
@@ -99,6 +100,14 @@ class Settings(BaseSettings):
     @classmethod
     def _strict_bool(cls, v: Any) -> Any:
         return parse_bool(v)
+
+    @field_validator("export_process", mode="before")
+    @classmethod
+    def _process(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            low = v.strip().lower()
+            return {"1": "on", "true": "on", "0": "off", "false": "off"}.get(low, low)
+        return v
 
     @field_validator("demo_base_url")
     @classmethod

@@ -39,6 +39,7 @@ of it. The rules of a connection:
 from __future__ import annotations
 
 import email.utils
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -53,22 +54,46 @@ import structlog
 
 from ._http import Request, Response
 
-__all__ = ["ConnectionContext", "DateHeader", "ServerConnection", "split_target"]
+__all__ = [
+    "ConnectionContext",
+    "DateHeader",
+    "RejectedError",
+    "ServerConnection",
+    "check_head",
+    "encode_response",
+    "error_body",
+    "host_port",
+    "internal_error",
+    "make_request",
+    "next_cycle",
+    "raw_error_response",
+    "reject_for",
+    "split_target",
+]
 
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger("zerver.server")
 
 _READ_SIZE = 64 * 1024
 # Coalescing head and body into one write saves a syscall; above this size the
 # copy costs more than the syscall.
-_COALESCE_MAX = 16 * 1024
-_LINGER_TIMEOUT_S = 1.0
-_LINGER_MAX_BYTES = 256 * 1024
+COALESCE_MAX = 16 * 1024
+LINGER_TIMEOUT_S = 1.0
+LINGER_MAX_BYTES = 256 * 1024
 # h11 checks the size of an *incomplete* head only; a complete head that arrived
 # in one read is measured here. Each header line costs its name, value, ": " and CRLF.
 _HEADER_LINE_OVERHEAD = 4
 _REQUEST_LINE_OVERHEAD = 12
 # h11's messages may quote the offending input; an error body echoes only this much.
 _DETAIL_MAX = 200
+# What h11 accepts in a response: a three-digit status, token header names,
+# field-values (no NUL, no CR/LF, no surrounding whitespace), 1..20 digit lengths.
+_STATUS_MAX = 999
+_FIELD_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
+_CONTENT_LENGTH = re.compile(rb"[0-9]{1,20}")
+# Header names already validated (apps use few); bounded so odd apps cannot grow it.
+_VALID_NAMES: dict[str, bytes] = {}
+_VALID_NAMES_MAX = 256
 
 _REASONS: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _METHODS: dict[bytes, str] = {
@@ -175,14 +200,175 @@ def raw_error_response(status: int, body: bytes, date: bytes, *, head: bool = Fa
     )
 
 
-class _RejectedError(Exception):
-    """Internal: the request is refused with ``status`` and the connection closes."""
+class RejectedError(Exception):
+    """The peer's request is refused with ``status`` and the connection closes."""
 
     def __init__(self, status: int, message: str, **extra: object) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.extra = extra
+
+
+def check_head(
+    ctx: ConnectionContext, event: h11.Request, headers: list[tuple[bytes, bytes]]
+) -> tuple[str, str]:
+    """Apply the server's limits to a request head; its (path, query) if it is served.
+
+    Raises :class:`RejectedError` (431, 400, 417 or 413) otherwise.
+    """
+    size = len(event.method) + len(event.target) + _REQUEST_LINE_OVERHEAD
+    length: bytes | None = None
+    expect: bytes | None = None
+    for name, value in headers:
+        size += len(name) + len(value) + _HEADER_LINE_OVERHEAD
+        if name == b"content-length":
+            length = value
+        elif name == b"expect":
+            expect = value
+    if size > ctx.max_header_bytes:
+        raise RejectedError(431, "request header block too large", limit=ctx.max_header_bytes)
+    split = split_target(event.method, event.target)
+    if split is None:
+        raise RejectedError(400, "invalid request target")
+    # h11 handles 100-continue (and ignores it in HTTP/1.0, as RFC 9110 asks).
+    if expect is not None and expect.lower() != b"100-continue":
+        raise RejectedError(417, "unsupported expectation")
+    # h11 has validated the digits; comparing the length first avoids
+    # converting an absurdly long number.
+    if length is not None and (
+        len(length) > ctx.max_body_digits or int(length) > ctx.max_body_bytes
+    ):
+        raise RejectedError(413, "request body too large", limit=ctx.max_body_bytes)
+    return split
+
+
+def make_request(
+    head: h11.Request,
+    headers: list[tuple[bytes, bytes]],
+    target: tuple[str, str],
+    parts: list[bytes],
+    client: tuple[str, int] | None,
+    server: tuple[str, int] | None,
+) -> Request:
+    """The :class:`Request` of a complete message (``parts`` are its body's pieces)."""
+    return Request(
+        method=_METHODS.get(head.method) or head.method.decode("ascii"),
+        path=target[0],
+        query=target[1],
+        headers=headers,
+        body=b"".join(parts) if len(parts) != 1 else parts[0],
+        http_version=_VERSIONS.get(head.http_version) or head.http_version.decode("ascii"),
+        scheme="http",
+        client=client,
+        server=server,
+    )
+
+
+def encode_response(
+    ctx: ConnectionContext, request: Request, response: Response
+) -> tuple[bytes, bytes, bool]:
+    """The response's head bytes, the body to send and whether the connection stays open.
+
+    The head is written here rather than by h11 (whose send path costs as
+    much as parsing the request), with h11's rules: header names must be
+    tokens and values field-values; the connection closes when the client
+    asked (``connection: close`` or HTTP/1.0), the app said so, or the server
+    shuts down, and then the head says ``connection: close``. A response that
+    cannot be sent (a 1xx status, a header that is not latin-1, ...) is
+    replaced by a logged 500. h11 never sees the response: a kept-alive
+    connection continues on a fresh ``h11.Connection`` (see :func:`next_cycle`).
+    """
+    try:
+        return _encode(ctx, request, response)
+    except (UnicodeError, ValueError, TypeError) as exc:
+        fallback = internal_error("app response cannot be sent", request, error=str(exc))
+        return _encode(ctx, request, fallback)
+
+
+def next_cycle(conn: h11.Connection, max_header_bytes: int) -> h11.Connection:
+    """A fresh h11 connection holding ``conn``'s unparsed bytes, for the next request.
+
+    Equivalent to ``start_next_cycle`` once the response is out; the
+    response itself bypassed h11 (see :func:`encode_response`).
+    """
+    data, closed = conn.trailing_data
+    fresh = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+    if data:
+        fresh.receive_data(data)
+    if closed:
+        fresh.receive_data(b"")
+    return fresh
+
+
+def _encode(
+    ctx: ConnectionContext, request: Request, response: Response
+) -> tuple[bytes, bytes, bool]:
+    status = response.status
+    if not 200 <= status <= _STATUS_MAX:
+        raise ValueError(f"the app returned status {status}; a final response needs 200..599")
+    body = response.body
+    declared: bytes | None = None
+    date = ctx.dates.current()
+    lines: list[bytes] = [b"", b""]  # the status line and the date go first
+    tokens: list[bytes] = []
+    for name, value in response.headers:
+        lname = name.lower()
+        raw = value.encode("latin-1")
+        if _FIELD_VALUE.fullmatch(raw) is None:
+            raise ValueError(f"illegal value {value!r} of header {name!r}")
+        # The server frames every body itself; an app-given length is kept
+        # only where no body follows (HEAD, 304).
+        if lname == "content-length":
+            if _CONTENT_LENGTH.fullmatch(raw) is None:
+                raise ValueError(f"bad content-length {value!r}")
+            declared = raw
+        elif lname == "date":
+            date = raw
+        elif lname == "connection":
+            tokens.extend(t.strip() for t in raw.lower().split(b","))
+        elif lname != "transfer-encoding":
+            encoded = _VALID_NAMES.get(name)
+            if encoded is None:
+                if _FIELD_NAME.fullmatch(name) is None:
+                    raise ValueError(f"illegal header name {name!r}")
+                encoded = name.encode("ascii")
+                if len(_VALID_NAMES) < _VALID_NAMES_MAX:
+                    _VALID_NAMES[name] = encoded
+            lines.append(b"%s: %s\r\n" % (encoded, raw))
+    if status == 204:
+        body = b""
+    elif status == 304:
+        body = b""
+        if declared is not None:
+            lines.append(b"content-length: %s\r\n" % declared)
+    elif request.method == "HEAD":
+        length = b"%d" % len(body) if body or declared is None else declared
+        lines.append(b"content-length: %s\r\n" % length)
+        body = b""
+    else:
+        lines.append(b"content-length: %d\r\n" % len(body))
+    keep_alive = not ctx.closing and b"close" not in tokens and _client_keeps_alive(request)
+    if not keep_alive:
+        kept = {t for t in tokens if t and t != b"keep-alive"}
+        kept.add(b"close")
+        lines.append(b"connection: %s\r\n" % b", ".join(sorted(kept)))
+    elif tokens:
+        lines.append(b"connection: %s\r\n" % b", ".join(t for t in tokens if t))
+    lines[0] = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
+    lines[1] = b"date: %s\r\n" % date
+    lines.append(b"\r\n")
+    return b"".join(lines), body, keep_alive
+
+
+def _client_keeps_alive(request: Request) -> bool:
+    """h11's rule: HTTP/1.1 without a ``close`` token in ``Connection``."""
+    if request.http_version < "1.1":
+        return False
+    for name, value in request.headers:
+        if name == b"connection" and b"close" in (t.strip() for t in value.lower().split(b",")):
+            return False
+    return True
 
 
 class ServerConnection:
@@ -210,8 +396,8 @@ class ServerConnection:
         self.stream = stream
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=ctx.max_header_bytes)
         # anyio leaves remote_address out when the peer already reset the connection.
-        self._client = _host_port(stream.extra(anyio.abc.SocketAttribute.remote_address, None))
-        self._local = _host_port(stream.extra(anyio.abc.SocketAttribute.local_address, None))
+        self._client = host_port(stream.extra(anyio.abc.SocketAttribute.remote_address, None))
+        self._local = host_port(stream.extra(anyio.abc.SocketAttribute.local_address, None))
         self._scope: anyio.CancelScope | None = None
         self._dispatching = False
         self._eof = False
@@ -248,12 +434,11 @@ class ServerConnection:
     # ---------------------------------------------------------------- handler
 
     async def _serve(self) -> None:
-        conn = self._h11
         dispatch = self._ctx.dispatch
         while True:
             try:
                 request = await self._read_request()
-            except _RejectedError as reject:
+            except RejectedError as reject:
                 await self._reject(reject)
                 return
             if request is None:
@@ -267,16 +452,16 @@ class ServerConnection:
             try:
                 response = await dispatch(request)
             except Exception:
-                response = _internal_error("app dispatch raised", request)
+                response = internal_error("app dispatch raised", request)
             finally:
                 self._dispatching = False
-            if not await self._respond(request, response):
+            keep_alive = await self._respond(request, response)
+            if keep_alive is None:
                 return
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                conn.start_next_cycle()
-            else:
+            if not keep_alive:
                 await self._linger()
                 return
+            self._h11 = next_cycle(self._h11, self._ctx.max_header_bytes)
 
     async def _read_request(self) -> Request | None:
         """The next complete request, or ``None`` when the connection should close."""
@@ -284,7 +469,7 @@ class ServerConnection:
         ctx = self._ctx
         head: h11.Request | None = None
         headers: list[tuple[bytes, bytes]] = []
-        path = query = ""
+        target = ("", "")
         parts: list[bytes] = []
         body_size = 0
         head_deadline: float | None = None
@@ -292,7 +477,7 @@ class ServerConnection:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                raise _reject_for(exc) from None
+                raise reject_for(exc) from None
             if event is h11.NEED_DATA:
                 if head is None:
                     if head_deadline is None:
@@ -311,64 +496,24 @@ class ServerConnection:
                 if not await self._wait_for_bytes(timeout):
                     if self._reader_done:
                         return None
-                    raise _RejectedError(408, "request timeout")
+                    raise RejectedError(408, "request timeout")
                 continue
             if type(event) is h11.Data:
                 body_size += len(event.data)
                 if body_size > ctx.max_body_bytes:
-                    raise _RejectedError(413, "request body too large", limit=ctx.max_body_bytes)
+                    raise RejectedError(413, "request body too large", limit=ctx.max_body_bytes)
                 parts.append(event.data)
             elif type(event) is h11.Request:
                 head = event
                 headers = list(event.headers)
-                path, query = self._check_head(event, headers)
+                target = check_head(ctx, event, headers)
             elif type(event) is h11.EndOfMessage:
                 if head is None:  # pragma: no cover - h11 never ends a message it did not start
                     return None
-                return Request(
-                    method=_METHODS.get(head.method) or head.method.decode("ascii"),
-                    path=path,
-                    query=query,
-                    headers=headers,
-                    body=b"".join(parts) if len(parts) != 1 else parts[0],
-                    http_version=_VERSIONS.get(head.http_version)
-                    or head.http_version.decode("ascii"),
-                    scheme="http",
-                    client=self._client,
-                    server=self._local,
-                )
+                return make_request(head, headers, target, parts, self._client, self._local)
             else:
                 # ConnectionClosed. PAUSED cannot happen: a cycle starts after its response.
                 return None
-
-    def _check_head(
-        self, event: h11.Request, headers: list[tuple[bytes, bytes]]
-    ) -> tuple[str, str]:
-        ctx = self._ctx
-        size = len(event.method) + len(event.target) + _REQUEST_LINE_OVERHEAD
-        length: bytes | None = None
-        expect: bytes | None = None
-        for name, value in headers:
-            size += len(name) + len(value) + _HEADER_LINE_OVERHEAD
-            if name == b"content-length":
-                length = value
-            elif name == b"expect":
-                expect = value
-        if size > ctx.max_header_bytes:
-            raise _RejectedError(431, "request header block too large", limit=ctx.max_header_bytes)
-        split = split_target(event.method, event.target)
-        if split is None:
-            raise _RejectedError(400, "invalid request target")
-        # h11 handles 100-continue (and ignores it in HTTP/1.0, as RFC 9110 asks).
-        if expect is not None and expect.lower() != b"100-continue":
-            raise _RejectedError(417, "unsupported expectation")
-        # h11 has validated the digits; comparing the length first avoids
-        # converting an absurdly long number.
-        if length is not None and (
-            len(length) > ctx.max_body_digits or int(length) > ctx.max_body_bytes
-        ):
-            raise _RejectedError(413, "request body too large", limit=ctx.max_body_bytes)
-        return split
 
     async def _wait_for_bytes(self, timeout: float, *, idle: bool = False) -> bool:
         """Wait until the reader has fed h11 more bytes; ``False`` on timeout or shutdown."""
@@ -398,65 +543,21 @@ class ServerConnection:
             return False
         return True
 
-    async def _respond(self, request: Request, response: Response) -> bool:
-        """Send the response; ``False`` if the peer is gone."""
+    async def _respond(self, request: Request, response: Response) -> bool | None:
+        """Send the response; ``None`` if the peer is gone, else whether to keep alive."""
+        head, body, keep_alive = encode_response(self._ctx, request, response)
         try:
-            head, body = self._encode(request, response)
-        except (h11.LocalProtocolError, UnicodeError, ValueError, TypeError) as exc:
-            fallback = _internal_error("app response cannot be sent", request, error=str(exc))
-            head, body = self._encode(request, fallback)
-        try:
-            if body and len(body) <= _COALESCE_MAX:
+            if body and len(body) <= COALESCE_MAX:
                 await self.stream.send(head + body)
             else:
                 await self.stream.send(head)
                 if body:
                     await self.stream.send(body)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return False
-        return True
+            return None
+        return keep_alive
 
-    def _encode(self, request: Request, response: Response) -> tuple[bytes, bytes]:
-        """Response head bytes and the body to send, through h11's state machine."""
-        status = response.status
-        if status < 200:
-            raise ValueError(f"the app returned status {status}; a final response needs 200..599")
-        body = response.body
-        declared: bytes | None = None
-        headers: list[tuple[bytes, bytes]] = [(b"date", self._ctx.dates.current())]
-        for name, value in response.headers:
-            lname = name.lower()
-            # The server frames every body itself; an app-given length is kept
-            # only where no body follows (HEAD, 304).
-            if lname == "content-length":
-                declared = value.encode("ascii")
-            elif lname == "date":
-                headers[0] = (b"date", value.encode("latin-1"))
-            elif lname != "transfer-encoding":
-                headers.append((name.encode("ascii"), value.encode("latin-1")))
-        if status == 204:
-            body = b""
-        elif status == 304:
-            body = b""
-            if declared is not None:
-                headers.append((b"content-length", declared))
-        elif request.method == "HEAD":
-            length = b"%d" % len(body) if body or declared is None else declared
-            headers.append((b"content-length", length))
-            body = b""
-        else:
-            headers.append((b"content-length", b"%d" % len(body)))
-        if self._ctx.closing:
-            headers.append((b"connection", b"close"))
-        event = h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
-        conn = self._h11
-        head = conn.send(event)
-        if body:
-            conn.send(h11.Data(data=body))
-        conn.send(h11.EndOfMessage())
-        return head, body
-
-    async def _reject(self, reject: _RejectedError) -> None:
+    async def _reject(self, reject: RejectedError) -> None:
         _log.debug(
             "request rejected",
             status=reject.status,
@@ -486,14 +587,13 @@ class ServerConnection:
         # In discard mode the reader sets this event only when it stops.
         ready = self._data_ready = anyio.Event()
         if not self._reader_done:
-            with anyio.move_on_after(_LINGER_TIMEOUT_S):
+            with anyio.move_on_after(LINGER_TIMEOUT_S):
                 await ready.wait()
 
     # ----------------------------------------------------------------- reader
 
     async def _read_loop(self) -> None:
         receive = self.stream.receive
-        feed = self._h11.receive_data
         limit = self._ctx.max_pipelined
         discarded = 0
         try:
@@ -509,18 +609,19 @@ class ServerConnection:
                     data = b""
                 if self._discard:
                     discarded += len(data)
-                    if data and discarded <= _LINGER_MAX_BYTES:
+                    if data and discarded <= LINGER_MAX_BYTES:
                         continue
                     return
                 if not data:
                     self._eof = True
-                    feed(b"")
+                    self._h11.receive_data(b"")
                     if self._dispatching and self._scope is not None:
                         _log.debug("client disconnected during dispatch", client=self._client)
                         self._scope.cancel()
                     return
                 self._ahead += len(data)
-                feed(data)
+                # Not bound once: the handler moves to a fresh h11 connection per request.
+                self._h11.receive_data(data)
                 ready = self._data_ready
                 if ready is not None:
                     ready.set()
@@ -533,23 +634,23 @@ class ServerConnection:
                 ready.set()
 
 
-def _host_port(address: object) -> tuple[str, int] | None:
+def host_port(address: object) -> tuple[str, int] | None:
     # IPv6 socket addresses carry flow info and scope id after (host, port).
     if isinstance(address, tuple) and len(address) >= 2:
         return str(address[0]), int(address[1])
     return None
 
 
-def _reject_for(exc: h11.RemoteProtocolError) -> _RejectedError:
+def reject_for(exc: h11.RemoteProtocolError) -> RejectedError:
     status = exc.error_status_hint
     if status == 431:
-        return _RejectedError(431, "request header block too large")
+        return RejectedError(431, "request header block too large")
     if status == 501:
-        return _RejectedError(501, "not implemented", detail=str(exc)[:_DETAIL_MAX])
-    return _RejectedError(status, "malformed request", detail=str(exc)[:_DETAIL_MAX])
+        return RejectedError(501, "not implemented", detail=str(exc)[:_DETAIL_MAX])
+    return RejectedError(status, "malformed request", detail=str(exc)[:_DETAIL_MAX])
 
 
-def _internal_error(what: str, request: Request, *, error: str | None = None) -> Response:
+def internal_error(what: str, request: Request, *, error: str | None = None) -> Response:
     """A 500 whose ``error_id`` is logged with ``what`` (and the exception being handled)."""
     error_id = secrets.token_hex(8)
     if error is None:

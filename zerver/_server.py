@@ -26,7 +26,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Protocol, TypeGuard
+from typing import TYPE_CHECKING, Literal, Protocol, TypeGuard, get_args
 
 import anyio
 import anyio.abc
@@ -36,6 +36,7 @@ from anyio.streams.stapled import MultiListener
 from ._connection import ConnectionContext, ServerConnection
 from ._errors import ConfigError, UsageError
 from ._http import Request, Response
+from ._protocol import ProtocolServer, running_on_asyncio
 
 if TYPE_CHECKING:
     from ._config import Settings
@@ -50,6 +51,9 @@ _ACCEPT_BACKOFF_S = 0.1
 _PEER_ERRNOS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO})
 # How much longer than a worker's own shutdown deadline the parent waits before SIGKILL.
 _KILL_GRACE_S = 5.0
+
+Transport = Literal["auto", "streams", "protocol"]
+_TRANSPORTS: tuple[str, ...] = get_args(Transport)
 
 
 class ServerApp(Protocol):
@@ -72,6 +76,11 @@ class ServerConfig:
     answered (pipelined requests) before the server stops reading the socket.
     ``reuse_port`` sets ``SO_REUSEPORT`` so several processes can share the
     port; :func:`run` sets it for ``workers > 1``.
+
+    ``transport`` chooses what carries h11's bytes: ``"protocol"`` (an asyncio
+    ``Protocol``, callbacks, the fastest; asyncio backend only), ``"streams"``
+    (anyio socket streams, any anyio backend) or ``"auto"`` (``"protocol"``
+    on asyncio, else ``"streams"``). Both behave the same on the wire.
     """
 
     host: str = "127.0.0.1"
@@ -84,8 +93,14 @@ class ServerConfig:
     backlog: int = 2048
     max_pipelined: int = 64 * 1024
     reuse_port: bool = False
+    transport: Transport = "auto"
 
     def __post_init__(self) -> None:
+        if self.transport not in _TRANSPORTS:
+            raise ConfigError(
+                f"ServerConfig.transport must be one of {', '.join(_TRANSPORTS)}, "
+                f"got {self.transport!r}"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"ServerConfig.port must be 0..65535, got {self.port}")
         for name in ("max_header_bytes", "backlog", "max_pipelined"):
@@ -119,57 +134,105 @@ async def serve(
     """
     if shutdown is None:
         shutdown = anyio.Event()
-    try:
-        listener = await anyio.create_tcp_listener(
-            local_host=config.host,
-            local_port=config.port,
+    ctx = ConnectionContext(
+        app.dispatch,
+        max_header_bytes=config.max_header_bytes,
+        max_body_bytes=config.max_body_bytes,
+        header_timeout_s=config.header_timeout_s,
+        keepalive_timeout_s=config.keepalive_timeout_s,
+        max_pipelined=config.max_pipelined,
+    )
+    server: _Listening
+    if _use_protocol(config.transport):
+        server = await ProtocolServer.bind(
+            ctx,
+            host=config.host,
+            port=config.port,
             backlog=config.backlog,
             reuse_port=config.reuse_port,
+            shutdown_timeout_s=config.shutdown_timeout_s,
         )
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
-    async with listener:
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        server = _Server(app, config)
+    else:
+        server = await _StreamServer.bind(ctx, config)
+    try:
         async with app.lifespan():
-            await server.run(listener, shutdown, task_status, port)
-    _log.info("server stopped", host=config.host, port=port, pid=os.getpid())
+            await server.run(shutdown, task_status)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await server.aclose()
+    _log.info("server stopped", host=config.host, port=server.port, pid=os.getpid())
 
 
-class _Server:
-    """The accept loops and the set of live connections of one :func:`serve` call."""
+def _use_protocol(transport: str) -> bool:
+    """Whether ``transport`` resolves to the asyncio Protocol transport here."""
+    if transport == "streams":
+        return False
+    on_asyncio = running_on_asyncio()
+    if transport == "protocol" and not on_asyncio:
+        raise ConfigError("ServerConfig.transport='protocol' needs anyio's asyncio backend")
+    return on_asyncio
 
-    __slots__ = ("_config", "_connections", "_ctx", "_drained")
 
-    def __init__(self, app: ServerApp, config: ServerConfig) -> None:
+class _Listening(Protocol):
+    """What :func:`serve` needs from a transport's server (streams or asyncio Protocol)."""
+
+    @property
+    def port(self) -> int: ...
+
+    async def run(self, shutdown: anyio.Event, task_status: anyio.abc.TaskStatus[int]) -> None:
+        """Accept until ``shutdown`` is set, then stop gracefully (lifespan excluded)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the listener and whatever connection is left."""
+        ...
+
+
+class _StreamServer:
+    """The anyio-streams transport: accept loops and the live connections of one serve call."""
+
+    __slots__ = ("_config", "_connections", "_ctx", "_drained", "_listener", "port")
+
+    def __init__(
+        self,
+        ctx: ConnectionContext,
+        config: ServerConfig,
+        listener: MultiListener[anyio.abc.SocketStream],
+    ) -> None:
         self._config = config
-        self._ctx = ConnectionContext(
-            app.dispatch,
-            max_header_bytes=config.max_header_bytes,
-            max_body_bytes=config.max_body_bytes,
-            header_timeout_s=config.header_timeout_s,
-            keepalive_timeout_s=config.keepalive_timeout_s,
-            max_pipelined=config.max_pipelined,
-        )
+        self._ctx = ctx
+        self._listener = listener
+        self.port: int = listener.extra(anyio.abc.SocketAttribute.local_port)
         self._connections: set[ServerConnection] = set()
         self._drained: anyio.Event | None = None
 
-    async def run(
-        self,
-        listener: MultiListener[anyio.abc.SocketStream],
-        shutdown: anyio.Event,
-        task_status: anyio.abc.TaskStatus[int],
-        port: int,
-    ) -> None:
+    @classmethod
+    async def bind(cls, ctx: ConnectionContext, config: ServerConfig) -> _StreamServer:
+        try:
+            listener = await anyio.create_tcp_listener(
+                local_host=config.host,
+                local_port=config.port,
+                backlog=config.backlog,
+                reuse_port=config.reuse_port,
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
+        return cls(ctx, config, listener)
+
+    async def aclose(self) -> None:
+        await self._listener.aclose()
+
+    async def run(self, shutdown: anyio.Event, task_status: anyio.abc.TaskStatus[int]) -> None:
         config = self._config
+        listener = self._listener
         try:
             async with anyio.create_task_group() as connections:
                 async with anyio.create_task_group() as acceptors:
                     for sub in listener.listeners:
                         if isinstance(sub, anyio.abc.SocketListener):
                             acceptors.start_soon(self._accept_loop, sub, connections)
-                    _log.info("server started", host=config.host, port=port, pid=os.getpid())
-                    task_status.started(port)
+                    _log.info("server started", host=config.host, port=self.port, pid=os.getpid())
+                    task_status.started(self.port)
                     await shutdown.wait()
                     acceptors.cancel_scope.cancel()
                 await listener.aclose()

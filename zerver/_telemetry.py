@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import cast
 
+import structlog
 from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.resources import Resource as OtelResource
 from opentelemetry.sdk.trace import TracerProvider
 
 from ._app import App
+from ._offload import ProcessTraceSubscriber
 from ._spans import SpanData
 from ._tracing import TraceEngine
 
 __all__ = ["PipelineSink", "setup_tracing"]
+
+_log = structlog.get_logger("zerver.export")
 
 
 class PipelineSink:
@@ -45,12 +50,24 @@ class PipelineSink:
             submit(span)
 
     def shutdown(self) -> None:
-        self.pipeline.shutdown(self.drain_timeout_s)
+        report = self.pipeline.shutdown(self.drain_timeout_s)
+        stats = self.pipeline.stats()
+        dropped = {k: v for k, v in stats.dropped.items() if v}
+        (_log.warning if dropped or report.not_sent else _log.info)(
+            "trace export stopped",
+            spans_exported=stats.exported,
+            spans_dropped=dropped,
+            not_sent=report.not_sent,
+        )
 
 
-def setup_tracing(app: App, environ: Mapping[str, str] | None = None) -> TraceEngine | None:
+def setup_tracing(
+    app: App, environ: Mapping[str, str] | None = None
+) -> TraceEngine | ProcessTraceSubscriber | None:
     """Trace ``app`` to the exporters the environment names; ``None`` when tracing is off.
 
+    With ``ZER_VER_EXPORT_PROCESS=on`` (or ``auto`` on a machine with more than
+    one core) spans are built and exported in a separate exporter process.
     Raises :class:`~zerver.ConfigError` naming the first invalid variable.
     """
     from .export import ExportConfig, ExportPipeline, ZerverSpanProcessor
@@ -59,6 +76,12 @@ def setup_tracing(app: App, environ: Mapping[str, str] | None = None) -> TraceEn
     config = ExportConfig.from_env(env)
     if not config.exporters or config.exporters == ("none",):
         return None
+    mode = app.settings.export_process
+    if mode == "on" or (mode == "auto" and (os.cpu_count() or 1) > 1):
+        # The exporter process may use any core, even if this one is pinned.
+        sub = app.trace_in_process(env)
+        _install_user_span_provider(sub.spec.resource, env, app)
+        return sub
     pipeline = ExportPipeline.from_config(config)
     sink = PipelineSink(pipeline, drain_timeout_s=app.settings.shutdown_timeout_s)
     engine = app.trace_to(sink)
@@ -68,3 +91,34 @@ def setup_tracing(app: App, environ: Mapping[str, str] | None = None) -> TraceEn
         provider.add_span_processor(ZerverSpanProcessor(pipeline, shutdown_pipeline=False))
         otel_trace.set_tracer_provider(provider)
     return engine
+
+
+def _install_user_span_provider(
+    resource: Mapping[str, object], env: Mapping[str, str], app: App
+) -> None:
+    """With an exporter process, user OpenTelemetry spans (rare) use an in-process pipeline."""
+    from opentelemetry.util.types import AttributeValue
+
+    from .export import ExportConfig, ExportPipeline, ZerverSpanProcessor
+
+    if not isinstance(otel_trace.get_tracer_provider(), otel_trace.ProxyTracerProvider):
+        return
+    pipeline = ExportPipeline.from_config(ExportConfig.from_env(env))
+    attrs = cast(Mapping[str, AttributeValue], resource)
+    provider = TracerProvider(resource=OtelResource.create(dict(attrs)))
+    provider.add_span_processor(ZerverSpanProcessor(pipeline, shutdown_pipeline=True))
+    otel_trace.set_tracer_provider(provider)
+    app.subscribe(_ProviderCloser(provider))
+
+
+class _ProviderCloser:
+    """Shuts the user-span provider (and its pipeline) down with the app."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self.provider = provider
+
+    def on_request_end(self, record: object) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()

@@ -14,7 +14,13 @@ from opentelemetry.sdk.resources import Resource as SdkResource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope as SdkScope
 
 from zerver._spans import InstrumentationScope, Resource, SpanData, SpanLink
-from zerver.export import JsonEncoder, ProtobufEncoder, span_from_readable, span_to_readable
+from zerver.export import (
+    JsonEncoder,
+    ProtobufEncoder,
+    ProtobufWireEncoder,
+    span_from_readable,
+    span_to_readable,
+)
 from zerver.export._protobuf import to_proto
 
 
@@ -160,6 +166,8 @@ def test_values_otlp_cannot_carry_are_mapped_not_raised() -> None:
     span = make_span(0, attributes=attrs)
     body = JsonEncoder().encode([span])
     assert_same(parse_json(body), to_proto([span]))
+    wire = ExportTraceServiceRequest.FromString(ProtobufWireEncoder().encode([span]))
+    assert_same(wire, to_proto([span]))
     values = {
         a["key"]: a["value"]
         for a in orjson.loads(body)["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["attributes"]
@@ -176,6 +184,8 @@ def test_lone_surrogates_are_replaced() -> None:
     body = JsonEncoder().encode([span])
     assert b"bad ? name" in body
     ProtobufEncoder().encode([span])  # no exception
+    parsed = ExportTraceServiceRequest.FromString(ProtobufWireEncoder().encode([span]))
+    assert_same(parsed, to_proto([span]))
 
 
 def test_unencodable_span_is_skipped_and_counted() -> None:
@@ -198,15 +208,34 @@ def test_unencodable_span_is_skipped_and_counted() -> None:
     assert pb.invalid_spans == 1
     only_bad = orjson.loads(enc.encode([bad]))
     assert only_bad["resourceSpans"][0]["scopeSpans"][0]["spans"] == []
+    wire = ProtobufWireEncoder()
+    for odd in (
+        bad,
+        make_span(3, start_ns=-1),
+        make_span(4, end_ns=1 << 64),
+        make_span(5, dropped_events_count=1 << 32),
+        make_span(6, flags=1 << 32),
+        make_span(7, kind=1 << 31),
+    ):
+        parsed = ExportTraceServiceRequest.FromString(wire.encode([make_span(0), odd]))
+        assert len(parsed.resource_spans[0].scope_spans[0].spans) == 1
+    assert wire.invalid_spans == 6
+    odd_enums = [make_span(8, kind=-1, status_code=-2)]
+    parsed = ExportTraceServiceRequest.FromString(wire.encode(odd_enums))
+    assert_same(parsed, to_proto(odd_enums))
 
 
 def test_caches_stay_bounded_and_correct() -> None:
     enc = JsonEncoder(cache_size=4)
+    wire = ProtobufWireEncoder(cache_size=4)
     batch = [
-        make_span(i, attributes={f"k{i % 7}": f"v{i}", "n": i}, name=f"n{i}") for i in range(50)
+        make_span(i, attributes={f"k{i % 7}": f"v{i}", "n": i, f"f{i % 5}": i / 3}, name=f"n{i}")
+        for i in range(50)
     ]
     for _ in range(2):
         assert_same(parse_json(enc.encode(batch)), to_proto(batch))
+        assert_same(ExportTraceServiceRequest.FromString(wire.encode(batch)), to_proto(batch))
+    assert max(len(wire._kv), len(wire._keys), len(wire._names)) <= 4
 
 
 # -- conformance with the official schema and encoder ------------------------
@@ -227,6 +256,23 @@ def test_protobuf_output_parses_with_official_types(batch: list[SpanData]) -> No
     parsed = ExportTraceServiceRequest.FromString(body)
     assert_same(parsed, to_proto(batch))
     assert sum(len(ss.spans) for rs in parsed.resource_spans for ss in rs.scope_spans) == len(batch)
+
+
+@conformance
+@given(st.lists(spans(), min_size=1, max_size=5))
+def test_protobuf_wire_writer_equals_the_official_messages(batch: list[SpanData]) -> None:
+    wire = ProtobufWireEncoder()
+    parsed = ExportTraceServiceRequest.FromString(wire.encode(batch))
+    assert_same(parsed, to_proto(batch))
+    assert wire.invalid_spans == 0
+
+
+@conformance
+@given(st.lists(spans(sdk_compatible=True), min_size=1, max_size=5))
+def test_protobuf_wire_writer_equals_official_encoder(batch: list[SpanData]) -> None:
+    assert_same(
+        ExportTraceServiceRequest.FromString(ProtobufWireEncoder().encode(batch)), official(batch)
+    )
 
 
 @conformance
@@ -251,4 +297,6 @@ def test_readable_span_round_trip(span: SpanData) -> None:
 def test_realistic_batch_equals_official() -> None:
     batch = [make_span(i, flags=0x100) for i in range(20)]
     assert_same(parse_json(JsonEncoder().encode(batch)), official(batch))
+    wire = ProtobufWireEncoder().encode(batch)
+    assert_same(ExportTraceServiceRequest.FromString(wire), official(batch))
     assert RES is batch[0].resource and SCOPE is batch[0].scope

@@ -33,6 +33,7 @@ from zerver.export._otel import (
 )
 from zerver.export._pipeline import ExportPipeline, ExportStats, ShutdownReport
 from zerver.export._protobuf import ProtobufEncoder
+from zerver.export._protowire import ProtobufWireEncoder
 from zerver.export._receiver import OtlpReceiver, ReceivedRequest, Reply, attributes_of
 from zerver.export._resilience import (
     BreakerState,
@@ -68,6 +69,7 @@ __all__ = [
     "OtlpReceiver",
     "Overflow",
     "ProtobufEncoder",
+    "ProtobufWireEncoder",
     "RateLimitedExporter",
     "RealTimer",
     "ReceivedRequest",

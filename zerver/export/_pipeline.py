@@ -167,10 +167,15 @@ class _Counters:
 
 
 class ExportPipeline:
-    """Buffers finished spans and exports them in batches on a worker thread.
+    """Buffers finished spans and exports them in batches on a worker thread
+    (an encoder and a sender thread when the transport can encode ahead).
 
     Accepts :class:`~zerver._spans.SpanData` and OpenTelemetry SDK
     ``ReadableSpan`` objects (converted on the worker).
+
+    ``encode_ahead``: how many encoded batches may wait between the encoder
+    and the sender thread (default 1: batch N+1 is encoded while batch N is
+    sent). 0 = a single worker that encodes and sends in turn.
 
     Example::
 
@@ -475,7 +480,12 @@ class ExportPipeline:
         while True:
             self._signalled = False
             self._wake.clear()
-            if len(q) >= self._batch_size or self._flush_waiters or self._closed:
+            if len(q) >= self._batch_size or self._closed:
+                break
+            # A flush needs this thread if spans wait in the buffer, or if nothing
+            # is in flight (then no sender will settle a batch and release the
+            # flusher). Otherwise the sender releases it: the encoder must not spin.
+            if self._flush_waiters and (q or self._done >= self._taken):
                 break
             if self._schedule_delay_s == 0:
                 if q:
