@@ -223,3 +223,44 @@ async def test_shutdown_finishes_message_in_hand() -> None:
 async def _release(gate: anyio.Event) -> None:
     await anyio.wait_all_tasks_blocked()
     gate.set()
+
+
+async def test_4xx_is_dead_lettered_at_once_and_continue_counts_as_handled() -> None:
+    app, _sink, _fake = make_app()
+
+    @step
+    def judge(ctx: Context) -> Any:
+        from zerver import Continue
+
+        assert ctx.message is not None
+        if ctx.message.json()["order"] == "bad":
+            return Fail(422, "malformed order")
+        return Continue  # handled, nothing to answer
+
+    app.post("/orders/{id}", publish_order)
+    consumer = app.consumer("orders", judge, max_attempts=5)
+    async with AppClient(app) as c:
+        await c.post("/orders/bad")
+        await c.post("/orders/good")
+        await settle(app)
+    s = consumer.stats
+    assert (s.received, s.processed, s.retried, s.dead_lettered, s.lost) == (2, 1, 0, 1, 0)
+    dead = app.broker.drain("orders.dead")  # type: ignore[attr-defined]
+    assert dead[0].attempt == 1 and "Fail 422" in dead[0].headers["x-zerver-dead-reason"]
+
+
+async def test_a_refused_dead_letter_is_counted_as_lost() -> None:
+    app, _sink, _fake = make_app(broker=MemoryBroker(capacity=1))
+
+    @step
+    def reject(ctx: Context) -> Fail:
+        return Fail(400, "no")
+
+    app.consumer("orders", reject)
+    await app.broker.publish("orders.dead", b"{}", {})  # fill the dead-letter topic
+    app.post("/orders/{id}", publish_order)
+    async with AppClient(app) as c:
+        await c.post("/orders/1")
+        await settle(app)
+    s = app.consumers[0].stats
+    assert (s.received, s.dead_lettered, s.lost) == (1, 0, 1)

@@ -34,6 +34,8 @@ from ._errors import (
     ZerverError,
 )
 from ._http import Request, Response
+from ._interpreters import CacheInterpreter, CacheStats, HttpInterpreter, SqliteInterpreter
+from ._logging import AccessLog, add_trace_context, configure_logging
 from ._messaging import (
     Broker,
     BrokerInterpreter,
@@ -43,6 +45,7 @@ from ._messaging import (
     Message,
     Publish,
 )
+from ._offload import ProcessTraceSubscriber
 from ._park import ConcurrencyLimiter, Interpreter, JobContext, RateLimiter
 from ._records import (
     JobState,
@@ -67,16 +70,20 @@ from ._spans import (
     StatusCode,
 )
 from ._steps import Step, step
+from ._telemetry import PipelineSink, setup_tracing
 from ._tracing import SpanSink, TraceEngine
 from ._version import __version__
 
 __all__ = [
+    "AccessLog",
     "App",
     "Broker",
     "BrokerInterpreter",
     "CacheDel",
     "CacheGet",
+    "CacheInterpreter",
     "CacheSet",
+    "CacheStats",
     "Clock",
     "ConcurrencyLimiter",
     "ConfigError",
@@ -96,6 +103,7 @@ __all__ = [
     "Fail",
     "HttpDelete",
     "HttpGet",
+    "HttpInterpreter",
     "HttpPost",
     "HttpPut",
     "HttpResult",
@@ -114,6 +122,8 @@ __all__ = [
     "NeedRecord",
     "ParkEpisode",
     "PeerError",
+    "PipelineSink",
+    "ProcessTraceSubscriber",
     "Publish",
     "QueueFullError",
     "RateLimiter",
@@ -133,6 +143,7 @@ __all__ = [
     "SpanKind",
     "SpanLink",
     "SpanSink",
+    "SqliteInterpreter",
     "StatusCode",
     "Step",
     "StepRecord",
@@ -142,8 +153,11 @@ __all__ = [
     "VirtualClock",
     "ZerverError",
     "__version__",
+    "add_trace_context",
+    "configure_logging",
     "load_settings",
     "run",
     "serve",
+    "setup_tracing",
     "step",
 ]

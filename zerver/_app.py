@@ -22,13 +22,13 @@ from ._executor import Executor, PipelineError
 from ._http import Request, Response
 from ._jobs import JobSystem
 from ._messaging import Broker, BrokerInterpreter, Consumer, MemoryBroker, Message
+from ._offload import EngineSpec, ProcessTraceSubscriber
 from ._promotion import Promoter
 from ._propagation import extract_into, link_message_context, propagation_fields
 from ._records import RequestRecord, StepRecord, Subscriber, active_span
 from ._routing import Match, NotAllowed, Route, Router
 from ._semconv import SemConv
 from ._slots import Context
-from ._offload import EngineSpec, ProcessTraceSubscriber
 from ._spans import InstrumentationScope, Resource
 from ._steps import Step
 from ._tracing import SpanSink, TraceEngine, default_resource
@@ -550,10 +550,16 @@ class App:
                 outcome = await executor.run(ctx, record, steps, 0)
             except Exception as exc:
                 outcome = PipelineError(f"runtime error: {exc}", error_type=type(exc).__name__)
-            if type(outcome) is Done:
+            permanent = False
+            if type(outcome) is Done or (
+                isinstance(outcome, PipelineError) and outcome.error_type == "NoResponse"
+            ):
+                # For a consumer, steps that all Continue have handled the message.
                 record.finish(200, 0)
             elif type(outcome) is Fail:
                 failure = f"Fail {outcome.status}: {outcome.what}"
+                # A 4xx says the message itself is wrong: retrying cannot help.
+                permanent = outcome.status < 500
                 record.error_type = f"fail_{outcome.status}"
                 record.error_message = failure
                 record.finish(outcome.status, 0)
@@ -577,13 +583,15 @@ class App:
         if failure is None:
             stats.processed += 1
         else:
-            await self._retry_or_dead_letter(consumer, msg, failure)
+            await self._retry_or_dead_letter(consumer, msg, failure, permanent=permanent)
         stats.in_flight -= 1
 
-    async def _retry_or_dead_letter(self, consumer: Consumer, msg: Message, reason: str) -> None:
+    async def _retry_or_dead_letter(
+        self, consumer: Consumer, msg: Message, reason: str, *, permanent: bool
+    ) -> None:
         stats = consumer.stats
-        if msg.attempt < consumer.max_attempts:
-            await self.clock.sleep(consumer.retry.backoff_for(msg.attempt) / 1000.0)
+        if not permanent and msg.attempt < consumer.max_attempts:
+            await self.clock.sleep(consumer.retry.backoff_for(msg.attempt, self._rng) / 1000.0)
             try:
                 await self.broker.publish(
                     consumer.topic,
@@ -611,6 +619,8 @@ class App:
             )
         except Exception:
             _log.exception("dead-lettering failed", topic=consumer.topic, message_id=msg.id)
+            stats.lost += 1
+            return
         stats.dead_lettered += 1
 
     def __repr__(self) -> str:

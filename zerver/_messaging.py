@@ -7,9 +7,11 @@ pipeline for every message on ``topic`` under a CONSUMER root span
 (``queue.process <topic>``) that links to, and by default continues, the
 producer's trace.
 
-A message whose pipeline fails (a ``Fail``, a raising step, a failed
-required effect) is published again with its attempt count raised, after a
-back-off, until ``max_attempts``; then it goes to the dead-letter topic. So
+A message whose pipeline fails (a ``Fail`` with a 5xx status, a raising
+step, a failed required effect) is published again with its attempt count
+raised, after a back-off, until ``max_attempts``; then it goes to the
+dead-letter topic. A ``Fail`` with a 4xx status says the message itself is
+wrong: it goes to the dead-letter topic at once. So
 every message received ends either processed or dead-lettered, and the
 consumer's counters add up.
 
@@ -246,13 +248,15 @@ class BrokerInterpreter:
 
 @dataclass(slots=True)
 class ConsumerStats:
-    """What a consumer did. ``received == processed + retried + dead_lettered``
-    once every message in flight has finished."""
+    """What a consumer did. ``received == processed + retried + dead_lettered + lost``
+    once every message in flight has finished; ``lost`` counts messages the
+    dead-letter topic refused (each one is also logged)."""
 
     received: int = 0
     processed: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    lost: int = 0
     in_flight: int = 0
 
 

@@ -176,7 +176,9 @@ class Promoter:
     def promote_park(self, stats: RouteStats, park_ms: float) -> bool:
         """Whether a park episode gets a ``job.park(<cause>)`` span."""
         return (
-            self.debug or park_ms >= self.park_ms or (park_ms > 0 and park_ms >= stats.park.value)
+            self.debug
+            or park_ms >= self.park_ms
+            or (park_ms >= self.p95_min_ms and park_ms >= stats.park.value)
         )
 
     def route_p95(self, route: str) -> tuple[float, float]:

@@ -8,13 +8,14 @@ headers are ignored as the W3C specifications require (a new trace starts).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from contextvars import Token
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
-from opentelemetry import propagate
 from opentelemetry.context import Context as OtelContext
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
@@ -24,7 +25,23 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
+from ._errors import ConfigError
 from ._records import RequestRecord
+
+
+def _textmap() -> TextMapPropagator:
+    """The global propagator; a bad ``OTEL_PROPAGATORS`` is a ConfigError, not a crash."""
+    try:
+        # Imported here: OpenTelemetry reads OTEL_PROPAGATORS when the module loads.
+        from opentelemetry import propagate
+    except (ValueError, ImportError) as exc:
+        value = os.environ.get("OTEL_PROPAGATORS", "")
+        raise ConfigError(
+            f"OTEL_PROPAGATORS={value!r} is invalid: accepted: a comma-separated list of "
+            f"installed propagators such as tracecontext, baggage, none ({exc})"
+        ) from None
+    return propagate.get_global_textmap()
+
 
 __all__ = [
     "attach_span",
@@ -38,12 +55,12 @@ __all__ = [
 
 def propagation_fields() -> frozenset[bytes]:
     """Lower-cased header names the configured propagators read, as bytes."""
-    return frozenset(f.lower().encode("latin-1") for f in propagate.get_global_textmap().fields)
+    return frozenset(f.lower().encode("latin-1") for f in _textmap().fields)
 
 
 def extract_into(record: RequestRecord, carrier: Mapping[str, list[str]]) -> None:
     """Continue the caller's trace (if valid) and keep its baggage on ``record``."""
-    ctx = propagate.extract(carrier)
+    ctx = _textmap().extract(carrier)
     sc = get_current_span(ctx).get_span_context()
     if sc.is_valid:
         record.trace_id = sc.trace_id
@@ -64,7 +81,7 @@ def link_message_context(
 ) -> None:
     """Link a consumer's record to the producer context in a message's headers,
     and continue its trace unless ``continue_trace`` is false."""
-    ctx = propagate.extract(carrier)
+    ctx = _textmap().extract(carrier)
     sc = get_current_span(ctx).get_span_context()
     if not sc.is_valid:
         return
@@ -87,7 +104,7 @@ def context_for(record: RequestRecord, span_id: int) -> OtelContext:
 
 def inject(record: RequestRecord, span_id: int, carrier: dict[str, str]) -> None:
     """Write the headers that make ``span_id`` the parent of the receiver's work."""
-    propagate.inject(carrier, context=context_for(record, span_id))
+    _textmap().inject(carrier, context=context_for(record, span_id))
 
 
 def attach_span(record: RequestRecord, span_id: int) -> Token[OtelContext]:
