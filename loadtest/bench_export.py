@@ -2,7 +2,8 @@
 
 Measures, on realistic CLIENT spans (6 attributes, one event):
 
-- encode µs/span: zerver's OTLP/JSON writer and protobuf encoder vs the official
+- encode µs/span: zerver's OTLP/JSON writer, protobuf wire writer (the
+  ``http/protobuf`` default) and official-message protobuf encoder vs the official
   ``opentelemetry.exporter.otlp.proto.common`` encoder (+ ``SerializeToString``);
   a hand-built dict + ``orjson.dumps`` and ``pickle`` (the cost of handing a
   span to another process) for scale;
@@ -13,18 +14,27 @@ Measures, on realistic CLIENT spans (6 attributes, one event):
 
 The end-to-end receiver runs in a child process, as a collector would.
 
-Run: ``python loadtest/bench_export.py [--spans 100000] [--repeat 3]``.
+- event-loop interference: how late a 1 ms ``asyncio.sleep`` on the main thread
+  wakes while each exporter drains a backlog on its background thread(s).
+
+Run: ``python loadtest/bench_export.py [--spans 100000] [--repeat 3]
+[--only e2e,loop] [--switch-interval 0.001]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import gc
 import http.client
 import multiprocessing
 import pickle
 import socket
+import statistics
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -45,6 +55,7 @@ from zerver.export import (
     OtlpHttpExporter,
     OtlpReceiver,
     ProtobufEncoder,
+    ProtobufWireEncoder,
     ResilienceBuilder,
     span_to_readable,
 )
@@ -165,11 +176,18 @@ def bench_encode(repeat: int) -> dict[str, float]:
     sdk = to_sdk(spans)
     json_enc = JsonEncoder()
     pb_enc = ProtobufEncoder()
+    wire_enc = ProtobufWireEncoder()
     json_enc.encode(spans)  # warm the caches as a running pipeline would have them
+    wire_enc.encode(spans)
     n = len(spans)
     return {
         "zerver JSON": best_us_per_span(lambda: json_enc.encode(spans), n, repeat * 5),
-        "zerver protobuf": best_us_per_span(lambda: pb_enc.encode(spans), n, repeat),
+        "zerver protobuf (wire writer)": best_us_per_span(
+            lambda: wire_enc.encode(spans), n, repeat * 5
+        ),
+        "zerver protobuf (official messages)": best_us_per_span(
+            lambda: pb_enc.encode(spans), n, repeat
+        ),
         "official protobuf": best_us_per_span(
             lambda: encode_spans(sdk).SerializeToString(), n, repeat
         ),
@@ -228,7 +246,19 @@ def bench_submit(n: int, repeat: int) -> dict[str, float]:
 
 def _receiver_process(conn: Connection) -> None:
     """Serve OTLP/HTTP in a child process: the collector is another process in real life,
-    and decoding there must not compete with the measured exporter for the GIL."""
+    and decoding there must not compete with the measured exporter for the GIL.
+
+    Every contender talks to this same receiver, which fully decodes each request
+    (orjson for JSON, the upb protobuf parser for protobuf) to count its spans.
+    It also reports its own CPU time, so the bench can tell when the receiver,
+    not the exporter, is the bottleneck (busy ≈ 100 % of one core).
+    """
+    # The receiver stands in for a collector (Go, in real life): it should cost as
+    # little as possible so the exporters are what is measured. Decoded requests
+    # are acyclic and freed by reference counting; the cyclic GC would only walk
+    # the ~40 containers orjson builds per JSON span (~25 % of decoding). Protobuf
+    # decoding (upb) builds no Python containers, so this changes nothing for it.
+    gc.disable()
     receiver = OtlpReceiver(keep_bodies=False).start()
     try:
         while True:
@@ -239,6 +269,8 @@ def _receiver_process(conn: Connection) -> None:
                 conn.send(receiver.endpoint)
             elif command == "wait":
                 conn.send(receiver.wait_for_spans(n, 300))
+            elif command == "cpu":
+                conn.send(time.process_time())
             else:
                 return
     finally:
@@ -260,65 +292,241 @@ class RemoteReceiver:
         self._conn.send(("wait", n))
         return bool(self._conn.recv())
 
+    def cpu(self) -> float:
+        """The receiver process's CPU seconds so far."""
+        self._conn.send(("cpu", 0))
+        return float(self._conn.recv())
+
     def close(self) -> None:
         self._conn.send(("stop", 0))
         self._process.join(10)
 
 
-def e2e_zerver(receiver: RemoteReceiver, spans: list[SpanData], protocol: str) -> float:
+@dataclass
+class Run:
+    """One end-to-end run: throughput and where the CPU went."""
+
+    spans_per_s: float
+    exporter_cpu_us: float
+    """CPU µs per span of this (exporting) process, all threads."""
+    receiver_cpu_us: float
+    """CPU µs per span of the receiver process."""
+    receiver_busy: float
+    """Receiver CPU seconds per wall second: near 1.0, the receiver is the bottleneck."""
+
+
+def _timed_run(
+    receiver: RemoteReceiver,
+    n: int,
+    start_export: Callable[[str], Callable[[], None]],
+    who: str,
+) -> Run:
+    """Start a contender (it submits ``n`` spans), wait until all arrived, measure."""
     endpoint = receiver.new()
-    exporter = ResilienceBuilder(OtlpHttpExporter(endpoint, protocol=protocol)).retry().build()
-    pipeline = ExportPipeline(
-        exporter, max_queue_size=len(spans), max_export_batch_size=512, schedule_delay_s=0.05
-    )
+    rx0 = receiver.cpu()
+    cpu0 = time.process_time()
     start = time.perf_counter()
-    for s in spans:
-        pipeline.submit(s)
-    ok = receiver.wait_for_spans(len(spans))
+    stop = start_export(endpoint)
+    ok = receiver.wait_for_spans(n)
     elapsed = time.perf_counter() - start
-    pipeline.shutdown(30)
+    cpu = time.process_time() - cpu0
+    rx = receiver.cpu() - rx0
+    stop()
     if not ok:
-        raise RuntimeError("zerver: not every span arrived")
-    return len(spans) / elapsed
+        raise RuntimeError(f"{who}: not every span arrived")
+    return Run(n / elapsed, cpu / n * 1e6, rx / n * 1e6, rx / elapsed)
 
 
-def e2e_sdk(receiver: RemoteReceiver, sdk: list[ReadableSpan]) -> float:
-    endpoint = receiver.new()
-    bsp = BatchSpanProcessor(
-        OTLPSpanExporter(endpoint=endpoint),
-        max_queue_size=len(sdk),
-        max_export_batch_size=512,
-        schedule_delay_millis=50,
+def e2e_zerver(
+    receiver: RemoteReceiver, spans: list[SpanData], protocol: str, encode_ahead: int = 1
+) -> Run:
+    def start(endpoint: str) -> Callable[[], None]:
+        exporter = ResilienceBuilder(OtlpHttpExporter(endpoint, protocol=protocol)).retry().build()
+        pipeline = ExportPipeline(
+            exporter,
+            max_queue_size=len(spans),
+            max_export_batch_size=512,
+            schedule_delay_s=0.05,
+            encode_ahead=encode_ahead,
+        )
+        for s in spans:
+            pipeline.submit(s)
+
+        def stop() -> None:
+            pipeline.shutdown(30)
+
+        return stop
+
+    return _timed_run(receiver, len(spans), start, "zerver")
+
+
+def e2e_sdk(receiver: RemoteReceiver, sdk: list[ReadableSpan]) -> Run:
+    def start(endpoint: str) -> Callable[[], None]:
+        exporter = OTLPSpanExporter(endpoint=endpoint)
+        bsp = BatchSpanProcessor(
+            exporter,
+            max_queue_size=len(sdk),
+            max_export_batch_size=512,
+            schedule_delay_millis=50,
+        )
+        for r in sdk:
+            bsp.on_end(r)
+        return bsp.shutdown
+
+    return _timed_run(receiver, len(sdk), start, "SDK")
+
+
+SDK_E2E = "SDK BatchSpanProcessor + OTLPSpanExporter"
+
+
+def bench_e2e(n: int, repeat: int) -> dict[str, list[Run]]:
+    """Every contender once per round, the order rotated each round, against one
+    receiver process: machine noise hits all of them alike, and each round's
+    ratios compare runs made seconds apart."""
+    spans = make_spans(n)
+    sdk = to_sdk(spans)
+    contenders: dict[str, Callable[[RemoteReceiver], Run]] = {
+        "zerver pipeline, http/json": lambda r: e2e_zerver(r, spans, "http/json"),
+        "zerver pipeline, http/protobuf": lambda r: e2e_zerver(r, spans, "http/protobuf"),
+        "zerver http/json, one worker (encode_ahead=0)": lambda r: e2e_zerver(
+            r, spans, "http/json", encode_ahead=0
+        ),
+        SDK_E2E: lambda r: e2e_sdk(r, sdk),
+    }
+    runs: dict[str, list[Run]] = {name: [] for name in contenders}
+    names = list(contenders)
+    receiver = RemoteReceiver()
+    try:
+        e2e_zerver(receiver, spans[:5000], "http/json")  # warm up imports and caches
+        for round_ in range(repeat):
+            k = round_ % len(names)
+            for name in names[k:] + names[:k]:
+                gc.collect()
+                runs[name].append(contenders[name](receiver))
+    finally:
+        receiver.close()
+    return runs
+
+
+def print_e2e(runs: dict[str, list[Run]]) -> None:
+    peer = runs[SDK_E2E]
+    med = statistics.median
+    print(
+        f"  {'':<47} {'spans/s':>9} {'ratio':>6}  {'cpu µs':>6} {'rx µs':>6} {'rx busy':>7}  runs"
     )
+    for name, rs in runs.items():
+        # the ratio is taken per round (same round = same machine state), then the median
+        ratio = med(r.spans_per_s / p.spans_per_s for r, p in zip(rs, peer, strict=True))
+        print(
+            f"  {name:<47} {med(r.spans_per_s for r in rs):>9,.0f} x{ratio:>5.2f}  "
+            f"{med(r.exporter_cpu_us for r in rs):>6.1f} "
+            f"{med(r.receiver_cpu_us for r in rs):>6.1f} "
+            f"{med(r.receiver_busy for r in rs):>7.2f}  "
+            + " ".join(f"{r.spans_per_s / 1000:,.0f}k" for r in rs)
+        )
+    print(
+        "  (medians; ratio = median of per-round ratios vs the SDK; cpu µs / rx µs = CPU\n"
+        "   per span in the exporting / receiving process; rx busy = receiver CPU per wall s)"
+    )
+
+
+# -- event-loop interference ----------------------------------------------------------
+
+
+@dataclass
+class LoopLag:
+    """How late a 1 ms ``asyncio.sleep`` wakes up while something else runs."""
+
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    ticks: int
+    spans_per_s: float
+
+
+async def _tick_until(wait: Callable[[], object]) -> tuple[list[float], float]:
+    loop = asyncio.get_running_loop()
     start = time.perf_counter()
-    for r in sdk:
-        bsp.on_end(r)
-    ok = receiver.wait_for_spans(len(sdk))
-    elapsed = time.perf_counter() - start
-    bsp.shutdown()  # type: ignore[no-untyped-call]
-    if not ok:
-        raise RuntimeError("SDK: not every span arrived")
-    return len(sdk) / elapsed
+    done = loop.run_in_executor(None, wait)
+    lateness = []
+    while not done.done():
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.001)
+        lateness.append(time.perf_counter() - t0 - 0.001)
+    await done
+    return lateness, time.perf_counter() - start
 
 
-def bench_e2e(n: int, repeat: int) -> dict[str, float]:
+def _lag(lateness: list[float], n: int, elapsed: float) -> LoopLag:
+    q = statistics.quantiles(lateness, n=100)
+    return LoopLag(q[49] * 1e3, q[98] * 1e3, max(lateness) * 1e3, len(lateness), n / elapsed)
+
+
+def bench_loop(n: int, repeat: int) -> dict[str, list[LoopLag]]:
+    """An asyncio loop on the main thread ticks every 1 ms while the exporter (a
+    background thread of this process) drains ``n`` already-submitted spans into the
+    receiver process; the loop's lateness is what request handling would feel."""
     spans = make_spans(n)
     sdk = to_sdk(spans)
     receiver = RemoteReceiver()
+
+    def idle() -> LoopLag:
+        lateness, elapsed = asyncio.run(_tick_until(lambda: time.sleep(1.0)))
+        return _lag(lateness, 0, elapsed)
+
+    def zerver(protocol: str) -> LoopLag:
+        endpoint = receiver.new()
+        exporter = ResilienceBuilder(OtlpHttpExporter(endpoint, protocol=protocol)).retry().build()
+        pipeline = ExportPipeline(
+            exporter, max_queue_size=n, max_export_batch_size=512, schedule_delay_s=0.05
+        )
+        for s in spans:
+            pipeline.submit(s)
+        lateness, elapsed = asyncio.run(_tick_until(lambda: receiver.wait_for_spans(n)))
+        pipeline.shutdown(30)
+        return _lag(lateness, n, elapsed)
+
+    def otel_sdk() -> LoopLag:
+        endpoint = receiver.new()
+        bsp = BatchSpanProcessor(
+            OTLPSpanExporter(endpoint=endpoint),
+            max_queue_size=n,
+            max_export_batch_size=512,
+            schedule_delay_millis=50,
+        )
+        for r in sdk:
+            bsp.on_end(r)
+        lateness, elapsed = asyncio.run(_tick_until(lambda: receiver.wait_for_spans(n)))
+        bsp.shutdown()  # type: ignore[no-untyped-call]
+        return _lag(lateness, n, elapsed)
+
+    scenarios: dict[str, Callable[[], LoopLag]] = {
+        "idle (nothing exporting)": idle,
+        "zerver pipeline, http/json": lambda: zerver("http/json"),
+        "zerver pipeline, http/protobuf": lambda: zerver("http/protobuf"),
+        SDK_E2E: otel_sdk,
+    }
+    out: dict[str, list[LoopLag]] = {name: [] for name in scenarios}
     try:
-        return {
-            "zerver pipeline, http/json": max(
-                e2e_zerver(receiver, spans, "http/json") for _ in range(repeat)
-            ),
-            "zerver pipeline, http/protobuf": max(
-                e2e_zerver(receiver, spans, "http/protobuf") for _ in range(repeat)
-            ),
-            "SDK BatchSpanProcessor + OTLPSpanExporter": max(
-                e2e_sdk(receiver, sdk) for _ in range(repeat)
-            ),
-        }
+        for _ in range(repeat):
+            for name, run in scenarios.items():
+                gc.collect()
+                out[name].append(run())
     finally:
         receiver.close()
+    return out
+
+
+def print_loop(lags: dict[str, list[LoopLag]]) -> None:
+    print(f"  {'':<47} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'spans/s':>9}")
+    for name, ls in lags.items():
+        med = statistics.median
+        rate = med(x.spans_per_s for x in ls)
+        print(
+            f"  {name:<47} {med(x.p50_ms for x in ls):>7.2f} {med(x.p99_ms for x in ls):>7.2f} "
+            f"{med(x.max_ms for x in ls):>7.2f} {f'{rate:,.0f}' if rate else '-':>9}"
+        )
+    print("  (lateness of a 1 ms asyncio.sleep on the main thread; medians over runs)")
 
 
 # -- transport ------------------------------------------------------------------------
@@ -349,7 +557,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spans", type=int, default=100_000, help="spans for submit and e2e")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--only",
+        default="encode,submit,e2e,loop,transport",
+        help="comma-separated sections to run (encode, submit, e2e, loop, transport)",
+    )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for this process (default: the interpreter's 0.005 s)",
+    )
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
 
     def table(
         title: str, rows: dict[str, float], unit: str, *, higher_is_better: bool = False
@@ -360,24 +582,32 @@ def main() -> None:
             ratio = value / peer if higher_is_better else peer / value
             print(f"  {name:<45} {value:>12,.2f} {unit:<8} x{ratio:,.1f} vs peer")
 
-    table(
-        "encode (µs per span, best of runs, 512-span batches)", bench_encode(args.repeat), "µs/span"
-    )
-    table(
-        f"submit from the request path (µs per span, {args.spans:,} spans)",
-        bench_submit(args.spans, args.repeat),
-        "µs/span",
-    )
-    table(
-        f"end to end into a local OTLP/HTTP receiver ({args.spans:,} spans, best of runs)",
-        bench_e2e(args.spans, args.repeat),
-        "spans/s",
-        higher_is_better=True,
-    )
-    transport = bench_transport(300)
-    print("\ntransport (µs per POST of a 64-span JSON body, kept-alive connection)")
-    for name, value in transport.items():
-        print(f"  {name:<45} {value:>12,.1f} µs")
+    if "encode" in only:
+        table(
+            "encode (µs per span, best of runs, 512-span batches)",
+            bench_encode(args.repeat),
+            "µs/span",
+        )
+    if "submit" in only:
+        table(
+            f"submit from the request path (µs per span, {args.spans:,} spans)",
+            bench_submit(args.spans, args.repeat),
+            "µs/span",
+        )
+    if "e2e" in only:
+        print(
+            f"\nend to end into a local OTLP/HTTP receiver ({args.spans:,} spans, "
+            f"{args.repeat} rounds, same receiver process, order rotated per round)"
+        )
+        print_e2e(bench_e2e(args.spans, args.repeat))
+    if "loop" in only:
+        print(f"\nevent-loop interference while exporting {args.spans:,} spans")
+        print_loop(bench_loop(args.spans, args.repeat))
+    if "transport" in only:
+        transport = bench_transport(300)
+        print("\ntransport (µs per POST of a 64-span JSON body, kept-alive connection)")
+        for name, value in transport.items():
+            print(f"  {name:<45} {value:>12,.1f} µs")
 
 
 if __name__ == "__main__":
