@@ -55,6 +55,19 @@ def bench_build(n: int) -> tuple[float, int, int]:
     return (time.perf_counter() - t0) / n * 1e6, len(spans), n_events
 
 
+def bench_pack(n: int) -> float:
+    """What the request path pays when an exporter process builds the spans."""
+    from zerver._offload import pack_record
+
+    record, _engine = anyio.run(record_happy_path)
+    for _ in range(1000):
+        pack_record(record)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        pack_record(record)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def bench_otel_sdk(n: int, spans_per_trace: int, template: list[SpanData]) -> float:
     provider = TracerProvider()
     tracer = provider.get_tracer("bench")
@@ -82,7 +95,9 @@ def main() -> None:
     record, engine = anyio.run(record_happy_path)
     template = engine.build(record)  # type: ignore[attr-defined]
     sdk_us = min(bench_otel_sdk(max(args.n // 4, 500), n_spans, template) for _ in range(3))
+    pack_us = min(bench_pack(args.n) for _ in range(3))
     print(f"happy-path trace: {n_spans} spans, {n_events} events")
+    print(f"request path with an exporter process (pack only): {pack_us:7.2f} µs/request")
     print(f"zerver TraceEngine.build    : {build_us:7.2f} µs/request (budget 15 µs)")
     print(
         f"OpenTelemetry SDK, same tree: {sdk_us:7.2f} µs/request "

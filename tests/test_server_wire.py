@@ -22,7 +22,7 @@ from server_apps import TRANSPORTS, ConfigFactory, Reply, StandInApp, http_clien
 
 from zerver._connection import split_target
 from zerver._errors import ConfigError
-from zerver._server import ServerConfig, serve
+from zerver._server import ServerConfig, _use_protocol, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -536,6 +536,13 @@ async def test_idle_connections_are_closed_silently(config: ConfigFactory) -> No
 
 
 # -------------------------------------------------------------------- config
+
+
+async def test_auto_transport_is_the_protocol_one_on_asyncio() -> None:
+    assert ServerConfig().transport == "auto"
+    assert _use_protocol("auto")
+    assert _use_protocol("protocol")
+    assert not _use_protocol("streams")
 
 
 def test_config_rejects_bad_values_by_name() -> None:

@@ -1,7 +1,11 @@
 """One HTTP/1.1 connection: h11 on an anyio socket stream, with limits and timeouts.
 
-h11 owns the protocol state machine; this module adds what a server needs on top
-of it. The rules of a connection:
+h11 parses requests; this module adds what a server needs on top of it and
+writes response heads itself (see :func:`encode_response`). The rules below
+hold for both transports; the sans-I/O helpers (limits, request building,
+response encoding) are shared with the asyncio Protocol transport in
+:mod:`zerver._protocol`, which implements the same rules with callbacks
+instead of the reader task described here. The rules of a connection:
 
 * Requests are answered strictly in order, one at a time (pipelined requests
   wait in h11's receive buffer until the previous response has been sent).

@@ -1,8 +1,11 @@
 """The HTTP/1.1 server shell: listening, graceful shutdown, signals and worker processes.
 
-One connection's protocol handling lives in :mod:`zerver._connection`; this
-module accepts connections, runs the app's lifespan around them and stops
-gracefully:
+One connection's protocol rules live in :mod:`zerver._connection`, carried by
+one of two transports (``ServerConfig.transport``): anyio socket streams
+(:class:`_StreamServer` here, a task per connection, any anyio backend) or an
+asyncio ``Protocol`` (:mod:`zerver._protocol`, callbacks, the default on
+asyncio because it costs far less per request). This module binds, runs the
+app's lifespan around the transport and stops gracefully, the same way on both:
 
 1. stop accepting and close the listening socket;
 2. close idle keep-alive connections at once; busy ones answer their current
