@@ -286,15 +286,12 @@ def _use_other_cores(parent_cpus: list[int]) -> None:
 
     The point of this process is to take span building and encoding off the
     request-handling core: with the server pinned to some cores, run on the
-    others; otherwise anywhere. A small ``nice`` keeps request handling first
-    when both want the same core.
+    others; otherwise anywhere.
     """
     with contextlib.suppress(AttributeError, OSError):
         every = set(range(os.cpu_count() or 1))
         others = every - set(parent_cpus)
         os.sched_setaffinity(0, others or every)
-    with contextlib.suppress(AttributeError, OSError):
-        os.nice(2)
 
 
 class _Static:
