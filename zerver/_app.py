@@ -241,6 +241,8 @@ class App:
             environ=dict(environ),
             drain_timeout_s=s.shutdown_timeout_s,
             parent_cpus=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
+            log_format=s.log_format,
+            log_level=s.log_level,
         )
         sub = ProcessTraceSubscriber(spec)
         self.subscribe(sub)

@@ -220,6 +220,8 @@ class EngineSpec:
     environ: dict[str, str]
     drain_timeout_s: float
     parent_cpus: list[int] = dataclasses.field(default_factory=list)
+    log_format: str = "auto"
+    log_level: str = "info"
 
 
 def _child_main(conn: Connection, spec_dict: dict[str, Any]) -> None:
@@ -236,6 +238,9 @@ def _child_main(conn: Connection, spec_dict: dict[str, Any]) -> None:
 
     spec = EngineSpec(**spec_dict)
     _use_other_cores(spec.parent_cpus)
+    from ._logging import configure_logging
+
+    configure_logging(spec.log_format, spec.log_level)
     # Here a full export queue blocks intake instead of dropping: the pipe, and then
     # the request process's bounded buffer (which drops and counts), absorb it.
     config = dataclasses.replace(
