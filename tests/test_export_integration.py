@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
-import orjson
 import pytest
+from demo_process import demo_process
 
 from zerver import ConfigError, Context, Done, Response, TraceEngine, load_settings, step
 from zerver._telemetry import PipelineSink, setup_tracing
@@ -63,40 +61,15 @@ def test_demo_process_exports_and_drains_on_sigterm(tmp_path: Path) -> None:
             **os.environ,
             **_env(receiver, OTEL_BSP_SCHEDULE_DELAY="60000"),
             "ZER_VER_DB_PATH": str(tmp_path / "cli.sqlite3"),
-            "ZER_VER_LOG_FORMAT": "json",
             "ZER_VER_ACCESS_LOG": "0",
             "OTEL_SERVICE_NAME": "blog-under-test",
         }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "zerver", "demo", "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=tmp_path,
-        )
-        try:
-            assert proc.stdout is not None
-            port = None
-            for _ in range(50):
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                if orjson.loads(line).get("event") == "server started":
-                    port = orjson.loads(line)["port"]
-                    break
-            assert port
+        with demo_process(env, tmp_path) as (proc, port):
             for _ in range(3):
                 assert httpx.get(f"http://127.0.0.1:{port}/blogs/posts/2", timeout=5).is_success
             # A 60 s schedule delay: only the shutdown drain can deliver these spans.
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=20) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=5)
-            for pipe in (proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
         roots = [s for s in receiver.spans() if s["name"].startswith("http.server: GET")]
         assert len(roots) == 3
         resource = receiver.requests[0].decode()["resourceSpans"][0]["resource"]

@@ -15,6 +15,7 @@ import anyio
 import httpx
 import orjson
 import pytest
+from demo_process import demo_process
 
 from zerver import App, Context, Done, load_settings, step
 from zerver._server import ServerConfig, serve
@@ -148,42 +149,17 @@ def test_demo_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         **os.environ,
         "ZER_VER_DB_PATH": str(tmp_path / "cli.sqlite3"),
         "OTEL_TRACES_EXPORTER": "none",
-        "ZER_VER_LOG_FORMAT": "json",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zerver", "demo", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=tmp_path,
-    )
-    try:
-        assert proc.stdout is not None
-        port = None
-        for _ in range(50):  # bounded: the start-up line comes first
-            line = proc.stdout.readline()
-            if not line:
-                break
-            event = orjson.loads(line)
-            if event.get("event") == "server started":
-                port = event["port"]
-                break
-        assert port, proc.stderr.read() if proc.stderr else ""
+    with demo_process(env, tmp_path) as (proc, port):
         r = httpx.get(f"http://127.0.0.1:{port}/blogs/posts/3", timeout=5)
         assert r.status_code == 200 and r.json()["post"]["title"] == "Promotion thresholds"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+        assert proc.stdout is not None
         access = [orjson.loads(x) for x in proc.stdout.read().splitlines() if x.strip()]
-        lines = [a for a in access if a.get("event") == "request"]
-        assert lines and lines[0]["route"] == "/blogs/posts/{id}" and lines[0]["status"] == 200
-        assert {"method", "duration_ms", "request_id"} <= set(lines[0])
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+    lines = [a for a in access if a.get("event") == "request"]
+    assert lines and lines[0]["route"] == "/blogs/posts/{id}" and lines[0]["status"] == 200
+    assert {"method", "duration_ms", "request_id"} <= set(lines[0])
 
 
 def test_bad_configuration_stops_start_up_with_one_line(tmp_path: Path) -> None:
