@@ -22,6 +22,7 @@ CASES: dict[str, tuple[str, object, str, object, str | None, str | None]] = {
     "ZER_VER_HEADER_TIMEOUT_S": ("header_timeout_s", 10.0, "2.5", 2.5, "0", "> 0"),
     "ZER_VER_KEEPALIVE_TIMEOUT_S": ("keepalive_timeout_s", 5.0, "1", 1.0, "soon", "a number"),
     "ZER_VER_SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", 10.0, "3", 3.0, "0", "> 0"),
+    "ZER_VER_TRANSPORT": ("transport", "auto", "Streams", "streams", "udp", "'auto', 'streams'"),
     "ZER_VER_DB_PATH": ("db_path", "zerver.sqlite3", "/tmp/x.db", "/tmp/x.db", None, None),
     "ZER_VER_DB_POOL_SIZE": ("db_pool_size", 4, "8", 8, "0", ">= 1"),
     "ZER_VER_CACHE_MAX_ENTRIES": ("cache_max_entries", 10000, "5", 5, "0", ">= 1"),

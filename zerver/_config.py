@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0)
     keepalive_timeout_s: float = Field(5.0, gt=0)
     shutdown_timeout_s: float = Field(10.0, gt=0)
+    transport: Literal["auto", "streams", "protocol"] = "auto"
 
     # Embedded interpreters.
     db_path: str = "zerver.sqlite3"
@@ -91,7 +92,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
 
-    @field_validator("log_format", "log_level", "semconv", mode="before")
+    @field_validator("log_format", "log_level", "semconv", "transport", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v

@@ -359,6 +359,7 @@ def serve_from_settings(target: str, settings: Settings, *, workers: int = 1) ->
             header_timeout_s=settings.header_timeout_s,
             keepalive_timeout_s=settings.keepalive_timeout_s,
             shutdown_timeout_s=settings.shutdown_timeout_s,
+            transport=settings.transport,
         )
         return run(target, config, workers, worker_init=init)
     except (ConfigError, UsageError) as exc:
