@@ -271,9 +271,9 @@ def _child_main(conn: Connection, spec_dict: dict[str, Any]) -> None:
                 break  # the parent is gone: drain and exit
             if data == _STOP:
                 break
-            for packed in marshal.loads(data):
+            for blob in marshal.loads(data):
                 try:
-                    engine.on_request_end(unpack_record(packed, ids))
+                    engine.on_request_end(unpack_record(marshal.loads(blob), ids))
                 except Exception:
                     engine.errors += 1
             now = time.monotonic()
@@ -344,7 +344,7 @@ class ProcessTraceSubscriber:
         self.unsampled = 0
         self.child_stats: dict[str, Any] = {}
         # deque.append and popleft are atomic under the GIL: no lock on the request path.
-        self._pending: deque[tuple[Any, ...]] = deque()
+        self._pending: deque[bytes] = deque()
         self._wake = threading.Event()
         self._closed = False
         ctx = multiprocessing.get_context("spawn")
@@ -367,7 +367,9 @@ class ProcessTraceSubscriber:
         if len(pending) >= self.max_pending or self._closed:
             self.records_dropped += 1
             return
-        pending.append(pack_record(record))
+        # Marshalled at once: a backlog of bytes objects is invisible to the garbage
+        # collector, while one of nested tuples made its full collections slow.
+        pending.append(marshal.dumps(pack_record(record)))
         self.records_submitted += 1
         if len(pending) >= self.batch:
             self._wake.set()
