@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import sys
@@ -44,6 +45,9 @@ def serving_app(*, check_only: bool = False) -> App:
     if settings.access_log:
         app.subscribe(AccessLog())
     setup_tracing(app)
+    # Everything built so far lives as long as the process: keep it out of the
+    # garbage collector's full passes, which otherwise show up in latency tails.
+    gc.freeze()
     return app
 
 
