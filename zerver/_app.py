@@ -15,16 +15,17 @@ import structlog
 
 from ._clock import Clock, MonotonicClock
 from ._config import Settings, load_settings
+from ._consumers import ConsumerRunner
 from ._decisions import Done, Fail
 from ._effects import RetryPolicy
 from ._errors import UsageError
 from ._executor import Executor, PipelineError
 from ._http import Request, Response
 from ._jobs import JobSystem
-from ._messaging import Broker, BrokerInterpreter, Consumer, MemoryBroker, Message
+from ._messaging import Broker, BrokerInterpreter, Consumer, MemoryBroker
 from ._offload import EngineSpec, ProcessTraceSubscriber
 from ._promotion import Promoter
-from ._propagation import extract_into, link_message_context, propagation_fields
+from ._propagation import extract_into, propagation_fields
 from ._records import RequestRecord, StepRecord, Subscriber, active_span
 from ._routing import Match, NotAllowed, Route, Router
 from ._semconv import SemConv
@@ -304,11 +305,12 @@ class App:
                 self._jobs = jobs
                 self._executor = Executor(self.clock, jobs, max_depth=s.max_need_depth)
                 try:
+                    runner = ConsumerRunner(self)
                     async with anyio.create_task_group() as tg:
                         stop = anyio.Event()
                         for c in self._consumers:
                             for _ in range(c.concurrency):
-                                tg.start_soon(self._consume_loop, c, stop)
+                                tg.start_soon(runner.consume_loop, c, stop)
                         try:
                             yield
                         finally:
@@ -486,144 +488,6 @@ class App:
                 self.subscriber_errors += 1
                 if self.subscriber_errors & (self.subscriber_errors - 1) == 0:
                     _log.exception("subscriber failed", count=self.subscriber_errors)
-
-    # -- consumers ----------------------------------------------------------------
-
-    async def _consume_loop(self, consumer: Consumer, stop: anyio.Event) -> None:
-        """Take messages until the app stops; a message in hand is always finished."""
-        broker = self.broker
-        while not stop.is_set():
-            msg: Message | None = None
-            async with anyio.create_task_group() as tg:
-
-                async def receive() -> None:
-                    nonlocal msg
-                    msg = await broker.receive(consumer.topic)
-                    tg.cancel_scope.cancel()
-
-                async def watch() -> None:
-                    await stop.wait()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(receive)
-                tg.start_soon(watch)
-            if msg is None:
-                return
-            with anyio.CancelScope(shield=True):
-                await self._consume(consumer, msg)
-
-    async def _consume(self, consumer: Consumer, msg: Message) -> None:
-        executor = self._executor
-        assert executor is not None
-        stats = consumer.stats
-        stats.received += 1
-        stats.in_flight += 1
-        record = RequestRecord(self.clock, self._rng)
-        record.otel_context = self._otel_context
-        record.kind = "consumer"
-        record.method = "PROCESS"
-        record.route = consumer.topic
-        record.path = consumer.topic
-        record.message_id = msg.id
-        record.message_size = len(msg.body)
-        record.message_attempt = msg.attempt
-        record.request_body_size = len(msg.body)
-        carrier = {k.lower(): [v] for k, v in msg.headers.items()}
-        if any(f.decode("latin-1") in carrier for f in self._prop_fields):
-            link_message_context(record, carrier, continue_trace=consumer.continue_trace)
-        if not record.parent_remote:
-            record.trace_id = self._rng.getrandbits(128) or 1
-        record.span_id = self._rng.getrandbits(64) or 1
-        record.request_id = msg.id
-        request = Request(
-            method="PROCESS",
-            path=consumer.topic,
-            headers=[
-                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in msg.headers.items()
-            ],
-            body=msg.body,
-        )
-        ctx = Context(request, {}, record, msg)
-        steps = [(st, "route") for st in consumer.steps]
-        active = active_span.set((record, record.span_id))
-        failure: str | None = None
-        try:
-            try:
-                outcome = await executor.run(ctx, record, steps, 0)
-            except Exception as exc:
-                outcome = PipelineError(f"runtime error: {exc}", error_type=type(exc).__name__)
-            permanent = False
-            if type(outcome) is Done or (
-                isinstance(outcome, PipelineError) and outcome.error_type == "NoResponse"
-            ):
-                # For a consumer, steps that all Continue have handled the message.
-                record.finish(200, 0)
-            elif type(outcome) is Fail:
-                failure = f"Fail {outcome.status}: {outcome.what}"
-                # A 4xx says the message itself is wrong: retrying cannot help.
-                permanent = outcome.status < 500
-                record.error_type = f"fail_{outcome.status}"
-                record.error_message = failure
-                record.finish(outcome.status, 0)
-            else:
-                assert isinstance(outcome, PipelineError)
-                failure = str(outcome)
-                record.system_fault = True
-                record.error_type = outcome.error_type
-                record.error_message = failure
-                _log.error(
-                    "message handler failed",
-                    topic=consumer.topic,
-                    message_id=msg.id,
-                    attempt=msg.attempt,
-                    exc_info=outcome.__cause__ or outcome,
-                )
-                record.finish(500, 0)
-            self._notify(record)
-        finally:
-            active_span.reset(active)
-        if failure is None:
-            stats.processed += 1
-        else:
-            await self._retry_or_dead_letter(consumer, msg, failure, permanent=permanent)
-        stats.in_flight -= 1
-
-    async def _retry_or_dead_letter(
-        self, consumer: Consumer, msg: Message, reason: str, *, permanent: bool
-    ) -> None:
-        stats = consumer.stats
-        if not permanent and msg.attempt < consumer.max_attempts:
-            await self.clock.sleep(consumer.retry.backoff_for(msg.attempt, self._rng) / 1000.0)
-            try:
-                await self.broker.publish(
-                    consumer.topic,
-                    msg.body,
-                    msg.headers,
-                    message_id=msg.id,
-                    attempt=msg.attempt + 1,
-                )
-                stats.retried += 1
-                return
-            except Exception as exc:
-                reason = f"{reason}; could not retry: {exc}"
-        headers = {
-            **msg.headers,
-            "x-zerver-dead-reason": reason[:500],
-            "x-zerver-original-topic": consumer.topic,
-        }
-        try:
-            await self.broker.publish(
-                consumer.dead_letter_topic,
-                msg.body,
-                headers,
-                message_id=msg.id,
-                attempt=msg.attempt,
-            )
-        except Exception:
-            _log.exception("dead-lettering failed", topic=consumer.topic, message_id=msg.id)
-            stats.lost += 1
-            return
-        stats.dead_lettered += 1
 
     def __repr__(self) -> str:
         return f"<App {self.name!r} {len(self.router.routes)} routes>"
