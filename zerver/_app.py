@@ -373,11 +373,9 @@ class App:
                     request_id = rid
         if carrier is not None:
             extract_into(record, carrier)
+        record.start_trace()
         if record.parent_remote:
             request_id = f"{record.trace_id:032x}"
-        else:
-            record.trace_id = rng.getrandbits(128) or 1
-        record.span_id = rng.getrandbits(64) or 1
         record.request_id = request_id or f"{rng.getrandbits(64):016x}"
         return record
 

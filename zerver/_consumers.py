@@ -76,9 +76,7 @@ class ConsumerRunner:
         carrier = {k.lower(): [v] for k, v in msg.headers.items()}
         if any(f.decode("latin-1") in carrier for f in self.app._prop_fields):
             link_message_context(record, carrier, continue_trace=consumer.continue_trace)
-        if not record.parent_remote:
-            record.trace_id = self.app._rng.getrandbits(128) or 1
-        record.span_id = self.app._rng.getrandbits(64) or 1
+        record.start_trace()
         record.request_id = msg.id
         request = Request(
             method="PROCESS",

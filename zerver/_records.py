@@ -379,6 +379,12 @@ class RequestRecord:
         self.error_message: str | None = None
         self.error_id: str | None = None
 
+    def start_trace(self) -> None:
+        """Fix the root's ids: a new trace unless a remote parent was continued."""
+        if not self.parent_remote:
+            self.trace_id = self.ids.getrandbits(128) or 1
+        self.span_id = self.new_span_id()
+
     def new_span_id(self) -> int:
         """A fresh non-zero 64-bit span id."""
         return self.ids.getrandbits(64) or 1

@@ -11,18 +11,20 @@ application installed its own).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import cast
 
 import structlog
 from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.resources import Resource as OtelResource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.util.types import AttributeValue
 
 from ._app import App
 from ._offload import ProcessTraceSubscriber
 from ._spans import SpanData
 from ._tracing import TraceEngine
+from .export import ExportPipeline, ZerverSpanProcessor
 
 __all__ = ["PipelineSink", "setup_tracing"]
 
@@ -70,7 +72,7 @@ def setup_tracing(
     one core) spans are built and exported in a separate exporter process.
     Raises :class:`~zerver.ConfigError` naming the first invalid variable.
     """
-    from .export import ExportConfig, ExportPipeline, ZerverSpanProcessor
+    from .export import ExportConfig
 
     env = os.environ if environ is None else environ
     config = ExportConfig.from_env(env)
@@ -80,35 +82,37 @@ def setup_tracing(
     if mode == "on" or (mode == "auto" and (os.cpu_count() or 1) > 1):
         # The exporter process may use any core, even if this one is pinned.
         sub = app.trace_in_process(env)
-        _install_user_span_provider(sub.spec.resource, env, app)
+        # User spans (rare) then use a pipeline of their own in this process.
+        _install_user_span_provider(
+            app, sub.spec.resource, lambda: ExportPipeline.from_config(config), owns=True
+        )
         return sub
     pipeline = ExportPipeline.from_config(config)
     sink = PipelineSink(pipeline, drain_timeout_s=app.settings.shutdown_timeout_s)
     engine = app.trace_to(sink)
-    # User spans made through the OpenTelemetry API leave through the same pipeline.
-    if isinstance(otel_trace.get_tracer_provider(), otel_trace.ProxyTracerProvider):
-        provider = TracerProvider(resource=OtelResource.create(dict(engine.resource.attributes)))
-        provider.add_span_processor(ZerverSpanProcessor(pipeline, shutdown_pipeline=False))
-        otel_trace.set_tracer_provider(provider)
+    # User spans leave through the same pipeline, which the sink shuts down.
+    _install_user_span_provider(app, engine.resource.attributes, lambda: pipeline, owns=False)
     return engine
 
 
 def _install_user_span_provider(
-    resource: Mapping[str, object], env: Mapping[str, str], app: App
+    app: App,
+    resource: Mapping[str, object],
+    pipeline: Callable[[], ExportPipeline],
+    *,
+    owns: bool,
 ) -> None:
-    """With an exporter process, user OpenTelemetry spans (rare) use an in-process pipeline."""
-    from opentelemetry.util.types import AttributeValue
-
-    from .export import ExportConfig, ExportPipeline, ZerverSpanProcessor
-
+    """Send spans made through the OpenTelemetry API to ``pipeline()``, unless the
+    application installed a tracer provider of its own. ``owns``: the provider shuts
+    the pipeline down when the app stops."""
     if not isinstance(otel_trace.get_tracer_provider(), otel_trace.ProxyTracerProvider):
         return
-    pipeline = ExportPipeline.from_config(ExportConfig.from_env(env))
     attrs = cast(Mapping[str, AttributeValue], resource)
     provider = TracerProvider(resource=OtelResource.create(dict(attrs)))
-    provider.add_span_processor(ZerverSpanProcessor(pipeline, shutdown_pipeline=True))
+    provider.add_span_processor(ZerverSpanProcessor(pipeline(), shutdown_pipeline=owns))
     otel_trace.set_tracer_provider(provider)
-    app.subscribe(_ProviderCloser(provider))
+    if owns:
+        app.subscribe(_ProviderCloser(provider))
 
 
 class _ProviderCloser:

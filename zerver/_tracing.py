@@ -30,7 +30,7 @@ from typing import Protocol
 
 from ._effects import Effect
 from ._promotion import JobDurations, Promoter, RouteStats
-from ._records import CANCEL, COMPLETE, JobState, RequestRecord, StepRecord
+from ._records import CANCEL, COMPLETE, JobState, ParkEpisode, RequestRecord, StepRecord
 from ._semconv import ClientFacts, SemConv
 from ._spans import (
     AttrValue,
@@ -97,6 +97,18 @@ def _sanitise_key(key: str) -> str:
     if key.isprintable():
         return key
     return "".join(c if c.isprintable() else "?" for c in key)
+
+
+def _park_attrs(ep: ParkEpisode) -> dict[str, AttrValue]:
+    """The attributes of a park episode (on ``zerver.job.parked`` and ``job.park(...)``)."""
+    attrs: dict[str, AttrValue] = {"job.park.cause": ep.cause}
+    if ep.token is not None:
+        attrs["job.park.token"] = ep.token
+    if ep.limit_current is not None:
+        attrs["concurrency.limit.current"] = ep.limit_current
+    if ep.limit_max is not None:
+        attrs["concurrency.limit.max"] = ep.limit_max
+    return attrs
 
 
 class _Builder:
@@ -580,13 +592,7 @@ class TraceEngine:
         if job.park_episodes or job.retries:
             timed: list[tuple[int, int, SpanEvent]] = []
             for ep in job.park_episodes:
-                pattrs: dict[str, AttrValue] = {"job.park.cause": ep.cause}
-                if ep.token is not None:
-                    pattrs["job.park.token"] = ep.token
-                if ep.limit_current is not None:
-                    pattrs["concurrency.limit.current"] = ep.limit_current
-                if ep.limit_max is not None:
-                    pattrs["concurrency.limit.max"] = ep.limit_max
+                pattrs = _park_attrs(ep)
                 timed.append(
                     (ep.park_ts, 2, SpanEvent("zerver.job.parked", wall + ep.park_ts, pattrs))
                 )
@@ -665,13 +671,8 @@ class TraceEngine:
             resume = ep.resume_ts if ep.resume_ts is not None else b.end
             ms = (resume - ep.park_ts) / 1e6
             if promoter.promote_park(stats, ms):
-                pattrs: dict[str, AttrValue] = {"job.park.cause": ep.cause, "job.park_wait_ms": ms}
-                if ep.token is not None:
-                    pattrs["job.park.token"] = ep.token
-                if ep.limit_current is not None:
-                    pattrs["concurrency.limit.current"] = ep.limit_current
-                if ep.limit_max is not None:
-                    pattrs["concurrency.limit.max"] = ep.limit_max
+                pattrs = _park_attrs(ep)
+                pattrs["job.park_wait_ms"] = ms
                 self._span(
                     b,
                     rec,
