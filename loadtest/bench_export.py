@@ -150,14 +150,14 @@ def dict_orjson(spans: list[SpanData]) -> bytes:
                                     ],
                                     "events": [
                                         {
-                                            "timeUnixNano": str(e.time_ns),
-                                            "name": e.name,
+                                            "timeUnixNano": str(etime),
+                                            "name": ename,
                                             "attributes": [
                                                 {"key": k, "value": _av(v)}
-                                                for k, v in e.attributes.items()
+                                                for k, v in eattrs.items()
                                             ],
                                         }
-                                        for e in s.events
+                                        for ename, etime, eattrs, _ in s.events
                                     ],
                                     "status": {},
                                 }

@@ -75,8 +75,8 @@ def bench_otel_sdk(n: int, spans_per_trace: int, template: list[SpanData]) -> fl
     def one() -> None:
         for s in template:
             span = tracer.start_span(s.name, attributes=s.attributes)
-            for e in s.events:
-                span.add_event(e.name, e.attributes)
+            for name, _time_ns, attributes, _dropped in s.events:
+                span.add_event(name, attributes)
             span.end()
 
     for _ in range(200):

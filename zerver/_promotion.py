@@ -33,10 +33,42 @@ __all__ = [
     "RollingPercentile",
     "RouteStats",
     "durations",
+    "job_durations",
 ]
 
 MIN_SAMPLES = 20
 RECOMPUTE_EVERY = 32
+
+
+def job_durations(job: JobState, end_fallback: int) -> tuple[float, float, float, float, float]:
+    """``(queue_wait, dispatch, park_wait_total, run_active, total)`` of ``job`` in ms.
+
+    A job still running ends at ``end_fallback``. The one place these are derived:
+    :class:`JobDurations` and the trace engine both call it.
+    """
+    enq = job.enqueue_ts
+    end = job.end_ts if job.end_ts is not None else end_fallback
+    if enq is None:
+        enq = job.take_ts if job.take_ts is not None else end
+    # A job never taken (cancelled while queued, refused by a full queue) spent
+    # all its time queued: the phases it never reached count 0.
+    take = job.take_ts if job.take_ts is not None else max(end, enq)
+    start = job.start_ts if job.start_ts is not None else take
+    end = max(end, start)
+    park = 0
+    for ep in job.park_episodes:
+        resume = ep.resume_ts if ep.resume_ts is not None else end
+        if resume > ep.park_ts:
+            park += resume - ep.park_ts
+    run = end - start
+    park = min(park, run)  # overlapping episodes cannot park longer than the job ran
+    return (
+        (take - enq) / 1e6,
+        (start - take) / 1e6,
+        park / 1e6,
+        (run - park) / 1e6,
+        (end - enq) / 1e6,
+    )
 
 
 class JobDurations:
@@ -52,27 +84,13 @@ class JobDurations:
     )
 
     def __init__(self, job: JobState, end_fallback: int) -> None:
-        enq = job.enqueue_ts
-        end = job.end_ts if job.end_ts is not None else end_fallback
-        if enq is None:
-            enq = job.take_ts if job.take_ts is not None else end
-        # A job never taken (cancelled while queued, refused by a full queue) spent
-        # all its time queued: the phases it never reached count 0.
-        take = job.take_ts if job.take_ts is not None else max(end, enq)
-        start = job.start_ts if job.start_ts is not None else take
-        end = max(end, start)
-        park = 0
-        for ep in job.park_episodes:
-            resume = ep.resume_ts if ep.resume_ts is not None else end
-            if resume > ep.park_ts:
-                park += resume - ep.park_ts
-        run = end - start
-        park = min(park, run)  # overlapping episodes cannot park longer than the job ran
-        self.queue_wait_ms = (take - enq) / 1e6
-        self.dispatch_ms = (start - take) / 1e6
-        self.park_wait_ms_total = park / 1e6
-        self.run_active_ms = (run - park) / 1e6
-        self.total_ms = (end - enq) / 1e6
+        (
+            self.queue_wait_ms,
+            self.dispatch_ms,
+            self.park_wait_ms_total,
+            self.run_active_ms,
+            self.total_ms,
+        ) = job_durations(job, end_fallback)
         self.park_count = len(job.park_episodes)
 
 
@@ -165,21 +183,29 @@ class Promoter:
             st = self._routes[route] = RouteStats(self._window)
         return st
 
+    def queue_bar(self, stats: RouteStats) -> float:
+        """The shortest queue wait (ms) that gets a ``job.queue_wait`` span now.
+
+        The threshold, or the route's p95 when that is lower (but not below
+        ``p95_min_ms``); 0 with ``debug``. One comparison per job then decides.
+        """
+        if self.debug:
+            return 0.0
+        return min(self.queue_ms, max(self.p95_min_ms, stats.queue.value))
+
+    def park_bar(self, stats: RouteStats) -> float:
+        """The shortest park episode (ms) that gets a ``job.park(<cause>)`` span now."""
+        if self.debug:
+            return 0.0
+        return min(self.park_ms, max(self.p95_min_ms, stats.park.value))
+
     def promote_queue(self, stats: RouteStats, queue_wait_ms: float) -> bool:
         """Whether a queue wait gets a ``job.queue_wait`` span."""
-        return (
-            self.debug
-            or queue_wait_ms >= self.queue_ms
-            or (queue_wait_ms >= self.p95_min_ms and queue_wait_ms >= stats.queue.value)
-        )
+        return queue_wait_ms >= self.queue_bar(stats)
 
     def promote_park(self, stats: RouteStats, park_ms: float) -> bool:
         """Whether a park episode gets a ``job.park(<cause>)`` span."""
-        return (
-            self.debug
-            or park_ms >= self.park_ms
-            or (park_ms >= self.p95_min_ms and park_ms >= stats.park.value)
-        )
+        return park_ms >= self.park_bar(stats)
 
     def route_p95(self, route: str) -> tuple[float, float]:
         """The route's current (queue wait, park wait) p95 in ms (``inf`` until known)."""

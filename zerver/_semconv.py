@@ -51,6 +51,8 @@ CLIENT_ROWS: dict[str, tuple[str, str | None]] = {
 }
 
 MODES = ("old", "new", "dup")
+# Root-attribute templates kept per SemConv (one per route, client and user agent).
+_MAX_TEMPLATES = 512
 
 
 def _keys(rows: dict[str, tuple[str, str | None]], mode: str) -> dict[str, tuple[str, ...]]:
@@ -114,7 +116,7 @@ class ClientFacts:
 class SemConv:
     """Writes semantic-convention attributes for one mode, chosen once."""
 
-    __slots__ = ("_client", "_server", "mode")
+    __slots__ = ("_client", "_server", "_templates", "mode")
 
     def __init__(self, mode: str = "dup") -> None:
         if mode not in MODES:
@@ -122,24 +124,72 @@ class SemConv:
         self.mode = mode
         self._server = _keys(SERVER_ROWS, mode)
         self._client = _keys(CLIENT_ROWS, mode)
+        self._templates: dict[tuple[object, ...], dict[str, AttrValue]] = {}
 
-    def server_attributes(self, rec: RequestRecord, attrs: dict[str, AttrValue]) -> None:
-        """Add the root span's HTTP attributes for ``rec`` to ``attrs``."""
+    def server_attributes(self, rec: RequestRecord) -> dict[str, AttrValue]:
+        """The root span's HTTP attributes for ``rec``, as a new dict.
+
+        The facts shared by a route's requests from one client (method, route,
+        scheme, host, server address, protocol, user agent) are written once into
+        a template that later requests copy; only the per-request facts are
+        written each time. The cache is bounded.
+        """
+        shape = (
+            rec.method,
+            rec.route,
+            rec.scheme,
+            rec.host,
+            rec.server_address,
+            rec.server_port,
+            rec.protocol_version,
+            rec.user_agent,
+            rec.client_address,
+        )
+        template = self._templates.get(shape)
+        if template is None:
+            template = self._server_template(rec)
+            if len(self._templates) >= _MAX_TEMPLATES:
+                del self._templates[next(iter(self._templates))]
+            self._templates[shape] = template
+        attrs = template.copy()
+        k = self._server
         query = rec.query
+        path = rec.path
+        for key in k["path"]:
+            attrs[key] = path
+        if query:
+            for key in k["target"]:
+                attrs[key] = f"{path}?{query}"
+            for key in k["query"]:
+                attrs[key] = query
+        else:
+            for key in k["target"]:
+                attrs[key] = path
+        if rec.client_port is not None:
+            for key in k["client_port"]:
+                attrs[key] = rec.client_port
+        status = rec.status
+        if status:
+            for key in k["status"]:
+                attrs[key] = status
+        for key in k["request_size"]:
+            attrs[key] = rec.request_body_size
+        for key in k["response_size"]:
+            attrs[key] = rec.response_body_size
+        if rec.system_fault or status >= 500:
+            for key in k["error_type"]:
+                attrs[key] = rec.error_type or str(status)
+        return attrs
+
+    def _server_template(self, rec: RequestRecord) -> dict[str, AttrValue]:
         facts: list[tuple[str, AttrValue]] = [
             ("method", rec.method),
             ("scheme", rec.scheme),
-            ("path", rec.path),
-            ("target", f"{rec.path}?{query}" if query else rec.path),
             ("transport", "tcp"),
             ("protocol_version", rec.protocol_version),
-            ("request_size", rec.request_body_size),
-            ("response_size", rec.response_body_size),
         ]
         if rec.route is not None:
             facts.append(("route", rec.route))
-        if query:
-            facts.append(("query", query))
         host_addr: str | None = None
         host_port: int | None = None
         if rec.host:
@@ -155,18 +205,14 @@ class SemConv:
             facts.append(("server_port", port))
         if rec.client_address:
             facts.append(("client_address", rec.client_address))
-        if rec.client_port is not None:
-            facts.append(("client_port", rec.client_port))
         if rec.user_agent:
             facts.append(("user_agent", rec.user_agent))
-        if rec.status:
-            facts.append(("status", rec.status))
-        if rec.system_fault or rec.status >= 500:
-            facts.append(("error_type", rec.error_type or str(rec.status)))
         keys = self._server
+        attrs: dict[str, AttrValue] = {}
         for fact, value in facts:
             for key in keys[fact]:
                 attrs[key] = value
+        return attrs
 
     def client_attributes(self, facts: ClientFacts, attrs: dict[str, AttrValue]) -> None:
         """Add an HTTP client span's attributes to ``attrs``."""

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 __all__ = [
+    "NO_ATTRIBUTES",
     "AttrValue",
+    "EventTuple",
     "InstrumentationScope",
     "Resource",
     "SpanData",
@@ -65,25 +69,22 @@ class InstrumentationScope:
     schema_url: str = ""
 
 
-class SpanEvent:
-    """A timestamped event on a span."""
+#: Attributes of an event that has none (shared, read-only).
+NO_ATTRIBUTES: Mapping[str, AttrValue] = MappingProxyType({})
 
-    __slots__ = ("attributes", "dropped_attributes_count", "name", "time_ns")
+#: How a span holds an event: ``(name, time_ns, attributes, dropped_attributes_count)``.
+#: The trace engine builds these as plain tuples (a class instance per event cost
+#: more than the rest of the event); :class:`SpanEvent` is the same shape with names.
+EventTuple = tuple[str, int, Mapping[str, AttrValue], int]
 
-    def __init__(
-        self,
-        name: str,
-        time_ns: int,
-        attributes: Mapping[str, AttrValue] | None = None,
-        dropped_attributes_count: int = 0,
-    ) -> None:
-        self.name = name
-        self.time_ns = time_ns
-        self.attributes: Mapping[str, AttrValue] = attributes if attributes is not None else {}
-        self.dropped_attributes_count = dropped_attributes_count
 
-    def __repr__(self) -> str:
-        return f"SpanEvent({self.name!r}, {self.time_ns}, {dict(self.attributes)!r})"
+class SpanEvent(NamedTuple):
+    """A timestamped event on a span (an :data:`EventTuple` with field names)."""
+
+    name: str
+    time_ns: int
+    attributes: Mapping[str, AttrValue] = NO_ATTRIBUTES
+    dropped_attributes_count: int = 0
 
 
 class SpanLink:
@@ -122,6 +123,10 @@ class SpanData:
     ``flags`` follows OTLP ``Span.flags``: the low 8 bits are the W3C trace
     flags (``0x01`` sampled); bit 8 (``0x100``) says whether the parent's
     remote-ness is known and bit 9 (``0x200``) that the parent is remote.
+
+    ``events`` holds :data:`EventTuple` values (plain tuples from the trace
+    engine, :class:`SpanEvent` from elsewhere): read them by unpacking,
+    ``for name, time_ns, attributes, dropped in span.events``.
     """
 
     __slots__ = (
@@ -157,7 +162,7 @@ class SpanData:
         start_ns: int,
         end_ns: int,
         attributes: dict[str, AttrValue] | None = None,
-        events: list[SpanEvent] | None = None,
+        events: Sequence[EventTuple] | None = None,
         links: list[SpanLink] | None = None,
         status_code: int = StatusCode.UNSET,
         status_message: str = "",
@@ -177,7 +182,7 @@ class SpanData:
         self.start_ns = start_ns
         self.end_ns = end_ns
         self.attributes: dict[str, AttrValue] = attributes if attributes is not None else {}
-        self.events: list[SpanEvent] = events if events is not None else []
+        self.events: list[EventTuple] = list(events) if events is not None else []
         self.links: list[SpanLink] = links if links is not None else []
         self.status_code = status_code
         self.status_message = status_message
@@ -208,7 +213,7 @@ def make_span(
     start_ns: int,
     end_ns: int,
     attributes: dict[str, AttrValue],
-    events: list[SpanEvent],
+    events: list[EventTuple],
     status_code: int,
     status_message: str,
     trace_state: str,

@@ -29,15 +29,16 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from ._effects import Effect
-from ._promotion import JobDurations, Promoter, RouteStats
+from ._promotion import Promoter, job_durations
 from ._records import CANCEL, COMPLETE, JobState, ParkEpisode, RequestRecord, StepRecord
 from ._semconv import ClientFacts, SemConv
 from ._spans import (
+    NO_ATTRIBUTES,
     AttrValue,
+    EventTuple,
     InstrumentationScope,
     Resource,
     SpanData,
-    SpanEvent,
     SpanKind,
     SpanLink,
     StatusCode,
@@ -112,21 +113,65 @@ def _park_attrs(ep: ParkEpisode) -> dict[str, AttrValue]:
 
 
 class _Builder:
-    """State for building one request's spans."""
+    """What every span of one request shares, computed once per request."""
 
-    __slots__ = ("end", "spans", "t0", "w0")
+    __slots__ = ("end", "flags", "resource", "scope", "spans", "state", "trace_id", "wall")
 
-    def __init__(self, rec: RequestRecord) -> None:
-        self.t0 = rec.start_ts
-        self.w0 = rec.start_wall_ns
+    def __init__(self, rec: RequestRecord, resource: Resource, scope: InstrumentationScope):
         self.end = rec.end_ts if rec.end_ts is not None else rec.start_ts
+        # Monotonic record time + wall = Unix nanoseconds.
+        self.wall = rec.start_wall_ns - rec.start_ts
+        self.trace_id = rec.trace_id
+        self.state = rec.tracestate or ""
+        self.flags = (rec.trace_flags & 0xFF) | _HAS_REMOTE
+        self.resource = resource
+        self.scope = scope
         self.spans: list[SpanData] = []
+
+    def span(
+        self,
+        name: str,
+        span_id: int,
+        parent: int,
+        kind: int,
+        start_ts: int,
+        end_ts: int,
+        attrs: dict[str, AttrValue],
+        events: list[EventTuple],
+        status: int = StatusCode.UNSET,
+        message: str = "",
+    ) -> SpanData:
+        wall = self.wall
+        span = make_span(
+            name,
+            self.trace_id,
+            span_id,
+            parent,
+            kind,
+            wall + start_ts,
+            wall + end_ts,
+            attrs,
+            events,
+            status,
+            message,
+            self.state,
+            self.flags,
+            self.resource,
+            self.scope,
+        )
+        self.spans.append(span)
+        return span
 
 
 class TraceEngine:
     """Turns finished request records into spans and hands them to a sink.
 
     It is a :class:`~zerver.Subscriber`: ``app.subscribe(engine)``.
+
+    Building runs once per request, so it is written for speed: events are
+    plain tuples, each job's durations, attributes, events and promotion are
+    derived in one pass, and attribute dicts are written as displays where
+    their keys are known.
     """
 
     def __init__(
@@ -172,83 +217,17 @@ class TraceEngine:
 
     # -- building -----------------------------------------------------------------------
 
-    def _span(
-        self,
-        b: _Builder,
-        rec: RequestRecord,
-        name: str,
-        span_id: int,
-        parent: int,
-        kind: int,
-        start_ts: int,
-        end_ts: int,
-        attrs: dict[str, AttrValue],
-        events: list[SpanEvent] | None = None,
-        status: int = StatusCode.UNSET,
-        message: str = "",
-    ) -> SpanData:
-        w0, t0 = b.w0, b.t0
-        span = make_span(
-            name,
-            rec.trace_id,
-            span_id,
-            parent,
-            kind,
-            w0 + (start_ts - t0),
-            w0 + (end_ts - t0),
-            attrs,
-            events if events is not None else [],
-            status,
-            message,
-            rec.tracestate or "",
-            (rec.trace_flags & 0xFF) | _HAS_REMOTE,
-            self.resource,
-            self.scope,
-        )
-        b.spans.append(span)
-        return span
-
     def build(self, rec: RequestRecord) -> list[SpanData]:
         """The spans of one finished request, root first."""
-        b = _Builder(rec)
+        b = _Builder(rec, self.resource, self.scope)
         end = b.end
-        wall = b.w0 - b.t0
+        wall = b.wall
 
-        # Root.
-        if rec.kind == "consumer":
-            root = self._consumer_root(b, rec, end)
-        else:
-            attrs: dict[str, AttrValue] = {}
-            self.semconv.server_attributes(rec, attrs)
-            for pname, pval in rec.params.items():
-                attrs["url.path.params." + pname] = pval
-            attrs["zerver.request_id"] = rec.request_id
-            status = StatusCode.UNSET
-            message = ""
-            if rec.system_fault or rec.status >= 500:
-                status = StatusCode.ERROR
-                message = rec.error_message or f"HTTP {rec.status}"
-                if rec.error_id:
-                    attrs["zerver.error_id"] = rec.error_id
-            name = (
-                f"http.server: {rec.method} {rec.route}"
-                if rec.route
-                else f"http.server: {rec.method}"
-            )
-            root = self._span(
-                b,
-                rec,
-                name,
-                rec.span_id,
-                rec.parent_span_id,
-                SpanKind.SERVER,
-                rec.start_ts,
-                end,
-                attrs,
-                None,
-                status,
-                message,
-            )
+        root = (
+            self._consumer_root(b, rec, end)
+            if rec.kind == "consumer"
+            else self._server_root(b, rec, end)
+        )
         if rec.parent_remote:
             root.flags |= _IS_REMOTE
         root_id = rec.span_id
@@ -262,38 +241,47 @@ class TraceEngine:
                 if sr.job_index is not None:
                     cont_steps[sr.job_index] = sr
                 continue
-            step_spans[sr.index] = self._step_span(b, rec, sr, root_id)
+            step_spans[sr.index] = self._step_span(b, sr, root_id)
 
-        route_key = rec.route or ""
-        promoter = self.promoter
-        stats = promoter.stats(route_key)
-        for job in rec.jobs:
-            d = JobDurations(job, end)
-            if job.kind == "effect":
-                parent = step_spans.get(job.step_index)
-                span = self._effect_span(b, rec, job, d, parent.span_id if parent else root_id)
-            else:
-                csr = cont_steps.get(job.index)
-                span = self._continuation_span(b, rec, job, d, csr, root_id)
-                if csr is not None:
-                    step_spans[csr.index] = span
-            job_spans[job.index] = span
-            self._lifecycle_events(job, span, wall, end)
-            self._promote(b, rec, job, d, span.span_id, stats)
-            # Observe after deciding, so a sample never raises its own bar.
-            now = job.end_ts if job.end_ts is not None else end
-            stats.queue.add(now, d.queue_wait_ms)
-            for ep in job.park_episodes:
-                stats.park.add(now, ((ep.resume_ts or end) - ep.park_ts) / 1e6)
+        if rec.jobs:
+            promoter = self.promoter
+            stats = promoter.stats(rec.route or "")
+            # Decide every job of the request against the bars as they were when it
+            # ended, then observe its samples: a sample never raises its own bar.
+            queue_bar = promoter.queue_bar(stats)
+            park_bar = promoter.park_bar(stats)
+            samples: list[tuple[int, float, list[float]]] = []
+            for job in rec.jobs:
+                durations = job_durations(job, end)
+                if job.kind == "effect":
+                    parent = step_spans.get(job.step_index)
+                    span = self._effect_span(
+                        b, rec, job, durations, parent.span_id if parent else root_id
+                    )
+                else:
+                    csr = cont_steps.get(job.index)
+                    span = self._continuation_span(b, rec, job, durations, csr, root_id)
+                    if csr is not None:
+                        step_spans[csr.index] = span
+                job_spans[job.index] = span
+                _lifecycle_events(job, span.events, wall, end)
+                parks = self._promote(b, rec, job, durations[0], span.span_id, queue_bar, park_bar)
+                samples.append((job.end_ts if job.end_ts is not None else end, durations[0], parks))
+            for now, queue_wait, parks in samples:
+                stats.queue.add(now, queue_wait)
+                for ms in parks:
+                    stats.park.add(now, ms)
 
         # Events recorded on the request: needs and slot writes.
         for srec in rec.steps:
             need = srec.need
+            if need is None:
+                continue
             nspan = step_spans.get(srec.index)
-            if need is None or nspan is None:
+            if nspan is None:
                 continue
             nspan.events.append(
-                SpanEvent(
+                (
                     "zerver.need.requested",
                     wall + need.requested_ts,
                     {
@@ -301,11 +289,12 @@ class TraceEngine:
                         "need.mode": need.mode,
                         "need.join": need.join,
                     },
+                    0,
                 )
             )
             if need.join_ts is not None:
                 nspan.events.append(
-                    SpanEvent(
+                    (
                         "zerver.need.join",
                         wall + need.join_ts,
                         {
@@ -313,23 +302,55 @@ class TraceEngine:
                             "need.failed": need.failed,
                             "need.duration_ms": (need.join_ts - need.requested_ts) / 1e6,
                         },
+                        0,
                     )
                 )
         for w in rec.slot_writes:
-            target: SpanData | None = None
-            if w.job_index is not None:
-                target = job_spans.get(w.job_index)
-            elif w.step_index is not None:
-                target = step_spans.get(w.step_index)
+            target = (
+                job_spans.get(w.job_index)
+                if w.job_index is not None
+                else step_spans.get(w.step_index)
+                if w.step_index is not None
+                else None
+            )
             if target is not None:
                 target.events.append(
-                    SpanEvent(
+                    (
                         "zerver.slot.write",
                         wall + w.ts,
                         {"slot": w.slot, "size_bytes": w.size_bytes},
+                        0,
                     )
                 )
         return b.spans
+
+    def _server_root(self, b: _Builder, rec: RequestRecord, end: int) -> SpanData:
+        attrs = self.semconv.server_attributes(rec)
+        for pname, pval in rec.params.items():
+            attrs["url.path.params." + pname] = pval
+        attrs["zerver.request_id"] = rec.request_id
+        status = StatusCode.UNSET
+        message = ""
+        if rec.system_fault or rec.status >= 500:
+            status = StatusCode.ERROR
+            message = rec.error_message or f"HTTP {rec.status}"
+            if rec.error_id:
+                attrs["zerver.error_id"] = rec.error_id
+        name = (
+            f"http.server: {rec.method} {rec.route}" if rec.route else f"http.server: {rec.method}"
+        )
+        return b.span(
+            name,
+            rec.span_id,
+            rec.parent_span_id,
+            SpanKind.SERVER,
+            rec.start_ts,
+            end,
+            attrs,
+            [],
+            status,
+            message,
+        )
 
     def _consumer_root(self, b: _Builder, rec: RequestRecord, end: int) -> SpanData:
         topic = rec.route or ""
@@ -350,9 +371,7 @@ class TraceEngine:
             # For a consumer any failure is an error: the message is retried or dead-lettered.
             status, message = StatusCode.ERROR, rec.error_message or f"failed ({rec.status})"
             attrs["error.type"] = rec.error_type or str(rec.status)
-        root = self._span(
-            b,
-            rec,
+        root = b.span(
             f"queue.process {topic}",
             rec.span_id,
             rec.parent_span_id,
@@ -360,7 +379,7 @@ class TraceEngine:
             rec.start_ts,
             end,
             attrs,
-            None,
+            [],
             status,
             message,
         )
@@ -376,7 +395,8 @@ class TraceEngine:
             static = self._static[system] = dict(found) if isinstance(found, Mapping) else {}
         return static
 
-    def _step_attrs(self, sr: StepRecord) -> dict[str, AttrValue]:
+    @staticmethod
+    def _step_attrs(sr: StepRecord) -> dict[str, AttrValue]:
         attrs: dict[str, AttrValue] = {
             "zerver.step.sequence": sr.sequence,
             "zerver.step.layer": sr.layer,
@@ -386,28 +406,29 @@ class TraceEngine:
         }
         if sr.resume is not None:
             attrs["zerver.step.resume"] = sr.resume
+        if sr.render_phase is not None:
+            attrs["render.phase"] = sr.render_phase
+            attrs["render.size_bytes"] = sr.render_size or 0
+        if sr.error_type is not None:
+            attrs["error.type"] = sr.error_type
         return attrs
 
-    def _step_span(self, b: _Builder, rec: RequestRecord, sr: StepRecord, root: int) -> SpanData:
+    def _step_span(self, b: _Builder, sr: StepRecord, root: int) -> SpanData:
         attrs = self._step_attrs(sr)
         status, message = StatusCode.UNSET, ""
         if sr.error_type is not None:
             status, message = StatusCode.ERROR, sr.error_message or sr.error_type
-            attrs["error.type"] = sr.error_type
-        end = sr.end_ts if sr.end_ts is not None else b.end
-        if sr.end_ts is None and status == StatusCode.UNSET:
-            status, message = StatusCode.ERROR, "step unfinished at request end"
+        end = sr.end_ts
+        if end is None:
+            end = b.end
+            if status == StatusCode.UNSET:
+                status, message = StatusCode.ERROR, "step unfinished at request end"
         need = sr.need
         if need is not None:
             # The step's span covers the wait for its effects, so they nest inside it.
             join = need.join_ts if need.join_ts is not None else b.end
             end = max(end, join)
-        if sr.render_phase is not None:
-            attrs["render.phase"] = sr.render_phase
-            attrs["render.size_bytes"] = sr.render_size or 0
-        return self._span(
-            b,
-            rec,
+        return b.span(
             "step." + sr.name,
             sr.span_id,
             root,
@@ -420,31 +441,13 @@ class TraceEngine:
             message,
         )
 
-    @staticmethod
-    def _job_attrs(attrs: dict[str, AttrValue], job: JobState, d: JobDurations) -> None:
-        attrs["job.queue"] = job.queue
-        if job.worker is not None:
-            attrs["job.worker_id"] = job.worker
-        attrs["job.attempt"] = job.attempts
-        attrs["job.queue_wait_ms"] = d.queue_wait_ms
-        attrs["job.dispatch_ms"] = d.dispatch_ms
-        attrs["job.park_wait_ms_total"] = d.park_wait_ms_total
-        attrs["job.run_active_ms"] = d.run_active_ms
-        attrs["job.park_count"] = d.park_count
-
-    def _outcome_status(self, job: JobState, required: bool) -> tuple[int, str]:
-        if job.outcome == COMPLETE:
-            return StatusCode.OK, ""
-        if job.outcome is None:
-            return StatusCode.ERROR, "job unfinished at request end"
-        if job.outcome == CANCEL:
-            return StatusCode.UNSET, ""
-        if required:
-            return StatusCode.ERROR, job.error_message or job.error_type or "failed"
-        return StatusCode.UNSET, ""
-
     def _effect_span(
-        self, b: _Builder, rec: RequestRecord, job: JobState, d: JobDurations, parent: int
+        self,
+        b: _Builder,
+        rec: RequestRecord,
+        job: JobState,
+        d: tuple[float, float, float, float, float],
+        parent: int,
     ) -> SpanData:
         effect = job.effect
         assert effect is not None
@@ -453,26 +456,33 @@ class TraceEngine:
             "effect.kind": system if system in _EFFECT_KINDS else "other",
             "effect.required": effect.required,
             "effect.timeout_ms": effect.timeout_ms,
+            "job.queue": job.queue,
+            "job.attempt": job.attempts,
+            "job.queue_wait_ms": d[0],
+            "job.dispatch_ms": d[1],
+            "job.park_wait_ms_total": d[2],
+            "job.run_active_ms": d[3],
+            "job.park_count": len(job.park_episodes),
         }
-        self._job_attrs(attrs, job, d)
+        if job.worker is not None:
+            attrs["job.worker_id"] = job.worker
         static = self._static_for(system)
         if static:
             attrs.update(static)
-        meta = job.result_meta
-        self._system_attrs(attrs, effect, meta)
-        if job.outcome is not None and job.outcome != COMPLETE:
-            attrs["error.type"] = job.error_type or job.outcome
-        status, message = self._outcome_status(job, effect.required)
+        self._system_attrs(attrs, effect, job.result_meta)
+        outcome = job.outcome
+        status, message = StatusCode.OK, ""
+        if outcome != COMPLETE:
+            if outcome is not None:
+                attrs["error.type"] = job.error_type or outcome
+            status, message = self._failure_status(job, effect.required)
         start = job.enqueue_ts if job.enqueue_ts is not None else b.end
         end = job.end_ts if job.end_ts is not None else b.end
-        kind = SpanKind.PRODUCER if system == "queue" else SpanKind.CLIENT
-        return self._span(
-            b,
-            rec,
+        return b.span(
             job.name,
             job.span_id or rec.new_span_id(),
             parent,
-            kind,
+            SpanKind.PRODUCER if system == "queue" else SpanKind.CLIENT,
             start,
             end,
             attrs,
@@ -480,6 +490,15 @@ class TraceEngine:
             status,
             message,
         )
+
+    @staticmethod
+    def _failure_status(job: JobState, required: bool) -> tuple[int, str]:
+        """The status of a job that did not complete."""
+        if job.outcome is None:
+            return StatusCode.ERROR, "job unfinished at request end"
+        if job.outcome == CANCEL or not required:
+            return StatusCode.UNSET, ""
+        return StatusCode.ERROR, job.error_message or job.error_type or "failed"
 
     def _system_attrs(
         self, attrs: dict[str, AttrValue], effect: Effect, meta: dict[str, object] | None
@@ -527,7 +546,7 @@ class TraceEngine:
         b: _Builder,
         rec: RequestRecord,
         job: JobState,
-        d: JobDurations,
+        d: tuple[float, float, float, float, float],
         sr: StepRecord | None,
         root: int,
     ) -> SpanData:
@@ -535,130 +554,52 @@ class TraceEngine:
             attrs = self._step_attrs(sr)
             attrs["zerver.resume.fn"] = sr.name
             attrs["zerver.decision"] = sr.decision or "Error"
-            if sr.render_phase is not None:
-                attrs["render.phase"] = sr.render_phase
-                attrs["render.size_bytes"] = sr.render_size or 0
             span_id = sr.span_id
         else:  # never ran (cancelled while queued, or the queue was full)
             attrs = {"zerver.resume.fn": job.name.removeprefix("step.").removesuffix(".resume")}
             span_id = job.span_id or rec.new_span_id()
-        self._job_attrs(attrs, job, d)
-        status, message = self._outcome_status(job, True)
-        if status == StatusCode.OK:
-            status = StatusCode.UNSET  # steps are ERROR or UNSET, never OK
-        if sr is not None and sr.error_type is not None:
-            attrs["error.type"] = sr.error_type
+        attrs["job.queue"] = job.queue
+        if job.worker is not None:
+            attrs["job.worker_id"] = job.worker
+        attrs["job.attempt"] = job.attempts
+        attrs["job.queue_wait_ms"] = d[0]
+        attrs["job.dispatch_ms"] = d[1]
+        attrs["job.park_wait_ms_total"] = d[2]
+        attrs["job.run_active_ms"] = d[3]
+        attrs["job.park_count"] = len(job.park_episodes)
+        # Steps are ERROR or UNSET, never OK.
+        status, message = (
+            (StatusCode.UNSET, "") if job.outcome == COMPLETE else self._failure_status(job, True)
+        )
         start = job.enqueue_ts if job.enqueue_ts is not None else b.end
         end = job.end_ts if job.end_ts is not None else b.end
         if sr is not None and sr.need is not None:
             join = sr.need.join_ts
             end = max(end, join if join is not None else b.end)
-        return self._span(
-            b,
-            rec,
-            job.name,
-            span_id,
-            root,
-            SpanKind.INTERNAL,
-            start,
-            end,
-            attrs,
-            [],
-            status,
-            message,
+        return b.span(
+            job.name, span_id, root, SpanKind.INTERNAL, start, end, attrs, [], status, message
         )
-
-    @staticmethod
-    def _lifecycle_events(job: JobState, span: SpanData, wall: int, end: int) -> None:
-        ev = span.events
-        if job.enqueue_ts is not None:
-            ev.append(
-                SpanEvent(
-                    "zerver.job.enqueued",
-                    wall + job.enqueue_ts,
-                    {"job.queue": job.queue, "job.depth": job.depth_enqueue or 0},
-                )
-            )
-        if job.take_ts is not None:
-            ev.append(
-                SpanEvent(
-                    "zerver.job.taken",
-                    wall + job.take_ts,
-                    {"job.worker_id": job.worker if job.worker is not None else -1},
-                )
-            )
-        if job.start_ts is not None:
-            ev.append(SpanEvent("zerver.job.started", wall + job.start_ts))
-        if job.park_episodes or job.retries:
-            timed: list[tuple[int, int, SpanEvent]] = []
-            for ep in job.park_episodes:
-                pattrs = _park_attrs(ep)
-                timed.append(
-                    (ep.park_ts, 2, SpanEvent("zerver.job.parked", wall + ep.park_ts, pattrs))
-                )
-                resume = ep.resume_ts if ep.resume_ts is not None else end
-                timed.append((resume, 0, SpanEvent("zerver.job.resumed", wall + resume)))
-            for r in job.retries:
-                timed.append(
-                    (
-                        r.ts,
-                        1,
-                        SpanEvent(
-                            "zerver.retry",
-                            wall + r.ts,
-                            {"attempt": r.attempt, "reason": r.reason, "backoff_ms": r.backoff_ms},
-                        ),
-                    )
-                )
-            # At one instant: a resume ends the earlier episode, then a retry, then a park.
-            timed.sort(key=lambda t: (t[0], t[1]))
-            ev.extend(t[2] for t in timed)
-        end_ts = job.end_ts if job.end_ts is not None else end
-        if job.outcome == COMPLETE:
-            ev.append(
-                SpanEvent(
-                    "zerver.job.completed",
-                    wall + end_ts,
-                    {"job.success": True, "job.attempts": job.attempts},
-                )
-            )
-        else:
-            ev.append(
-                SpanEvent(
-                    "zerver.job.failed",
-                    wall + end_ts,
-                    {
-                        "error.type": job.error_type or job.outcome or "unfinished",
-                        "error.message": job.error_message or "",
-                    },
-                )
-            )
 
     def _promote(
         self,
         b: _Builder,
         rec: RequestRecord,
         job: JobState,
-        d: JobDurations,
+        queue_wait_ms: float,
         parent: int,
-        stats: RouteStats,
-    ) -> None:
-        promoter = self.promoter
-        if (
-            job.enqueue_ts is not None
-            and job.take_ts is not None
-            and promoter.promote_queue(stats, d.queue_wait_ms)
-        ):
+        queue_bar: float,
+        park_bar: float,
+    ) -> list[float]:
+        """Add the job's promoted spans; returns its park episodes' lengths in ms."""
+        if queue_wait_ms >= queue_bar and job.enqueue_ts is not None and job.take_ts is not None:
             attrs: dict[str, AttrValue] = {
                 "job.queue": job.queue,
-                "job.queue_wait_ms": d.queue_wait_ms,
+                "job.queue_wait_ms": queue_wait_ms,
             }
             if self.export_job_depth:
                 attrs["job.depth_start"] = job.depth_enqueue or 0
                 attrs["job.depth_end"] = job.depth_take or 0
-            self._span(
-                b,
-                rec,
+            b.span(
                 "job.queue_wait",
                 rec.new_span_id(),
                 parent,
@@ -666,16 +607,19 @@ class TraceEngine:
                 job.enqueue_ts,
                 job.take_ts,
                 attrs,
+                [],
             )
+        if not job.park_episodes:
+            return _NO_PARKS
+        parks: list[float] = []
         for ep in job.park_episodes:
             resume = ep.resume_ts if ep.resume_ts is not None else b.end
             ms = (resume - ep.park_ts) / 1e6
-            if promoter.promote_park(stats, ms):
+            parks.append(ms)
+            if ms >= park_bar:
                 pattrs = _park_attrs(ep)
                 pattrs["job.park_wait_ms"] = ms
-                self._span(
-                    b,
-                    rec,
+                b.span(
                     f"job.park({ep.cause})",
                     rec.new_span_id(),
                     parent,
@@ -683,4 +627,77 @@ class TraceEngine:
                     ep.park_ts,
                     resume,
                     pattrs,
+                    [],
                 )
+        return parks
+
+
+_NO_PARKS: list[float] = []
+
+
+def _lifecycle_events(job: JobState, ev: list[EventTuple], wall: int, end: int) -> None:
+    """Append the job's ``zerver.job.*`` (and ``zerver.retry``) events in time order."""
+    if job.enqueue_ts is not None:
+        ev.append(
+            (
+                "zerver.job.enqueued",
+                wall + job.enqueue_ts,
+                {"job.queue": job.queue, "job.depth": job.depth_enqueue or 0},
+                0,
+            )
+        )
+    if job.take_ts is not None:
+        ev.append(
+            (
+                "zerver.job.taken",
+                wall + job.take_ts,
+                {"job.worker_id": job.worker if job.worker is not None else -1},
+                0,
+            )
+        )
+    if job.start_ts is not None:
+        ev.append(("zerver.job.started", wall + job.start_ts, NO_ATTRIBUTES, 0))
+    if job.park_episodes or job.retries:
+        # At one instant: a resume ends the earlier episode, then a retry, then a park.
+        timed: list[tuple[int, int, EventTuple]] = []
+        for ep in job.park_episodes:
+            timed.append(
+                (ep.park_ts, 2, ("zerver.job.parked", wall + ep.park_ts, _park_attrs(ep), 0))
+            )
+            resume = ep.resume_ts if ep.resume_ts is not None else end
+            timed.append((resume, 0, ("zerver.job.resumed", wall + resume, NO_ATTRIBUTES, 0)))
+        for r in job.retries:
+            retry: dict[str, AttrValue] = {
+                "attempt": r.attempt,
+                "reason": r.reason,
+                "backoff_ms": r.backoff_ms,
+            }
+            timed.append((r.ts, 1, ("zerver.retry", wall + r.ts, retry, 0)))
+        timed.sort(key=_event_order)
+        ev.extend(t[2] for t in timed)
+    end_ts = wall + (job.end_ts if job.end_ts is not None else end)
+    if job.outcome == COMPLETE:
+        ev.append(
+            (
+                "zerver.job.completed",
+                end_ts,
+                {"job.success": True, "job.attempts": job.attempts},
+                0,
+            )
+        )
+    else:
+        ev.append(
+            (
+                "zerver.job.failed",
+                end_ts,
+                {
+                    "error.type": job.error_type or job.outcome or "unfinished",
+                    "error.message": job.error_message or "",
+                },
+                0,
+            )
+        )
+
+
+def _event_order(t: tuple[int, int, EventTuple]) -> tuple[int, int]:
+    return t[0], t[1]

@@ -344,7 +344,7 @@ def test_span_processor_sends_sdk_spans_through_the_pipeline() -> None:
     assert names["inner"].parent_span_id == names["outer"].span_id
     assert names["inner"].scope.name == "user.code" and names["inner"].scope.version == "1.2"
     assert names["outer"].attributes == {"k": "v"}
-    assert names["inner"].events[0].name == "hello"
+    assert names["inner"].events[0][0] == "hello"
     # sampled, "parent is-remote known", parent not remote (0x02 = W3C random may be set)
     assert names["inner"].flags & 0x301 == 0x101
     provider.shutdown()

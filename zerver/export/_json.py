@@ -283,14 +283,14 @@ class JsonEncoder:
             app(',"droppedAttributesCount":%d' % s.dropped_attributes_count)
         if s.events:
             app(',"events":[')
-            for e in s.events:
+            for ename, etime, eattrs, edropped in s.events:
                 app(
                     '{"timeUnixNano":"%d","name":%s'
-                    % (e.time_ns, self._names.get(e.name) or self._name(e.name))
+                    % (etime, self._names.get(ename) or self._name(ename))
                 )
-                self._attrs(e.attributes, out)
-                if e.dropped_attributes_count:
-                    app(',"droppedAttributesCount":%d' % e.dropped_attributes_count)
+                self._attrs(eattrs, out)
+                if edropped:
+                    app(',"droppedAttributesCount":%d' % edropped)
                 app("},")
             out[-1] = "}]"
         if s.dropped_events_count:

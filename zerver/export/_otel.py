@@ -195,7 +195,7 @@ def span_to_readable(
         parent=parent,
         resource=res,
         attributes=dict(span.attributes),
-        events=[Event(e.name, dict(e.attributes), e.time_ns) for e in span.events],
+        events=[Event(name, dict(attrs), time_ns) for name, time_ns, attrs, _ in span.events],
         links=links,
         kind=SdkSpanKind(max(span.kind - 1, 0)),
         instrumentation_scope=sc,

@@ -94,13 +94,13 @@ def _span(s: SpanData) -> PbSpan:
     )
     if s.parent_span_id:
         pb.parent_span_id = s.parent_span_id.to_bytes(8, "big")
-    for e in s.events:
+    for name, time_ns, attributes, dropped in s.events:
         pb.events.append(
             PbSpan.Event(
-                time_unix_nano=e.time_ns,
-                name=_clean(e.name),
-                attributes=_attributes(e.attributes),
-                dropped_attributes_count=e.dropped_attributes_count,
+                time_unix_nano=time_ns,
+                name=_clean(name),
+                attributes=_attributes(attributes),
+                dropped_attributes_count=dropped,
             )
         )
     for link in s.links:

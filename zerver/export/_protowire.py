@@ -253,14 +253,14 @@ class ProtobufWireEncoder:
         self._attrs(s.attributes, b"\x4a", out)
         if s.dropped_attributes_count:
             app(b"\x50" + _u32(s.dropped_attributes_count))
-        for e in s.events:
-            ev = [b"\x09", _pack_q(e.time_ns)]
-            if e.name:
+        for ename, etime, eattrs, edropped in s.events:
+            ev = [b"\x09", _pack_q(etime)]
+            if ename:
                 ev.append(b"\x12")
-                ev.append(self._names.get(e.name) or self._name(e.name))
-            self._attrs(e.attributes, b"\x1a", ev)
-            if e.dropped_attributes_count:
-                ev.append(b"\x20" + _u32(e.dropped_attributes_count))
+                ev.append(self._names.get(ename) or self._name(ename))
+            self._attrs(eattrs, b"\x1a", ev)
+            if edropped:
+                ev.append(b"\x20" + _u32(edropped))
             app(_ld(b"\x5a", b"".join(ev)))
         if s.dropped_events_count:
             app(b"\x60" + _u32(s.dropped_events_count))

@@ -25,7 +25,7 @@ def format_span(s: SpanData) -> str:
         status += f"({s.status_message})"
     parent = f"{s.parent_span_id:016x}" if s.parent_span_id else "-"
     attrs = " ".join(f"{k}={v!r}" for k, v in s.attributes.items())
-    events = "".join(f" [event {e.name}]" for e in s.events)
+    events = "".join(f" [event {e[0]}]" for e in s.events)
     return (
         f"{kind:<8} {s.name}  {(s.end_ns - s.start_ns) / 1e6:.3f} ms  "
         f"trace={s.trace_id:032x} span={s.span_id:016x} parent={parent} "

@@ -90,8 +90,8 @@ def normalise(spans: Sequence[SpanData], *, mask: Iterable[str] = ()) -> list[Tr
         tree["attributes"] = attrs(s.attributes)
         if s.events:
             tree["events"] = [
-                {"name": e.name, "at_ms": _ms(e.time_ns - t0), "attributes": attrs(e.attributes)}
-                for e in s.events
+                {"name": name, "at_ms": _ms(time_ns - t0), "attributes": attrs(attributes)}
+                for name, time_ns, attributes, _dropped in s.events
             ]
         if s.links:
             tree["links"] = len(s.links)
