@@ -47,13 +47,26 @@ def job_durations(job: JobState, end_fallback: int) -> tuple[float, float, float
     :class:`JobDurations` and the trace engine both call it.
     """
     enq = job.enqueue_ts
-    end = job.end_ts if job.end_ts is not None else end_fallback
+    take = job.take_ts
+    start = job.start_ts
+    end = job.end_ts
+    if (
+        enq is not None
+        and take is not None
+        and start is not None
+        and end is not None
+        and not job.park_episodes
+        and enq <= take <= start <= end
+    ):  # the common case, as the general path below would compute it
+        return (take - enq) / 1e6, (start - take) / 1e6, 0.0, (end - start) / 1e6, (end - enq) / 1e6
+    if end is None:
+        end = end_fallback
     if enq is None:
         enq = job.take_ts if job.take_ts is not None else end
     # A job never taken (cancelled while queued, refused by a full queue) spent
     # all its time queued: the phases it never reached count 0.
-    take = job.take_ts if job.take_ts is not None else max(end, enq)
-    start = job.start_ts if job.start_ts is not None else take
+    take = take if take is not None else max(end, enq)
+    start = start if start is not None else take
     end = max(end, start)
     park = 0
     for ep in job.park_episodes:

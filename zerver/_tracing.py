@@ -26,6 +26,7 @@ import platform
 import socket
 import uuid
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Protocol
 
 from ._effects import Effect
@@ -42,7 +43,6 @@ from ._spans import (
     SpanKind,
     SpanLink,
     StatusCode,
-    make_span,
 )
 
 __all__ = ["SpanSink", "TraceEngine", "default_resource"]
@@ -52,6 +52,7 @@ _MAX_KEY = 128
 # W3C flags in the low byte; 0x100: "is the parent remote" is known; 0x200: it is.
 _HAS_REMOTE = 0x100
 _IS_REMOTE = 0x200
+_new = object.__new__
 
 
 class SpanSink(Protocol):
@@ -141,26 +142,29 @@ class _Builder:
         status: int = StatusCode.UNSET,
         message: str = "",
     ) -> SpanData:
-        wall = self.wall
-        span = make_span(
-            name,
-            self.trace_id,
-            span_id,
-            parent,
-            kind,
-            wall + start_ts,
-            wall + end_ts,
-            attrs,
-            events,
-            status,
-            message,
-            self.state,
-            self.flags,
-            self.resource,
-            self.scope,
-        )
-        self.spans.append(span)
-        return span
+        # SpanData's keyword constructor costs 3x this; every slot is set here.
+        s: SpanData = _new(SpanData)
+        s.name = name
+        s.trace_id = self.trace_id
+        s.span_id = span_id
+        s.parent_span_id = parent
+        s.kind = kind
+        s.start_ns = self.wall + start_ts
+        s.end_ns = self.wall + end_ts
+        s.attributes = attrs
+        s.events = events
+        s.links = []
+        s.status_code = status
+        s.status_message = message
+        s.trace_state = self.state
+        s.flags = self.flags
+        s.resource = self.resource
+        s.scope = self.scope
+        s.dropped_attributes_count = 0
+        s.dropped_events_count = 0
+        s.dropped_links_count = 0
+        self.spans.append(s)
+        return s
 
 
 class TraceEngine:
@@ -246,29 +250,27 @@ class TraceEngine:
         if rec.jobs:
             promoter = self.promoter
             stats = promoter.stats(rec.route or "")
-            # Decide every job of the request against the bars as they were when it
-            # ended, then observe its samples: a sample never raises its own bar.
+            # Every job of the request is decided against the bars as they were before
+            # its samples are observed: a sample never raises its own bar.
             queue_bar = promoter.queue_bar(stats)
             park_bar = promoter.park_bar(stats)
-            samples: list[tuple[int, float, list[float]]] = []
             for job in rec.jobs:
                 durations = job_durations(job, end)
+                events = _lifecycle_events(job, wall, end)
                 if job.kind == "effect":
                     parent = step_spans.get(job.step_index)
                     span = self._effect_span(
-                        b, rec, job, durations, parent.span_id if parent else root_id
+                        b, rec, job, durations, events, parent.span_id if parent else root_id
                     )
                 else:
                     csr = cont_steps.get(job.index)
-                    span = self._continuation_span(b, rec, job, durations, csr, root_id)
+                    span = self._continuation_span(b, rec, job, durations, events, csr, root_id)
                     if csr is not None:
                         step_spans[csr.index] = span
                 job_spans[job.index] = span
-                _lifecycle_events(job, span.events, wall, end)
                 parks = self._promote(b, rec, job, durations[0], span.span_id, queue_bar, park_bar)
-                samples.append((job.end_ts if job.end_ts is not None else end, durations[0], parks))
-            for now, queue_wait, parks in samples:
-                stats.queue.add(now, queue_wait)
+                now = job.end_ts if job.end_ts is not None else end
+                stats.queue.add(now, durations[0])
                 for ms in parks:
                     stats.park.add(now, ms)
 
@@ -447,6 +449,7 @@ class TraceEngine:
         rec: RequestRecord,
         job: JobState,
         d: tuple[float, float, float, float, float],
+        events: list[EventTuple],
         parent: int,
     ) -> SpanData:
         effect = job.effect
@@ -486,7 +489,7 @@ class TraceEngine:
             start,
             end,
             attrs,
-            [],
+            events,
             status,
             message,
         )
@@ -547,6 +550,7 @@ class TraceEngine:
         rec: RequestRecord,
         job: JobState,
         d: tuple[float, float, float, float, float],
+        events: list[EventTuple],
         sr: StepRecord | None,
         root: int,
     ) -> SpanData:
@@ -577,7 +581,7 @@ class TraceEngine:
             join = sr.need.join_ts
             end = max(end, join if join is not None else b.end)
         return b.span(
-            job.name, span_id, root, SpanKind.INTERNAL, start, end, attrs, [], status, message
+            job.name, span_id, root, SpanKind.INTERNAL, start, end, attrs, events, status, message
         )
 
     def _promote(
@@ -635,56 +639,77 @@ class TraceEngine:
 _NO_PARKS: list[float] = []
 
 
-def _lifecycle_events(job: JobState, ev: list[EventTuple], wall: int, end: int) -> None:
-    """Append the job's ``zerver.job.*`` (and ``zerver.retry``) events in time order."""
-    if job.enqueue_ts is not None:
+def _lifecycle_events(job: JobState, wall: int, end: int) -> list[EventTuple]:
+    """The job's ``zerver.job.*`` (and ``zerver.retry``) events in time order."""
+    enq, take, start = job.enqueue_ts, job.take_ts, job.start_ts
+    end_ts = wall + (job.end_ts if job.end_ts is not None else end)
+    if (
+        enq is not None
+        and take is not None
+        and start is not None
+        and job.outcome == COMPLETE
+        and not job.park_episodes
+        and not job.retries
+    ):  # the common case in one go
+        return [
+            (
+                "zerver.job.enqueued",
+                wall + enq,
+                {"job.queue": job.queue, "job.depth": job.depth_enqueue or 0},
+                0,
+            ),
+            ("zerver.job.taken", wall + take, _taken_attrs(job.worker), 0),
+            ("zerver.job.started", wall + start, NO_ATTRIBUTES, 0),
+            ("zerver.job.completed", end_ts, _completed_attrs(job.attempts), 0),
+        ]
+    ev: list[EventTuple] = []
+    if enq is not None:
         ev.append(
             (
                 "zerver.job.enqueued",
-                wall + job.enqueue_ts,
+                wall + enq,
                 {"job.queue": job.queue, "job.depth": job.depth_enqueue or 0},
                 0,
             )
         )
-    if job.take_ts is not None:
-        ev.append(
-            (
-                "zerver.job.taken",
-                wall + job.take_ts,
-                {"job.worker_id": job.worker if job.worker is not None else -1},
-                0,
-            )
-        )
-    if job.start_ts is not None:
-        ev.append(("zerver.job.started", wall + job.start_ts, NO_ATTRIBUTES, 0))
-    if job.park_episodes or job.retries:
-        # At one instant: a resume ends the earlier episode, then a retry, then a park.
-        timed: list[tuple[int, int, EventTuple]] = []
-        for ep in job.park_episodes:
+    if take is not None:
+        ev.append(("zerver.job.taken", wall + take, _taken_attrs(job.worker), 0))
+    if start is not None:
+        ev.append(("zerver.job.started", wall + start, NO_ATTRIBUTES, 0))
+    parks = job.park_episodes
+    if len(parks) == 1 and not job.retries:
+        ep = parks[0]
+        resume = ep.resume_ts if ep.resume_ts is not None else end
+        ev.append(("zerver.job.parked", wall + ep.park_ts, _park_attrs(ep), 0))
+        ev.append(("zerver.job.resumed", wall + resume, NO_ATTRIBUTES, 0))
+    elif parks or job.retries:
+        # At one instant: a resume ends the earlier episode, then a retry, then a park;
+        # the running number keeps the sort stable and off the event tuples.
+        timed: list[tuple[int, int, int, EventTuple]] = []
+        for ep in parks:
             timed.append(
-                (ep.park_ts, 2, ("zerver.job.parked", wall + ep.park_ts, _park_attrs(ep), 0))
+                (
+                    ep.park_ts,
+                    2,
+                    len(timed),
+                    ("zerver.job.parked", wall + ep.park_ts, _park_attrs(ep), 0),
+                )
             )
             resume = ep.resume_ts if ep.resume_ts is not None else end
-            timed.append((resume, 0, ("zerver.job.resumed", wall + resume, NO_ATTRIBUTES, 0)))
+            timed.append(
+                (resume, 0, len(timed), ("zerver.job.resumed", wall + resume, NO_ATTRIBUTES, 0))
+            )
         for r in job.retries:
             retry: dict[str, AttrValue] = {
                 "attempt": r.attempt,
                 "reason": r.reason,
                 "backoff_ms": r.backoff_ms,
             }
-            timed.append((r.ts, 1, ("zerver.retry", wall + r.ts, retry, 0)))
-        timed.sort(key=_event_order)
-        ev.extend(t[2] for t in timed)
-    end_ts = wall + (job.end_ts if job.end_ts is not None else end)
+            timed.append((r.ts, 1, len(timed), ("zerver.retry", wall + r.ts, retry, 0)))
+        timed.sort()
+        ev.extend(t[3] for t in timed)
     if job.outcome == COMPLETE:
-        ev.append(
-            (
-                "zerver.job.completed",
-                end_ts,
-                {"job.success": True, "job.attempts": job.attempts},
-                0,
-            )
-        )
+        ev.append(("zerver.job.completed", end_ts, _completed_attrs(job.attempts), 0))
     else:
         ev.append(
             (
@@ -697,7 +722,29 @@ def _lifecycle_events(job: JobState, ev: list[EventTuple], wall: int, end: int) 
                 0,
             )
         )
+    return ev
 
 
-def _event_order(t: tuple[int, int, EventTuple]) -> tuple[int, int]:
-    return t[0], t[1]
+# Read-only attribute maps shared by the events that carry the same values
+# (worker ids and attempt counts are small numbers); bounded.
+_TAKEN: dict[int | None, Mapping[str, AttrValue]] = {}
+_COMPLETED: dict[int, Mapping[str, AttrValue]] = {}
+_SHARED_MAX = 256
+
+
+def _taken_attrs(worker: int | None) -> Mapping[str, AttrValue]:
+    attrs = _TAKEN.get(worker)
+    if attrs is None:
+        attrs = MappingProxyType({"job.worker_id": worker if worker is not None else -1})
+        if len(_TAKEN) < _SHARED_MAX:
+            _TAKEN[worker] = attrs
+    return attrs
+
+
+def _completed_attrs(attempts: int) -> Mapping[str, AttrValue]:
+    attrs = _COMPLETED.get(attempts)
+    if attrs is None:
+        attrs = MappingProxyType({"job.success": True, "job.attempts": attempts})
+        if len(_COMPLETED) < _SHARED_MAX:
+            _COMPLETED[attempts] = attrs
+    return attrs
