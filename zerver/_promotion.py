@@ -115,7 +115,7 @@ def durations(job: JobState, end_fallback: int = 0) -> JobDurations:
 class RollingPercentile:
     """A percentile over a bounded rolling window of samples."""
 
-    __slots__ = ("_every", "_max_age_ns", "_q", "_since", "_stamps", "_values", "value")
+    __slots__ = ("_due", "_every", "_max_age_ns", "_q", "_since", "_stamps", "_values", "value")
 
     def __init__(self, window: Window, q: float = 0.95) -> None:
         size = window.count if window.count is not None else window.max_samples
@@ -128,12 +128,14 @@ class RollingPercentile:
         # sorting is C-speed, and amortised it costs well under a microsecond.
         self._every = max(RECOMPUTE_EVERY, size // 8)
         self.value = math.inf
+        # Samples until the next recompute: sooner while there is no percentile yet.
+        self._due = MIN_SAMPLES
 
     def add(self, now_ns: int, sample: float) -> None:
         self._values.append(sample)
         self._stamps.append(now_ns)
         self._since += 1
-        if self._since >= self._every or (self.value == math.inf and self._since >= MIN_SAMPLES):
+        if self._since >= self._due:
             self._recompute(now_ns)
 
     def _recompute(self, now_ns: int) -> None:
@@ -146,10 +148,12 @@ class RollingPercentile:
                 values.popleft()
         if len(values) < MIN_SAMPLES:
             self.value = math.inf
+            self._due = MIN_SAMPLES
             return
         ordered = sorted(values)
         rank = max(math.ceil(self._q * len(ordered)) - 1, 0)
         self.value = ordered[rank]
+        self._due = self._every
 
     def __len__(self) -> int:
         return len(self._values)
@@ -211,6 +215,16 @@ class Promoter:
         if self.debug:
             return 0.0
         return min(self.park_ms, max(self.p95_min_ms, stats.park.value))
+
+    def bars(self, stats: RouteStats) -> tuple[float, float]:
+        """``(queue_bar(stats), park_bar(stats))`` in one call."""
+        if self.debug:
+            return 0.0, 0.0
+        p95_min = self.p95_min_ms
+        return (
+            min(self.queue_ms, max(p95_min, stats.queue.value)),
+            min(self.park_ms, max(p95_min, stats.park.value)),
+        )
 
     def promote_queue(self, stats: RouteStats, queue_wait_ms: float) -> bool:
         """Whether a queue wait gets a ``job.queue_wait`` span."""

@@ -116,7 +116,17 @@ class ClientFacts:
 class SemConv:
     """Writes semantic-convention attributes for one mode, chosen once."""
 
-    __slots__ = ("_client", "_server", "_templates", "mode")
+    __slots__ = (
+        "_client",
+        "_client_port_keys",
+        "_path_keys",
+        "_query_keys",
+        "_response_size_keys",
+        "_server",
+        "_target_keys",
+        "_templates",
+        "mode",
+    )
 
     def __init__(self, mode: str = "dup") -> None:
         if mode not in MODES:
@@ -125,15 +135,25 @@ class SemConv:
         self._server = _keys(SERVER_ROWS, mode)
         self._client = _keys(CLIENT_ROWS, mode)
         self._templates: dict[tuple[object, ...], dict[str, AttrValue]] = {}
+        server = self._server
+        self._path_keys = server["path"]
+        self._query_keys = server["query"]
+        self._target_keys = server["target"]
+        self._client_port_keys = server["client_port"]
+        self._response_size_keys = server["response_size"]
 
     def server_attributes(self, rec: RequestRecord) -> dict[str, AttrValue]:
         """The root span's HTTP attributes for ``rec``, as a new dict.
 
-        The facts shared by a route's requests from one client (method, route,
-        scheme, host, server address, protocol, user agent) are written once into
-        a template that later requests copy; only the per-request facts are
-        written each time. The cache is bounded.
+        Requests of one shape (route, client, user agent, status, request size
+        and so on) share all attributes but path, query and client port and the
+        response size: the first one's attributes become a template that later
+        ones copy, writing only those. The cache is bounded; errors skip it.
         """
+        status = rec.status
+        if rec.system_fault or status >= 500:
+            return self._server_facts(rec)
+        query = rec.query
         shape = (
             rec.method,
             rec.route,
@@ -144,52 +164,56 @@ class SemConv:
             rec.protocol_version,
             rec.user_agent,
             rec.client_address,
+            status,
+            rec.request_body_size,
+            not query,
+            rec.client_port is None,
         )
         template = self._templates.get(shape)
         if template is None:
-            template = self._server_template(rec)
+            template = self._server_facts(rec)
             if len(self._templates) >= _MAX_TEMPLATES:
                 del self._templates[next(iter(self._templates))]
             self._templates[shape] = template
+            return template.copy()
         attrs = template.copy()
-        k = self._server
-        query = rec.query
         path = rec.path
-        for key in k["path"]:
+        for key in self._path_keys:
             attrs[key] = path
         if query:
-            for key in k["target"]:
-                attrs[key] = f"{path}?{query}"
-            for key in k["query"]:
+            target = f"{path}?{query}"
+            for key in self._query_keys:
                 attrs[key] = query
         else:
-            for key in k["target"]:
-                attrs[key] = path
-        if rec.client_port is not None:
-            for key in k["client_port"]:
-                attrs[key] = rec.client_port
-        status = rec.status
-        if status:
-            for key in k["status"]:
-                attrs[key] = status
-        for key in k["request_size"]:
-            attrs[key] = rec.request_body_size
-        for key in k["response_size"]:
-            attrs[key] = rec.response_body_size
-        if rec.system_fault or status >= 500:
-            for key in k["error_type"]:
-                attrs[key] = rec.error_type or str(status)
+            target = path
+        for key in self._target_keys:
+            attrs[key] = target
+        port = rec.client_port
+        if port is not None:
+            for key in self._client_port_keys:
+                attrs[key] = port
+        size = rec.response_body_size
+        for key in self._response_size_keys:
+            attrs[key] = size
         return attrs
 
-    def _server_template(self, rec: RequestRecord) -> dict[str, AttrValue]:
+    def _server_facts(self, rec: RequestRecord) -> dict[str, AttrValue]:
+        """All of the root span's HTTP attributes, from the table."""
+        query = rec.query
         facts: list[tuple[str, AttrValue]] = [
             ("method", rec.method),
             ("scheme", rec.scheme),
+            ("path", rec.path),
+            ("target", f"{rec.path}?{query}" if query else rec.path),
             ("transport", "tcp"),
             ("protocol_version", rec.protocol_version),
+            ("request_size", rec.request_body_size),
+            ("response_size", rec.response_body_size),
         ]
         if rec.route is not None:
             facts.append(("route", rec.route))
+        if query:
+            facts.append(("query", query))
         host_addr: str | None = None
         host_port: int | None = None
         if rec.host:
@@ -205,8 +229,14 @@ class SemConv:
             facts.append(("server_port", port))
         if rec.client_address:
             facts.append(("client_address", rec.client_address))
+        if rec.client_port is not None:
+            facts.append(("client_port", rec.client_port))
         if rec.user_agent:
             facts.append(("user_agent", rec.user_agent))
+        if rec.status:
+            facts.append(("status", rec.status))
+        if rec.system_fault or rec.status >= 500:
+            facts.append(("error_type", rec.error_type or str(rec.status)))
         keys = self._server
         attrs: dict[str, AttrValue] = {}
         for fact, value in facts:

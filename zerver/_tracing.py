@@ -30,8 +30,16 @@ from types import MappingProxyType
 from typing import Protocol
 
 from ._effects import Effect
-from ._promotion import Promoter, job_durations
-from ._records import CANCEL, COMPLETE, JobState, ParkEpisode, RequestRecord, StepRecord
+from ._promotion import Promoter, RollingPercentile, job_durations
+from ._records import (
+    CANCEL,
+    COMPLETE,
+    JobState,
+    NeedRecord,
+    ParkEpisode,
+    RequestRecord,
+    StepRecord,
+)
 from ._semconv import ClientFacts, SemConv
 from ._spans import (
     NO_ATTRIBUTES,
@@ -252,8 +260,7 @@ class TraceEngine:
             stats = promoter.stats(rec.route or "")
             # Every job of the request is decided against the bars as they were before
             # its samples are observed: a sample never raises its own bar.
-            queue_bar = promoter.queue_bar(stats)
-            park_bar = promoter.park_bar(stats)
+            queue_bar, park_bar = promoter.bars(stats)
             for job in rec.jobs:
                 durations = job_durations(job, end)
                 events = _lifecycle_events(job, wall, end)
@@ -268,45 +275,15 @@ class TraceEngine:
                     if csr is not None:
                         step_spans[csr.index] = span
                 job_spans[job.index] = span
-                parks = self._promote(b, rec, job, durations[0], span.span_id, queue_bar, park_bar)
+                queue_wait = durations[0]
+                if queue_wait >= queue_bar:
+                    self._promote_queue_wait(b, rec, job, queue_wait, span.span_id)
                 now = job.end_ts if job.end_ts is not None else end
-                stats.queue.add(now, durations[0])
-                for ms in parks:
-                    stats.park.add(now, ms)
+                stats.queue.add(now, queue_wait)
+                if job.park_episodes:
+                    self._promote_parks(b, rec, job, span.span_id, park_bar, stats.park, now)
 
-        # Events recorded on the request: needs and slot writes.
-        for srec in rec.steps:
-            need = srec.need
-            if need is None:
-                continue
-            nspan = step_spans.get(srec.index)
-            if nspan is None:
-                continue
-            nspan.events.append(
-                (
-                    "zerver.need.requested",
-                    wall + need.requested_ts,
-                    {
-                        "need.effects": need.n_effects,
-                        "need.mode": need.mode,
-                        "need.join": need.join,
-                    },
-                    0,
-                )
-            )
-            if need.join_ts is not None:
-                nspan.events.append(
-                    (
-                        "zerver.need.join",
-                        wall + need.join_ts,
-                        {
-                            "need.completed": need.completed,
-                            "need.failed": need.failed,
-                            "need.duration_ms": (need.join_ts - need.requested_ts) / 1e6,
-                        },
-                        0,
-                    )
-                )
+        # Slot writes, on the span of the step or job that wrote.
         for w in rec.slot_writes:
             target = (
                 job_spans.get(w.job_index)
@@ -398,14 +375,8 @@ class TraceEngine:
         return static
 
     @staticmethod
-    def _step_attrs(sr: StepRecord) -> dict[str, AttrValue]:
-        attrs: dict[str, AttrValue] = {
-            "zerver.step.sequence": sr.sequence,
-            "zerver.step.layer": sr.layer,
-            "zerver.step.decision": sr.decision or "Error",
-            "zerver.step.reads": sr.reads,
-            "zerver.step.writes": sr.writes,
-        }
+    def _step_extras(sr: StepRecord, attrs: dict[str, AttrValue]) -> None:
+        """The step attributes that only some steps have."""
         if sr.resume is not None:
             attrs["zerver.step.resume"] = sr.resume
         if sr.render_phase is not None:
@@ -413,10 +384,17 @@ class TraceEngine:
             attrs["render.size_bytes"] = sr.render_size or 0
         if sr.error_type is not None:
             attrs["error.type"] = sr.error_type
-        return attrs
 
     def _step_span(self, b: _Builder, sr: StepRecord, root: int) -> SpanData:
-        attrs = self._step_attrs(sr)
+        attrs: dict[str, AttrValue] = {
+            "zerver.step.sequence": sr.sequence,
+            "zerver.step.layer": sr.layer,
+            "zerver.step.decision": sr.decision or "Error",
+            "zerver.step.reads": sr.reads,
+            "zerver.step.writes": sr.writes,
+        }
+        if sr.resume is not None or sr.render_phase is not None or sr.error_type is not None:
+            self._step_extras(sr, attrs)
         status, message = StatusCode.UNSET, ""
         if sr.error_type is not None:
             status, message = StatusCode.ERROR, sr.error_message or sr.error_type
@@ -425,11 +403,13 @@ class TraceEngine:
             end = b.end
             if status == StatusCode.UNSET:
                 status, message = StatusCode.ERROR, "step unfinished at request end"
+        events: list[EventTuple] = []
         need = sr.need
         if need is not None:
             # The step's span covers the wait for its effects, so they nest inside it.
             join = need.join_ts if need.join_ts is not None else b.end
             end = max(end, join)
+            _need_events(need, b.wall, events)
         return b.span(
             "step." + sr.name,
             sr.span_id,
@@ -438,7 +418,7 @@ class TraceEngine:
             sr.start_ts,
             end,
             attrs,
-            [],
+            events,
             status,
             message,
         )
@@ -469,7 +449,9 @@ class TraceEngine:
         }
         if job.worker is not None:
             attrs["job.worker_id"] = job.worker
-        static = self._static_for(system)
+        static = self._static.get(system)
+        if static is None:
+            static = self._static_for(system)
         if static:
             attrs.update(static)
         self._system_attrs(attrs, effect, job.result_meta)
@@ -554,23 +536,42 @@ class TraceEngine:
         sr: StepRecord | None,
         root: int,
     ) -> SpanData:
+        attrs: dict[str, AttrValue]
         if sr is not None:
-            attrs = self._step_attrs(sr)
-            attrs["zerver.resume.fn"] = sr.name
-            attrs["zerver.decision"] = sr.decision or "Error"
+            decision = sr.decision or "Error"
+            attrs = {
+                "zerver.step.sequence": sr.sequence,
+                "zerver.step.layer": sr.layer,
+                "zerver.step.decision": decision,
+                "zerver.step.reads": sr.reads,
+                "zerver.step.writes": sr.writes,
+                "zerver.resume.fn": sr.name,
+                "zerver.decision": decision,
+                "job.queue": job.queue,
+                "job.attempt": job.attempts,
+                "job.queue_wait_ms": d[0],
+                "job.dispatch_ms": d[1],
+                "job.park_wait_ms_total": d[2],
+                "job.run_active_ms": d[3],
+                "job.park_count": len(job.park_episodes),
+            }
+            if sr.resume is not None or sr.render_phase is not None or sr.error_type is not None:
+                self._step_extras(sr, attrs)
             span_id = sr.span_id
         else:  # never ran (cancelled while queued, or the queue was full)
-            attrs = {"zerver.resume.fn": job.name.removeprefix("step.").removesuffix(".resume")}
+            attrs = {
+                "zerver.resume.fn": job.name.removeprefix("step.").removesuffix(".resume"),
+                "job.queue": job.queue,
+                "job.attempt": job.attempts,
+                "job.queue_wait_ms": d[0],
+                "job.dispatch_ms": d[1],
+                "job.park_wait_ms_total": d[2],
+                "job.run_active_ms": d[3],
+                "job.park_count": len(job.park_episodes),
+            }
             span_id = job.span_id or rec.new_span_id()
-        attrs["job.queue"] = job.queue
         if job.worker is not None:
             attrs["job.worker_id"] = job.worker
-        attrs["job.attempt"] = job.attempts
-        attrs["job.queue_wait_ms"] = d[0]
-        attrs["job.dispatch_ms"] = d[1]
-        attrs["job.park_wait_ms_total"] = d[2]
-        attrs["job.run_active_ms"] = d[3]
-        attrs["job.park_count"] = len(job.park_episodes)
         # Steps are ERROR or UNSET, never OK.
         status, message = (
             (StatusCode.UNSET, "") if job.outcome == COMPLETE else self._failure_status(job, True)
@@ -580,46 +581,46 @@ class TraceEngine:
         if sr is not None and sr.need is not None:
             join = sr.need.join_ts
             end = max(end, join if join is not None else b.end)
+            _need_events(sr.need, b.wall, events)
         return b.span(
             job.name, span_id, root, SpanKind.INTERNAL, start, end, attrs, events, status, message
         )
 
-    def _promote(
-        self,
+    def _promote_queue_wait(
+        self, b: _Builder, rec: RequestRecord, job: JobState, queue_wait_ms: float, parent: int
+    ) -> None:
+        """Add the job's ``job.queue_wait`` span (it waited at least the bar)."""
+        if job.enqueue_ts is None or job.take_ts is None:
+            return
+        attrs: dict[str, AttrValue] = {"job.queue": job.queue, "job.queue_wait_ms": queue_wait_ms}
+        if self.export_job_depth:
+            attrs["job.depth_start"] = job.depth_enqueue or 0
+            attrs["job.depth_end"] = job.depth_take or 0
+        b.span(
+            "job.queue_wait",
+            rec.new_span_id(),
+            parent,
+            SpanKind.INTERNAL,
+            job.enqueue_ts,
+            job.take_ts,
+            attrs,
+            [],
+        )
+
+    @staticmethod
+    def _promote_parks(
         b: _Builder,
         rec: RequestRecord,
         job: JobState,
-        queue_wait_ms: float,
         parent: int,
-        queue_bar: float,
         park_bar: float,
-    ) -> list[float]:
-        """Add the job's promoted spans; returns its park episodes' lengths in ms."""
-        if queue_wait_ms >= queue_bar and job.enqueue_ts is not None and job.take_ts is not None:
-            attrs: dict[str, AttrValue] = {
-                "job.queue": job.queue,
-                "job.queue_wait_ms": queue_wait_ms,
-            }
-            if self.export_job_depth:
-                attrs["job.depth_start"] = job.depth_enqueue or 0
-                attrs["job.depth_end"] = job.depth_take or 0
-            b.span(
-                "job.queue_wait",
-                rec.new_span_id(),
-                parent,
-                SpanKind.INTERNAL,
-                job.enqueue_ts,
-                job.take_ts,
-                attrs,
-                [],
-            )
-        if not job.park_episodes:
-            return _NO_PARKS
-        parks: list[float] = []
+        samples: RollingPercentile,
+        now: int,
+    ) -> None:
+        """Add a ``job.park(<cause>)`` span per episode at least the bar; observe each."""
         for ep in job.park_episodes:
             resume = ep.resume_ts if ep.resume_ts is not None else b.end
             ms = (resume - ep.park_ts) / 1e6
-            parks.append(ms)
             if ms >= park_bar:
                 pattrs = _park_attrs(ep)
                 pattrs["job.park_wait_ms"] = ms
@@ -633,10 +634,32 @@ class TraceEngine:
                     pattrs,
                     [],
                 )
-        return parks
+            samples.add(now, ms)
 
 
-_NO_PARKS: list[float] = []
+def _need_events(need: NeedRecord, wall: int, events: list[EventTuple]) -> None:
+    """Append ``zerver.need.requested`` and, once joined, ``zerver.need.join``."""
+    events.append(
+        (
+            "zerver.need.requested",
+            wall + need.requested_ts,
+            {"need.effects": need.n_effects, "need.mode": need.mode, "need.join": need.join},
+            0,
+        )
+    )
+    if need.join_ts is not None:
+        events.append(
+            (
+                "zerver.need.join",
+                wall + need.join_ts,
+                {
+                    "need.completed": need.completed,
+                    "need.failed": need.failed,
+                    "need.duration_ms": (need.join_ts - need.requested_ts) / 1e6,
+                },
+                0,
+            )
+        )
 
 
 def _lifecycle_events(job: JobState, wall: int, end: int) -> list[EventTuple]:
@@ -658,9 +681,19 @@ def _lifecycle_events(job: JobState, wall: int, end: int) -> list[EventTuple]:
                 {"job.queue": job.queue, "job.depth": job.depth_enqueue or 0},
                 0,
             ),
-            ("zerver.job.taken", wall + take, _taken_attrs(job.worker), 0),
+            (
+                "zerver.job.taken",
+                wall + take,
+                _TAKEN.get(job.worker) or _taken_attrs(job.worker),
+                0,
+            ),
             ("zerver.job.started", wall + start, NO_ATTRIBUTES, 0),
-            ("zerver.job.completed", end_ts, _completed_attrs(job.attempts), 0),
+            (
+                "zerver.job.completed",
+                end_ts,
+                _COMPLETED.get(job.attempts) or _completed_attrs(job.attempts),
+                0,
+            ),
         ]
     ev: list[EventTuple] = []
     if enq is not None:
