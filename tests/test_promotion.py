@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from zerver import JobState, ParkEpisode
 from zerver._config import Window
-from zerver._promotion import MIN_SAMPLES, Promoter, RollingPercentile, durations
+from zerver._promotion import MIN_SAMPLES, Promoter, RollingPercentile, durations, job_durations
+from zerver._tracing import _job_timeline
 
 NS = st.integers(min_value=0, max_value=10_000_000_000)
 
@@ -137,3 +138,37 @@ def test_routes_are_bounded() -> None:
     for r in "abcde":
         p.stats(r)
     assert len(p._routes) == 3
+
+
+@given(lifecycles(), st.booleans())
+def test_trace_engine_timeline_agrees_with_job_durations(job: JobState, complete: bool) -> None:
+    # The engine derives the common case inline; it must equal the one definition.
+    job.outcome = "complete" if complete else "fail"
+    d, events = _job_timeline(job, wall=1_000, end=job.end_ts or 0)
+    assert d == job_durations(job, job.end_ts or 0)
+    times = [t for _name, t, _attrs, _dropped in events]
+    assert times == sorted(times)
+    assert events[-1][0] == ("zerver.job.completed" if complete else "zerver.job.failed")
+
+
+@given(
+    wait=st.floats(0, 100, allow_nan=False),
+    queue_ms=st.floats(0, 100, allow_nan=False),
+    park_ms=st.floats(0, 100, allow_nan=False),
+    p95_min=st.floats(0, 10, allow_nan=False),
+    p95=st.one_of(st.just(math.inf), st.floats(0, 100, allow_nan=False)),
+    debug=st.booleans(),
+)
+def test_bars_match_the_promotion_rule(
+    wait: float, queue_ms: float, park_ms: float, p95_min: float, p95: float, debug: bool
+) -> None:
+    # The engine compares each wait with one bar; that must be the rule as written:
+    # debug, or at least the threshold, or at least both the p95 floor and the p95.
+    p = Promoter(queue_ms=queue_ms, park_ms=park_ms, debug=debug, p95_min_ms=p95_min)
+    stats = p.stats("/r")
+    stats.queue.value = p95
+    stats.park.value = p95
+    queue_bar, park_bar = p.bars(stats)
+    assert (wait >= queue_bar) == (debug or wait >= queue_ms or (wait >= p95_min and wait >= p95))
+    assert (wait >= park_bar) == (debug or wait >= park_ms or (wait >= p95_min and wait >= p95))
+    assert p.promote_queue(stats, wait) == (wait >= queue_bar)

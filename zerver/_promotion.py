@@ -50,15 +50,6 @@ def job_durations(job: JobState, end_fallback: int) -> tuple[float, float, float
     take = job.take_ts
     start = job.start_ts
     end = job.end_ts
-    if (
-        enq is not None
-        and take is not None
-        and start is not None
-        and end is not None
-        and not job.park_episodes
-        and enq <= take <= start <= end
-    ):  # the common case, as the general path below would compute it
-        return (take - enq) / 1e6, (start - take) / 1e6, 0.0, (end - start) / 1e6, (end - enq) / 1e6
     if end is None:
         end = end_fallback
     if enq is None:

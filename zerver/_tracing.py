@@ -262,8 +262,7 @@ class TraceEngine:
             # its samples are observed: a sample never raises its own bar.
             queue_bar, park_bar = promoter.bars(stats)
             for job in rec.jobs:
-                durations = job_durations(job, end)
-                events = _lifecycle_events(job, wall, end)
+                durations, events = _job_timeline(job, wall, end)
                 if job.kind == "effect":
                     parent = step_spans.get(job.step_index)
                     span = self._effect_span(
@@ -662,19 +661,31 @@ def _need_events(need: NeedRecord, wall: int, events: list[EventTuple]) -> None:
         )
 
 
-def _lifecycle_events(job: JobState, wall: int, end: int) -> list[EventTuple]:
-    """The job's ``zerver.job.*`` (and ``zerver.retry``) events in time order."""
-    enq, take, start = job.enqueue_ts, job.take_ts, job.start_ts
-    end_ts = wall + (job.end_ts if job.end_ts is not None else end)
+def _job_timeline(
+    job: JobState, wall: int, end: int
+) -> tuple[tuple[float, float, float, float, float], list[EventTuple]]:
+    """The job's derived durations (see ``job_durations``) and lifecycle events."""
+    enq, take, start, job_end = job.enqueue_ts, job.take_ts, job.start_ts, job.end_ts
     if (
         enq is not None
         and take is not None
         and start is not None
+        and job_end is not None
         and job.outcome == COMPLETE
         and not job.park_episodes
         and not job.retries
-    ):  # the common case in one go
-        return [
+        and enq <= take <= start <= job_end
+    ):
+        # The common case in one go; the durations are what job_durations derives
+        # for a job with every phase and no park (a property test checks it).
+        durations = (
+            (take - enq) / 1e6,
+            (start - take) / 1e6,
+            0.0,
+            (job_end - start) / 1e6,
+            (job_end - enq) / 1e6,
+        )
+        return durations, [
             (
                 "zerver.job.enqueued",
                 wall + enq,
@@ -690,11 +701,18 @@ def _lifecycle_events(job: JobState, wall: int, end: int) -> list[EventTuple]:
             ("zerver.job.started", wall + start, NO_ATTRIBUTES, 0),
             (
                 "zerver.job.completed",
-                end_ts,
+                wall + job_end,
                 _COMPLETED.get(job.attempts) or _completed_attrs(job.attempts),
                 0,
             ),
         ]
+    return job_durations(job, end), _lifecycle_events(job, wall, end)
+
+
+def _lifecycle_events(job: JobState, wall: int, end: int) -> list[EventTuple]:
+    """The job's ``zerver.job.*`` (and ``zerver.retry``) events in time order."""
+    enq, take, start = job.enqueue_ts, job.take_ts, job.start_ts
+    end_ts = wall + (job.end_ts if job.end_ts is not None else end)
     ev: list[EventTuple] = []
     if enq is not None:
         ev.append(
