@@ -15,15 +15,18 @@ from zerver import (
     Done,
     EffectError,
     Fail,
+    JobState,
     Need,
+    RequestRecord,
     Response,
     Slot,
+    StepRecord,
     VirtualClock,
     load_settings,
     step,
 )
 from zerver._spans import SpanData, SpanEvent, SpanKind, StatusCode
-from zerver._tracing import default_resource
+from zerver._tracing import TraceEngine, default_resource
 from zerver.testing import AppClient, FakeInterpreter, InMemorySpanSink
 
 pytestmark = pytest.mark.anyio
@@ -354,3 +357,38 @@ async def test_otel_api_spans_nest_under_the_step_span() -> None:
     assert render.parent is not None
     assert render.parent.span_id == spans["step.finish.resume"].span_id
     provider.shutdown()
+
+
+def test_every_job_span_carries_the_same_job_attributes() -> None:
+    # Effect, continuation and a continuation that never ran (refused by a full
+    # queue) each write the job.* attributes in their own dict display.
+    clock = VirtualClock()
+    rec = RequestRecord(clock)
+    rec.start_trace()
+    rec.method, rec.route, rec.path, rec.status = "GET", "/r", "/r", 429
+    step_rec = StepRecord(
+        index=0, name="load", layer="route", sequence=1, reads=(), writes=(), start_ts=0
+    )
+    step_rec.end_ts, step_rec.decision = 10, "Need"
+    rec.steps.append(step_rec)
+    effect = JobState(
+        index=0, kind="effect", name="db.get t", queue="effects", step_index=0,
+        effect=DbGet(table="t", key="k"),
+    )  # fmt: skip
+    effect.enqueue_ts, effect.take_ts, effect.start_ts, effect.end_ts = 1, 2, 3, 4
+    effect.worker, effect.attempts, effect.outcome = 0, 1, "complete"
+    refused = JobState(
+        index=1, kind="continuation", name="step.show.resume", queue="continuations",
+        step_index=0,
+    )  # fmt: skip
+    refused.enqueue_ts, refused.end_ts, refused.outcome = 5, 5, "fail"
+    refused.error_type = "queue_full"
+    rec.jobs += [effect, refused]
+    rec.finish(429, 0)
+    spans = by_name(TraceEngine(InMemorySpanSink()).build(rec))
+    job_keys = {k for k in spans["db.get t"].attributes if k.startswith("job.")}
+    assert job_keys >= {"job.queue", "job.attempt", "job.queue_wait_ms", "job.park_count"}
+    refused_keys = {k for k in spans["step.show.resume"].attributes if k.startswith("job.")}
+    assert refused_keys == job_keys - {"job.worker_id"}  # it never had a worker
+    assert spans["step.show.resume"].attributes["zerver.resume.fn"] == "show"
+    assert spans["step.show.resume"].status_code == StatusCode.ERROR

@@ -434,6 +434,8 @@ class TraceEngine:
         effect = job.effect
         assert effect is not None
         system = effect.system
+        # The job.* keys are written here and twice in _continuation_span, each as one
+        # dict display (the cheapest way to build a dict); a test checks they agree.
         attrs: dict[str, AttrValue] = {
             "effect.kind": system if system in _EFFECT_KINDS else "other",
             "effect.required": effect.required,
