@@ -2,14 +2,17 @@
 
 Measures, on realistic CLIENT spans (6 attributes, one event):
 
-- encode µs/span: zerver's OTLP/JSON writer, protobuf wire writer (the
-  ``http/protobuf`` default) and official-message protobuf encoder vs the official
+- encode µs/span: zerver's OTLP/JSON writer, protobuf wire writer
+  (``ProtobufWireEncoder``, opt-in) and official-message protobuf encoder
+  (``ProtobufEncoder``, what ``http/protobuf`` uses by default) vs the official
   ``opentelemetry.exporter.otlp.proto.common`` encoder (+ ``SerializeToString``);
   a hand-built dict + ``orjson.dumps`` and ``pickle`` (the cost of handing a
   span to another process) for scale;
 - submit µs/span: ``ExportPipeline.submit`` vs the SDK ``BatchSpanProcessor.on_end``;
-- end-to-end spans/s into a local OTLP/HTTP receiver: zerver pipeline (JSON and
-  protobuf) vs ``BatchSpanProcessor`` + the official ``OTLPSpanExporter`` (protobuf);
+- end-to-end spans/s into a local OTLP/HTTP receiver: zerver pipeline (JSON;
+  protobuf with the default encoder and with the wire writer; JSON with one
+  worker) vs ``BatchSpanProcessor`` + the official ``OTLPSpanExporter``
+  (protobuf), with each side's CPU per span;
 - one POST on a kept-alive connection: stdlib ``http.client`` vs ``httpx``.
 
 The end-to-end receiver runs in a child process, as a collector would.
@@ -338,10 +341,17 @@ def _timed_run(
 
 
 def e2e_zerver(
-    receiver: RemoteReceiver, spans: list[SpanData], protocol: str, encode_ahead: int = 1
+    receiver: RemoteReceiver,
+    spans: list[SpanData],
+    protocol: str,
+    encode_ahead: int = 1,
+    *,
+    wire: bool = False,
 ) -> Run:
     def start(endpoint: str) -> Callable[[], None]:
-        exporter = ResilienceBuilder(OtlpHttpExporter(endpoint, protocol=protocol)).retry().build()
+        encoder = ProtobufWireEncoder() if wire else None
+        transport = OtlpHttpExporter(endpoint, protocol=protocol, encoder=encoder)
+        exporter = ResilienceBuilder(transport).retry().build()
         pipeline = ExportPipeline(
             exporter,
             max_queue_size=len(spans),
@@ -388,6 +398,9 @@ def bench_e2e(n: int, repeat: int) -> dict[str, list[Run]]:
     contenders: dict[str, Callable[[RemoteReceiver], Run]] = {
         "zerver pipeline, http/json": lambda r: e2e_zerver(r, spans, "http/json"),
         "zerver pipeline, http/protobuf": lambda r: e2e_zerver(r, spans, "http/protobuf"),
+        "zerver http/protobuf, ProtobufWireEncoder": lambda r: e2e_zerver(
+            r, spans, "http/protobuf", wire=True
+        ),
         "zerver http/json, one worker (encode_ahead=0)": lambda r: e2e_zerver(
             r, spans, "http/json", encode_ahead=0
         ),

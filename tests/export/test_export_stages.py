@@ -252,9 +252,9 @@ def test_otlp_transport_sends_the_body_encoded_ahead(receiver: OtlpReceiver) -> 
     encodes: list[str] = []
     real_encode = transport._encode
 
-    def counting(spans: Sequence[SpanData]) -> tuple[bytes, int]:
+    def counting(spans: Sequence[SpanData], *, ahead: bool = False) -> tuple[bytes, int]:
         encodes.append(threading.current_thread().name)
-        return real_encode(spans)
+        return real_encode(spans, ahead=ahead)
 
     transport._encode = counting  # type: ignore[method-assign]
     receiver.responder = lambda req: None if req.index else Reply(503)

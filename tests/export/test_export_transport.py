@@ -3,7 +3,7 @@ from __future__ import annotations
 import email.utils
 import gzip
 import http.client
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -202,9 +202,11 @@ def test_retried_batch_is_encoded_once(receiver: OtlpReceiver) -> None:
     class Counting(JsonEncoder):
         __slots__ = ()
 
-        def encode(self, spans: Sequence[SpanData]) -> bytes:
+        def encode(
+            self, spans: Sequence[SpanData], pause: Callable[[], object] | None = None
+        ) -> bytes:
             calls.append(1)
-            return super().encode(spans)
+            return super().encode(spans, pause)
 
     exporter = OtlpHttpExporter(receiver.endpoint, compression="gzip", encoder=Counting())
     try:

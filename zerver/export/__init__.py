@@ -22,7 +22,7 @@ from zerver.export._base import (
     SpanEncoder,
     Timer,
 )
-from zerver.export._config import ExportConfig, Overflow
+from zerver.export._config import ExportConfig, Overflow, tls_context
 from zerver.export._factory import build_exporter
 from zerver.export._json import JsonEncoder
 from zerver.export._otel import (
@@ -89,4 +89,5 @@ __all__ = [
     "parse_retry_after",
     "span_from_readable",
     "span_to_readable",
+    "tls_context",
 ]

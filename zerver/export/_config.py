@@ -7,12 +7,18 @@ the per-signal endpoint is used as is, headers are ``k=v`` lists with URL
 escapes, and an empty value means "unset". Every error is one
 :class:`~zerver.ConfigError` line naming the variable, the value and what is
 accepted.
+
+TLS (``OTEL_EXPORTER_OTLP_[TRACES_]CERTIFICATE``, ``..._CLIENT_CERTIFICATE``,
+``..._CLIENT_KEY``): paths to PEM files, checked at start-up by building the
+``ssl.SSLContext`` the exporter will use, so a missing, unreadable or
+mismatched file stops start-up instead of failing every export later.
 """
 
 from __future__ import annotations
 
 import enum
 import os
+import ssl
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,7 +26,7 @@ from typing import TypeVar
 
 from zerver._errors import ConfigError
 
-__all__ = ["ExportConfig", "Overflow"]
+__all__ = ["ExportConfig", "Overflow", "tls_context"]
 
 T = TypeVar("T")
 
@@ -87,6 +93,88 @@ def _headers(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def _pem_file(name: str, raw: str) -> str:
+    path = raw.strip()
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise _reject(name, raw, f"a readable PEM file ({why})") from None
+    return path
+
+
+def tls_context(
+    certificate: str | None = None,
+    client_certificate: str | None = None,
+    client_key: str | None = None,
+) -> ssl.SSLContext:
+    """The client ``SSLContext`` for HTTPS exports.
+
+    ``certificate``: PEM file with the CA certificate(s) that verify the
+    server, *instead of* the system's trust store (as the OpenTelemetry SDKs
+    do); ``None`` keeps the system's. ``client_certificate`` (and
+    ``client_key``, unless the key is in the same file): the client's PEM
+    certificate chain and unencrypted private key for mutual TLS. Hostnames
+    are checked.
+
+    Raises ``OSError`` for a file that cannot be read and ``ssl.SSLError``
+    for one that holds no usable certificate or key.
+    """
+    context = ssl.create_default_context(cafile=certificate)
+    if client_certificate is not None:
+        # An encrypted key fails here rather than have OpenSSL prompt on a terminal.
+        context.load_cert_chain(client_certificate, client_key, password=_no_password)
+    return context
+
+
+def _no_password() -> bytes:
+    return b""
+
+
+def _tls_settings(
+    names: dict[str, str], certificate: str | None, client_cert: str | None, client_key: str | None
+) -> None:
+    """Build the context once to reject unusable files with a one-line error."""
+    if client_key is not None and client_cert is None:
+        raise ConfigError(
+            f"{names['key']}={client_key!r} is invalid: a client key needs "
+            "OTEL_EXPORTER_OTLP_[TRACES_]CLIENT_CERTIFICATE (the certificate it belongs to)"
+        )
+    if certificate is not None:
+        try:
+            ssl.create_default_context(cafile=certificate)
+        except (OSError, ValueError) as exc:
+            raise _reject(
+                names["ca"], certificate, f"a PEM file of CA certificates ({_reason(exc)})"
+            ) from None
+    if client_cert is not None:
+        try:
+            tls_context(None, client_cert, client_key)
+        except (OSError, ValueError) as exc:
+            if client_key is None:
+                raise _reject(
+                    names["cert"],
+                    client_cert,
+                    "a PEM file with the client certificate chain and its unencrypted private "
+                    f"key, or the key in OTEL_EXPORTER_OTLP_[TRACES_]CLIENT_KEY ({_reason(exc)})",
+                ) from None
+            raise ConfigError(
+                f"{names['cert']}={client_cert!r} with {names['key']}={client_key!r} is invalid: "
+                f"expected a PEM certificate chain and its matching, unencrypted PEM private key "
+                f"({_reason(exc)})"
+            ) from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    if isinstance(exc, OSError) and exc.strerror:
+        # e.g. "[SSL] PEM lib (_ssl.c:3926)": keep what OpenSSL said, not where.
+        return exc.strerror.split(" (_ssl.c:")[0].removeprefix("[SSL] ")
+    return str(exc) or type(exc).__name__
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExportConfig:
     """Everything the export pipeline reads from the environment, with defaults.
@@ -115,6 +203,19 @@ class ExportConfig:
     breaker_successes: int = 2
     rate_spans_per_s: float = 0.0
     rate_bytes_per_s: float = 0.0
+    certificate: str | None = None
+    """CA certificate(s) (PEM file) to verify an ``https`` endpoint; ``None``: the system's."""
+    client_certificate: str | None = None
+    """Client certificate chain (PEM file) for mutual TLS."""
+    client_key: str | None = None
+    """The client certificate's private key (PEM file), unless it is in that file."""
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The ``SSLContext`` for an ``https`` endpoint; ``None`` when no TLS
+        variable is set (the system's default context is used)."""
+        if self.certificate is None and self.client_certificate is None:
+            return None
+        return tls_context(self.certificate, self.client_certificate, self.client_key)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ExportConfig:
@@ -129,11 +230,14 @@ class ExportConfig:
             return raw if raw is not None and raw.strip() != "" else None
 
         def signal(suffix: str, parse: Callable[[str, str], T], default: T) -> T:
-            for name in (f"OTEL_EXPORTER_OTLP_TRACES_{suffix}", f"OTEL_EXPORTER_OTLP_{suffix}"):
-                raw = get(name)
-                if raw is not None:
-                    return parse(name, raw)
-            return default
+            name = signal_name(suffix)
+            raw = get(name)
+            return default if raw is None else parse(name, raw)
+
+        def signal_name(suffix: str) -> str:
+            """The variable that applies: per-signal if set, else the generic one."""
+            name = f"OTEL_EXPORTER_OTLP_TRACES_{suffix}"
+            return name if get(name) is not None else f"OTEL_EXPORTER_OTLP_{suffix}"
 
         def opt(name: str, parse: Callable[[str, str], T], default: T) -> T:
             raw = get(name)
@@ -204,6 +308,19 @@ class ExportConfig:
             breaker_successes=opt("ZER_VER_EXPORT_BREAKER_SUCCESSES", count(1), 2),
             rate_spans_per_s=opt("ZER_VER_EXPORT_RATE_SPANS", rate, 0.0),
             rate_bytes_per_s=opt("ZER_VER_EXPORT_RATE_BYTES", rate, 0.0),
+            certificate=signal("CERTIFICATE", _pem_file, None),
+            client_certificate=signal("CLIENT_CERTIFICATE", _pem_file, None),
+            client_key=signal("CLIENT_KEY", _pem_file, None),
+        )
+        _tls_settings(
+            {
+                "ca": signal_name("CERTIFICATE"),
+                "cert": signal_name("CLIENT_CERTIFICATE"),
+                "key": signal_name("CLIENT_KEY"),
+            },
+            cfg.certificate,
+            cfg.client_certificate,
+            cfg.client_key,
         )
         if cfg.max_export_batch_size > cfg.max_queue_size:
             raise ConfigError(

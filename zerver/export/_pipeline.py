@@ -26,10 +26,13 @@ OTLP/HTTP exporter)::
               batches, FIFO) ─► sender thread: rate limit ─► breaker ─► retry ─► POST
 
 Measured (``loadtest/bench_export.py``): with one worker, a 512-span JSON
-batch costs ~2.4 ms of encoding and then ~5 ms waiting for the receiver's
+batch costs ~2 ms of encoding and then ~2-3 ms waiting for the receiver's
 answer, serially; the wait releases the GIL, so encoding batch N+1 during the
-POST of batch N hides most of the encoding. The hand-off is bounded
-(``encode_ahead`` batches, default 1) and the encoder takes a batch from the
+POST of batch N hides most of the encoding. The two threads share the GIL
+through a :class:`~zerver.export._handover.Handover` when the transport
+offers one: the encoder steps aside while the sender has work, so the sender
+is not kept waiting for the GIL until a whole batch is encoded. The hand-off
+is bounded (``encode_ahead`` batches, default 1) and the encoder takes a batch from the
 buffer only when the hand-off has room, so at most ``encode_ahead + 1``
 batches are out of the buffer (one sending, the rest encoded and waiting);
 while the breaker holds a batch, spans wait in the buffer as before. One
@@ -69,6 +72,7 @@ from zerver.export._base import (
     Timer,
 )
 from zerver.export._config import ExportConfig, Overflow
+from zerver.export._handover import Handover
 from zerver.export._log import RateLimitedLog
 from zerver.export._otel import span_from_readable
 from zerver.export._resilience import find_breaker
@@ -82,6 +86,19 @@ INVALID = "invalid"
 # send, or None when the encoder already settled them (encoding raised).
 _Item = tuple[Sequence[SpanData] | None, int]
 _STOP: _Item = (None, -1)
+
+
+def _group_by_trace(spans: list[SpanData]) -> list[SpanData]:
+    groups: dict[int, list[SpanData]] = {}
+    for s in spans:
+        members = groups.get(s.trace_id)
+        if members is None:
+            groups[s.trace_id] = [s]
+        else:
+            members.append(s)
+    if len(groups) == len(spans):
+        return spans
+    return [s for members in groups.values() for s in members]
 
 
 def find_pre_encoder(exporter: object) -> PreEncoder | None:
@@ -260,6 +277,9 @@ class ExportPipeline:
         self._handoff_depth = encode_ahead
         self._handoff_cond = threading.Condition(threading.Lock())
         self._sender_gone = False
+        self._sender_idle = False  # the sender waits for the hand-off (under _handoff_cond)
+        handover = getattr(self._pre_encoder, "handover", None)
+        self._handover = handover if isinstance(handover, Handover) else None
         self._encode_thread: threading.Thread | None = None
         if self._pre_encoder is not None:
             # ``_thread`` is the sender: the last stage to finish.
@@ -438,6 +458,8 @@ class ExportPipeline:
                     with cond:
                         handoff.append(item)
                         cond.notify_all()
+                        if self._sender_idle and self._handover is not None:
+                            self._handover.woke_sender()
                     time.sleep(0)  # let the event loop thread have the GIL between batches
                 next_due = self._timer.monotonic() + self._schedule_delay_s
                 self._release_flushers()
@@ -452,11 +474,17 @@ class ExportPipeline:
         """Stage 2: send encoded batches in hand-off (= buffer) order."""
         cond = self._handoff_cond
         handoff = self._handoff
+        handover = self._handover
         try:
             while True:
                 with cond:
-                    while not handoff:
-                        cond.wait()
+                    if not handoff:
+                        if handover is not None:
+                            handover.blocking()
+                        self._sender_idle = True
+                        while not handoff:
+                            cond.wait()
+                        self._sender_idle = False
                     item = handoff.popleft()
                     cond.notify_all()  # room for the encoder
                 if item is _STOP:
@@ -532,7 +560,29 @@ class ExportPipeline:
         self._counters.add(DropReason.SHUTDOWN_DEADLINE, n)
 
     def _prepare(self, batch: list[SpanData | ReadableSpan]) -> list[SpanData]:
-        """Convert SDK spans and group by trace, keeping first-seen order."""
+        """Convert SDK spans and group by trace, keeping first-seen order.
+
+        A request's spans are submitted together, so a batch is usually grouped
+        already: one pass checks that (a trace id seen before, after another
+        one, means it is not) and the batch is then used as it is.
+        """
+        seen: set[int] = set()
+        last = None
+        grouped = True
+        for s in batch:
+            if type(s) is not SpanData:
+                return self._convert_and_group(batch)
+            trace_id = s.trace_id
+            if trace_id != last:
+                if trace_id in seen:
+                    grouped = False
+                    break
+                seen.add(trace_id)
+                last = trace_id
+        spans: list[SpanData] = batch  # type: ignore[assignment]  # all SpanData, checked above
+        return spans if grouped else _group_by_trace(spans)
+
+    def _convert_and_group(self, batch: list[SpanData | ReadableSpan]) -> list[SpanData]:
         spans: list[SpanData] = []
         bad = 0
         for s in batch:
@@ -545,16 +595,7 @@ class ExportPipeline:
                 bad += 1
         if bad:
             self._counters.add(INVALID, bad)
-        groups: dict[int, list[SpanData]] = {}
-        for s in spans:
-            members = groups.get(s.trace_id)
-            if members is None:
-                groups[s.trace_id] = [s]
-            else:
-                members.append(s)
-        if len(groups) == len(spans):
-            return spans
-        return [s for members in groups.values() for s in members]
+        return _group_by_trace(spans)
 
     def _export(self, spans: Sequence[SpanData]) -> None:
         counters = self._counters

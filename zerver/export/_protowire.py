@@ -22,9 +22,10 @@ hold (ids, times or counts out of range) are skipped and counted, as
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from zerver._spans import AttrValue, InstrumentationScope, Resource, SpanData
+from zerver.export._json import PAUSE_EVERY as _PAUSE_EVERY
 from zerver.export._json import group_by_resource_scope
 
 __all__ = ["ProtobufWireEncoder"]
@@ -296,15 +297,25 @@ class ProtobufWireEncoder:
             app(b"\x85\x01" + _pack_i(s.flags))
         return b"".join(out)
 
-    def encode(self, spans: Sequence[SpanData]) -> bytes:
-        """The request body for ``spans`` (grouped by resource and scope, order kept)."""
+    def encode(self, spans: Sequence[SpanData], pause: Callable[[], object] | None = None) -> bytes:
+        """The request body for ``spans`` (grouped by resource and scope, order kept).
+
+        ``pause``, if given, is called between every few dozen spans (see
+        :meth:`JsonEncoder.encode <zerver.export.JsonEncoder.encode>`).
+        """
         out: list[bytes] = []
         span = self._span
+        countdown = _PAUSE_EVERY
         for res, scopes in group_by_resource_scope(spans):
             rs = [self._resource(res)]
             for scope, members in scopes:
                 ss = [self._scope_field(scope)]
                 for s in members:
+                    if pause is not None:
+                        countdown -= 1
+                        if not countdown:
+                            countdown = _PAUSE_EVERY
+                            pause()
                     try:
                         body = span(s)
                     except _INVALID:

@@ -3,8 +3,9 @@
 Decodes JSON and protobuf (gzip too), counts spans, and answers what a
 ``responder`` says, so tests can script 503s with ``Retry-After``, 400s,
 partial successes and slow answers. Runs a stdlib threaded HTTP server on
-127.0.0.1 (an ephemeral port by default); :meth:`stop` closes open
-keep-alive connections too, so every thread ends.
+127.0.0.1 (an ephemeral port by default), over TLS when given an
+``ssl.SSLContext``; :meth:`stop` closes open keep-alive connections too, so
+every thread ends.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import base64
 import contextlib
 import gzip
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -92,6 +94,14 @@ def _iter_spans(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield from ss.get("spans", ())
 
 
+def _count_spans(doc: dict[str, Any]) -> int:
+    return sum(
+        len(ss.get("spans", ()))
+        for rs in doc.get("resourceSpans", ())
+        for ss in rs.get("scopeSpans", ())
+    )
+
+
 def _value(v: dict[str, Any]) -> object:
     if "stringValue" in v:
         return v["stringValue"]
@@ -115,6 +125,17 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
     allow_reuse_address = True
+    ssl_context: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        if self.ssl_context is not None:
+            # The handshake runs on the connection's own thread (Handler.setup), so
+            # a client that never completes it cannot stall the accept loop.
+            sock = self.ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        return sock, addr
 
 
 class OtlpReceiver:
@@ -137,8 +158,14 @@ class OtlpReceiver:
         delay_s: float = 0.0,
         keep_bodies: bool = True,
         clock: Callable[[], float] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.path = path
+        self.ssl_context = ssl_context
+        """Serve HTTPS with this server-side context (its ``verify_mode`` decides
+        whether client certificates are required)."""
+        self.tls_failures = 0
+        """Connections whose TLS handshake failed (no request was read from them)."""
         self.responder = responder
         self.delay_s = delay_s
         self.keep_bodies = keep_bodies
@@ -161,6 +188,7 @@ class OtlpReceiver:
             return self
         self._stopping.clear()
         server = _Server(("127.0.0.1", self._port), self._handler_class())
+        server.ssl_context = self.ssl_context
         self._port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(
@@ -204,7 +232,8 @@ class OtlpReceiver:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._port}{self.path}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self._port}{self.path}"
 
     # -- observations -------------------------------------------------------------
 
@@ -216,6 +245,11 @@ class OtlpReceiver:
     def wait_for_requests(self, n: int, timeout: float) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: len(self.requests) >= n, timeout)
+
+    def wait_for_tls_failures(self, n: int, timeout: float) -> bool:
+        """Wait until at least ``n`` TLS handshakes failed; False after ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.tls_failures >= n, timeout)
 
     def spans(self) -> list[dict[str, Any]]:
         """Every accepted span in OTLP/JSON form, in arrival order."""
@@ -242,14 +276,33 @@ class OtlpReceiver:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             timeout = 5.0
-            # Headers and body go out in two writes: without TCP_NODELAY the
-            # second waits for the client's delayed ACK (~40 ms per request).
+            # Without TCP_NODELAY a write can wait for the client's delayed ACK
+            # (~40 ms per request).
             disable_nagle_algorithm = True
+            # Buffered: status line, headers and body leave in one send when the
+            # request is done (handle_one_request flushes), not two.
+            wbufsize = -1
+
+            tls_failed = False
 
             def setup(self) -> None:
+                sock = self.request
+                if isinstance(sock, ssl.SSLSocket):
+                    sock.settimeout(self.timeout)
+                    try:
+                        sock.do_handshake()
+                    except (OSError, ValueError):
+                        self.tls_failed = True
+                        with receiver._cond:
+                            receiver.tls_failures += 1
+                            receiver._cond.notify_all()
                 super().setup()
                 with receiver._cond:
                     receiver._conns.add(self.connection)
+
+            def handle(self) -> None:
+                if not self.tls_failed:
+                    super().handle()
 
             def finish(self) -> None:
                 with receiver._cond:
@@ -287,8 +340,9 @@ class OtlpReceiver:
                     len(ss.spans) for rs in message.resource_spans for ss in rs.scope_spans
                 )
             else:
-                doc = orjson.loads(body)
-                req.span_count = sum(1 for _ in _iter_spans(doc))
+                # The whole document is parsed (as a collector would); counting
+                # then needs only the length of each ``spans`` list.
+                req.span_count = _count_spans(orjson.loads(body))
             if self.keep_bodies:
                 req.body = body
         except Exception as exc:

@@ -19,6 +19,12 @@ a batch's body on the pipeline's encoder thread and returns an
 reaches :meth:`~OtlpHttpExporter.export` (through retry, breaker and rate
 limit, which pass it on unchanged) only the POST is left, so the pipeline can
 encode batch N+1 while batch N is on the wire.
+
+Handing the GIL over (:mod:`zerver.export._handover`): the sender waits for
+the backend's answer with ``poll`` before reading it, and the encoder, which
+checks every few dozen spans, steps aside while the sender has work, so the
+backend's work and the next batch's encoding overlap instead of queueing
+behind each other for the GIL.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import email.utils
 import gzip
 import http.client
 import math
+import select
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -45,9 +53,11 @@ from zerver.export._base import (
     SpanEncoder,
 )
 from zerver.export._config import DEFAULT_ENDPOINT, ExportConfig
+from zerver.export._handover import Handover
 from zerver.export._json import JsonEncoder
 from zerver.export._log import RateLimitedLog
 from zerver.export._protobuf import ProtobufEncoder
+from zerver.export._protowire import ProtobufWireEncoder
 
 __all__ = [
     "RETRYABLE_STATUSES",
@@ -58,6 +68,7 @@ __all__ = [
 ]
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+_HAVE_POLL = hasattr(select, "poll")  # not on Windows
 _MAX_RESPONSE = 1 << 20
 _USER_AGENT = "zerver-otlp-exporter/0.1"
 
@@ -143,6 +154,11 @@ class OtlpHttpExporter:
     Wrap it with :class:`ResilienceBuilder` for retries, a circuit breaker and
     rate limits. Thread-safe (a lock serialises the connection).
 
+    ``ssl_context`` applies to ``https`` endpoints (CA bundle, client certificate;
+    see :func:`zerver.export.tls_context`); ``None`` uses the system's CAs.
+    A TLS failure (unknown CA, refused client certificate) is a connection
+    error like any other: retried, then counted, never raised.
+
     Example::
 
         exporter = OtlpHttpExporter("http://localhost:4318/v1/traces", compression="gzip")
@@ -159,6 +175,7 @@ class OtlpHttpExporter:
         compression: str = "none",
         log: RateLimitedLog | None = None,
         wall_clock: Callable[[], float] = time.time,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urllib.parse.urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -177,6 +194,8 @@ class OtlpHttpExporter:
                 raise ValueError(f"protocol {protocol!r} is not 'http/json' or 'http/protobuf'")
         self.endpoint = endpoint
         self._https = parts.scheme == "https"
+        # None: http.client's default (system CAs, hostname checked). Unused for http://.
+        self._ssl_context = ssl_context
         self._host = parts.hostname
         self._port = parts.port or (443 if self._https else 80)
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -197,25 +216,34 @@ class OtlpHttpExporter:
         self._last_spans: Sequence[SpanData] | None = None
         self._last_body = b""
         self._last_invalid = 0
+        # Exact types: a subclass may override ``encode`` without ``pause``.
+        self._pausable = type(encoder) in (JsonEncoder, ProtobufWireEncoder)
+        self.handover = Handover()
+        """Shared with the pipeline's two threads (see ``zerver.export._handover``)."""
 
     @classmethod
     def from_config(cls, config: ExportConfig, **kwargs: object) -> OtlpHttpExporter:
-        """An exporter for ``config``'s endpoint, protocol, headers, timeout and compression."""
+        """An exporter for ``config``'s endpoint, protocol, headers, timeout, compression
+        and TLS files."""
         return cls(
             config.endpoint,
             protocol=config.protocol,
             headers=config.headers,
             timeout_s=config.timeout_s,
             compression=config.compression,
+            ssl_context=config.ssl_context(),
             **kwargs,  # type: ignore[arg-type]
         )
 
-    def _encode(self, spans: Sequence[SpanData]) -> tuple[bytes, int]:
+    def _encode(self, spans: Sequence[SpanData], *, ahead: bool = False) -> tuple[bytes, int]:
         # The encoder keeps caches and is not thread-safe; encode_ahead (encoder
         # thread) and export (sending thread) may both get here.
         with self._encode_lock:
             before = getattr(self._encoder, "invalid_spans", 0)
-            body = self._encoder.encode(spans)
+            if ahead and self._pausable:
+                body = self._encoder.encode(spans, pause=self.handover.pause)  # type: ignore[call-arg]
+            else:
+                body = self._encoder.encode(spans)
             invalid = getattr(self._encoder, "invalid_spans", 0) - before
         if self._gzip:
             body = gzip.compress(body, compresslevel=1)
@@ -226,8 +254,18 @@ class OtlpHttpExporter:
 
         Raises what the encoder raises (the pipeline counts it as an exporter error).
         """
-        body, invalid = self._encode(spans)
+        body, invalid = self._encode(spans, ahead=True)
         return EncodedBatch(spans, body, invalid, self)
+
+    def _wait_for_answer(self, sock: socket.socket, timeout: float) -> None:
+        """Block (GIL released) until the answer can be read, leaving it in the socket."""
+        if not _HAVE_POLL or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            return  # getresponse() waits instead; the encoder then never steps aside
+        self.handover.awaiting(sock)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(max(1, math.ceil(timeout * 1000))):
+            raise TimeoutError(f"no answer within {timeout:g} s")
 
     def _body(self, spans: Sequence[SpanData]) -> tuple[bytes, int]:
         if type(spans) is EncodedBatch and spans.encoded_by is self:
@@ -242,8 +280,13 @@ class OtlpHttpExporter:
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         conn = self._conn
         if conn is None:
-            cls = _HTTPSConnection if self._https else _HTTPConnection
-            conn = self._conn = cls(self._host, self._port, timeout=timeout)
+            if self._https:
+                conn = _HTTPSConnection(
+                    self._host, self._port, timeout=timeout, context=self._ssl_context
+                )
+            else:
+                conn = _HTTPConnection(self._host, self._port, timeout=timeout)
+            self._conn = conn
         else:
             conn.timeout = timeout
             if conn.sock is not None:
@@ -261,15 +304,24 @@ class OtlpHttpExporter:
             reused = conn.sock is not None
             try:
                 conn.request("POST", self._path, body, self._headers)
+                if conn.sock is not None:
+                    self._wait_for_answer(conn.sock, timeout)
                 resp = conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.handover.answered()
                 self._close()
                 # A keep-alive connection the server closed while idle: one
                 # immediate reconnect is safe (export requests are idempotent).
                 if reused and attempt == 0:
                     continue
                 raise
-            data = resp.read(_MAX_RESPONSE)
+            except BaseException:
+                self.handover.answered()
+                raise
+            try:
+                data = resp.read(_MAX_RESPONSE)
+            finally:
+                self.handover.answered()
             if not resp.isclosed():
                 self._close()  # oversized answer: do not reuse a half-read connection
             return (
