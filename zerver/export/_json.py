@@ -38,11 +38,11 @@ import json.encoder
 import math
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from zerver._spans import AttrValue, InstrumentationScope, Resource, SpanData
 
-__all__ = ["JsonEncoder", "group_by_resource_scope"]
+__all__ = ["IdentityCache", "JsonEncoder", "group_by_resource_scope"]
 
 # The C implementation: escapes '"', '\\' and control characters, keeps non-ASCII.
 _esc = json.encoder.encode_basestring
@@ -62,6 +62,32 @@ _SPAN_HEAD = (
 )
 
 _Group = tuple[Resource, list[tuple[InstrumentationScope, list[SpanData]]]]
+_K = TypeVar("_K")
+_F = TypeVar("_F", str, bytes)
+
+
+class IdentityCache(Generic[_K, _F]):
+    """Encoded fragments per object identity (a batch's few resources and scopes), bounded.
+
+    Keyed by ``id``: resources and scopes are shared by many spans, and hashing
+    their attribute maps per span would cost more than encoding them.
+    """
+
+    __slots__ = ("_entries", "_max")
+
+    def __init__(self, max_entries: int = 256) -> None:
+        self._entries: dict[int, tuple[_K, _F]] = {}
+        self._max = max_entries
+
+    def get(self, obj: _K) -> _F | None:
+        hit = self._entries.get(id(obj))
+        return hit[1] if hit is not None and hit[0] is obj else None
+
+    def put(self, obj: _K, frag: _F) -> _F:
+        if len(self._entries) >= self._max:
+            self._entries.clear()
+        self._entries[id(obj)] = (obj, frag)  # holding ``obj`` keeps its id from being reused
+        return frag
 
 
 def group_by_resource_scope(spans: Sequence[SpanData]) -> list[_Group]:
@@ -169,8 +195,8 @@ class JsonEncoder:
         self._kvbool: dict[tuple[str, bool], str] = {}
         self._kdouble: dict[str, str] = {}
         self._names: dict[str, str] = {}
-        self._res: dict[int, tuple[Resource, str]] = {}
-        self._scope: dict[int, tuple[InstrumentationScope, str]] = {}
+        self._res: IdentityCache[Resource, str] = IdentityCache()
+        self._scope: IdentityCache[InstrumentationScope, str] = IdentityCache()
         self.invalid_spans = 0
         """Spans skipped because they could not be encoded (cumulative)."""
 
@@ -264,9 +290,9 @@ class JsonEncoder:
     # -- resource / scope -----------------------------------------------------
 
     def _resource_head(self, res: Resource) -> str:
-        hit = self._res.get(id(res))
-        if hit is not None and hit[0] is res:
-            return hit[1]
+        hit = self._res.get(res)
+        if hit is not None:
+            return hit
         out = ['{"resource":{']
         self._attrs(res.attributes, out)
         if len(out) > 1:
@@ -280,16 +306,12 @@ class JsonEncoder:
         if res.schema_url:
             out.append(',"schemaUrl":%s' % _esc(res.schema_url))
         out.append(',"scopeSpans":[')
-        frag = "".join(out)
-        if len(self._res) >= 256:
-            self._res.clear()
-        self._res[id(res)] = (res, frag)  # holding ``res`` keeps its id from being reused
-        return frag
+        return self._res.put(res, "".join(out))
 
     def _scope_head(self, scope: InstrumentationScope) -> str:
-        hit = self._scope.get(id(scope))
-        if hit is not None and hit[0] is scope:
-            return hit[1]
+        hit = self._scope.get(scope)
+        if hit is not None:
+            return hit
         out = ['{"scope":{"name":%s' % _esc(scope.name)]
         if scope.version:
             out.append(',"version":%s' % _esc(scope.version))
@@ -298,11 +320,7 @@ class JsonEncoder:
         if scope.schema_url:
             out.append(',"schemaUrl":%s' % _esc(scope.schema_url))
         out.append(',"spans":[')
-        frag = "".join(out)
-        if len(self._scope) >= 256:
-            self._scope.clear()
-        self._scope[id(scope)] = (scope, frag)
-        return frag
+        return self._scope.put(scope, "".join(out))
 
     # -- spans ----------------------------------------------------------------
 

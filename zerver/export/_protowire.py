@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from zerver._spans import AttrValue, InstrumentationScope, Resource, SpanData
 from zerver.export._json import PAUSE_EVERY as _PAUSE_EVERY
-from zerver.export._json import group_by_resource_scope
+from zerver.export._json import IdentityCache, group_by_resource_scope
 
 __all__ = ["ProtobufWireEncoder"]
 
@@ -138,8 +138,8 @@ class ProtobufWireEncoder:
         self._kv: dict[tuple[str, str], bytes] = {}
         self._keys: dict[str, tuple[bytes, int]] = {}
         self._names: dict[str, bytes] = {}
-        self._res: dict[int, tuple[Resource, bytes]] = {}
-        self._scope: dict[int, tuple[InstrumentationScope, bytes]] = {}
+        self._res: IdentityCache[Resource, bytes] = IdentityCache()
+        self._scope: IdentityCache[InstrumentationScope, bytes] = IdentityCache()
         self.invalid_spans = 0
         """Spans skipped because they could not be encoded (cumulative)."""
 
@@ -202,35 +202,27 @@ class ProtobufWireEncoder:
 
     def _resource(self, res: Resource) -> bytes:
         """``ResourceSpans.resource`` (field 1), cached per identity."""
-        hit = self._res.get(id(res))
-        if hit is not None and hit[0] is res:
-            return hit[1]
+        hit = self._res.get(res)
+        if hit is not None:
+            return hit
         parts: list[bytes] = []
         self._attrs(res.attributes, b"\x0a", parts)
         if res.dropped_attributes_count:
             parts.append(b"\x10" + _u32(res.dropped_attributes_count))
-        frag = _ld(b"\x0a", b"".join(parts))
-        if len(self._res) >= 256:
-            self._res.clear()
-        self._res[id(res)] = (res, frag)  # holding ``res`` keeps its id from being reused
-        return frag
+        return self._res.put(res, _ld(b"\x0a", b"".join(parts)))
 
     def _scope_field(self, scope: InstrumentationScope) -> bytes:
         """``ScopeSpans.scope`` (field 1), cached per identity."""
-        hit = self._scope.get(id(scope))
-        if hit is not None and hit[0] is scope:
-            return hit[1]
+        hit = self._scope.get(scope)
+        if hit is not None:
+            return hit
         parts: list[bytes] = []
         if scope.name:
             parts.append(_ld(b"\x0a", _utf8(scope.name)))
         if scope.version:
             parts.append(_ld(b"\x12", _utf8(scope.version)))
         self._attrs(scope.attributes, b"\x1a", parts)
-        frag = _ld(b"\x0a", b"".join(parts))
-        if len(self._scope) >= 256:
-            self._scope.clear()
-        self._scope[id(scope)] = (scope, frag)
-        return frag
+        return self._scope.put(scope, _ld(b"\x0a", b"".join(parts)))
 
     def _span(self, s: SpanData) -> bytes:
         """One ``Span`` message (without its tag and length)."""
