@@ -191,24 +191,12 @@ class Promoter:
             st = self._routes[route] = RouteStats(self._window)
         return st
 
-    def queue_bar(self, stats: RouteStats) -> float:
-        """The shortest queue wait (ms) that gets a ``job.queue_wait`` span now.
-
-        The threshold, or the route's p95 when that is lower (but not below
-        ``p95_min_ms``); 0 with ``debug``. One comparison per job then decides.
-        """
-        if self.debug:
-            return 0.0
-        return min(self.queue_ms, max(self.p95_min_ms, stats.queue.value))
-
-    def park_bar(self, stats: RouteStats) -> float:
-        """The shortest park episode (ms) that gets a ``job.park(<cause>)`` span now."""
-        if self.debug:
-            return 0.0
-        return min(self.park_ms, max(self.p95_min_ms, stats.park.value))
-
     def bars(self, stats: RouteStats) -> tuple[float, float]:
-        """``(queue_bar(stats), park_bar(stats))`` in one call."""
+        """The shortest queue wait and park episode (ms) that get a span of their own now.
+
+        Each is the threshold, or the route's p95 when that is lower (but not below
+        ``p95_min_ms``); 0 with ``debug``. One comparison per wait then decides.
+        """
         if self.debug:
             return 0.0, 0.0
         p95_min = self.p95_min_ms
@@ -219,11 +207,11 @@ class Promoter:
 
     def promote_queue(self, stats: RouteStats, queue_wait_ms: float) -> bool:
         """Whether a queue wait gets a ``job.queue_wait`` span."""
-        return queue_wait_ms >= self.queue_bar(stats)
+        return queue_wait_ms >= self.bars(stats)[0]
 
     def promote_park(self, stats: RouteStats, park_ms: float) -> bool:
         """Whether a park episode gets a ``job.park(<cause>)`` span."""
-        return park_ms >= self.park_bar(stats)
+        return park_ms >= self.bars(stats)[1]
 
     def route_p95(self, route: str) -> tuple[float, float]:
         """The route's current (queue wait, park wait) p95 in ms (``inf`` until known)."""
