@@ -54,25 +54,22 @@ async def test_packed_records_build_the_same_trace(
         packed = marshal.loads(marshal.dumps(pack_record(record)))
         again = unpack_record(packed, random.Random(0))
         # Fresh engines with the same settings, so route statistics match.
-        a = TraceEngine(
-            InMemorySpanSink(),
-            semconv=engine.semconv,
-            resource=engine.resource,
-            scope=engine.scope,
-            export_job_depth=engine.export_job_depth,
-            interpreters=engine._interpreters,
-        )
-        a.promoter.debug = engine.promoter.debug
-        b = TraceEngine(
-            InMemorySpanSink(),
-            semconv=engine.semconv,
-            resource=engine.resource,
-            scope=engine.scope,
-            export_job_depth=engine.export_job_depth,
-            interpreters=engine._interpreters,
-        )
-        b.promoter.debug = engine.promoter.debug
+        a, b = _engine_like(engine), _engine_like(engine)
         assert normalise(b.build(again)) == normalise(a.build(record))
+
+
+def _engine_like(engine: TraceEngine) -> TraceEngine:
+    """A fresh engine (no route statistics yet) with ``engine``'s settings."""
+    fresh = TraceEngine(
+        InMemorySpanSink(),
+        semconv=engine.semconv,
+        resource=engine.resource,
+        scope=engine.scope,
+        export_job_depth=engine.export_job_depth,
+        interpreters=engine._interpreters,
+    )
+    fresh.promoter.debug = engine.promoter.debug
+    return fresh
 
 
 async def test_exporter_process_delivers_every_trace(tmp_path: Path) -> None:
