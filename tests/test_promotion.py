@@ -142,7 +142,7 @@ def test_routes_are_bounded() -> None:
 
 @given(lifecycles(), st.booleans())
 def test_trace_engine_timeline_agrees_with_job_durations(job: JobState, complete: bool) -> None:
-    # The engine derives the common case inline; it must equal the one definition.
+    # The durations the engine puts on a span are the one definition's, events in order.
     job.outcome = "complete" if complete else "fail"
     d, events = _job_timeline(job, wall=1_000, end=job.end_ts or 0)
     assert d == job_durations(job, job.end_ts or 0)

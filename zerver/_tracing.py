@@ -182,7 +182,7 @@ class TraceEngine:
 
     Building runs once per request, so it is written for speed: events are
     plain tuples, each job's durations, attributes, events and promotion are
-    derived in one pass, and attribute dicts are written as displays where
+    derived in one loop, and attribute dicts are written as displays where
     their keys are known.
     """
 
@@ -667,47 +667,6 @@ def _job_timeline(
     job: JobState, wall: int, end: int
 ) -> tuple[tuple[float, float, float, float, float], list[EventTuple]]:
     """The job's derived durations (see ``job_durations``) and lifecycle events."""
-    enq, take, start, job_end = job.enqueue_ts, job.take_ts, job.start_ts, job.end_ts
-    if (
-        enq is not None
-        and take is not None
-        and start is not None
-        and job_end is not None
-        and job.outcome == COMPLETE
-        and not job.park_episodes
-        and not job.retries
-        and enq <= take <= start <= job_end
-    ):
-        # The common case in one go; the durations are what job_durations derives
-        # for a job with every phase and no park (a property test checks it).
-        durations = (
-            (take - enq) / 1e6,
-            (start - take) / 1e6,
-            0.0,
-            (job_end - start) / 1e6,
-            (job_end - enq) / 1e6,
-        )
-        return durations, [
-            (
-                "zerver.job.enqueued",
-                wall + enq,
-                {"job.queue": job.queue, "job.depth": job.depth_enqueue or 0},
-                0,
-            ),
-            (
-                "zerver.job.taken",
-                wall + take,
-                _TAKEN.get(job.worker) or _taken_attrs(job.worker),
-                0,
-            ),
-            ("zerver.job.started", wall + start, NO_ATTRIBUTES, 0),
-            (
-                "zerver.job.completed",
-                wall + job_end,
-                _COMPLETED.get(job.attempts) or _completed_attrs(job.attempts),
-                0,
-            ),
-        ]
     return job_durations(job, end), _lifecycle_events(job, wall, end)
 
 
