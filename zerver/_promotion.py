@@ -53,19 +53,25 @@ def job_durations(job: JobState, end_fallback: int) -> tuple[float, float, float
     if end is None:
         end = end_fallback
     if enq is None:
-        enq = job.take_ts if job.take_ts is not None else end
+        enq = take if take is not None else end
+    # Conditionals, not min()/max(): on CPython 3.11 each builtin call costs ~0.14 µs,
+    # a third of this function, and it runs for every job of every request.
     # A job never taken (cancelled while queued, refused by a full queue) spent
     # all its time queued: the phases it never reached count 0.
-    take = take if take is not None else max(end, enq)
-    start = start if start is not None else take
-    end = max(end, start)
+    if take is None:
+        take = end if end > enq else enq
+    if start is None:
+        start = take
+    if start > end:
+        end = start
     park = 0
     for ep in job.park_episodes:
         resume = ep.resume_ts if ep.resume_ts is not None else end
         if resume > ep.park_ts:
             park += resume - ep.park_ts
     run = end - start
-    park = min(park, run)  # overlapping episodes cannot park longer than the job ran
+    if park > run:  # overlapping episodes cannot park longer than the job ran
+        park = run
     return (
         (take - enq) / 1e6,
         (start - take) / 1e6,
@@ -199,11 +205,20 @@ class Promoter:
         """
         if self.debug:
             return 0.0, 0.0
+        # min(threshold, max(p95_min, p95)), written as conditionals (cheaper than the
+        # builtins on CPython 3.11); a property test holds it to the rule.
         p95_min = self.p95_min_ms
-        return (
-            min(self.queue_ms, max(p95_min, stats.queue.value)),
-            min(self.park_ms, max(p95_min, stats.park.value)),
-        )
+        queue = stats.queue.value
+        if queue < p95_min:
+            queue = p95_min
+        if queue > self.queue_ms:
+            queue = self.queue_ms
+        park = stats.park.value
+        if park < p95_min:
+            park = p95_min
+        if park > self.park_ms:
+            park = self.park_ms
+        return queue, park
 
     def promote_queue(self, stats: RouteStats, queue_wait_ms: float) -> bool:
         """Whether a queue wait gets a ``job.queue_wait`` span."""

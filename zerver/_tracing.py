@@ -61,6 +61,11 @@ _MAX_KEY = 128
 _HAS_REMOTE = 0x100
 _IS_REMOTE = 0x200
 _new = object.__new__
+# Status and kind values as module constants: a class attribute load is not
+# specialised on CPython 3.11 and costs a type lookup each time.
+_UNSET, _OK, _ERROR = StatusCode.UNSET, StatusCode.OK, StatusCode.ERROR
+_INTERNAL, _SERVER, _CLIENT = SpanKind.INTERNAL, SpanKind.SERVER, SpanKind.CLIENT
+_PRODUCER, _CONSUMER = SpanKind.PRODUCER, SpanKind.CONSUMER
 
 
 class SpanSink(Protocol):
@@ -147,7 +152,7 @@ class _Builder:
         end_ts: int,
         attrs: dict[str, AttrValue],
         events: list[EventTuple],
-        status: int = StatusCode.UNSET,
+        status: int = _UNSET,
         message: str = "",
     ) -> SpanData:
         # SpanData's keyword constructor costs 3x this; every slot is set here.
@@ -262,7 +267,8 @@ class TraceEngine:
             # its samples are observed: a sample never raises its own bar.
             queue_bar, park_bar = promoter.bars(stats)
             for job in rec.jobs:
-                durations, events = _job_timeline(job, wall, end)
+                durations = job_durations(job, end)
+                events = _lifecycle_events(job, wall, end)
                 if job.kind == "effect":
                     parent = step_spans.get(job.step_index)
                     span = self._effect_span(
@@ -307,10 +313,10 @@ class TraceEngine:
         for pname, pval in rec.params.items():
             attrs["url.path.params." + pname] = pval
         attrs["zerver.request_id"] = rec.request_id
-        status = StatusCode.UNSET
+        status = _UNSET
         message = ""
         if rec.system_fault or rec.status >= 500:
-            status = StatusCode.ERROR
+            status = _ERROR
             message = rec.error_message or f"HTTP {rec.status}"
             if rec.error_id:
                 attrs["zerver.error_id"] = rec.error_id
@@ -321,7 +327,7 @@ class TraceEngine:
             name,
             rec.span_id,
             rec.parent_span_id,
-            SpanKind.SERVER,
+            _SERVER,
             rec.start_ts,
             end,
             attrs,
@@ -344,16 +350,16 @@ class TraceEngine:
         static = self._static_for("queue")
         if static:
             attrs.update(static)
-        status, message = StatusCode.UNSET, ""
+        status, message = _UNSET, ""
         if rec.system_fault or rec.status >= 400:
             # For a consumer any failure is an error: the message is retried or dead-lettered.
-            status, message = StatusCode.ERROR, rec.error_message or f"failed ({rec.status})"
+            status, message = _ERROR, rec.error_message or f"failed ({rec.status})"
             attrs["error.type"] = rec.error_type or str(rec.status)
         root = b.span(
             f"queue.process {topic}",
             rec.span_id,
             rec.parent_span_id,
-            SpanKind.CONSUMER,
+            _CONSUMER,
             rec.start_ts,
             end,
             attrs,
@@ -394,26 +400,27 @@ class TraceEngine:
         }
         if sr.resume is not None or sr.render_phase is not None or sr.error_type is not None:
             self._step_extras(sr, attrs)
-        status, message = StatusCode.UNSET, ""
+        status, message = _UNSET, ""
         if sr.error_type is not None:
-            status, message = StatusCode.ERROR, sr.error_message or sr.error_type
+            status, message = _ERROR, sr.error_message or sr.error_type
         end = sr.end_ts
         if end is None:
             end = b.end
-            if status == StatusCode.UNSET:
-                status, message = StatusCode.ERROR, "step unfinished at request end"
+            if status == _UNSET:
+                status, message = _ERROR, "step unfinished at request end"
         events: list[EventTuple] = []
         need = sr.need
         if need is not None:
             # The step's span covers the wait for its effects, so they nest inside it.
             join = need.join_ts if need.join_ts is not None else b.end
-            end = max(end, join)
+            if join > end:
+                end = join
             _need_events(need, b.wall, events)
         return b.span(
             "step." + sr.name,
             sr.span_id,
             root,
-            SpanKind.INTERNAL,
+            _INTERNAL,
             sr.start_ts,
             end,
             attrs,
@@ -457,7 +464,7 @@ class TraceEngine:
             attrs.update(static)
         self._system_attrs(attrs, effect, job.result_meta)
         outcome = job.outcome
-        status, message = StatusCode.OK, ""
+        status, message = _OK, ""
         if outcome != COMPLETE:
             if outcome is not None:
                 attrs["error.type"] = job.error_type or outcome
@@ -468,7 +475,7 @@ class TraceEngine:
             job.name,
             job.span_id or rec.new_span_id(),
             parent,
-            SpanKind.PRODUCER if system == "queue" else SpanKind.CLIENT,
+            _PRODUCER if system == "queue" else _CLIENT,
             start,
             end,
             attrs,
@@ -481,10 +488,10 @@ class TraceEngine:
     def _failure_status(job: JobState, required: bool) -> tuple[int, str]:
         """The status of a job that did not complete."""
         if job.outcome is None:
-            return StatusCode.ERROR, "job unfinished at request end"
+            return _ERROR, "job unfinished at request end"
         if job.outcome == CANCEL or not required:
-            return StatusCode.UNSET, ""
-        return StatusCode.ERROR, job.error_message or job.error_type or "failed"
+            return _UNSET, ""
+        return _ERROR, job.error_message or job.error_type or "failed"
 
     def _system_attrs(
         self, attrs: dict[str, AttrValue], effect: Effect, meta: dict[str, object] | None
@@ -496,7 +503,9 @@ class TraceEngine:
             attrs["db.namespace"] = getattr(effect, "table", "")
             key = getattr(effect, "key", None)
             if isinstance(key, str):
-                attrs["db.key"] = _sanitise_key(key)
+                attrs["db.key"] = (
+                    key if len(key) <= _MAX_KEY and key.isprintable() else _sanitise_key(key)
+                )
             rows = meta.get("db.rows") if meta else None
             if isinstance(rows, int):
                 attrs["db.response.returned_rows"] = rows
@@ -575,16 +584,19 @@ class TraceEngine:
             attrs["job.worker_id"] = job.worker
         # Steps are ERROR or UNSET, never OK.
         status, message = (
-            (StatusCode.UNSET, "") if job.outcome == COMPLETE else self._failure_status(job, True)
+            (_UNSET, "") if job.outcome == COMPLETE else self._failure_status(job, True)
         )
         start = job.enqueue_ts if job.enqueue_ts is not None else b.end
         end = job.end_ts if job.end_ts is not None else b.end
         if sr is not None and sr.need is not None:
             join = sr.need.join_ts
-            end = max(end, join if join is not None else b.end)
+            if join is None:
+                join = b.end
+            if join > end:
+                end = join
             _need_events(sr.need, b.wall, events)
         return b.span(
-            job.name, span_id, root, SpanKind.INTERNAL, start, end, attrs, events, status, message
+            job.name, span_id, root, _INTERNAL, start, end, attrs, events, status, message
         )
 
     def _promote_queue_wait(
@@ -601,7 +613,7 @@ class TraceEngine:
             "job.queue_wait",
             rec.new_span_id(),
             parent,
-            SpanKind.INTERNAL,
+            _INTERNAL,
             job.enqueue_ts,
             job.take_ts,
             attrs,
@@ -629,7 +641,7 @@ class TraceEngine:
                     f"job.park({ep.cause})",
                     rec.new_span_id(),
                     parent,
-                    SpanKind.INTERNAL,
+                    _INTERNAL,
                     ep.park_ts,
                     resume,
                     pattrs,
@@ -663,13 +675,6 @@ def _need_events(need: NeedRecord, wall: int, events: list[EventTuple]) -> None:
         )
 
 
-def _job_timeline(
-    job: JobState, wall: int, end: int
-) -> tuple[tuple[float, float, float, float, float], list[EventTuple]]:
-    """The job's derived durations (see ``job_durations``) and lifecycle events."""
-    return job_durations(job, end), _lifecycle_events(job, wall, end)
-
-
 def _lifecycle_events(job: JobState, wall: int, end: int) -> list[EventTuple]:
     """The job's ``zerver.job.*`` (and ``zerver.retry``) events in time order."""
     enq, take, start = job.enqueue_ts, job.take_ts, job.start_ts
@@ -685,7 +690,9 @@ def _lifecycle_events(job: JobState, wall: int, end: int) -> list[EventTuple]:
             )
         )
     if take is not None:
-        ev.append(("zerver.job.taken", wall + take, _taken_attrs(job.worker), 0))
+        worker = job.worker
+        taken = _TAKEN.get(worker) or _taken_attrs(worker)
+        ev.append(("zerver.job.taken", wall + take, taken, 0))
     if start is not None:
         ev.append(("zerver.job.started", wall + start, NO_ATTRIBUTES, 0))
     parks = job.park_episodes
@@ -721,7 +728,9 @@ def _lifecycle_events(job: JobState, wall: int, end: int) -> list[EventTuple]:
         timed.sort()
         ev.extend(t[3] for t in timed)
     if job.outcome == COMPLETE:
-        ev.append(("zerver.job.completed", end_ts, _completed_attrs(job.attempts), 0))
+        attempts = job.attempts
+        completed = _COMPLETED.get(attempts) or _completed_attrs(attempts)
+        ev.append(("zerver.job.completed", end_ts, completed, 0))
     else:
         ev.append(
             (
