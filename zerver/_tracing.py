@@ -462,7 +462,7 @@ class TraceEngine:
             static = self._static_for(system)
         if static:
             attrs.update(static)
-        self._system_attrs(attrs, effect, job.result_meta)
+        self._system_attrs(attrs, system, effect, job.result_meta)
         outcome = job.outcome
         status, message = _OK, ""
         if outcome != COMPLETE:
@@ -494,9 +494,13 @@ class TraceEngine:
         return _ERROR, job.error_message or job.error_type or "failed"
 
     def _system_attrs(
-        self, attrs: dict[str, AttrValue], effect: Effect, meta: dict[str, object] | None
+        self,
+        attrs: dict[str, AttrValue],
+        system: str,
+        effect: Effect,
+        meta: dict[str, object] | None,
     ) -> None:
-        system = effect.system
+        # ``system`` is effect.system, passed in: a ClassVar load is not specialised (3.11).
         if system == "db":
             attrs.setdefault("db.system", "other_sql")
             attrs["db.operation"] = effect.operation
