@@ -392,3 +392,41 @@ def test_every_job_span_carries_the_same_job_attributes() -> None:
     assert refused_keys == job_keys - {"job.worker_id"}  # it never had a worker
     assert spans["step.show.resume"].attributes["zerver.resume.fn"] == "show"
     assert spans["step.show.resume"].status_code == StatusCode.ERROR
+
+
+async def test_console_sink_writes_each_trace_as_an_indented_tree() -> None:
+    import io
+
+    from zerver import ConsoleSpanSink
+
+    app, fake, _sink = build_app()
+    fake.on("db.get t", result={"v": 1})
+    out = io.StringIO()
+    app.trace_to(ConsoleSpanSink(out))
+
+    @step(writes=[A])
+    def load(ctx: Context) -> Need:
+        return Need(DbGet(table="t", key="k", slot=A), then=show)
+
+    @step
+    def down(ctx: Context) -> Fail:
+        return Fail(503, "down")
+
+    app.get("/x", load)
+    app.get("/down", down)
+    async with AppClient(app) as c:
+        await c.get("/x")
+        await c.get("/down")
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("trace ")
+    assert lines[1].startswith("SERVER   http.server: GET /x  ")
+    assert not lines[1].endswith(("OK", "ERROR"))  # UNSET says nothing
+    assert any(line.startswith("  INTERNAL step.load  ") for line in lines)
+    assert any(
+        line.startswith("    CLIENT   db.get t  ") and line.endswith(" ms OK") for line in lines
+    )
+    assert lines[-1].startswith("  INTERNAL step.down  ")
+    assert any(
+        line.startswith("SERVER   http.server: GET /down") and line.endswith(" ms ERROR")
+        for line in lines
+    )

@@ -9,19 +9,9 @@ import sys
 from collections import deque
 from typing import TextIO
 
-from ._spans import SpanData, SpanKind, StatusCode
+from ._spans import KIND_NAMES, STATUS_NAMES, SpanData, StatusCode
 
 __all__ = ["ConsoleSpanSink", "InMemorySpanSink"]
-
-_KINDS = {
-    SpanKind.INTERNAL: "INTERNAL",
-    SpanKind.SERVER: "SERVER",
-    SpanKind.CLIENT: "CLIENT",
-    SpanKind.PRODUCER: "PRODUCER",
-    SpanKind.CONSUMER: "CONSUMER",
-    SpanKind.UNSPECIFIED: "UNSPECIFIED",
-}
-_STATUS = {StatusCode.UNSET: "", StatusCode.OK: " OK", StatusCode.ERROR: " ERROR"}
 
 
 class InMemorySpanSink:
@@ -62,9 +52,11 @@ def format_tree(spans: list[SpanData]) -> str:
 
     def walk(span: SpanData, depth: int) -> None:
         ms = (span.end_ns - span.start_ns) / 1e6
+        code = span.status_code
+        status = STATUS_NAMES.get(code, "") if code != StatusCode.UNSET else ""
         lines.append(
-            f"{'  ' * depth}{_KINDS.get(span.kind, '?'):<8} {span.name}  "
-            f"{ms:.3f} ms{_STATUS.get(span.status_code, '')}"
+            f"{'  ' * depth}{KIND_NAMES.get(span.kind, '?'):<8} {span.name}  "
+            f"{ms:.3f} ms{' ' + status if status else ''}"
         )
         for child in sorted(children.get(span.span_id, ()), key=lambda c: c.start_ns):
             walk(child, depth + 1)

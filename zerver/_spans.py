@@ -14,7 +14,9 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 __all__ = [
+    "KIND_NAMES",
     "NO_ATTRIBUTES",
+    "STATUS_NAMES",
     "AttrValue",
     "EventTuple",
     "InstrumentationScope",
@@ -48,6 +50,24 @@ class StatusCode:
     UNSET = 0
     OK = 1
     ERROR = 2
+
+
+#: The OTLP name of each :class:`SpanKind` value (for people: consoles, golden trees).
+KIND_NAMES: Mapping[int, str] = MappingProxyType(
+    {
+        SpanKind.UNSPECIFIED: "UNSPECIFIED",
+        SpanKind.INTERNAL: "INTERNAL",
+        SpanKind.SERVER: "SERVER",
+        SpanKind.CLIENT: "CLIENT",
+        SpanKind.PRODUCER: "PRODUCER",
+        SpanKind.CONSUMER: "CONSUMER",
+    }
+)
+
+#: The OTLP name of each :class:`StatusCode` value.
+STATUS_NAMES: Mapping[int, str] = MappingProxyType(
+    {StatusCode.UNSET: "UNSET", StatusCode.OK: "OK", StatusCode.ERROR: "ERROR"}
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

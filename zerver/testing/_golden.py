@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._spans import AttrValue, SpanData, SpanKind, StatusCode
+from .._spans import KIND_NAMES, STATUS_NAMES, AttrValue, SpanData
 
 __all__ = [
     "GoldenMismatchError",
@@ -28,15 +28,6 @@ __all__ = [
     "update_requested",
 ]
 
-_KINDS = {
-    SpanKind.INTERNAL: "INTERNAL",
-    SpanKind.SERVER: "SERVER",
-    SpanKind.CLIENT: "CLIENT",
-    SpanKind.PRODUCER: "PRODUCER",
-    SpanKind.CONSUMER: "CONSUMER",
-    SpanKind.UNSPECIFIED: "UNSPECIFIED",
-}
-_STATUS = {StatusCode.UNSET: "UNSET", StatusCode.OK: "OK", StatusCode.ERROR: "ERROR"}
 
 Tree = dict[str, Any]
 
@@ -80,10 +71,10 @@ def normalise(spans: Sequence[SpanData], *, mask: Iterable[str] = ()) -> list[Tr
         tree: Tree = {
             "id": f"s{counter[0]}",
             "name": s.name,
-            "kind": _KINDS.get(s.kind, str(s.kind)),
+            "kind": KIND_NAMES.get(s.kind, str(s.kind)),
             "start_ms": _ms(s.start_ns - t0),
             "duration_ms": _ms(s.end_ns - s.start_ns),
-            "status": _STATUS.get(s.status_code, str(s.status_code)),
+            "status": STATUS_NAMES.get(s.status_code, str(s.status_code)),
         }
         if s.status_message:
             tree["status_message"] = s.status_message
