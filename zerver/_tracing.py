@@ -367,8 +367,9 @@ class TraceEngine:
             status,
             message,
         )
+        remote = _HAS_REMOTE | _IS_REMOTE  # links point at the messages' producers
         for trace_id, span_id, state in rec.links:
-            root.links.append(SpanLink(trace_id, span_id, trace_state=state, flags=0x100 | 0x200))
+            root.links.append(SpanLink(trace_id, span_id, trace_state=state, flags=remote))
         return root
 
     def _static_for(self, system: str) -> Mapping[str, AttrValue]:
