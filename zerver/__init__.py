@@ -47,6 +47,7 @@ from ._messaging import (
 )
 from ._offload import ProcessTraceSubscriber
 from ._park import ConcurrencyLimiter, Interpreter, JobContext, RateLimiter
+from ._promotion import JobDurations, durations
 from ._records import (
     JobState,
     NeedRecord,
@@ -111,6 +112,7 @@ __all__ = [
     "InstrumentationScope",
     "Interpreter",
     "JobContext",
+    "JobDurations",
     "JobState",
     "Join",
     "MemoryBroker",
@@ -155,6 +157,7 @@ __all__ = [
     "__version__",
     "add_trace_context",
     "configure_logging",
+    "durations",
     "load_settings",
     "run",
     "serve",
