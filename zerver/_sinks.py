@@ -9,7 +9,7 @@ import sys
 from collections import deque
 from typing import TextIO
 
-from ._spans import KIND_NAMES, STATUS_NAMES, SpanData, StatusCode
+from ._spans import KIND_NAMES, STATUS_NAMES, SpanData, StatusCode, span_tree
 
 __all__ = ["ConsoleSpanSink", "InMemorySpanSink"]
 
@@ -40,14 +40,7 @@ class InMemorySpanSink:
 
 def format_tree(spans: list[SpanData]) -> str:
     """A trace as an indented tree with durations, for humans."""
-    children: dict[int, list[SpanData]] = {}
-    ids = {s.span_id for s in spans}
-    roots: list[SpanData] = []
-    for s in spans:
-        if s.parent_span_id in ids:
-            children.setdefault(s.parent_span_id, []).append(s)
-        else:
-            roots.append(s)
+    roots, children = span_tree(spans)
     lines: list[str] = []
 
     def walk(span: SpanData, depth: int) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "SpanKind",
     "SpanLink",
     "StatusCode",
+    "span_tree",
 ]
 
 AttrValue = (
@@ -219,3 +220,20 @@ class SpanData:
             f"<SpanData {self.name!r} trace={self.trace_id:032x} span={self.span_id:016x} "
             f"parent={self.parent_span_id:016x}>"
         )
+
+
+def span_tree(spans: Sequence[SpanData]) -> tuple[list[SpanData], dict[int, list[SpanData]]]:
+    """The roots of ``spans`` and each span's children (by span id), both in input order.
+
+    A root is a span whose parent is not among ``spans`` (or that names itself).
+    """
+    ids = {s.span_id for s in spans}
+    roots: list[SpanData] = []
+    children: dict[int, list[SpanData]] = {}
+    for s in spans:
+        parent = s.parent_span_id
+        if parent in ids and parent != s.span_id:
+            children.setdefault(parent, []).append(s)
+        else:
+            roots.append(s)
+    return roots, children

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._spans import KIND_NAMES, STATUS_NAMES, AttrValue, SpanData
+from .._spans import KIND_NAMES, STATUS_NAMES, AttrValue, SpanData, span_tree
 
 __all__ = [
     "GoldenMismatchError",
@@ -49,19 +49,12 @@ def _value(v: AttrValue) -> Any:
 def normalise(spans: Sequence[SpanData], *, mask: Iterable[str] = ()) -> list[Tree]:
     """The spans as stable trees (one per root), ready to compare or store."""
     masked = set(mask)
-    ids = {s.span_id for s in spans}
-    children: dict[int, list[tuple[int, SpanData]]] = {}
-    roots: list[tuple[int, SpanData]] = []
-    for i, s in enumerate(spans):
-        if s.parent_span_id in ids and s.parent_span_id != s.span_id:
-            children.setdefault(s.parent_span_id, []).append((i, s))
-        else:
-            roots.append((i, s))
+    roots, children = span_tree(spans)
     counter = [0]
     trace_names: dict[int, str] = {}
 
-    def order(items: list[tuple[int, SpanData]]) -> list[SpanData]:
-        return [s for _, s in sorted(items, key=lambda t: (t[1].start_ns, t[0]))]
+    def order(items: list[SpanData]) -> list[SpanData]:
+        return sorted(items, key=lambda s: s.start_ns)  # stable: ties keep input order
 
     def attrs(a: Mapping[str, AttrValue]) -> dict[str, Any]:
         return {k: ("<masked>" if k in masked else _value(a[k])) for k in sorted(a)}
