@@ -65,13 +65,12 @@ __all__ = [
     "ServerConnection",
     "check_head",
     "encode_response",
-    "error_body",
     "host_port",
     "internal_error",
     "make_request",
     "next_cycle",
-    "raw_error_response",
     "reject_for",
+    "rejection",
     "split_target",
 ]
 
@@ -183,27 +182,6 @@ def split_target(method: bytes, target: bytes) -> tuple[str, str] | None:
     return None
 
 
-def error_body(message: str, **extra: object) -> bytes:
-    """The small JSON body of an error response."""
-    return orjson.dumps({"error": message, **extra})
-
-
-def raw_error_response(status: int, body: bytes, date: bytes, *, head: bool = False) -> bytes:
-    """A complete ``connection: close`` error response, written without h11.
-
-    Used when the connection closes right after the response, so h11's state
-    (which may already be ERROR) does not matter.
-    """
-    return b"".join(
-        (
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"")),
-            b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
-            b"connection: close\r\ndate: %s\r\n\r\n" % date,
-            b"" if head else body,
-        )
-    )
-
-
 class RejectedError(Exception):
     """The peer's request is refused with ``status`` and the connection closes."""
 
@@ -212,6 +190,27 @@ class RejectedError(Exception):
         self.status = status
         self.message = message
         self.extra = extra
+
+
+def rejection(
+    ctx: ConnectionContext, reject: RejectedError, client: tuple[str, int] | None
+) -> bytes:
+    """Log the refusal; the complete ``connection: close`` error response, with a small JSON body.
+
+    Written without h11: the connection closes right after the response, so
+    h11's state (which may already be ERROR) does not matter.
+    """
+    _log.debug("request rejected", status=reject.status, reason=reject.message, client=client)
+    status = reject.status
+    body = orjson.dumps({"error": reject.message, **reject.extra})
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"")),
+            b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+            b"connection: close\r\ndate: %s\r\n\r\n" % ctx.dates.current(),
+            body,
+        )
+    )
 
 
 def check_head(
@@ -562,16 +561,8 @@ class ServerConnection:
         return keep_alive
 
     async def _reject(self, reject: RejectedError) -> None:
-        _log.debug(
-            "request rejected",
-            status=reject.status,
-            reason=reject.message,
-            client=self._client,
-        )
-        body = error_body(reject.message, **reject.extra)
-        data = raw_error_response(reject.status, body, self._ctx.dates.current())
         try:
-            await self.stream.send(data)
+            await self.stream.send(rejection(self._ctx, reject, self._client))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             return
         await self._linger()

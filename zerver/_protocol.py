@@ -48,13 +48,12 @@ from ._connection import (
     RejectedError,
     check_head,
     encode_response,
-    error_body,
     host_port,
     internal_error,
     make_request,
     next_cycle,
-    raw_error_response,
     reject_for,
+    rejection,
 )
 from ._errors import ConfigError
 
@@ -522,16 +521,10 @@ class ProtocolConnection(asyncio.Protocol):
         return False
 
     def _reject(self, reject: RejectedError) -> None:
-        _log.debug(
-            "request rejected",
-            status=reject.status,
-            reason=reject.message,
-            client=self._client,
-        )
+        data = rejection(self._ctx, reject, self._client)
         transport = self._transport
         if transport is not None and not self._lost:
-            body = error_body(reject.message, **reject.extra)
-            transport.write(raw_error_response(reject.status, body, self._ctx.dates.current()))
+            transport.write(data)
         self._linger()
 
     # -------------------------------------------------------------- closing
