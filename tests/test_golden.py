@@ -107,3 +107,22 @@ def test_cli_check_and_update(tmp_path: Path) -> None:
     )
     assert bad.returncode == 1
     assert "FAIL happy_200" in bad.stdout and '-      http.route = "/changed"' in bad.stdout
+
+
+@pytest.mark.parametrize(
+    ("target", "problem"),
+    [
+        ("nope_no_such_module:SCENARIOS", "cannot import module 'nope_no_such_module'"),
+        ("zerver.demo.golden:MISSING", "has no attribute 'MISSING'"),
+        ("zerver.demo.golden", "module:attribute"),
+        ("zerver.demo.golden:__name__", "no scenarios to run"),
+    ],
+)
+def test_cli_bad_scenarios_target_is_one_line_and_exit_2(
+    target: str, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from zerver._cli import main
+
+    assert main(["golden", "check", "--scenarios", target]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and err.count("\n") == 1

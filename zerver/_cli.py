@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from ._app import App
 from ._config import Settings, load_settings
@@ -79,18 +78,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _golden(args: argparse.Namespace) -> int:
+    from ._server import import_target
     from .testing import Scenario, check_scenarios
 
-    module_name, _, attr = args.scenarios.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
-        scenarios = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+        scenarios = import_target(args.scenarios)
+    except UsageError as exc:
         print(f"zerver: cannot load scenarios {args.scenarios!r}: {exc}", file=sys.stderr)
         return 2
     chosen = [
-        s for s in scenarios if isinstance(s, Scenario) and (not args.only or s.name in args.only)
+        s
+        for s in (scenarios if isinstance(scenarios, Iterable) else ())
+        if isinstance(s, Scenario) and (not args.only or s.name in args.only)
     ]
     if not chosen:
         print(f"zerver: no scenarios to run from {args.scenarios!r}", file=sys.stderr)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import functools
 import importlib
 import multiprocessing
 import os
@@ -345,11 +344,9 @@ def serve_from_settings(target: str, settings: Settings, *, workers: int = 1) ->
     """Run the app named ``target`` with the server part of ``settings`` (the CLI's entry).
 
     A configuration or usage error (such as a port that cannot be bound) is
-    printed as one line on stderr and gives exit code 2.
+    printed as one line on stderr and gives exit code 2. Logging is the
+    target's business: the CLI's ``serving_app`` configures it in each worker.
     """
-    from ._logging import configure_logging
-
-    init = functools.partial(configure_logging, settings.log_format, settings.log_level)
     try:
         config = ServerConfig(
             host=settings.host,
@@ -361,7 +358,7 @@ def serve_from_settings(target: str, settings: Settings, *, workers: int = 1) ->
             shutdown_timeout_s=settings.shutdown_timeout_s,
             transport=settings.transport,
         )
-        return run(target, config, workers, worker_init=init)
+        return run(target, config, workers)
     except (ConfigError, UsageError) as exc:
         print(f"zerver: {exc}", file=sys.stderr)
         return 2
@@ -369,6 +366,16 @@ def serve_from_settings(target: str, settings: Settings, *, workers: int = 1) ->
 
 def load_app(target: str) -> ServerApp:
     """Import ``module:attr``; a callable that is not an app is called to make one."""
+    obj = import_target(target)
+    if not _is_app(obj) and callable(obj):
+        obj = obj()
+    if not _is_app(obj):
+        raise UsageError(f"{target} is {obj!r}, which has no lifespan() and dispatch()")
+    return obj
+
+
+def import_target(target: str) -> object:
+    """The object ``module:attr`` names (``attr`` may be dotted), importing from the cwd too."""
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"app must be given as module:attribute, got {target!r}")
@@ -383,10 +390,6 @@ def load_app(target: str) -> ServerApp:
             obj = getattr(obj, part)
         except AttributeError:
             raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not _is_app(obj) and callable(obj):
-        obj = obj()
-    if not _is_app(obj):
-        raise UsageError(f"{target} is {obj!r}, which has no lifespan() and dispatch()")
     return obj
 
 
