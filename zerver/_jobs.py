@@ -65,7 +65,7 @@ class Job:
         clock: Clock,
         work: Callable[[Job], Any],
         on_done: Callable[[Job], None],
-        request: RequestRecord | None = None,
+        request: RequestRecord,
     ) -> None:
         self.state = state
         self.clock = clock
@@ -278,17 +278,12 @@ class JobSystem:
             job.finish(FAIL, error_type=exc.kind, error_message=str(exc), status_hint=500)
             return
         # Spans an interpreter makes through the OpenTelemetry API nest under the effect.
-        token = (
-            attach_span(request, st.span_id)
-            if request is not None and request.otel_context and st.span_id
-            else None
-        )
-        active = active_span.set((request, st.span_id)) if request is not None else None
+        token = attach_span(request, st.span_id) if request.otel_context else None
+        active = active_span.set((request, st.span_id))
         try:
             await self._attempts(job, ctx, interp, effect)
         finally:
-            if active is not None:
-                active_span.reset(active)
+            active_span.reset(active)
             if token is not None:
                 otel_context.detach(token)
 
