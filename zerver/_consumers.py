@@ -33,6 +33,8 @@ class ConsumerRunner:
 
     def __init__(self, app: App) -> None:
         self.app = app
+        # Message headers are str: the propagators' header names, decoded once.
+        self._fields = [f.decode("latin-1") for f in app._prop_fields]
 
     async def consume_loop(self, consumer: Consumer, stop: anyio.Event) -> None:
         """Take messages until the app stops; a message in hand is always finished."""
@@ -74,7 +76,7 @@ class ConsumerRunner:
         record.message_attempt = msg.attempt
         record.request_body_size = len(msg.body)
         carrier = {k.lower(): [v] for k, v in msg.headers.items()}
-        if any(f.decode("latin-1") in carrier for f in self.app._prop_fields):
+        if any(f in carrier for f in self._fields):
             link_message_context(record, carrier, continue_trace=consumer.continue_trace)
         record.start_trace()
         record.request_id = msg.id

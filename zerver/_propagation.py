@@ -61,7 +61,13 @@ def propagation_fields() -> frozenset[bytes]:
 def extract_into(record: RequestRecord, carrier: Mapping[str, list[str]]) -> None:
     """Continue the caller's trace (if valid) and keep its baggage on ``record``."""
     ctx = _textmap().extract(carrier)
-    sc = get_current_span(ctx).get_span_context()
+    _continue(record, ctx, get_current_span(ctx).get_span_context(), carrier)
+
+
+def _continue(
+    record: RequestRecord, ctx: OtelContext, sc: SpanContext, carrier: Mapping[str, list[str]]
+) -> None:
+    """Make the extracted ``ctx`` (whose span context is ``sc``) the parent of ``record``."""
     if sc.is_valid:
         record.trace_id = sc.trace_id
         record.parent_span_id = sc.span_id
@@ -88,7 +94,7 @@ def link_message_context(
     state = sc.trace_state.to_header() if sc.trace_state else ""
     record.links.append((sc.trace_id, sc.span_id, state))
     if continue_trace:
-        extract_into(record, carrier)
+        _continue(record, ctx, sc, carrier)
 
 
 def context_for(record: RequestRecord, span_id: int) -> OtelContext:
