@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -47,6 +47,10 @@ from ._records import (
     SlotWrite,
     StepRecord,
 )
+
+if TYPE_CHECKING:
+    from ._tracing import TraceEngine
+    from .export import ExportStats
 
 _log = structlog.get_logger("zerver.export")
 
@@ -224,8 +228,8 @@ class EngineSpec:
     log_level: str = "info"
 
 
-def _child_main(conn: Connection, spec_dict: dict[str, Any]) -> None:
-    """Entry point of the exporter process (spawned)."""
+def _child_main(conn: Connection, spec: EngineSpec) -> None:
+    """Entry point of the exporter process (spawned, so ``spec`` arrives pickled)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from ._config import Window
@@ -236,7 +240,6 @@ def _child_main(conn: Connection, spec_dict: dict[str, Any]) -> None:
     from ._tracing import TraceEngine
     from .export import ExportConfig, ExportPipeline, Overflow
 
-    spec = EngineSpec(**spec_dict)
     _use_other_cores(spec.parent_cpus)
     from ._logging import configure_logging
 
@@ -307,7 +310,12 @@ class _Static:
 
 
 def _send_stats(
-    conn: Connection, engine: Any, stats: Any, *, final: bool = False, not_sent: int = 0
+    conn: Connection,
+    engine: TraceEngine,
+    stats: ExportStats,
+    *,
+    final: bool = False,
+    not_sent: int = 0,
 ) -> None:
     with contextlib.suppress(OSError, ValueError):
         conn.send(
@@ -350,7 +358,7 @@ class ProcessTraceSubscriber:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
         self._process = ctx.Process(
-            target=_child_main, args=(child_conn, asdict(spec)), name="zerver-exporter",
+            target=_child_main, args=(child_conn, spec), name="zerver-exporter",
             daemon=True,
         )  # fmt: skip
         self._process.start()

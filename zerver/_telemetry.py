@@ -24,7 +24,7 @@ from ._app import App
 from ._offload import ProcessTraceSubscriber
 from ._spans import SpanData
 from ._tracing import TraceEngine
-from .export import ExportPipeline, ZerverSpanProcessor
+from .export import ExportConfig, ExportPipeline, ZerverSpanProcessor
 
 __all__ = ["PipelineSink", "setup_tracing"]
 
@@ -38,10 +38,7 @@ class PipelineSink:
     drains the pipeline within ``drain_timeout_s``.
     """
 
-    def __init__(self, pipeline: object, *, drain_timeout_s: float = 10.0) -> None:
-        from .export import ExportPipeline
-
-        assert isinstance(pipeline, ExportPipeline)
+    def __init__(self, pipeline: ExportPipeline, *, drain_timeout_s: float = 10.0) -> None:
         self.pipeline = pipeline
         self._submit = pipeline.submit
         self.drain_timeout_s = drain_timeout_s
@@ -72,8 +69,6 @@ def setup_tracing(
     one core) spans are built and exported in a separate exporter process.
     Raises :class:`~zerver.ConfigError` naming the first invalid variable.
     """
-    from .export import ExportConfig
-
     env = os.environ if environ is None else environ
     config = ExportConfig.from_env(env)
     if not config.exporters or config.exporters == ("none",):
