@@ -57,21 +57,18 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     out = stream if stream is not None else sys.stdout
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
-    renderer: structlog.types.Processor
+    processors: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        add_trace_context,
+        structlog.processors.add_log_level,
+    ]
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
-        processors: list[structlog.types.Processor] = [
-            structlog.contextvars.merge_contextvars,
-            add_trace_context,
-            structlog.processors.add_log_level,
+        processors += [
             structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-            renderer,
+            structlog.dev.ConsoleRenderer(colors=out.isatty()),
         ]
     else:
-        processors = [
-            structlog.contextvars.merge_contextvars,
-            add_trace_context,
-            structlog.processors.add_log_level,
+        processors += [
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(serializer=_orjson_dumps),
