@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import get_args
 
 import anyio
+import anyio.abc
 import orjson
 import structlog
 
@@ -30,6 +31,7 @@ PORT_MARKER = "ZT-PORT "
 STARTED_MARKER = "ZT-STARTED "
 MAX_SLEEP_S = 5.0
 CLIENT_TIMEOUT_S = 5.0
+WAIT_S = 5.0  # every wait in the server tests is bounded; none is expected to come close
 # The server tests run against every concrete transport ("auto" picks one of them).
 TRANSPORTS: tuple[Transport, ...] = ("streams", "protocol")
 ConfigFactory = Callable[..., ServerConfig]
@@ -154,6 +156,17 @@ class Reply:
         if not isinstance(value, dict):
             raise TypeError(f"expected a JSON object, got {self.body!r}")
         return value
+
+
+async def read_until_eof(stream: anyio.abc.ByteStream) -> bytes:
+    """Everything the server sends until it closes (a reset fails the test)."""
+    data = bytearray()
+    with anyio.fail_after(WAIT_S):
+        while True:
+            try:
+                data += await stream.receive()
+            except anyio.EndOfStream:
+                return bytes(data)
 
 
 def http_client_requests(

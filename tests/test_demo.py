@@ -7,7 +7,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from zerver import load_settings
+from zerver import App, load_settings
 from zerver.demo import SEED_AUTHORS, SEED_POSTS, create_app
 from zerver.testing import AppClient, RecordCapture
 
@@ -15,12 +15,12 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> str:
-    return str(tmp_path / "demo.sqlite3")
+def app(tmp_path: Path) -> App:
+    """The demo on a fresh SQLite file."""
+    return create_app(settings=load_settings({}, db_path=str(tmp_path / "demo.sqlite3")))
 
 
-async def test_post_page_miss_then_hit(db_path: str) -> None:
-    app = create_app(settings=load_settings({}, db_path=db_path))
+async def test_post_page_miss_then_hit(app: App) -> None:
     cap = RecordCapture()
     app.subscribe(cap)
     async with AppClient(app) as c:
@@ -53,8 +53,7 @@ async def test_post_page_miss_then_hit(db_path: str) -> None:
     assert cap.records[2].steps[-1].render_phase == "template"
 
 
-async def test_unknown_post_is_404_without_db_write(db_path: str) -> None:
-    app = create_app(settings=load_settings({}, db_path=db_path))
+async def test_unknown_post_is_404_without_db_write(app: App) -> None:
     cap = RecordCapture()
     app.subscribe(cap)
     async with AppClient(app) as c:
@@ -64,8 +63,7 @@ async def test_unknown_post_is_404_without_db_write(db_path: str) -> None:
     assert not any(j.name.startswith(("db.put", "cache.set")) for j in cap.last.jobs)
 
 
-async def test_comments(db_path: str) -> None:
-    app = create_app(settings=load_settings({}, db_path=db_path))
+async def test_comments(app: App) -> None:
     async with AppClient(app) as c:
         r = await c.get("/blogs/posts/1/comments")
         missing = await c.get("/blogs/posts/99/comments")
@@ -74,8 +72,7 @@ async def test_comments(db_path: str) -> None:
     assert missing.status == 404
 
 
-async def test_create_post_and_read_it_back(db_path: str) -> None:
-    app = create_app(settings=load_settings({}, db_path=db_path))
+async def test_create_post_and_read_it_back(app: App) -> None:
     async with AppClient(app) as c:
         r = await c.post("/blogs/posts", json={"title": "New", "body": "Text", "author_id": "alan"})
         assert r.status == 201
@@ -103,10 +100,7 @@ async def test_create_post_and_read_it_back(db_path: str) -> None:
         ),
     ],
 )
-async def test_create_post_rejects_bad_input(
-    db_path: str, body: bytes, reason: str, key: str
-) -> None:
-    app = create_app(settings=load_settings({}, db_path=db_path))
+async def test_create_post_rejects_bad_input(app: App, body: bytes, reason: str, key: str) -> None:
     async with AppClient(app) as c:
         r = await c.post("/blogs/posts", body=body)
     assert r.status == 400
@@ -114,8 +108,7 @@ async def test_create_post_rejects_bad_input(
     assert reason in err["error"] and err["key"] == key
 
 
-async def test_healthz(db_path: str) -> None:
-    app = create_app(settings=load_settings({}, db_path=db_path))
+async def test_healthz(app: App) -> None:
     async with AppClient(app) as c:
         r = await c.get("/healthz")
     assert r.status == 200 and orjson.loads(r.body) == {"status": "ok"}

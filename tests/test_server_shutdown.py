@@ -20,9 +20,11 @@ from server_apps import (
     PORT_MARKER,
     STARTED_MARKER,
     TRANSPORTS,
+    WAIT_S,
     Reply,
     StandInApp,
     http_client_requests,
+    read_until_eof,
 )
 
 from zerver._errors import ConfigError, UsageError
@@ -31,7 +33,6 @@ from zerver._server import ServerConfig, Transport, load_app, run, serve
 pytestmark = pytest.mark.anyio
 
 TESTS_DIR = Path(__file__).resolve().parent
-WAIT_S = 5.0
 # A fresh interpreter (or two, with workers) has to import zerver before it listens.
 STARTUP_S = 20.0
 SCRIPT = "from server_apps import main; raise SystemExit(main())"
@@ -47,16 +48,6 @@ def transport(request: pytest.FixtureRequest) -> Transport:
     """The transport under test (each test that serves runs on both)."""
     value: Transport = request.param
     return value
-
-
-async def read_until_eof(stream: anyio.abc.ByteStream) -> bytes:
-    data = bytearray()
-    with anyio.fail_after(WAIT_S):
-        while True:
-            try:
-                data += await stream.receive()
-            except anyio.EndOfStream:
-                return bytes(data)
 
 
 # --------------------------------------------------------------- in process

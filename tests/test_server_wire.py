@@ -18,7 +18,15 @@ import anyio
 import anyio.abc
 import pytest
 import structlog
-from server_apps import TRANSPORTS, ConfigFactory, Reply, StandInApp, http_client_requests
+from server_apps import (
+    TRANSPORTS,
+    WAIT_S,
+    ConfigFactory,
+    Reply,
+    StandInApp,
+    http_client_requests,
+    read_until_eof,
+)
 
 from zerver._connection import split_target
 from zerver._errors import ConfigError
@@ -26,7 +34,6 @@ from zerver._server import ServerConfig, _use_protocol, serve
 
 pytestmark = pytest.mark.anyio
 
-WAIT_S = 5.0  # every wait is bounded; none is expected to come close
 GET = b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
@@ -54,17 +61,6 @@ async def running(app: StandInApp, config: ServerConfig) -> AsyncIterator[int]:
             yield port
         finally:
             shutdown.set()
-
-
-async def read_until_eof(stream: anyio.abc.ByteStream) -> bytes:
-    """Everything the server sends until it closes (a reset fails the test)."""
-    data = bytearray()
-    with anyio.fail_after(WAIT_S):
-        while True:
-            try:
-                data += await stream.receive()
-            except anyio.EndOfStream:
-                return bytes(data)
 
 
 async def exchange(port: int, *chunks: bytes) -> bytes:

@@ -37,14 +37,14 @@ def _demo(**settings: Any) -> tuple[Any, FakeInterpreter]:
     return app, db
 
 
-def _happy_rules(fake: FakeInterpreter) -> None:
-    fake.on("db.get blog_post", result=_POST, work_ms=0.4, parks=[("io_wait", 1.2, "sqlite")])
+def _cache_hit(fake: FakeInterpreter) -> None:
     fake.on("cache.get author_profile", result=_AUTHOR, work_ms=0.05, note={"cache.hit": True})
 
 
 async def happy(**settings: Any) -> list[SpanData]:
     app, fake = _demo(**settings)
-    _happy_rules(fake)
+    fake.on("db.get blog_post", result=_POST, work_ms=0.4, parks=[("io_wait", 1.2, "sqlite")])
+    _cache_hit(fake)
     return await trace_requests(app, [("GET", "/blogs/posts/1")])
 
 
@@ -72,7 +72,7 @@ async def db_failure() -> list[SpanData]:
         work_ms=0.2,
         parks=[("io_wait", 0.6, "sqlite")],
     )
-    fake.on("cache.get author_profile", result=_AUTHOR, work_ms=0.05, note={"cache.hit": True})
+    _cache_hit(fake)
     return await trace_requests(app, [("GET", "/blogs/posts/1")])
 
 
@@ -80,7 +80,7 @@ async def queue_heavy() -> list[SpanData]:
     # One effects worker: the cache lookup waits in the queue while the DB read runs.
     app, fake = _demo(workers_effects=1, export_job_depth=True)
     fake.on("db.get blog_post", result=_POST, work_ms=8.0)
-    fake.on("cache.get author_profile", result=_AUTHOR, work_ms=0.05, note={"cache.hit": True})
+    _cache_hit(fake)
     return await trace_requests(app, [("GET", "/blogs/posts/1")])
 
 
@@ -92,7 +92,7 @@ async def park_heavy() -> list[SpanData]:
         work_ms=0.5,
         parks=[("backpressure", 7.0, "db_pool", 4, 4), ("io_wait", 6.0, "sqlite")],
     )
-    fake.on("cache.get author_profile", result=_AUTHOR, work_ms=0.05, note={"cache.hit": True})
+    _cache_hit(fake)
     return await trace_requests(app, [("GET", "/blogs/posts/1")])
 
 
