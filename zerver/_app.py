@@ -24,15 +24,13 @@ from ._http import Request, Response
 from ._jobs import JobSystem
 from ._messaging import Broker, BrokerInterpreter, Consumer, MemoryBroker
 from ._offload import EngineSpec, ProcessTraceSubscriber
-from ._promotion import Promoter
 from ._propagation import extract_into, propagation_fields
 from ._records import RequestRecord, StepRecord, Subscriber, active_span
 from ._routing import Match, NotAllowed, Route, Router
-from ._semconv import SemConv
 from ._slots import Context
-from ._spans import InstrumentationScope, Resource
+from ._spans import Resource
 from ._steps import Step
-from ._tracing import SpanSink, TraceEngine, default_resource
+from ._tracing import SpanSink, TraceEngine, default_resource, engine_from_settings
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -187,30 +185,13 @@ class App:
             sdk_version=__version__,
         )
 
-    def _promoter(self) -> Promoter:
-        s = self.settings
-        return Promoter(
-            queue_ms=s.promote_queue_ms,
-            park_ms=s.promote_park_ms,
-            debug=s.debug_jobs,
-            window=s.route_window,
-            p95_min_ms=s.promote_p95_min_ms,
-        )
-
     def trace_to(self, sink: SpanSink) -> TraceEngine:
         """Build each request's trace from the app's settings and give it to ``sink``.
 
         Returns the :class:`TraceEngine` (already subscribed).
         """
-        s = self.settings
-        engine = TraceEngine(
-            sink,
-            promoter=self._promoter(),
-            semconv=SemConv(s.semconv_mode),
-            resource=self._resource(),
-            scope=InstrumentationScope(name="zerver", version=__version__),
-            export_job_depth=s.export_job_depth,
-            interpreters=self._interpreters,
+        engine = engine_from_settings(
+            self.settings, sink, resource=self._resource(), interpreters=self._interpreters
         )
         self.subscribe(engine)
         return engine
@@ -220,30 +201,16 @@ class App:
 
         ``environ`` supplies the exporter variables for the child.
         """
-        s = self.settings
-        window = s.route_window
         spec = EngineSpec(
-            queue_ms=s.promote_queue_ms,
-            park_ms=s.promote_park_ms,
-            debug=s.debug_jobs,
-            p95_min_ms=s.promote_p95_min_ms,
-            window_count=window.count,
-            window_seconds=window.seconds,
-            semconv=s.semconv_mode,
+            settings=self.settings,
             resource=dict(self._resource().attributes),
-            scope_name="zerver",
-            scope_version=__version__,
-            export_job_depth=s.export_job_depth,
             static_attributes={
                 system: dict(attrs)
                 for system, interp in self._interpreters.items()
                 if isinstance(attrs := getattr(interp, "span_attributes", None), Mapping)
             },
             environ=dict(environ),
-            drain_timeout_s=s.shutdown_timeout_s,
             parent_cpus=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
-            log_format=s.log_format,
-            log_level=s.log_level,
         )
         sub = ProcessTraceSubscriber(spec)
         self.subscribe(sub)

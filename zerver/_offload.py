@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
+from ._config import Settings
 from ._effects import Effect
 from ._records import (
     JobState,
@@ -207,43 +208,36 @@ def unpack_record(t: tuple[Any, ...], ids: random.Random | None = None) -> Reque
 
 @dataclass(frozen=True, kw_only=True)
 class EngineSpec:
-    """Everything the child needs to build the same spans as an in-process engine."""
+    """Everything the child needs to build the same spans as an in-process engine.
 
-    queue_ms: float
-    park_ms: float
-    debug: bool
-    p95_min_ms: float
-    window_count: int | None
-    window_seconds: float | None
-    semconv: str
+    ``settings`` are the app's (promotion, semantic conventions, logging, the drain
+    deadline); ``resource`` and ``static_attributes`` what the app computed from them.
+    """
+
+    settings: Settings
     resource: dict[str, Any]
-    scope_name: str
-    scope_version: str
-    export_job_depth: bool
     static_attributes: dict[str, dict[str, Any]]
     environ: dict[str, str]
-    drain_timeout_s: float
     parent_cpus: list[int] = dataclasses.field(default_factory=list)
-    log_format: str = "auto"
-    log_level: str = "info"
+
+    @property
+    def drain_timeout_s(self) -> float:
+        return self.settings.shutdown_timeout_s
 
 
 def _child_main(conn: Connection, spec: EngineSpec) -> None:
     """Entry point of the exporter process (spawned, so ``spec`` arrives pickled)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from ._config import Window
-    from ._promotion import Promoter
-    from ._semconv import SemConv
-    from ._spans import InstrumentationScope, Resource
+    from ._spans import Resource
     from ._telemetry import PipelineSink
-    from ._tracing import TraceEngine
+    from ._tracing import engine_from_settings
     from .export import ExportConfig, ExportPipeline, Overflow
 
     _use_other_cores(spec.parent_cpus)
     from ._logging import configure_logging
 
-    configure_logging(spec.log_format, spec.log_level)
+    configure_logging(spec.settings.log_format, spec.settings.log_level)
     # Here a full export queue blocks intake instead of dropping: the pipe, and then
     # the request process's bounded buffer (which drops and counts), absorb it.
     config = dataclasses.replace(
@@ -251,19 +245,12 @@ def _child_main(conn: Connection, spec: EngineSpec) -> None:
     )
     pipeline = ExportPipeline.from_config(config)
     sink = PipelineSink(pipeline, drain_timeout_s=spec.drain_timeout_s)
-    engine = TraceEngine(
+    engine = engine_from_settings(
+        spec.settings,
         sink,
-        promoter=Promoter(
-            queue_ms=spec.queue_ms, park_ms=spec.park_ms, debug=spec.debug,
-            window=Window(count=spec.window_count, seconds=spec.window_seconds),
-            p95_min_ms=spec.p95_min_ms,
-        ),
-        semconv=SemConv(spec.semconv),
         resource=Resource(attributes=spec.resource),
-        scope=InstrumentationScope(name=spec.scope_name, version=spec.scope_version),
-        export_job_depth=spec.export_job_depth,
         interpreters={k: _Static(v) for k, v in spec.static_attributes.items()},
-    )  # fmt: skip
+    )
     ids = random.Random()
     last_report = time.monotonic()
     try:

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Protocol
 
+from ._config import Settings
 from ._effects import Effect
 from ._promotion import Promoter, RollingPercentile, job_durations
 from ._records import (
@@ -52,8 +53,9 @@ from ._spans import (
     SpanLink,
     StatusCode,
 )
+from ._version import __version__
 
-__all__ = ["SpanSink", "TraceEngine", "default_resource"]
+__all__ = ["SpanSink", "TraceEngine", "default_resource", "engine_from_settings"]
 
 _EFFECT_KINDS = frozenset({"db", "http", "cache", "kv", "queue", "fs"})
 _MAX_KEY = 128
@@ -104,6 +106,35 @@ def default_resource(
     attrs["telemetry.sdk.language"] = "python"
     attrs["telemetry.sdk.version"] = sdk_version
     return Resource(attributes=attrs)
+
+
+def engine_from_settings(
+    settings: Settings,
+    sink: SpanSink,
+    *,
+    resource: Resource,
+    interpreters: Mapping[str, object] | None = None,
+) -> TraceEngine:
+    """The trace engine ``settings`` describe (promotion, semantic conventions, job depth).
+
+    The one place settings become an engine: the app's in-process engine and the
+    exporter process's build the same spans from the same settings.
+    """
+    return TraceEngine(
+        sink,
+        promoter=Promoter(
+            queue_ms=settings.promote_queue_ms,
+            park_ms=settings.promote_park_ms,
+            debug=settings.debug_jobs,
+            window=settings.route_window,
+            p95_min_ms=settings.promote_p95_min_ms,
+        ),
+        semconv=SemConv(settings.semconv_mode),
+        resource=resource,
+        scope=InstrumentationScope(name="zerver", version=__version__),
+        export_job_depth=settings.export_job_depth,
+        interpreters=interpreters,
+    )
 
 
 def _sanitise_key(key: str) -> str:
