@@ -30,6 +30,7 @@ from ._errors import (
     MissingSlotError,
     PeerError,
     QueueFullError,
+    UnsupportedEffectError,
     UsageError,
     ZerverError,
 )
@@ -151,6 +152,7 @@ __all__ = [
     "StepRecord",
     "Subscriber",
     "TraceEngine",
+    "UnsupportedEffectError",
     "UsageError",
     "VirtualClock",
     "ZerverError",

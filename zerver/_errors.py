@@ -7,12 +7,18 @@ says a peer misbehaved and carries the HTTP status the server answers with.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._effects import Effect
+
 __all__ = [
     "ConfigError",
     "EffectError",
     "MissingSlotError",
     "PeerError",
     "QueueFullError",
+    "UnsupportedEffectError",
     "UsageError",
     "ZerverError",
 ]
@@ -82,3 +88,15 @@ class QueueFullError(EffectError):
         )
         self.queue = queue
         self.capacity = capacity
+
+
+class UnsupportedEffectError(EffectError):
+    """An interpreter was given an effect it does not perform (a wiring bug: 500)."""
+
+    def __init__(self, interpreter: str, effect: Effect) -> None:
+        super().__init__(
+            f"{interpreter} cannot perform {type(effect).__name__} (system {effect.system!r})",
+            kind="unsupported_effect",
+            status_hint=500,
+        )
+        self.effect = effect

@@ -31,7 +31,7 @@ import anyio
 import orjson
 
 from ._effects import Effect, RetryPolicy
-from ._errors import EffectError, UsageError
+from ._errors import EffectError, UnsupportedEffectError, UsageError
 from ._park import JobContext
 
 if TYPE_CHECKING:
@@ -230,11 +230,7 @@ class BrokerInterpreter:
 
     async def perform(self, effect: Effect, job: JobContext) -> Any:
         if not isinstance(effect, Publish):
-            raise EffectError(
-                f"BrokerInterpreter cannot perform {type(effect).__name__}",
-                kind="unsupported_effect",
-                status_hint=500,
-            )
+            raise UnsupportedEffectError("BrokerInterpreter", effect)
         body = encode_body(effect.message)
         headers = dict(effect.headers)
         # The PRODUCER span becomes the parent (and link) of the consumer's work.

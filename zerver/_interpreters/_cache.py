@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from .._clock import Clock, MonotonicClock
 from .._effects import CacheDel, CacheGet, CacheSet, Effect
-from .._errors import EffectError
+from .._errors import EffectError, UnsupportedEffectError
 from .._park import JobContext
 
 __all__ = ["CacheInterpreter", "CacheStats"]
@@ -183,8 +183,4 @@ class CacheInterpreter:
             return None
         if isinstance(effect, CacheDel):
             return self.delete(effect.namespace, effect.key)
-        raise EffectError(
-            f"CacheInterpreter cannot perform {type(effect).__name__} (system {effect.system!r})",
-            kind="unsupported_effect",
-            status_hint=500,
-        )
+        raise UnsupportedEffectError("CacheInterpreter", effect)

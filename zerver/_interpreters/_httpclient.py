@@ -26,7 +26,7 @@ import httpx
 import orjson
 
 from .._effects import Effect, HttpDelete, HttpGet, HttpPost, HttpPut, HttpResult
-from .._errors import EffectError
+from .._errors import EffectError, UnsupportedEffectError
 from .._park import ConcurrencyLimiter, JobContext
 
 __all__ = ["HeadersHook", "HttpInterpreter"]
@@ -144,12 +144,7 @@ class HttpInterpreter:
     async def perform(self, effect: Effect, job: JobContext) -> Any:
         """Send the request ``effect`` describes; the result is an :class:`HttpResult`."""
         if not isinstance(effect, _HttpEffect):
-            raise EffectError(
-                f"HttpInterpreter cannot perform {type(effect).__name__} "
-                f"(system {effect.system!r})",
-                kind="unsupported_effect",
-                status_hint=500,
-            )
+            raise UnsupportedEffectError("HttpInterpreter", effect)
         method = _METHODS[type(effect)]
         headers = list(effect.headers)
         content: bytes | None = None

@@ -37,7 +37,7 @@ import anyio.to_thread
 import orjson
 
 from .._effects import DbDel, DbGet, DbPut, DbQuery, Effect
-from .._errors import EffectError
+from .._errors import EffectError, UnsupportedEffectError
 from .._park import ConcurrencyLimiter, JobContext
 
 if TYPE_CHECKING:
@@ -300,11 +300,7 @@ class SqliteInterpreter:
             )
             job.note("db.rows", len(rows))
             return rows
-        raise EffectError(
-            f"SqliteInterpreter cannot perform {type(effect).__name__} (system {effect.system!r})",
-            kind="unsupported_effect",
-            status_hint=500,
-        )
+        raise UnsupportedEffectError("SqliteInterpreter", effect)
 
     async def get(self, table: str, key: str, job: JobContext | None = None) -> Any:
         """The value stored under ``key`` in ``table``, or ``None``."""
