@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -33,6 +33,7 @@ __all__ = [
     "SpanEncoder",
     "StatsSink",
     "Timer",
+    "layers",
 ]
 
 
@@ -217,3 +218,13 @@ class PreEncoder(Protocol):
     """
 
     def encode_ahead(self, spans: Sequence[SpanData]) -> Sequence[SpanData]: ...
+
+
+def layers(exporter: object) -> Iterator[object]:
+    """Each layer of a chain, outermost first, followed through ``.inner``
+    (at most 32, so a chain that loops cannot hang the caller)."""
+    for _ in range(32):
+        if exporter is None:
+            return
+        yield exporter
+        exporter = getattr(exporter, "inner", None)

@@ -70,6 +70,7 @@ from zerver.export._base import (
     PreEncoder,
     RealTimer,
     Timer,
+    layers,
 )
 from zerver.export._config import ExportConfig, Overflow
 from zerver.export._handover import Handover
@@ -104,16 +105,10 @@ def _group_by_trace(spans: list[SpanData]) -> list[SpanData]:
 def find_pre_encoder(exporter: object) -> PreEncoder | None:
     """The transport at the bottom of a layer chain, if it can encode ahead.
 
-    Followed through ``.inner`` (the resilience layers pass the batch object on
-    unchanged, so a pre-encoded batch reaches the transport intact).
+    The resilience layers pass the batch object on unchanged, so a pre-encoded
+    batch reaches the transport intact.
     """
-    seen = 0
-    while exporter is not None and seen < 32:
-        if isinstance(exporter, PreEncoder):
-            return exporter
-        exporter = getattr(exporter, "inner", None)
-        seen += 1
-    return None
+    return next((layer for layer in layers(exporter) if isinstance(layer, PreEncoder)), None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,9 +173,6 @@ class _Counters:
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
             self.values[name] = self.values.get(name, 0) + n
-
-    def get(self, name: str) -> int:
-        return self.values.get(name, 0)
 
 
 class ExportPipeline:
@@ -332,7 +324,7 @@ class ExportPipeline:
     def _submit_drop_newest(self, span: SpanData | ReadableSpan) -> None:
         q = self._q
         if len(q) >= self._limit:
-            self._refuse(DropReason.QUEUE_FULL)
+            self._refuse(DropReason.CLOSED if self._closed else DropReason.QUEUE_FULL)
             return
         q.append(span)
         if len(q) >= self._wake_at and not self._signalled:
@@ -389,8 +381,6 @@ class ExportPipeline:
             return False
 
     def _refuse(self, reason: str) -> None:
-        if self._closed and reason == DropReason.QUEUE_FULL:
-            reason = DropReason.CLOSED
         with self._submit_lock:
             self._submit_drops[reason] = self._submit_drops.get(reason, 0) + 1
 

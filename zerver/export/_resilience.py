@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from zerver._spans import SpanData
-from zerver.export._base import BatchExporter, ExportContext, ExportResult, ExportStatus
+from zerver.export._base import BatchExporter, ExportContext, ExportResult, ExportStatus, layers
 from zerver.export._config import ExportConfig
 
 __all__ = [
@@ -358,11 +358,8 @@ class ResilienceBuilder:
 
 
 def find_breaker(exporter: object) -> CircuitBreaker | None:
-    """The first circuit breaker in a layer chain (followed through ``.inner``)."""
-    seen = 0
-    while exporter is not None and seen < 32:
-        if isinstance(exporter, CircuitBreakerExporter):
-            return exporter.breaker
-        exporter = getattr(exporter, "inner", None)
-        seen += 1
-    return None
+    """The first circuit breaker in a layer chain."""
+    return next(
+        (layer.breaker for layer in layers(exporter) if isinstance(layer, CircuitBreakerExporter)),
+        None,
+    )
