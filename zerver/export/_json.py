@@ -36,13 +36,13 @@ from __future__ import annotations
 import base64
 import json.encoder
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Generic, TypeVar
 
 from zerver._spans import AttrValue, InstrumentationScope, Resource, SpanData
 
-__all__ = ["IdentityCache", "JsonEncoder", "group_by_resource_scope"]
+__all__ = ["IdentityCache", "JsonEncoder", "group_by_resource_scope", "remember"]
 
 # The C implementation: escapes '"', '\\' and control characters, keeps non-ASCII.
 _esc = json.encoder.encode_basestring
@@ -50,7 +50,7 @@ _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 _isfinite = math.isfinite
 _NONE: Mapping[object, str] = MappingProxyType({})  # "no fragments for this key yet"
-_V = TypeVar("_V", str, int, bool)
+_V = TypeVar("_V", str, int)
 
 #: Spans encoded between two calls of an encoder's ``pause`` (~0.1 ms of work).
 PAUSE_EVERY = 32
@@ -63,11 +63,13 @@ _SPAN_HEAD = (
 
 _Group = tuple[Resource, list[tuple[InstrumentationScope, list[SpanData]]]]
 _K = TypeVar("_K")
-_F = TypeVar("_F", str, bytes)
+_F = TypeVar("_F")
+_H = TypeVar("_H", bound=Hashable)
 
 
 class IdentityCache(Generic[_K, _F]):
-    """Encoded fragments per object identity (a batch's few resources and scopes), bounded.
+    """What was made from each object (its encoded fragment, its converted copy),
+    keyed by the object's identity and bounded (cleared when full).
 
     Keyed by ``id``: resources and scopes are shared by many spans, and hashing
     their attribute maps per span would cost more than encoding them.
@@ -83,11 +85,19 @@ class IdentityCache(Generic[_K, _F]):
         hit = self._entries.get(id(obj))
         return hit[1] if hit is not None and hit[0] is obj else None
 
-    def put(self, obj: _K, frag: _F) -> _F:
+    def put(self, obj: _K, value: _F) -> _F:
         if len(self._entries) >= self._max:
             self._entries.clear()
-        self._entries[id(obj)] = (obj, frag)  # holding ``obj`` keeps its id from being reused
-        return frag
+        self._entries[id(obj)] = (obj, value)  # holding ``obj`` keeps its id from being reused
+        return value
+
+
+def remember(table: dict[_H, _F], key: _H, value: _F, limit: int) -> _F:
+    """Store ``value`` in a cache of at most ``limit`` entries (emptied when full); return it."""
+    if len(table) >= limit:
+        table.clear()
+    table[key] = value
+    return value
 
 
 def group_by_resource_scope(spans: Sequence[SpanData]) -> list[_Group]:
@@ -229,29 +239,16 @@ class JsonEncoder:
         by_value[value] = frag
         return frag
 
-    def _store(self, table: dict[tuple[str, _V], str], key: str, value: _V, frag: str) -> str:
-        if len(table) >= self._cache_size:
-            table.clear()
-        table[(key, value)] = frag
-        return frag
-
     def _bool_kv(self, key: str, value: bool) -> str:
         frag = ',{"key":%s,"value":{"boolValue":%s}}' % (_esc(key), "true" if value else "false")
-        return self._store(self._kvbool, key, value, frag)
+        return remember(self._kvbool, (key, value), frag, self._cache_size)
 
     def _double_prefix(self, key: str) -> str:
-        table = self._kdouble
-        if len(table) >= self._cache_size:
-            table.clear()
-        frag = table[key] = ',{"key":%s,"value":{"doubleValue":' % _esc(key)
-        return frag
+        frag = ',{"key":%s,"value":{"doubleValue":' % _esc(key)
+        return remember(self._kdouble, key, frag, self._cache_size)
 
     def _name(self, name: str) -> str:
-        names = self._names
-        if len(names) >= self._cache_size:
-            names.clear()
-        frag = names[name] = _esc(name)
-        return frag
+        return remember(self._names, name, _esc(name), self._cache_size)
 
     # -- attributes -----------------------------------------------------------
 

@@ -34,6 +34,7 @@ from zerver._spans import (
     SpanLink,
 )
 from zerver.export._base import BatchExporter, ExportContext, ExportStatus
+from zerver.export._json import IdentityCache
 
 __all__ = [
     "ZerverSpanExporter",
@@ -45,46 +46,39 @@ __all__ = [
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
 _EMPTY_SCOPE = InstrumentationScope(name="")
+_EMPTY_RESOURCE = Resource()
 
 # SDK objects are shared by every span of a provider/tracer; convert each once.
-# Keyed by identity and holding the SDK object so its id cannot be reused.
-_resources: dict[int, tuple[SdkResource, Resource]] = {}
-_scopes: dict[int, tuple[SdkScope, InstrumentationScope]] = {}
-_CACHE_MAX = 256
+_resources: IdentityCache[SdkResource, Resource] = IdentityCache()
+_scopes: IdentityCache[SdkScope, InstrumentationScope] = IdentityCache()
 
 
 def _resource(r: SdkResource | None) -> Resource:
     if r is None:
         return _EMPTY_RESOURCE
-    hit = _resources.get(id(r))
-    if hit is not None and hit[0] is r:
-        return hit[1]
-    converted = Resource(attributes=_attrs(r.attributes), schema_url=r.schema_url or "")
-    if len(_resources) >= _CACHE_MAX:
-        _resources.clear()
-    _resources[id(r)] = (r, converted)
-    return converted
+    hit = _resources.get(r)
+    if hit is not None:
+        return hit
+    return _resources.put(
+        r, Resource(attributes=_attrs(r.attributes), schema_url=r.schema_url or "")
+    )
 
 
 def _scope(s: SdkScope | None) -> InstrumentationScope:
     if s is None:
         return _EMPTY_SCOPE
-    hit = _scopes.get(id(s))
-    if hit is not None and hit[0] is s:
-        return hit[1]
-    converted = InstrumentationScope(
-        name=s.name,
-        version=s.version or "",
-        attributes=_attrs(s.attributes),
-        schema_url=s.schema_url or "",
+    hit = _scopes.get(s)
+    if hit is not None:
+        return hit
+    return _scopes.put(
+        s,
+        InstrumentationScope(
+            name=s.name,
+            version=s.version or "",
+            attributes=_attrs(s.attributes),
+            schema_url=s.schema_url or "",
+        ),
     )
-    if len(_scopes) >= _CACHE_MAX:
-        _scopes.clear()
-    _scopes[id(s)] = (s, converted)
-    return converted
-
-
-_EMPTY_RESOURCE = Resource()
 
 
 def _flags(ctx: SpanContext, parent: SpanContext | None) -> int:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from zerver._spans import AttrValue, InstrumentationScope, Resource, SpanData
 from zerver.export._json import PAUSE_EVERY as _PAUSE_EVERY
-from zerver.export._json import IdentityCache, group_by_resource_scope
+from zerver.export._json import IdentityCache, group_by_resource_scope, remember
 
 __all__ = ["ProtobufWireEncoder"]
 
@@ -147,28 +147,17 @@ class ProtobufWireEncoder:
 
     def _str_kv(self, key: str, value: str) -> bytes:
         frag = _kv(key, _ld(b"\x0a", _utf8(value)))
-        kv = self._kv
-        if len(kv) >= self._cache_size:
-            kv.clear()
-        kv[(key, value)] = frag
-        return frag
+        return remember(self._kv, (key, value), frag, self._cache_size)
 
     def _name(self, name: str) -> bytes:
-        names = self._names
-        if len(names) >= self._cache_size:
-            names.clear()
-        frag = names[name] = _varint(len(b := _utf8(name))) + b
-        return frag
+        frag = _varint(len(b := _utf8(name))) + b
+        return remember(self._names, name, frag, self._cache_size)
 
     # -- pieces ---------------------------------------------------------------
 
     def _key(self, key: str) -> tuple[bytes, int]:
-        keys = self._keys
-        if len(keys) >= self._cache_size:
-            keys.clear()
         field = _ld(b"\x0a", _utf8(key))
-        hit = keys[key] = (field, len(field))
-        return hit
+        return remember(self._keys, key, (field, len(field)), self._cache_size)
 
     def _attrs(self, attrs: Mapping[str, AttrValue], tag: bytes, out: list[bytes]) -> None:
         """Append one ``tag``-field per representable attribute.
