@@ -143,7 +143,7 @@ def _tls_settings(
         )
     if certificate is not None:
         try:
-            ssl.create_default_context(cafile=certificate)
+            tls_context(certificate)
         except (OSError, ValueError) as exc:
             raise _reject(
                 names["ca"], certificate, f"a PEM file of CA certificates ({_reason(exc)})"
@@ -229,8 +229,7 @@ class ExportConfig:
             raw = env.get(name)
             return raw if raw is not None and raw.strip() != "" else None
 
-        def signal(suffix: str, parse: Callable[[str, str], T], default: T) -> T:
-            name = signal_name(suffix)
+        def opt(name: str, parse: Callable[[str, str], T], default: T) -> T:
             raw = get(name)
             return default if raw is None else parse(name, raw)
 
@@ -239,9 +238,8 @@ class ExportConfig:
             name = f"OTEL_EXPORTER_OTLP_TRACES_{suffix}"
             return name if get(name) is not None else f"OTEL_EXPORTER_OTLP_{suffix}"
 
-        def opt(name: str, parse: Callable[[str, str], T], default: T) -> T:
-            raw = get(name)
-            return default if raw is None else parse(name, raw)
+        def signal(suffix: str, parse: Callable[[str, str], T], default: T) -> T:
+            return opt(signal_name(suffix), parse, default)
 
         def ms(minimum: int) -> Callable[[str, str], float]:
             what = "a whole number of milliseconds" + (" > 0" if minimum > 0 else " >= 0")
