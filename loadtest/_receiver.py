@@ -19,11 +19,11 @@ from types import TracebackType
 import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from zerver import SpanKind
 from zerver.export import OtlpReceiver, ReceivedRequest, Reply
 
 __all__ = ["RouteTally", "SpanReceiver", "SpanTally", "TallySnapshot"]
 
-_SERVER = 2  # SPAN_KIND_SERVER in OTLP's integer enum
 _ROUTE_KEYS = ("http.route", "url.path", "http.target")
 
 
@@ -75,7 +75,7 @@ class SpanTally:
             for ss in rs.scope_spans:
                 for span in ss.spans:
                     root = None
-                    if span.kind == _SERVER and not span.parent_span_id:
+                    if span.kind == SpanKind.SERVER and not span.parent_span_id:
                         attrs = {a.key: a.value.string_value for a in span.attributes}
                         root = _root_key(attrs, span.name)
                     rows.append((span.trace_id.hex(), root))
@@ -142,7 +142,7 @@ def _root_key(attrs: dict[str, str | None], name: str) -> str:
 
 
 def _is_server(kind: object) -> bool:
-    return kind in (_SERVER, "SPAN_KIND_SERVER")
+    return kind in (SpanKind.SERVER, "SPAN_KIND_SERVER")
 
 
 class SpanReceiver:

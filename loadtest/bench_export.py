@@ -340,6 +340,42 @@ def _timed_run(
     return Run(n / elapsed, cpu / n * 1e6, rx / n * 1e6, rx / elapsed)
 
 
+def zerver_exporting(
+    endpoint: str,
+    spans: list[SpanData],
+    protocol: str,
+    encode_ahead: int = 1,
+    *,
+    wire: bool = False,
+) -> ExportPipeline:
+    """zerver's side of a run: a pipeline into ``endpoint`` that was handed ``spans``."""
+    encoder = ProtobufWireEncoder() if wire else None
+    transport = OtlpHttpExporter(endpoint, protocol=protocol, encoder=encoder)
+    pipeline = ExportPipeline(
+        ResilienceBuilder(transport).retry().build(),
+        max_queue_size=len(spans),
+        max_export_batch_size=512,
+        schedule_delay_s=0.05,
+        encode_ahead=encode_ahead,
+    )
+    for s in spans:
+        pipeline.submit(s)
+    return pipeline
+
+
+def sdk_exporting(endpoint: str, sdk: list[ReadableSpan]) -> BatchSpanProcessor:
+    """The SDK's side of a run: a ``BatchSpanProcessor`` into ``endpoint`` that ended ``sdk``."""
+    bsp = BatchSpanProcessor(
+        OTLPSpanExporter(endpoint=endpoint),
+        max_queue_size=len(sdk),
+        max_export_batch_size=512,
+        schedule_delay_millis=50,
+    )
+    for r in sdk:
+        bsp.on_end(r)
+    return bsp
+
+
 def e2e_zerver(
     receiver: RemoteReceiver,
     spans: list[SpanData],
@@ -349,18 +385,7 @@ def e2e_zerver(
     wire: bool = False,
 ) -> Run:
     def start(endpoint: str) -> Callable[[], None]:
-        encoder = ProtobufWireEncoder() if wire else None
-        transport = OtlpHttpExporter(endpoint, protocol=protocol, encoder=encoder)
-        exporter = ResilienceBuilder(transport).retry().build()
-        pipeline = ExportPipeline(
-            exporter,
-            max_queue_size=len(spans),
-            max_export_batch_size=512,
-            schedule_delay_s=0.05,
-            encode_ahead=encode_ahead,
-        )
-        for s in spans:
-            pipeline.submit(s)
+        pipeline = zerver_exporting(endpoint, spans, protocol, encode_ahead, wire=wire)
 
         def stop() -> None:
             pipeline.shutdown(30)
@@ -372,16 +397,7 @@ def e2e_zerver(
 
 def e2e_sdk(receiver: RemoteReceiver, sdk: list[ReadableSpan]) -> Run:
     def start(endpoint: str) -> Callable[[], None]:
-        exporter = OTLPSpanExporter(endpoint=endpoint)
-        bsp = BatchSpanProcessor(
-            exporter,
-            max_queue_size=len(sdk),
-            max_export_batch_size=512,
-            schedule_delay_millis=50,
-        )
-        for r in sdk:
-            bsp.on_end(r)
-        return bsp.shutdown
+        return sdk_exporting(endpoint, sdk).shutdown
 
     return _timed_run(receiver, len(sdk), start, "SDK")
 
@@ -488,27 +504,13 @@ def bench_loop(n: int, repeat: int) -> dict[str, list[LoopLag]]:
         return _lag(lateness, 0, elapsed)
 
     def zerver(protocol: str) -> LoopLag:
-        endpoint = receiver.new()
-        exporter = ResilienceBuilder(OtlpHttpExporter(endpoint, protocol=protocol)).retry().build()
-        pipeline = ExportPipeline(
-            exporter, max_queue_size=n, max_export_batch_size=512, schedule_delay_s=0.05
-        )
-        for s in spans:
-            pipeline.submit(s)
+        pipeline = zerver_exporting(receiver.new(), spans, protocol)
         lateness, elapsed = asyncio.run(_tick_until(lambda: receiver.wait_for_spans(n)))
         pipeline.shutdown(30)
         return _lag(lateness, n, elapsed)
 
     def otel_sdk() -> LoopLag:
-        endpoint = receiver.new()
-        bsp = BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=endpoint),
-            max_queue_size=n,
-            max_export_batch_size=512,
-            schedule_delay_millis=50,
-        )
-        for r in sdk:
-            bsp.on_end(r)
+        bsp = sdk_exporting(receiver.new(), sdk)
         lateness, elapsed = asyncio.run(_tick_until(lambda: receiver.wait_for_spans(n)))
         bsp.shutdown()  # type: ignore[no-untyped-call]
         return _lag(lateness, n, elapsed)
