@@ -22,7 +22,7 @@ from zerver._spans import (
     SpanLink,
     StatusCode,
 )
-from zerver.export import ExportContext, ExportResult, ExportStatus
+from zerver.export import BatchExporter, ExportContext, ExportPipeline, ExportResult, ExportStatus
 from zerver.export._base import SUCCESS
 
 RES = Resource(attributes={"service.name": "blog", "host.name": "box-1"})
@@ -257,3 +257,25 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 RETRY = ExportResult(ExportStatus.RETRYABLE, detail="HTTP 503")
 PERMANENT = ExportResult(ExportStatus.PERMANENT, detail="HTTP 400")
+
+
+def export_once(
+    exporter: BatchExporter, spans: Sequence[SpanData], timeout: float = 5.0
+) -> ExportResult:
+    """One ``export`` of ``spans`` with a ``timeout`` deadline, then ``shutdown``."""
+    try:
+        return exporter.export(spans, ExportContext.with_timeout(timeout))
+    finally:
+        exporter.shutdown()
+
+
+# -- pipelines --------------------------------------------------------------------
+
+QUIET = 60.0  # a schedule delay long enough that only size, flush or shutdown export
+
+
+def pipeline(exporter: object, **kwargs: object) -> ExportPipeline:
+    """A pipeline that exports only full batches, on ``force_flush`` or at shutdown."""
+    options: dict[str, object] = {"schedule_delay_s": QUIET}
+    options.update(kwargs)
+    return ExportPipeline(exporter, **options)  # type: ignore[arg-type]

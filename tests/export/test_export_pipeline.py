@@ -4,7 +4,16 @@ import io
 import threading
 
 import pytest
-from export_helpers import PERMANENT, RETRY, FakeTimer, Gated, Scripted, make_span, wait_until
+from export_helpers import (
+    PERMANENT,
+    RETRY,
+    FakeTimer,
+    Gated,
+    Scripted,
+    make_span,
+    pipeline,
+    wait_until,
+)
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 
@@ -28,13 +37,24 @@ from zerver.export import (
     span_to_readable,
 )
 
-QUIET = 60.0  # a schedule delay long enough that only size, flush or shutdown export
 
-
-def pipeline(exporter: object, **kwargs: object) -> ExportPipeline:
-    options: dict[str, object] = {"schedule_delay_s": QUIET}
-    options.update(kwargs)
-    return ExportPipeline(exporter, **options)  # type: ignore[arg-type]
+def full_blocking_pipeline(size: int, block_timeout_s: float) -> tuple[Gated, ExportPipeline]:
+    """An ``Overflow.BLOCK`` pipeline whose worker holds a batch of ``size`` spans at
+    the gate and whose buffer holds ``size`` more: the next submit has to wait."""
+    gated = Gated()
+    p = pipeline(
+        gated,
+        max_queue_size=size,
+        max_export_batch_size=size,
+        overflow=Overflow.BLOCK,
+        block_timeout_s=block_timeout_s,
+    )
+    for i in range(size):
+        p.submit(make_span(i))
+    assert gated.entered.wait(5)  # the full queue woke the worker; it holds ``size``
+    for i in range(size, 2 * size):
+        p.submit(make_span(i))
+    return gated, p
 
 
 def test_all_is_exported_and_traces_stay_together() -> None:
@@ -134,19 +154,7 @@ def test_drop_oldest_keeps_the_newest() -> None:
 
 
 def test_block_waits_for_room_then_times_out() -> None:
-    gated = Gated()
-    p = pipeline(
-        gated,
-        max_queue_size=4,
-        max_export_batch_size=4,
-        overflow=Overflow.BLOCK,
-        block_timeout_s=5.0,
-    )
-    for i in range(4):
-        p.submit(make_span(i))
-    assert gated.entered.wait(5)  # the full queue woke the worker; it holds 4
-    for i in range(4, 8):
-        p.submit(make_span(i))
+    gated, p = full_blocking_pipeline(4, block_timeout_s=5.0)
     done = threading.Event()
 
     def producer() -> None:
@@ -162,17 +170,7 @@ def test_block_waits_for_room_then_times_out() -> None:
     report = p.shutdown(5)
     assert len(gated.spans) == 9 and report.stats.dropped_total == 0
 
-    gated2 = Gated()
-    p2 = pipeline(
-        gated2,
-        max_queue_size=2,
-        max_export_batch_size=2,
-        overflow=Overflow.BLOCK,
-        block_timeout_s=0.02,
-    )
-    for i in range(4):
-        p2.submit(make_span(i))
-    assert gated2.entered.wait(5)
+    gated2, p2 = full_blocking_pipeline(2, block_timeout_s=0.02)
     p2.submit(make_span(9))
     assert p2.stats().dropped[DropReason.BLOCK_TIMEOUT] == 1
     gated2.gate.set()
@@ -180,17 +178,7 @@ def test_block_waits_for_room_then_times_out() -> None:
 
 
 def test_blocked_producer_is_released_by_shutdown() -> None:
-    gated = Gated()
-    p = pipeline(
-        gated,
-        max_queue_size=2,
-        max_export_batch_size=2,
-        overflow=Overflow.BLOCK,
-        block_timeout_s=30,
-    )
-    for i in range(4):
-        p.submit(make_span(i))
-    assert gated.entered.wait(5)
+    gated, p = full_blocking_pipeline(2, block_timeout_s=30)
     t = threading.Thread(target=p.submit, args=(make_span(5),))
     t.start()
     assert wait_until(lambda: p._blocked == 1)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 import pytest
-from export_helpers import RETRY, FakeTimer, make_span, wait_until
+from export_helpers import QUIET, RETRY, FakeTimer, make_span, pipeline, wait_until
 
 from zerver._spans import SpanData
 from zerver.export import (
@@ -27,8 +27,6 @@ from zerver.export import (
 from zerver.export._base import SUCCESS, PreEncoder
 from zerver.export._pipeline import find_pre_encoder
 from zerver.export._transport import EncodedBatch
-
-QUIET = 60.0
 
 
 class PreEncoding:
@@ -79,9 +77,7 @@ class PreEncoding:
 
 
 def stages(exporter: object, **kwargs: object) -> ExportPipeline:
-    options: dict[str, object] = {"schedule_delay_s": QUIET, "thread_name": "t-export"}
-    options.update(kwargs)
-    return ExportPipeline(exporter, **options)  # type: ignore[arg-type]
+    return pipeline(exporter, **{"thread_name": "t-export", **kwargs})
 
 
 @pytest.fixture

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
-from export_helpers import make_span
+from export_helpers import export_once, make_span
 
 from zerver._errors import ConfigError
 from zerver.export import (
     ExportConfig,
-    ExportContext,
     ExportPipeline,
     ExportStatus,
     OtlpHttpExporter,
@@ -128,10 +127,7 @@ def test_without_the_ca_the_export_fails_and_is_counted_not_raised(
     assert https_receiver.span_count == 0 and not https_receiver.requests
 
     exporter = OtlpHttpExporter(https_receiver.endpoint, timeout_s=5)
-    try:
-        result = exporter.export([make_span(0)], ExportContext.with_timeout(5))
-    finally:
-        exporter.shutdown()
+    result = export_once(exporter, [make_span(0)])
     assert result.status is ExportStatus.RETRYABLE
     assert "CERTIFICATE_VERIFY_FAILED" in result.detail
 
@@ -141,10 +137,7 @@ def test_a_server_name_that_does_not_match_the_certificate_is_refused(pki: Pki) 
     pki.ca.issue_cert("collector.example").configure_cert(ctx)
     with OtlpReceiver(ssl_context=ctx) as receiver:
         exporter = OtlpHttpExporter(receiver.endpoint, ssl_context=tls_context(pki.ca_file))
-        try:
-            result = exporter.export([make_span(0)], ExportContext.with_timeout(5))
-        finally:
-            exporter.shutdown()
+        result = export_once(exporter, [make_span(0)])
     assert result.status is ExportStatus.RETRYABLE
     assert "CERTIFICATE_VERIFY_FAILED" in result.detail
     assert receiver.span_count == 0

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 import structlog
-from export_helpers import make_span
+from export_helpers import export_once, make_span
 from opentelemetry import context as otel_context
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTracePartialSuccess,
@@ -81,10 +81,7 @@ def test_partial_success_json_and_protobuf() -> None:
 
 def test_json_post_with_headers(receiver: OtlpReceiver) -> None:
     exporter = OtlpHttpExporter(receiver.endpoint, headers={"api-key": "s=cret"})
-    try:
-        result = send(exporter)
-    finally:
-        exporter.shutdown()
+    result = export_once(exporter, BATCH)
     assert result.ok and result.bytes_sent > 0
     (req,) = receiver.requests
     assert req.content_type == "application/json"
@@ -104,10 +101,7 @@ def test_protobuf_and_gzip_from_config(receiver: OtlpReceiver) -> None:
         }
     )
     exporter = OtlpHttpExporter.from_config(cfg)
-    try:
-        assert send(exporter).ok
-    finally:
-        exporter.shutdown()
+    assert export_once(exporter, BATCH).ok
     (req,) = receiver.requests
     assert req.content_type == "application/x-protobuf"
     assert req.content_encoding == "gzip"
@@ -137,10 +131,7 @@ def test_partial_success_is_counted_and_logged(receiver: OtlpReceiver) -> None:
 def test_retryable_statuses_carry_retry_after(receiver: OtlpReceiver, status: int) -> None:
     receiver.responder = lambda req: Reply(status, headers=(("Retry-After", "7"),))
     exporter = OtlpHttpExporter(receiver.endpoint)
-    try:
-        result = send(exporter)
-    finally:
-        exporter.shutdown()
+    result = export_once(exporter, BATCH)
     assert result.status is ExportStatus.RETRYABLE
     assert result.retry_after_s == 7.0
 
@@ -164,20 +155,14 @@ def test_connection_refused_is_retryable() -> None:
     endpoint = receiver.endpoint
     receiver.stop()
     exporter = OtlpHttpExporter(endpoint, timeout_s=1.0)
-    try:
-        result = send(exporter)
-    finally:
-        exporter.shutdown()
+    result = export_once(exporter, BATCH)
     assert result.status is ExportStatus.RETRYABLE
     assert "connection error" in result.detail
 
 
 def test_passed_deadline_does_not_send(receiver: OtlpReceiver) -> None:
     exporter = OtlpHttpExporter(receiver.endpoint)
-    try:
-        result = send(exporter, timeout=0.0)
-    finally:
-        exporter.shutdown()
+    result = export_once(exporter, BATCH, timeout=0.0)
     assert result.status is ExportStatus.RETRYABLE
     assert receiver.requests == []
 
@@ -232,10 +217,7 @@ def test_requests_run_with_instrumentation_suppressed(
 
     monkeypatch.setattr(http.client.HTTPConnection, "request", spy)
     exporter = OtlpHttpExporter(receiver.endpoint)
-    try:
-        assert send(exporter).ok
-    finally:
-        exporter.shutdown()
+    assert export_once(exporter, BATCH).ok
     assert seen == [True]
     assert otel_context.get_value(otel_context._SUPPRESS_INSTRUMENTATION_KEY) is None
 
