@@ -14,6 +14,8 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 __all__ = [
+    "FLAG_HAS_REMOTE",
+    "FLAG_IS_REMOTE",
     "KIND_NAMES",
     "NO_ATTRIBUTES",
     "STATUS_NAMES",
@@ -52,6 +54,11 @@ class StatusCode:
     OK = 1
     ERROR = 2
 
+
+#: OTLP ``Span.flags`` bits above the W3C trace flags: whether the parent's
+#: remote-ness is known, and that the parent is remote (also on links).
+FLAG_HAS_REMOTE = 0x100
+FLAG_IS_REMOTE = 0x200
 
 #: The OTLP name of each :class:`SpanKind` value (for people: consoles, golden trees).
 KIND_NAMES: Mapping[int, str] = MappingProxyType(

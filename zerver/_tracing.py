@@ -43,6 +43,8 @@ from ._records import (
 )
 from ._semconv import ClientFacts, SemConv
 from ._spans import (
+    FLAG_HAS_REMOTE,
+    FLAG_IS_REMOTE,
     NO_ATTRIBUTES,
     AttrValue,
     EventTuple,
@@ -59,9 +61,6 @@ __all__ = ["SpanSink", "TraceEngine", "default_resource", "engine_from_settings"
 
 _EFFECT_KINDS = frozenset({"db", "http", "cache", "kv", "queue", "fs"})
 _MAX_KEY = 128
-# W3C flags in the low byte; 0x100: "is the parent remote" is known; 0x200: it is.
-_HAS_REMOTE = 0x100
-_IS_REMOTE = 0x200
 _new = object.__new__
 # Status and kind values as module constants: a class attribute load is not
 # specialised on CPython 3.11 and costs a type lookup each time.
@@ -168,7 +167,7 @@ class _Builder:
         self.wall = rec.start_wall_ns - rec.start_ts
         self.trace_id = rec.trace_id
         self.state = rec.tracestate or ""
-        self.flags = (rec.trace_flags & 0xFF) | _HAS_REMOTE
+        self.flags = (rec.trace_flags & 0xFF) | FLAG_HAS_REMOTE
         self.resource = resource
         self.scope = scope
         self.spans: list[SpanData] = []
@@ -277,7 +276,7 @@ class TraceEngine:
             else self._server_root(b, rec, end)
         )
         if rec.parent_remote:
-            root.flags |= _IS_REMOTE
+            root.flags |= FLAG_IS_REMOTE
         root_id = rec.span_id
 
         # Spans by who may write slots: steps by index, jobs by index.
@@ -398,7 +397,7 @@ class TraceEngine:
             status,
             message,
         )
-        remote = _HAS_REMOTE | _IS_REMOTE  # links point at the messages' producers
+        remote = FLAG_HAS_REMOTE | FLAG_IS_REMOTE  # links point at the messages' producers
         for trace_id, span_id, state in rec.links:
             root.links.append(SpanLink(trace_id, span_id, trace_state=state, flags=remote))
         return root

@@ -26,6 +26,8 @@ from opentelemetry.trace import Status as SdkStatus
 from opentelemetry.trace import StatusCode as SdkStatusCode
 
 from zerver._spans import (
+    FLAG_HAS_REMOTE,
+    FLAG_IS_REMOTE,
     AttrValue,
     InstrumentationScope,
     Resource,
@@ -43,8 +45,6 @@ __all__ = [
     "span_to_readable",
 ]
 
-_HAS_IS_REMOTE = 0x100
-_IS_REMOTE = 0x200
 _EMPTY_SCOPE = InstrumentationScope(name="")
 _EMPTY_RESOURCE = Resource()
 
@@ -82,9 +82,9 @@ def _scope(s: SdkScope | None) -> InstrumentationScope:
 
 
 def _flags(ctx: SpanContext, parent: SpanContext | None) -> int:
-    flags = int(ctx.trace_flags) | _HAS_IS_REMOTE
+    flags = int(ctx.trace_flags) | FLAG_HAS_REMOTE
     if parent is not None and parent.is_remote:
-        flags |= _IS_REMOTE
+        flags |= FLAG_IS_REMOTE
     return flags
 
 
@@ -166,7 +166,7 @@ def span_to_readable(
     ts = TraceState.from_header([span.trace_state]) if span.trace_state else None
     ctx = SpanContext(span.trace_id, span.span_id, False, TraceFlags(span.flags & 0xFF), ts)
     parent = (
-        SpanContext(span.trace_id, span.parent_span_id, bool(span.flags & _IS_REMOTE))
+        SpanContext(span.trace_id, span.parent_span_id, bool(span.flags & FLAG_IS_REMOTE))
         if span.parent_span_id
         else None
     )
@@ -175,7 +175,7 @@ def span_to_readable(
             SpanContext(
                 link.trace_id,
                 link.span_id,
-                bool(link.flags & _IS_REMOTE),
+                bool(link.flags & FLAG_IS_REMOTE),
                 TraceFlags(link.flags & 0xFF),
                 TraceState.from_header([link.trace_state]) if link.trace_state else None,
             ),

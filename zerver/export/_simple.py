@@ -8,19 +8,16 @@ import threading
 from collections.abc import Sequence
 from typing import TextIO
 
-from zerver._spans import SpanData
+from zerver._spans import KIND_NAMES, STATUS_NAMES, SpanData
 from zerver.export._base import SUCCESS, BatchExporter, ExportContext, ExportResult, ExportStatus
 
 __all__ = ["ConsoleExporter", "FanOutExporter", "InMemoryExporter", "NoopExporter"]
 
-_KINDS = ("UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
-_STATUS = ("UNSET", "OK", "ERROR")
-
 
 def format_span(s: SpanData) -> str:
     """One human-readable line: kind, name, duration, ids, status, attributes."""
-    kind = _KINDS[s.kind] if 0 <= s.kind < len(_KINDS) else str(s.kind)
-    status = _STATUS[s.status_code] if 0 <= s.status_code < len(_STATUS) else str(s.status_code)
+    kind = KIND_NAMES.get(s.kind, str(s.kind))
+    status = STATUS_NAMES.get(s.status_code, str(s.status_code))
     if s.status_message:
         status += f"({s.status_message})"
     parent = f"{s.parent_span_id:016x}" if s.parent_span_id else "-"
