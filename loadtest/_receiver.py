@@ -149,11 +149,11 @@ class SpanReceiver:
     """An OTLP/HTTP traces receiver on 127.0.0.1 that tallies what it accepts.
 
     ``endpoint`` is the base URL to give as ``OTEL_EXPORTER_OTLP_ENDPOINT``
-    (exporters append ``/v1/traces``). The HTTP thread answers as soon as the
-    request is queued; one decoder thread tallies it, so the exporter under test
-    waits for the receiver as little as possible. The queue is bounded: when it
-    is full the HTTP thread waits (the exporter sees a slow collector), and
-    nothing is ever dropped here.
+    (exporters append ``/v1/traces``). The HTTP thread parses each body (as
+    :class:`~zerver.export.OtlpReceiver` does, like a collector), queues it and
+    answers; one decoder thread then decodes it again to tally spans per route,
+    off the answer's path. The queue is bounded: when it is full the HTTP thread
+    waits (the exporter sees a slow collector), and nothing is ever dropped here.
     """
 
     def __init__(self, *, max_pending: int = 512) -> None:
