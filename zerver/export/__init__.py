@@ -14,6 +14,7 @@ See docs/exporting.md.
 
 from zerver.export._base import (
     BatchExporter,
+    BodyTransport,
     DropReason,
     ExportContext,
     ExportResult,
@@ -46,10 +47,12 @@ from zerver.export._resilience import (
     TokenBucket,
 )
 from zerver.export._simple import ConsoleExporter, FanOutExporter, InMemoryExporter, NoopExporter
+from zerver.export._spool import Spool, SpoolItem, SpoolStats
 from zerver.export._transport import OtlpHttpExporter, parse_partial_success, parse_retry_after
 
 __all__ = [
     "BatchExporter",
+    "BodyTransport",
     "BreakerState",
     "CircuitBreaker",
     "CircuitBreakerExporter",
@@ -79,6 +82,9 @@ __all__ = [
     "RetryingExporter",
     "ShutdownReport",
     "SpanEncoder",
+    "Spool",
+    "SpoolItem",
+    "SpoolStats",
     "Timer",
     "TokenBucket",
     "ZerverSpanExporter",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -24,6 +24,7 @@ from zerver._spans import SpanData
 
 __all__ = [
     "BatchExporter",
+    "BodyTransport",
     "DropReason",
     "ExportContext",
     "ExportResult",
@@ -93,6 +94,12 @@ class DropReason:
     """The backend accepted the batch but rejected these spans (``partialSuccess``)."""
     EXPORTER_ERROR = "exporter_error"
     """The exporter raised (a bug or an unencodable span); the batch was dropped."""
+    SPOOL_FULL = "spool_full"
+    """The batch was bound for the on-disk spool, which refused it (quota full or a
+    write error)."""
+    ABANDONED = "abandoned"
+    """Still buffered or in flight when the process was told to stop at once (a second
+    SIGINT/SIGTERM)."""
 
     ALL = (
         QUEUE_FULL,
@@ -104,6 +111,8 @@ class DropReason:
         REJECTED,
         PARTIAL_REJECTED,
         EXPORTER_ERROR,
+        SPOOL_FULL,
+        ABANDONED,
     )
 
 
@@ -228,3 +237,23 @@ def layers(exporter: object) -> Iterator[object]:
             return
         yield exporter
         exporter = getattr(exporter, "inner", None)
+
+
+@runtime_checkable
+class BodyTransport(Protocol):
+    """A transport whose request bodies can be stored and sent again later.
+
+    The pipeline's spool keeps a batch as the body this transport would have
+    sent (with the headers that describe it), and replays it with
+    :meth:`send_body`, possibly in another process after a restart.
+    """
+
+    def spool_body(self, spans: Sequence[SpanData]) -> tuple[bytes, dict[str, str], int]:
+        """``(body, meta, invalid_spans)`` for ``spans`` (encoded now unless it already was)."""
+        ...
+
+    def send_body(
+        self, body: bytes, meta: Mapping[str, str], spans: int, ctx: ExportContext
+    ) -> ExportResult:
+        """One attempt to send a stored body that holds ``spans`` spans."""
+        ...

@@ -104,6 +104,21 @@ def _pem_file(name: str, raw: str) -> str:
     return path
 
 
+def _spool_dir(name: str, raw: str) -> str | None:
+    """``off`` (or ``none``) → no spool; else a directory that exists or can be made,
+    and is writable."""
+    if raw.strip().lower() in ("off", "none"):
+        return None
+    path = os.path.abspath(os.path.expanduser(raw.strip()))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise _reject(name, raw, f"a directory zerver can create ({exc.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise _reject(name, raw, "a writable directory, or off")
+    return path
+
+
 def tls_context(
     certificate: str | None = None,
     client_certificate: str | None = None,
@@ -209,6 +224,12 @@ class ExportConfig:
     """Client certificate chain (PEM file) for mutual TLS."""
     client_key: str | None = None
     """The client certificate's private key (PEM file), unless it is in that file."""
+    spool_dir: str | None = None
+    """``ZER_VER_EXPORT_SPOOL_DIR``: where batches that cannot be sent now wait on disk
+    (see :class:`~zerver.export.Spool`); ``None``: no spool, such batches are dropped."""
+    spool_max_bytes: int = 256 * 1024 * 1024
+    """``ZER_VER_EXPORT_SPOOL_MAX_MB``: the spool's quota; past it, batches are dropped
+    (counted as ``spool_full`` and logged)."""
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The ``SSLContext`` for an ``https`` endpoint; ``None`` when no TLS
@@ -218,9 +239,13 @@ class ExportConfig:
         return tls_context(self.certificate, self.client_certificate, self.client_key)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ExportConfig:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, default_spool_dir: str | None = None
+    ) -> ExportConfig:
         """Read the configuration; ``environ`` defaults to ``os.environ``.
 
+        ``default_spool_dir`` applies when ``ZER_VER_EXPORT_SPOOL_DIR`` is unset
+        (``zerver run`` passes a per-service directory); ``off`` turns the spool off.
         Raises :class:`~zerver.ConfigError` naming the first invalid variable.
         """
         env = os.environ if environ is None else environ
@@ -309,6 +334,12 @@ class ExportConfig:
             certificate=signal("CERTIFICATE", _pem_file, None),
             client_certificate=signal("CLIENT_CERTIFICATE", _pem_file, None),
             client_key=signal("CLIENT_KEY", _pem_file, None),
+            spool_dir=opt("ZER_VER_EXPORT_SPOOL_DIR", _spool_dir, default_spool_dir),
+            spool_max_bytes=opt(
+                "ZER_VER_EXPORT_SPOOL_MAX_MB",
+                lambda n, r: _int(n, r, minimum=1, what="a whole number of MiB >= 1") * 2**20,
+                256 * 2**20,
+            ),
         )
         _tls_settings(
             {

@@ -11,13 +11,18 @@ from zerver.export._transport import OtlpHttpExporter
 __all__ = ["build_exporter"]
 
 
-def build_exporter(config: ExportConfig) -> BatchExporter:
-    """``otlp`` → resilient OTLP/HTTP; ``console`` → :class:`ConsoleExporter`; none → no-op."""
+def build_exporter(config: ExportConfig, *, retry: bool = True) -> BatchExporter:
+    """``otlp`` → resilient OTLP/HTTP; ``console`` → :class:`ConsoleExporter`; none → no-op.
+
+    ``retry=False`` leaves the retry layer out (a pipeline with a spool retries by
+    replaying what it spooled).
+    """
     exporters: list[BatchExporter] = []
     for name in config.exporters:
         if name == "otlp":
             transport = OtlpHttpExporter.from_config(config)
-            exporters.append(ResilienceBuilder.from_config(transport, config).build())
+            builder = ResilienceBuilder.from_config(transport, config, retry=retry)
+            exporters.append(builder.build())
         else:
             exporters.append(ConsoleExporter())
     if not exporters:

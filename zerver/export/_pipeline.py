@@ -50,12 +50,14 @@ releases the GIL during network I/O, and yields it between batches.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import anyio.to_thread
 from opentelemetry.sdk.trace import ReadableSpan
@@ -63,6 +65,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from zerver._spans import SpanData
 from zerver.export._base import (
     BatchExporter,
+    BodyTransport,
     DropReason,
     ExportContext,
     ExportResult,
@@ -74,13 +77,17 @@ from zerver.export._base import (
 )
 from zerver.export._config import ExportConfig, Overflow
 from zerver.export._handover import Handover
-from zerver.export._log import RateLimitedLog
+from zerver.export._log import DropReporter, RateLimitedLog
 from zerver.export._otel import span_from_readable
-from zerver.export._resilience import find_breaker
+from zerver.export._resilience import RetryPolicy, find_breaker, find_rate_limiter
+
+if TYPE_CHECKING:
+    from zerver.export._spool import Spool, SpoolItem, SpoolStats
 
 __all__ = ["ExportPipeline", "ExportStats", "ShutdownReport"]
 
 INVALID = "invalid"
+_DROP_REASONS = frozenset((*DropReason.ALL, INVALID))
 
 # Hand-off items: ``(spans, n)`` where ``n`` counts the spans taken from the
 # buffer (SDK spans that failed conversion included) and ``spans`` is what to
@@ -102,6 +109,11 @@ def _group_by_trace(spans: list[SpanData]) -> list[SpanData]:
     return [s for members in groups.values() for s in members]
 
 
+def find_body_transport(exporter: object) -> BodyTransport | None:
+    """The transport at the bottom of a layer chain, if its bodies can be spooled."""
+    return next((layer for layer in layers(exporter) if isinstance(layer, BodyTransport)), None)
+
+
 def find_pre_encoder(exporter: object) -> PreEncoder | None:
     """The transport at the bottom of a layer chain, if it can encode ahead.
 
@@ -115,12 +127,20 @@ def find_pre_encoder(exporter: object) -> PreEncoder | None:
 class ExportStats:
     """A snapshot of the pipeline's counters (exact once the pipeline is idle).
 
-    ``submitted == exported + dropped_total + queue_depth + in_flight``.
+    ``submitted == exported + spooled + dropped_total + queue_depth + in_flight``.
     """
 
     submitted: int
     exported: int
     """Spans the backend accepted (partial rejections excluded)."""
+    spooled: int = 0
+    """Spans written to the on-disk spool instead of being sent (backend down, asked
+    to wait, or shutting down); they are sent later by :attr:`replayed`."""
+    replayed: int = 0
+    """Spans read back from the spool and accepted by the backend (these may have
+    been spooled by an earlier process)."""
+    spool: SpoolStats | None = None
+    """The spool's own counters (``None`` without a spool)."""
     dropped: Mapping[str, int]
     """Dropped spans by reason (see :class:`DropReason`; ``invalid`` = unencodable)."""
     queue_depth: int
@@ -155,9 +175,11 @@ class ShutdownReport:
     """What :meth:`ExportPipeline.shutdown` achieved."""
 
     completed: bool
-    """True if everything was exported or dropped for a reason before the deadline."""
+    """True if everything was exported, spooled or dropped for a reason before the deadline."""
     not_sent: int
-    """Spans that could not be sent because the deadline passed."""
+    """Spans that were neither sent nor spooled because the deadline passed."""
+    spooled: int = 0
+    """Spans this pipeline left in the spool (sent at the next start)."""
     stats: ExportStats = field(repr=False)
 
 
@@ -208,6 +230,9 @@ class ExportPipeline:
         log: RateLimitedLog | None = None,
         thread_name: str = "zerver-export",
         encode_ahead: int = 1,
+        spool: Spool | None = None,
+        rebuild: Callable[[SpoolItem], Sequence[SpanData]] | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> None:
         if max_queue_size < 1 or max_export_batch_size < 1:
             raise ValueError("max_queue_size and max_export_batch_size must be >= 1")
@@ -220,6 +245,11 @@ class ExportPipeline:
             raise ValueError("schedule_delay_s, block_timeout_s >= 0 and export_timeout_s > 0")
         if encode_ahead < 0:
             raise ValueError("encode_ahead must be >= 0")
+        transport = find_body_transport(exporter)
+        if spool is not None and (transport is None or find_pre_encoder(exporter) is None):
+            raise ValueError("a spool needs an OTLP transport at the bottom of the exporter chain")
+        if spool is not None and encode_ahead < 1:
+            raise ValueError("a spool needs the two-stage pipeline (encode_ahead >= 1)")
         self._exporter = exporter
         self._breaker = find_breaker(exporter)
         self._capacity = max_queue_size
@@ -256,6 +286,22 @@ class ExportPipeline:
         self._stop_at: float | None = None
         self._ctx: ExportContext | None = None
         self._report: ShutdownReport | None = None
+        self._drops = DropReporter("spans dropped", self._dropped_totals)
+
+        # The spool (see "Spooling" in the module docstring); the sender thread alone
+        # reads and writes this state.
+        self._spool = spool
+        self._owns_spool = False  # from_config opens a spool it then closes at shutdown
+        self._transport = transport if spool is not None else None
+        self._limiter = find_rate_limiter(exporter)
+        self._rebuild = rebuild
+        self._replay_kinds = ("otlp", "records") if rebuild is not None else ("otlp",)
+        self._retry_policy = retry_policy or RetryPolicy()
+        self._failures = 0  # consecutive failed attempts (live or replayed)
+        self._hold_until = 0.0  # no attempt before this: back-off or the backend's Retry-After
+        self._down_at_shutdown = False  # an attempt failed while shutting down: spool the rest
+        self._spool_waiting = spool is not None  # the spool may hold something to replay
+        self._next_spool_check = 0.0
 
         submit = {
             Overflow.DROP_NEWEST: self._submit_drop_newest,
@@ -292,17 +338,27 @@ class ExportPipeline:
         *,
         exporter: BatchExporter | None = None,
         timer: Timer | None = None,
+        rebuild: Callable[[SpoolItem], Sequence[SpanData]] | None = None,
     ) -> ExportPipeline:
-        """A pipeline with ``config``'s buffer, batching and overflow settings.
+        """A pipeline with ``config``'s buffer, batching, overflow and spool settings.
 
         Without ``exporter`` one is built from ``OTEL_TRACES_EXPORTER``: the
-        resilient OTLP/HTTP exporter, the console exporter, both, or none.
+        resilient OTLP/HTTP exporter, the console exporter, both, or none. With
+        ``config.spool_dir`` and the OTLP exporter alone, batches that cannot be
+        sent now go to a :class:`~zerver.export.Spool` there; ``rebuild`` turns
+        spooled request records (from the exporter process) back into spans.
         """
+        spool = None
         if exporter is None:
             from zerver.export._factory import build_exporter
 
-            exporter = build_exporter(config)
-        return cls(
+            if config.spool_dir is not None and config.exporters == ("otlp",):
+                from zerver.export._spool import Spool
+
+                spool = Spool(config.spool_dir, max_bytes=config.spool_max_bytes)
+            # With a spool, failed batches are retried by replaying them from disk.
+            exporter = build_exporter(config, retry=spool is None)
+        pipeline = cls(
             exporter,
             max_queue_size=config.max_queue_size,
             max_export_batch_size=config.max_export_batch_size,
@@ -311,7 +367,56 @@ class ExportPipeline:
             overflow=config.overflow,
             block_timeout_s=config.block_timeout_s,
             timer=timer,
+            spool=spool,
+            rebuild=rebuild if spool is not None else None,
         )
+        pipeline._owns_spool = spool is not None
+        return pipeline
+
+    @property
+    def spool(self) -> Spool | None:
+        """The on-disk spool, if this pipeline has one."""
+        return self._spool
+
+    @property
+    def settled(self) -> int:
+        """Spans taken from the buffer and finished (exported, spooled or dropped and
+        counted). Batches settle in submission order, so the first ``settled`` spans
+        ever submitted (refusals aside) are the settled ones."""
+        return self._done
+
+    def backing_off(self) -> bool:
+        """Whether the backend is known to be unavailable now (a failed attempt not yet
+        followed by a success, an open breaker, or a failure during shutdown)."""
+        now = self._timer.monotonic()
+        return (
+            self._down_at_shutdown
+            or now < self._hold_until
+            or (self._breaker is not None and self._breaker.remaining(now) > 0)
+        )
+
+    def wait_for_room(self, spans: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until ``spans`` more spans fit in the buffer.
+
+        For producers that are not a request's path (the exporter process's builder):
+        they wait here instead of having spans refused. False on time-out or shutdown.
+        """
+        if len(self._q) + spans <= self._limit:
+            return True
+        deadline = time.monotonic() + timeout
+        with self._room:
+            self._blocked += 1
+            try:
+                while len(self._q) + spans > self._limit:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._closed:
+                        return False
+                    self._signalled = True
+                    self._wake.set()
+                    self._room.wait(remaining)
+            finally:
+                self._blocked -= 1
+        return True
 
     # -- submit (request path) --------------------------------------------------
 
@@ -383,6 +488,15 @@ class ExportPipeline:
     def _refuse(self, reason: str) -> None:
         with self._submit_lock:
             self._submit_drops[reason] = self._submit_drops.get(reason, 0) + 1
+        self._drops.poke()
+
+    def _dropped_totals(self) -> dict[str, int]:
+        with self._submit_lock:
+            totals = dict(self._submit_drops)
+        for reason, n in self._counters.values.copy().items():
+            if reason in _DROP_REASONS:
+                totals[reason] = totals.get(reason, 0) + n
+        return totals
 
     # -- worker -------------------------------------------------------------------
 
@@ -440,7 +554,7 @@ class ExportPipeline:
                         try:
                             item = (pre_encoder.encode_ahead(spans), len(batch))
                         except Exception as exc:
-                            self._counters.add(DropReason.EXPORTER_ERROR, len(spans))
+                            self._drop(DropReason.EXPORTER_ERROR, len(spans))
                             self._log.warning(
                                 "exporter_error", "encoder raised; batch dropped", error=repr(exc)
                             )
@@ -461,7 +575,8 @@ class ExportPipeline:
                 cond.notify_all()
 
     def _run_sender(self) -> None:
-        """Stage 2: send encoded batches in hand-off (= buffer) order."""
+        """Stage 2: send encoded batches in hand-off (= buffer) order; replay the
+        spool while there is nothing new to send."""
         cond = self._handoff_cond
         handoff = self._handoff
         handover = self._handover
@@ -469,14 +584,22 @@ class ExportPipeline:
             while True:
                 with cond:
                     if not handoff:
-                        if handover is not None:
-                            handover.blocking()
-                        self._sender_idle = True
-                        while not handoff:
-                            cond.wait()
-                        self._sender_idle = False
-                    item = handoff.popleft()
-                    cond.notify_all()  # room for the encoder
+                        wait = self._replay_wait()
+                        if wait == 0.0:
+                            item = None
+                        else:
+                            if handover is not None:
+                                handover.blocking()
+                            self._sender_idle = True
+                            cond.wait(wait)
+                            self._sender_idle = False
+                            continue
+                    else:
+                        item = handoff.popleft()
+                        cond.notify_all()  # room for the encoder
+                if item is None:
+                    self._replay_one()
+                    continue
                 if item is _STOP:
                     return
                 spans, n = item
@@ -519,7 +642,11 @@ class ExportPipeline:
             if self._closed:
                 return None
             return []
-        if self._stop_at is not None and self._timer.monotonic() >= self._stop_at:
+        if (
+            self._spool is None
+            and self._stop_at is not None
+            and self._timer.monotonic() >= self._stop_at
+        ):
             self._drop_rest()
             return None
         self._taken += n  # before popping: a concurrent force_flush may overcount, never under
@@ -547,7 +674,7 @@ class ExportPipeline:
             n += 1
         self._taken += n
         self._settle(n)
-        self._counters.add(DropReason.SHUTDOWN_DEADLINE, n)
+        self._drop(DropReason.SHUTDOWN_DEADLINE, n)
 
     def _prepare(self, batch: list[SpanData | ReadableSpan]) -> list[SpanData]:
         """Convert SDK spans and group by trace, keeping first-seen order.
@@ -584,10 +711,13 @@ class ExportPipeline:
             except Exception:
                 bad += 1
         if bad:
-            self._counters.add(INVALID, bad)
+            self._drop(INVALID, bad)
         return _group_by_trace(spans)
 
     def _export(self, spans: Sequence[SpanData]) -> None:
+        if self._spool is not None:
+            self._export_or_spool(spans)
+            return
         counters = self._counters
         timer = self._timer
         n = len(spans)
@@ -598,14 +728,14 @@ class ExportPipeline:
             stop_at = self._stop_at
             if stop_at is not None:
                 if now >= stop_at:
-                    counters.add(DropReason.SHUTDOWN_DEADLINE, n)
+                    self._drop(DropReason.SHUTDOWN_DEADLINE, n)
                     return
                 deadline = min(deadline, stop_at)
             ctx = self._ctx = ExportContext(timer, deadline, counters)
             try:
                 result = self._exporter.export(spans, ctx)
             except Exception as exc:
-                counters.add(DropReason.EXPORTER_ERROR, n)
+                self._drop(DropReason.EXPORTER_ERROR, n)
                 self._log.warning(
                     "exporter_error", "exporter raised; batch dropped", error=repr(exc)
                 )
@@ -624,24 +754,210 @@ class ExportPipeline:
         self._latency_max = max(self._latency_max, elapsed)
         self._account(result, n)
 
-    def _account(self, result: ExportResult, n: int) -> None:
+    # -- spooling (sender thread) ---------------------------------------------------
+
+    def _export_or_spool(self, spans: Sequence[SpanData], *, replay: bool = False) -> None:
+        """Send ``spans`` once, or put them in the spool: no attempt is made while the
+        backend asked to wait or is backing off, while the breaker is open, or once an
+        attempt failed during shutdown; a failed attempt spools the batch and backs off."""
+        timer = self._timer
+        n = len(spans)
+        while True:
+            now = timer.monotonic()
+            stop_at = self._stop_at
+            if (
+                now < self._hold_until
+                or self._down_at_shutdown
+                or (stop_at is not None and now >= stop_at)
+                or (self._breaker is not None and self._breaker.remaining(now) > 0)
+            ):
+                self._to_spool(spans, replay=replay)
+                return
+            deadline = now + self._export_timeout_s
+            if stop_at is not None:
+                deadline = min(deadline, stop_at)
+            ctx = self._ctx = ExportContext(timer, deadline, self._counters)
+            try:
+                result = self._exporter.export(spans, ctx)
+            except Exception as exc:
+                self._drop(DropReason.EXPORTER_ERROR, n)
+                self._log.warning(
+                    "exporter_error", "exporter raised; batch dropped", error=repr(exc)
+                )
+                return
+            finally:
+                self._ctx = None
+            if result.status is ExportStatus.DEFERRED:
+                if self._breaker is not None and self._breaker.remaining(timer.monotonic()) > 0:
+                    continue  # the breaker opened: spool (above)
+                # The rate limit: wait for it, as without a spool.
+                wait = result.retry_after_s if result.retry_after_s else 0.01
+                if stop_at is not None:
+                    wait = min(wait, stop_at - timer.monotonic())
+                timer.sleep(wait)
+                continue
+            break
+        elapsed = max(0.0, timer.monotonic() - now) * 1000.0
+        self._latency_last = elapsed
+        self._latency_sum += elapsed
+        self._latency_max = max(self._latency_max, elapsed)
+        if result.status is ExportStatus.RETRYABLE:
+            self._attempt_failed(result)
+            self._to_spool(spans, replay=replay)
+            return
+        self._attempt_succeeded()
+        self._account(result, n, "replayed" if replay else "exported")
+
+    def _attempt_failed(self, result: ExportResult) -> None:
+        """Back off before the next attempt; the backend's Retry-After is a floor."""
+        self._failures += 1
+        now = self._timer.monotonic()
+        delay = self._retry_policy.backoff(self._failures, random.random())
+        if result.retry_after_s is not None:
+            delay = max(delay, result.retry_after_s, self._retry_policy.min_retry_after_s)
+        self._hold_until = now + delay
+        if self._closed:
+            self._down_at_shutdown = True
+        self._log.warning(
+            "export_spooling",
+            "otlp export failed; spooling batches until the backend answers",
+            detail=result.detail,
+            retry_in_s=round(delay, 3),
+        )
+
+    def _attempt_succeeded(self) -> None:
+        self._failures = 0
+        self._hold_until = 0.0
+
+    def _to_spool(self, spans: Sequence[SpanData], *, replay: bool = False) -> None:
+        """Put ``spans`` in the spool as the body the transport would send. ``replay``:
+        they came out of the spool (as records) and go back in, so not counted again."""
+        assert self._spool is not None and self._transport is not None
+        n = len(spans)
+        try:
+            body, meta, invalid = self._transport.spool_body(spans)
+        except Exception as exc:
+            self._drop(DropReason.EXPORTER_ERROR, n)
+            self._log.warning("exporter_error", "encoder raised; batch dropped", error=repr(exc))
+            return
+        if invalid:
+            self._drop(INVALID, min(invalid, n))
+            n -= min(invalid, n)
+        if not n:
+            return
+        if self._spool.put("otlp", body, n, meta):
+            if not replay:
+                self._counters.add("spooled", n)
+            self._spool_waiting = True
+        else:
+            self._drop(DropReason.SPOOL_FULL, n)  # the spool logged why
+
+    def _replay_wait(self) -> float | None:
+        """0.0: replay a spooled item now; > 0: seconds until one may be tried (or the
+        spool is looked at again, for items other processes wrote); None: never (no
+        spool, or shutting down)."""
+        spool = self._spool
+        if spool is None or self._closed:
+            return None
+        now = self._timer.monotonic()
+        if now >= self._next_spool_check:
+            # Items may come from elsewhere (the exporter process's parent, another
+            # worker, the previous run): look now and then even when none was written here.
+            self._next_spool_check = now + 1.0
+            self._spool_waiting = spool.pending(self._replay_kinds) > 0
+        if not self._spool_waiting:
+            return max(0.001, self._next_spool_check - now)
+        wait = self._hold_until - now
+        if self._breaker is not None:
+            wait = max(wait, self._breaker.remaining(now))
+        if self._limiter is not None:
+            wait = max(wait, self._limiter.delay(now))
+        return 0.0 if wait <= 0 else wait
+
+    def _replay_one(self) -> None:
+        """Send the oldest spooled item once; on failure it goes back, and we back off."""
+        spool = self._spool
+        assert spool is not None and self._transport is not None
+        item = spool.claim(self._replay_kinds)
+        if item is None:
+            self._spool_waiting = False
+            return
+        if item.kind == "records":
+            self._replay_records(item)
+            return
+        timer = self._timer
+        now = timer.monotonic()
+        if self._breaker is not None and self._breaker.before_call(now) > 0:
+            spool.release(item)
+            return
+        if self._limiter is not None:
+            self._limiter.charge_spans(item.count, now)
+        ctx = ExportContext(timer, now + self._export_timeout_s, self._counters)
+        try:
+            result = self._transport.send_body(item.body, item.meta, item.count, ctx)
+        except Exception as exc:  # a bug: keep the item, try again later
+            result = ExportResult(ExportStatus.RETRYABLE, detail=f"transport raised: {exc!r}")
+        if self._limiter is not None:
+            self._limiter.charge_bytes(result.bytes_sent, timer.monotonic())
+        if self._breaker is not None:
+            if result.status is ExportStatus.RETRYABLE:
+                self._breaker.on_failure(timer.monotonic())
+            else:
+                self._breaker.on_success()
+        if result.status is ExportStatus.RETRYABLE:
+            spool.release(item)
+            self._attempt_failed(result)
+            return
+        spool.ack(item)
+        self._attempt_succeeded()
+        if result.status is ExportStatus.SUCCESS:
+            rejected = min(result.rejected_spans, item.count)
+            self._counters.add("replayed", item.count - rejected)
+            self._counters.add("bytes_sent", result.bytes_sent)
+            if rejected:
+                self._drop(DropReason.PARTIAL_REJECTED, rejected)
+        else:
+            self._drop(DropReason.REJECTED, item.count)
+            self._counters.add("permanent_failures")
+
+    def _replay_records(self, item: SpoolItem) -> None:
+        """Rebuild spooled request records into spans and send (or spool) them."""
+        assert self._spool is not None and self._rebuild is not None
+        try:
+            spans = self._rebuild(item)
+        except Exception as exc:
+            self._spool.ack(item)
+            self._drop(INVALID, item.count)
+            self._log.warning(
+                "records_unreadable", "spooled records could not be rebuilt", error=repr(exc)
+            )
+            return
+        for start in range(0, len(spans), self._batch_size):
+            self._export_or_spool(list(spans[start : start + self._batch_size]), replay=True)
+        self._spool.ack(item)
+
+    def _drop(self, reason: str, n: int) -> None:
+        self._counters.add(reason, n)
+        self._drops.poke()
+
+    def _account(self, result: ExportResult, n: int, exported: str = "exported") -> None:
         counters = self._counters
         invalid = min(result.invalid_spans, n)
         if invalid:
-            counters.add(INVALID, invalid)
+            self._drop(INVALID, invalid)
         n -= invalid
         if result.status is ExportStatus.SUCCESS:
             rejected = min(result.rejected_spans, n)
-            counters.add("exported", n - rejected)
+            counters.add(exported, n - rejected)
             counters.add("batches_exported")
             counters.add("bytes_sent", result.bytes_sent)
             if rejected:
-                counters.add(DropReason.PARTIAL_REJECTED, rejected)
+                self._drop(DropReason.PARTIAL_REJECTED, rejected)
         elif result.status is ExportStatus.PERMANENT:
-            counters.add(DropReason.REJECTED, n)
+            self._drop(DropReason.REJECTED, n)
             counters.add("permanent_failures")
         else:
-            counters.add(DropReason.EXPORT_FAILED, n)
+            self._drop(DropReason.EXPORT_FAILED, n)
             counters.add("batches_failed")
             self._log.warning(
                 "export_failed",
@@ -677,10 +993,12 @@ class ExportPipeline:
         self._wake.set()
         return event.wait(timeout)
 
-    def shutdown(self, timeout: float = 30.0) -> ShutdownReport:
-        """Refuse new spans, export what is buffered within ``timeout`` seconds, stop.
+    def shutdown(self, timeout: float = 30.0, *, close_spool: bool = True) -> ShutdownReport:
+        """Refuse new spans, export what is buffered within ``timeout`` seconds (with a
+        spool: spool what cannot be sent by then), stop.
 
-        Idempotent: later calls return the first report.
+        Idempotent: later calls return the first report. ``close_spool=False`` leaves
+        a spool this pipeline opened open, for a caller that still needs it.
         """
         with self._flush_lock:
             if self._report is not None:
@@ -706,6 +1024,7 @@ class ExportPipeline:
             self._exporter.shutdown()
         except Exception as exc:
             self._log.warning("exporter_shutdown", "exporter shutdown raised", error=repr(exc))
+        self._drops.close()
         stats = self.stats()
         not_sent = (
             stats.dropped.get(DropReason.SHUTDOWN_DEADLINE, 0)
@@ -713,11 +1032,30 @@ class ExportPipeline:
             + (stats.in_flight if not completed else 0)
         )
         report = ShutdownReport(
-            completed=completed and not_sent == 0, not_sent=not_sent, stats=stats
+            completed=completed and not_sent == 0,
+            not_sent=not_sent,
+            spooled=stats.spooled,
+            stats=stats,
         )
         if completed:
             self._report = report
+            if close_spool and self._owns_spool and self._spool is not None:
+                self._spool.close()
         return report
+
+    def abandon(self) -> int:
+        """Stop at once (the process is about to exit): what is still buffered or in
+        flight is counted as ``abandoned`` and returned; nothing is waited for."""
+        with self._flush_lock:
+            self._closed = True
+            self._limit = -1
+            self._stop_at = self._timer.monotonic()
+        stats = self.stats()
+        lost = stats.queue_depth + stats.in_flight
+        if lost:
+            self._counters.add(DropReason.ABANDONED, lost)
+        self._timer.wake()
+        return lost
 
     async def aflush(self, timeout: float | None = 30.0) -> bool:
         """:meth:`force_flush` without blocking the event loop."""
@@ -771,6 +1109,9 @@ class ExportPipeline:
             breaker_state=breaker.state.value if breaker is not None else "disabled",
             breaker_openings=breaker.openings if breaker is not None else 0,
             bytes_sent=values.get("bytes_sent", 0),
+            spooled=values.get("spooled", 0),
+            replayed=values.get("replayed", 0),
+            spool=self._spool.statistics() if self._spool is not None else None,
             export_latency_last_ms=self._latency_last,
             export_latency_avg_ms=self._latency_sum / batches if batches else 0.0,
             export_latency_max_ms=self._latency_max,

@@ -156,6 +156,13 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._lock = threading.Lock()
 
+    def remaining(self, now: float) -> float:
+        """Seconds until a call may go ahead (0.0 if it may now); changes nothing."""
+        with self._lock:
+            if self.state is BreakerState.OPEN:
+                return max(0.0, self._opened_at + self.cooldown_s - now)
+            return 0.0
+
     def before_call(self, now: float) -> float:
         """0.0 if a call may go ahead now, else the seconds until it may."""
         with self._lock:
@@ -266,21 +273,32 @@ class RateLimitedExporter:
         self._spans = TokenBucket(spans_per_s) if spans_per_s > 0 else None
         self._bytes = TokenBucket(bytes_per_s) if bytes_per_s > 0 else None
 
-    def export(self, spans: Sequence[SpanData], ctx: ExportContext) -> ExportResult:
-        now = ctx.now()
+    def delay(self, now: float) -> float:
+        """Seconds until the next batch may go (0.0: now)."""
         wait = 0.0
         if self._spans is not None:
             wait = self._spans.wait_time(now)
         if self._bytes is not None:
             wait = max(wait, self._bytes.wait_time(now))
+        return wait
+
+    def charge_spans(self, spans: int, now: float) -> None:
+        if self._spans is not None:
+            self._spans.charge(spans, now)
+
+    def charge_bytes(self, sent: int, now: float) -> None:
+        if self._bytes is not None and sent:
+            self._bytes.charge(sent, now)
+
+    def export(self, spans: Sequence[SpanData], ctx: ExportContext) -> ExportResult:
+        now = ctx.now()
+        wait = self.delay(now)
         if wait > 0:
             ctx.stats.add("rate_limited")
             return ExportResult(ExportStatus.DEFERRED, retry_after_s=wait, detail="rate limited")
-        if self._spans is not None:
-            self._spans.charge(len(spans), now)
+        self.charge_spans(len(spans), now)
         result = self.inner.export(spans, ctx)
-        if self._bytes is not None and result.bytes_sent:
-            self._bytes.charge(result.bytes_sent, ctx.now())
+        self.charge_bytes(result.bytes_sent, ctx.now())
         return result
 
     def shutdown(self) -> None:
@@ -310,9 +328,14 @@ class ResilienceBuilder:
         self._bytes_per_s = 0.0
 
     @classmethod
-    def from_config(cls, exporter: BatchExporter, config: ExportConfig) -> ResilienceBuilder:
-        """Retry always; breaker and rate limits as ``config`` says (0 = off)."""
-        builder = cls(exporter).retry()
+    def from_config(
+        cls, exporter: BatchExporter, config: ExportConfig, *, retry: bool = True
+    ) -> ResilienceBuilder:
+        """Retry (unless ``retry`` is False: a pipeline with a spool retries by
+        replaying from it); breaker and rate limits as ``config`` says (0 = off)."""
+        builder = cls(exporter)
+        if retry:
+            builder.retry()
         if config.breaker_failures > 0:
             builder.circuit_breaker(
                 failures=config.breaker_failures,
@@ -355,6 +378,13 @@ class ResilienceBuilder:
                 exporter, spans_per_s=self._spans_per_s, bytes_per_s=self._bytes_per_s
             )
         return exporter
+
+
+def find_rate_limiter(exporter: object) -> RateLimitedExporter | None:
+    """The first rate-limit layer in a layer chain."""
+    return next(
+        (layer for layer in layers(exporter) if isinstance(layer, RateLimitedExporter)), None
+    )
 
 
 def find_breaker(exporter: object) -> CircuitBreaker | None:

@@ -298,12 +298,14 @@ class OtlpHttpExporter:
             self._conn.close()
             self._conn = None
 
-    def _post(self, body: bytes, timeout: float) -> tuple[int, str, str | None, bytes]:
+    def _post(
+        self, body: bytes, timeout: float, headers: Mapping[str, str]
+    ) -> tuple[int, str, str | None, bytes]:
         for attempt in (0, 1):
             conn = self._connection(timeout)
             reused = conn.sock is not None
             try:
-                conn.request("POST", self._path, body, self._headers)
+                conn.request("POST", self._path, body, dict(headers))
                 if conn.sock is not None:
                     self._wait_for_answer(conn.sock, timeout)
                 resp = conn.getresponse()
@@ -334,25 +336,66 @@ class OtlpHttpExporter:
 
     def export(self, spans: Sequence[SpanData], ctx: ExportContext) -> ExportResult:
         """One POST of ``spans``, bounded by ``ctx``'s deadline and the request timeout."""
-        remaining = ctx.remaining()
-        if remaining <= 0:
+        if ctx.remaining() <= 0:
             return ExportResult(ExportStatus.RETRYABLE, detail="deadline passed before sending")
         with self._lock:
             body, invalid = self._body(spans)
-            token = otel_context.attach(
-                otel_context.set_value(otel_context._SUPPRESS_INSTRUMENTATION_KEY, True)
+            result = self._send(body, invalid, len(spans), self._headers, ctx)
+        if result.status is not ExportStatus.RETRYABLE:
+            self._last_spans = None
+        return result
+
+    def spool_body(self, spans: Sequence[SpanData]) -> tuple[bytes, dict[str, str], int]:
+        """The body :meth:`export` sends for ``spans``, with what :meth:`send_body` needs
+        to send it again (content type and encoding), and the spans left out as invalid."""
+        if type(spans) is EncodedBatch and spans.encoded_by is self:
+            body, invalid = spans.body, spans.invalid_spans
+        else:
+            body, invalid = self._encode(spans)
+        meta = {"content_type": self._headers["Content-Type"]}
+        if self._gzip:
+            meta["content_encoding"] = "gzip"
+        return body, meta, invalid
+
+    def send_body(
+        self, body: bytes, meta: Mapping[str, str], spans: int, ctx: ExportContext
+    ) -> ExportResult:
+        """One POST of a body :meth:`spool_body` made (here or in an earlier process)."""
+        if ctx.remaining() <= 0:
+            return ExportResult(ExportStatus.RETRYABLE, detail="deadline passed before sending")
+        headers = dict(self._headers)
+        headers["Content-Type"] = meta.get("content_type", headers["Content-Type"])
+        headers.pop("Content-Encoding", None)
+        if meta.get("content_encoding"):
+            headers["Content-Encoding"] = meta["content_encoding"]
+        with self._lock:
+            return self._send(body, 0, spans, headers, ctx)
+
+    def _send(
+        self,
+        body: bytes,
+        invalid: int,
+        spans: int,
+        headers: Mapping[str, str],
+        ctx: ExportContext,
+    ) -> ExportResult:
+        """POST ``body`` (holding ``spans`` spans) and classify the answer; under ``_lock``."""
+        token = otel_context.attach(
+            otel_context.set_value(otel_context._SUPPRESS_INSTRUMENTATION_KEY, True)
+        )
+        try:
+            status, ctype, retry_after, data = self._post(
+                body, min(self._timeout_s, ctx.remaining()), headers
             )
-            try:
-                status, ctype, retry_after, data = self._post(body, min(self._timeout_s, remaining))
-            except (OSError, http.client.HTTPException) as exc:
-                self._close()
-                return ExportResult(
-                    ExportStatus.RETRYABLE,
-                    invalid_spans=invalid,
-                    detail=f"connection error: {exc!r}",
-                )
-            finally:
-                otel_context.detach(token)
+        except (OSError, http.client.HTTPException) as exc:
+            self._close()
+            return ExportResult(
+                ExportStatus.RETRYABLE,
+                invalid_spans=invalid,
+                detail=f"connection error: {exc!r}",
+            )
+        finally:
+            otel_context.detach(token)
         if 200 <= status < 300:
             rejected, message = parse_partial_success(data, ctype)
             if rejected or message:
@@ -363,10 +406,9 @@ class OtlpHttpExporter:
                     rejected_spans=rejected,
                     error_message=message,
                 )
-            self._last_spans = None
             return ExportResult(
                 ExportStatus.SUCCESS,
-                rejected_spans=min(rejected, len(spans)),
+                rejected_spans=min(rejected, spans),
                 invalid_spans=invalid,
                 bytes_sent=len(body),
             )
@@ -379,7 +421,6 @@ class OtlpHttpExporter:
                 retry_after_s=parse_retry_after(retry_after, now=self._wall_clock),
                 detail=detail,
             )
-        self._last_spans = None
         self._log.warning(
             f"permanent_{status}",
             "otlp export refused; batch dropped",
