@@ -184,6 +184,8 @@ def _server_env(contender: Contender, receiver: str, db_dir: str) -> dict[str, s
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ZER_VER_"))}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
     env["ZER_VER_DB_PATH"] = str(Path(db_dir) / "loadtest.sqlite3")
+    # A spool of the run's own: nothing left by an earlier run is replayed into this one.
+    env["ZER_VER_EXPORT_SPOOL_DIR"] = str(Path(db_dir) / "spool")
     for key, value in contender.env.items():
         env[key] = value.replace("{receiver}", receiver)
     return env

@@ -32,6 +32,7 @@ from ._spans import Resource
 from ._steps import Step
 from ._tracing import SpanSink, TraceEngine, default_resource, engine_from_settings
 from ._version import __version__
+from .export._config import ExportConfig
 
 if TYPE_CHECKING:
     from ._park import Interpreter
@@ -196,20 +197,23 @@ class App:
         self.subscribe(engine)
         return engine
 
-    def trace_in_process(self, environ: Mapping[str, str]) -> ProcessTraceSubscriber:
+    def trace_in_process(
+        self, environ: Mapping[str, str], *, default_spool_dir: str | None = None
+    ) -> ProcessTraceSubscriber:
         """Build and export traces in a separate exporter process (see ``_offload``).
 
-        ``environ`` supplies the exporter variables for the child.
+        ``environ`` supplies the exporter variables (see :class:`~zerver.export.ExportConfig`);
+        ``default_spool_dir`` the spool directory when ``ZER_VER_EXPORT_SPOOL_DIR`` is unset.
         """
         spec = EngineSpec(
             settings=self.settings,
+            export=ExportConfig.from_env(environ, default_spool_dir=default_spool_dir),
             resource=dict(self._resource().attributes),
             static_attributes={
                 system: dict(attrs)
                 for system, interp in self._interpreters.items()
                 if isinstance(attrs := getattr(interp, "span_attributes", None), Mapping)
             },
-            environ=dict(environ),
             parent_cpus=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
         )
         sub = ProcessTraceSubscriber(spec)
@@ -300,6 +304,17 @@ class App:
                     except Exception:
                         _log.exception("subscriber shutdown failed", subscriber=repr(sub))
             self._started = False
+
+    def abandon(self) -> None:
+        """Stop telemetry at once (the process is about to exit on a second signal):
+        each subscriber that can spools or counts what it still holds."""
+        for sub in self._subscribers:
+            abandon = getattr(sub, "abandon", None)
+            if abandon is not None:
+                try:
+                    abandon()
+                except Exception:
+                    _log.exception("subscriber abandon failed", subscriber=repr(sub))
 
     @property
     def jobs(self) -> JobSystem:

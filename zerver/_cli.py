@@ -28,7 +28,7 @@ def serving_app(*, check_only: bool = False) -> App:
     """
     from ._logging import AccessLog, configure_logging
     from ._server import load_app
-    from ._telemetry import setup_tracing
+    from ._telemetry import default_spool_dir, setup_tracing
     from .export import ExportConfig
 
     settings = load_settings()
@@ -43,7 +43,7 @@ def serving_app(*, check_only: bool = False) -> App:
         return app
     if settings.access_log:
         app.subscribe(AccessLog())
-    setup_tracing(app)
+    setup_tracing(app, default_spool_dir=default_spool_dir(settings.service_name or app.name))
     # Everything built so far lives as long as the process: keep it out of the
     # garbage collector's full passes, which otherwise show up in latency tails.
     gc.freeze()
@@ -119,7 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "golden":
         return _golden(args)
-    from ._server import serve_from_settings
+    from ._server import catch_early_signals, serve_from_settings
+
+    catch_early_signals()
 
     try:
         settings = _settings(args)

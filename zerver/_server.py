@@ -25,6 +25,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.process import BaseProcess
@@ -48,6 +50,12 @@ __all__ = ["ServerApp", "ServerConfig", "run", "serve", "serve_from_settings"]
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger("zerver.server")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A second stop signal this soon after the first is the same request delivered twice
+# (a terminal's Ctrl-C reaches the whole process group, and the supervisor forwards it
+# too; systemd signals every process of the unit), not an operator's "stop at once".
+_DUPLICATE_SIGNAL_S = 0.5
+# Stop signals that arrived before the server could handle them (see catch_early_signals).
+_EARLY_SIGNALS: list[int] = []
 # Back-off after a failed accept (EMFILE and friends) so the loop cannot spin.
 _ACCEPT_BACKOFF_S = 0.1
 _PEER_ERRNOS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO})
@@ -323,6 +331,7 @@ def run(
     """
     if workers < 1:
         raise UsageError(f"workers must be 1 or more, got {workers}")
+    catch_early_signals()
     if workers == 1:
         loaded = load_app(app) if isinstance(app, str) else app
         anyio.run(_serve_until_signalled, loaded, config, on_started, None)
@@ -415,6 +424,23 @@ class _Reporter:
             self._callback(value)
 
 
+def catch_early_signals() -> None:
+    """Until the server handles SIGINT/SIGTERM itself, remember them instead of dying.
+
+    Called first thing by the CLI and in each worker process: a Ctrl-C while the app
+    is being imported or its exporter process started then stops the server as soon
+    as it runs, through the graceful path (telemetry drained or spooled, counts
+    logged), instead of a ``KeyboardInterrupt`` traceback.
+    """
+
+    def note(signum: int, frame: object) -> None:
+        _EARLY_SIGNALS.append(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in _SIGNALS:
+            signal.signal(signum, note)
+
+
 async def _serve_until_signalled(
     app: ServerApp,
     config: ServerConfig,
@@ -424,22 +450,57 @@ async def _serve_until_signalled(
     shutdown = anyio.Event()
     with anyio.open_signal_receiver(*_SIGNALS) as signals:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_shutdown_on_signal, signals, shutdown)
+            tg.start_soon(_shutdown_on_signal, signals, shutdown, app)
             if parent_sentinel is not None:
                 tg.start_soon(_shutdown_when_parent_exits, parent_sentinel, shutdown)
             await serve(app, config, task_status=_Reporter(on_started), shutdown=shutdown)
             tg.cancel_scope.cancel()
 
 
-async def _shutdown_on_signal(signals: AsyncIterator[int], shutdown: anyio.Event) -> None:
-    async for signum in signals:
-        if shutdown.is_set():
-            # Shutdown is already bounded by shutdown_timeout_s; a second signal
-            # (e.g. SIGINT from the terminal and again from the parent) changes nothing.
-            _log.info("signal ignored; already shutting down", signal=signal.Signals(signum).name)
-            continue
-        _log.info("signal received; shutting down", signal=signal.Signals(signum).name)
+async def _shutdown_on_signal(
+    signals: AsyncIterator[int], shutdown: anyio.Event, app: ServerApp
+) -> None:
+    """The first stop signal shuts down gracefully; another one (not a duplicate of
+    the first) stops at once: the app abandons its telemetry (spooling what it can,
+    counting the rest) and the process exits with 128 + the signal number."""
+    first_at: float | None = None
+    if _EARLY_SIGNALS:
+        signum = _EARLY_SIGNALS[0]
+        _EARLY_SIGNALS.clear()
+        _log.info("signal received during start-up; shutting down", signal=_name(signum))
+        first_at = time.monotonic()
         shutdown.set()
+    async for signum in signals:
+        if not shutdown.is_set():
+            _log.info("signal received; shutting down", signal=_name(signum))
+            first_at = time.monotonic()
+            shutdown.set()
+            continue
+        if first_at is not None and time.monotonic() - first_at < _DUPLICATE_SIGNAL_S:
+            _log.info("signal ignored; already shutting down", signal=_name(signum))
+            continue
+        _log.warning("second signal; stopping at once", signal=_name(signum))
+        _exit_now(app, 128 + signum)
+
+
+def _name(signum: int) -> str:
+    with contextlib.suppress(ValueError):
+        return signal.Signals(signum).name
+    return str(signum)
+
+
+def _exit_now(app: ServerApp, code: int) -> None:
+    """Let the app abandon what it holds (bounded, no network), then exit at once."""
+    abandon = getattr(app, "abandon", None)
+    if callable(abandon):
+        try:
+            abandon()
+        except Exception:
+            _log.exception("abandoning the app's telemetry failed")
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 async def _shutdown_when_parent_exits(sentinel: int, shutdown: anyio.Event) -> None:
@@ -476,6 +537,9 @@ def _worker_main(
     target: str, config: ServerConfig, ready: Pipe, init: Callable[[], object] | None
 ) -> None:
     """Entry point of a worker process (spawned, so everything arrives pickled)."""
+    catch_early_signals()
+    # Blocked by the supervisor while it spawned us (see _Supervisor._start_workers).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     if init is not None:
         init()
     app = load_app(target)
@@ -521,6 +585,11 @@ class _Supervisor:
     async def run(self) -> int:
         self._stop = anyio.Event()
         self._exited = anyio.Event()
+        if _EARLY_SIGNALS:
+            self._signal = signal.Signals(_EARLY_SIGNALS[0])
+            _EARLY_SIGNALS.clear()
+            _log.info("signal received during start-up; stopping workers")
+            self._stop.set()
         with anyio.open_signal_receiver(*_SIGNALS) as signals:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._forward_signals, signals)
@@ -550,7 +619,13 @@ class _Supervisor:
                 args=(self._target, self._config, sender, self._init),
                 name=f"zerver-worker-{index + 1}",
             )
-            process.start()
+            # Blocked while spawning: a Ctrl-C during the worker's start-up waits until
+            # it can handle it (catch_early_signals), instead of a traceback.
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+            try:
+                process.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
             sender.close()
             worker = _Worker(process, receiver)
             self._workers.append(worker)

@@ -11,6 +11,7 @@ application installed its own).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import cast
 
@@ -21,12 +22,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.util.types import AttributeValue
 
 from ._app import App
-from ._offload import ProcessTraceSubscriber
+from ._offload import ProcessTraceSubscriber, records_item_spans
+from ._sinks import InMemorySpanSink
 from ._spans import SpanData
-from ._tracing import TraceEngine
+from ._tracing import TraceEngine, engine_from_settings
 from .export import ExportConfig, ExportPipeline, ZerverSpanProcessor
 
-__all__ = ["PipelineSink", "setup_tracing"]
+__all__ = ["PipelineSink", "default_spool_dir", "setup_tracing"]
 
 _log = structlog.get_logger("zerver.export")
 
@@ -50,41 +52,101 @@ class PipelineSink:
 
     def shutdown(self) -> None:
         report = self.pipeline.shutdown(self.drain_timeout_s)
+        self._log_totals("trace export stopped", report.not_sent)
+
+    def abandon(self) -> None:
+        """Stop at once: what is buffered or in flight is counted as abandoned."""
+        self._log_totals("trace export abandoned", self.pipeline.abandon())
+
+    def _log_totals(self, event: str, not_sent: int) -> None:
         stats = self.pipeline.stats()
         dropped = {k: v for k, v in stats.dropped.items() if v}
-        (_log.warning if dropped or report.not_sent else _log.info)(
-            "trace export stopped",
+        (_log.warning if dropped or not_sent else _log.info)(
+            event,
             spans_exported=stats.exported,
+            spans_replayed=stats.replayed,
+            spans_spooled=stats.spooled,
             spans_dropped=dropped,
-            not_sent=report.not_sent,
+            not_sent=not_sent,
+            spool=stats.spool.path if stats.spool is not None else None,
+            spool_items=stats.spool.items if stats.spool is not None else 0,
         )
 
 
+def default_spool_dir(service: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """Where ``zerver run`` spools a service's traces unless told otherwise:
+    ``$XDG_STATE_HOME/zerver/spool/<service>`` (``~/.local/state`` when unset).
+
+    None, with a warning, if that directory cannot be made (a read-only home): the
+    service then runs without a spool rather than not at all.
+    """
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", service).strip("._") or "app"
+    path = os.path.join(base, "zerver", "spool", name)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        _log.warning(
+            "no trace spool: its default directory cannot be made; set "
+            "ZER_VER_EXPORT_SPOOL_DIR to keep traces through backend outages",
+            spool=path,
+            error=exc.strerror,
+        )
+        return None
+    return path
+
+
 def setup_tracing(
-    app: App, environ: Mapping[str, str] | None = None
+    app: App, environ: Mapping[str, str] | None = None, *, default_spool_dir: str | None = None
 ) -> TraceEngine | ProcessTraceSubscriber | None:
     """Trace ``app`` to the exporters the environment names; ``None`` when tracing is off.
 
     With ``ZER_VER_EXPORT_PROCESS=on`` (or ``auto`` on a machine with more than
     one core) spans are built and exported in a separate exporter process.
-    Raises :class:`~zerver.ConfigError` naming the first invalid variable.
+    ``default_spool_dir``: the spool directory unless ``ZER_VER_EXPORT_SPOOL_DIR``
+    says otherwise. Raises :class:`~zerver.ConfigError` naming the first invalid
+    variable.
     """
     env = os.environ if environ is None else environ
-    config = ExportConfig.from_env(env)
+    config = ExportConfig.from_env(env, default_spool_dir=default_spool_dir)
     if not config.exporters or config.exporters == ("none",):
         return None
     mode = app.settings.export_process
-    if mode == "on" or (mode == "auto" and (os.cpu_count() or 1) > 1):
+    in_child = mode == "on" or (mode == "auto" and (os.cpu_count() or 1) > 1)
+    spooling = config.spool_dir is not None and config.exporters == ("otlp",)
+    _log.info(
+        "trace export",
+        exporters=",".join(config.exporters),
+        endpoint=config.endpoint if "otlp" in config.exporters else None,
+        built_in="exporter process" if in_child else "this process",
+        spool=config.spool_dir if spooling else "off",
+        spool_max_mb=config.spool_max_bytes // 2**20 if spooling else None,
+    )
+    if in_child:
         # The exporter process may use any core, even if this one is pinned.
-        sub = app.trace_in_process(env)
+        sub = app.trace_in_process(env, default_spool_dir=default_spool_dir)
         # User spans (rare) then use a pipeline of their own in this process.
         _install_user_span_provider(
             app, sub.spec.resource, lambda: ExportPipeline.from_config(config), owns=True
         )
         return sub
-    pipeline = ExportPipeline.from_config(config)
+    # Records an exporter process spooled (an earlier run) are rebuilt by an engine of
+    # the pipeline's own: the app's engine belongs to the event loop's thread.
+    replayer: list[TraceEngine] = []
+    pipeline = ExportPipeline.from_config(
+        config, rebuild=lambda item: records_item_spans(replayer[0], item)
+    )
     sink = PipelineSink(pipeline, drain_timeout_s=app.settings.shutdown_timeout_s)
     engine = app.trace_to(sink)
+    replayer.append(
+        engine_from_settings(
+            app.settings,
+            InMemorySpanSink(),
+            resource=engine.resource,
+            interpreters=app.interpreters,
+        )
+    )
     # User spans leave through the same pipeline, which the sink shuts down.
     _install_user_span_provider(app, engine.resource.attributes, lambda: pipeline, owns=False)
     return engine

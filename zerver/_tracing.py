@@ -262,6 +262,12 @@ class TraceEngine:
         if close is not None:
             close()
 
+    def abandon(self) -> None:
+        """Stop the sink at once (a second signal), if it can."""
+        abandon = getattr(self.sink, "abandon", None)
+        if abandon is not None:
+            abandon()
+
     # -- building -----------------------------------------------------------------------
 
     def build(self, rec: RequestRecord) -> list[SpanData]:
