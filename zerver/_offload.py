@@ -382,7 +382,12 @@ def _child_main(conn: Connection, spec: EngineSpec) -> None:
     from ._logging import configure_logging
 
     configure_logging(spec.settings.log_format, spec.settings.log_level)
-    _Exporter(conn, _build_pipeline(spec, child=True), spec.drain_timeout_s).run()
+    try:
+        _Exporter(conn, _build_pipeline(spec, child=True), spec.drain_timeout_s).run()
+    except Exception:
+        # A bug: said in the log's format; the server notices the exit and restarts us.
+        _log.exception("exporter process failed")
+        raise SystemExit(1) from None
 
 
 def _build_pipeline(spec: EngineSpec, *, child: bool) -> _Builder:

@@ -68,7 +68,7 @@ class PipelineSink:
             spans_spooled=stats.spooled,
             spans_dropped=dropped,
             not_sent=not_sent,
-            spool=stats.spool.path if stats.spool is not None else None,
+            spool=os.path.dirname(stats.spool.path) if stats.spool is not None else None,
             spool_items=stats.spool.items if stats.spool is not None else 0,
         )
 
@@ -126,9 +126,13 @@ def setup_tracing(
     if in_child:
         # The exporter process may use any core, even if this one is pinned.
         sub = app.trace_in_process(env, default_spool_dir=default_spool_dir)
-        # User spans (rare) then use a pipeline of their own in this process.
+        # User spans (rare) then use a pipeline of their own in this process; the
+        # exporter process replays what it spools.
         _install_user_span_provider(
-            app, sub.spec.resource, lambda: ExportPipeline.from_config(config), owns=True
+            app,
+            sub.spec.resource,
+            lambda: ExportPipeline.from_config(config, replay=False),
+            owns=True,
         )
         return sub
     # Records an exporter process spooled (an earlier run) are rebuilt by an engine of

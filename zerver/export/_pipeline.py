@@ -233,6 +233,7 @@ class ExportPipeline:
         spool: Spool | None = None,
         rebuild: Callable[[SpoolItem], Sequence[SpanData]] | None = None,
         retry_policy: RetryPolicy | None = None,
+        replay: bool = True,
     ) -> None:
         if max_queue_size < 1 or max_export_batch_size < 1:
             raise ValueError("max_queue_size and max_export_batch_size must be >= 1")
@@ -300,6 +301,7 @@ class ExportPipeline:
         self._failures = 0  # consecutive failed attempts (live or replayed)
         self._hold_until = 0.0  # no attempt before this: back-off or the backend's Retry-After
         self._down_at_shutdown = False  # an attempt failed while shutting down: spool the rest
+        self._replay = replay
         self._spool_waiting = spool is not None  # the spool may hold something to replay
         self._next_spool_check = 0.0
 
@@ -339,6 +341,7 @@ class ExportPipeline:
         exporter: BatchExporter | None = None,
         timer: Timer | None = None,
         rebuild: Callable[[SpoolItem], Sequence[SpanData]] | None = None,
+        replay: bool = True,
     ) -> ExportPipeline:
         """A pipeline with ``config``'s buffer, batching, overflow and spool settings.
 
@@ -346,7 +349,8 @@ class ExportPipeline:
         resilient OTLP/HTTP exporter, the console exporter, both, or none. With
         ``config.spool_dir`` and the OTLP exporter alone, batches that cannot be
         sent now go to a :class:`~zerver.export.Spool` there; ``rebuild`` turns
-        spooled request records (from the exporter process) back into spans.
+        spooled request records (from the exporter process) back into spans;
+        ``replay=False`` leaves replaying the spool to another pipeline.
         """
         spool = None
         if exporter is None:
@@ -369,6 +373,7 @@ class ExportPipeline:
             timer=timer,
             spool=spool,
             rebuild=rebuild if spool is not None else None,
+            replay=replay,
         )
         pipeline._owns_spool = spool is not None
         return pipeline
@@ -857,7 +862,7 @@ class ExportPipeline:
         spool is looked at again, for items other processes wrote); None: never (no
         spool, or shutting down)."""
         spool = self._spool
-        if spool is None or self._closed:
+        if spool is None or self._closed or not self._replay:
             return None
         now = self._timer.monotonic()
         if now >= self._next_spool_check:

@@ -129,6 +129,8 @@ class SpoolStats:
     items: int
     """Items stored now, claimed or not (all processes)."""
     count: int
+    count_by_kind: Mapping[str, int]
+    """``count`` per kind (spans in ``otlp`` items, records in ``records`` items...)."""
     bytes_used: int
     """Pages in use times the page size (the WAL excluded)."""
     max_bytes: int
@@ -148,7 +150,7 @@ class SpoolStats:
 
 
 # The per-object counters: every field of SpoolStats after max_bytes.
-_COUNTERS = tuple(f.name for f in fields(SpoolStats))[5:]
+_COUNTERS = tuple(f.name for f in fields(SpoolStats))[6:]
 
 
 class _FullError(Exception):
@@ -336,7 +338,7 @@ class Spool:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._closed = False
-        self._usage = (0, 0, 0)
+        self._usage: tuple[int, int, dict[str, int], int] = (0, 0, {}, 0)
         self._page_size = 4096
         self._file_id = (0, 0)
         self._maintained_ns = wall_ns()
@@ -558,17 +560,23 @@ class Spool:
     def _snapshot(self, *, refresh: bool) -> SpoolStats:
         if refresh:
             try:
-                row = self._db.execute(
-                    "SELECT count(*), coalesce(sum(count), 0) FROM items"
-                ).fetchone()
-                self._usage = (row[0], row[1], self._used(self._db))
+                rows = self._db.execute(
+                    "SELECT kind, count(*), coalesce(sum(count), 0) FROM items GROUP BY kind"
+                ).fetchall()
+                self._usage = (
+                    sum(r[1] for r in rows),
+                    sum(r[2] for r in rows),
+                    {r[0]: r[2] for r in rows},
+                    self._used(self._db),
+                )
             except Exception as exc:  # statistics never raise; keep the last known values
                 self._failed("statistics", exc)
-        items, count, used = self._usage
+        items, count, by_kind, used = self._usage
         return SpoolStats(
             path=self._path,
             items=items,
             count=count,
+            count_by_kind=dict(by_kind),
             bytes_used=used,
             max_bytes=self._max_bytes,
             **self._counts,
