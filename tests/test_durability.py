@@ -136,7 +136,7 @@ def test_a_full_spool_drops_counts_and_logs_at_once(tmp_path: Path) -> None:
         refused = s.wait_event("spool refused an item; dropped", 20)
         assert refused["reason"] == "full"
         reported = s.wait_event("spans dropped", 20)  # logged while serving, not at exit
-        assert reported["dropped"]["spool_full"] > 0  # type: ignore[index]
+        assert reported["dropped"]["spool_full"] > 0
         code, _ = s.stop()
     assert code == 0
     stopped = exit_line(s)
