@@ -575,6 +575,8 @@ class _Exporter:
             if msg[0] == _BATCH:
                 self.intake.offer(msg[1], msg[2], self.ack_now)
             elif msg[0] == _STOP:
+                # The server has stopped serving: its cores are free for the drain.
+                _use_other_cores([])
                 self.intake.stop(float(msg[1]))
                 return
 
