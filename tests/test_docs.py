@@ -1,10 +1,10 @@
 """Every Python example in docs/ runs, so a page cannot drift from the code it shows.
 
 Each ```python block is run on its own, in a fresh interpreter and an empty
-working directory. Lines ``#> text`` after a ``print`` give the output the block
-must print (in order, indentation ignored; ``ruff format`` writes them ``# > text``). A block that is a fragment (it
-names a module of the reader's, or continues an earlier block) says so on the
-line before its fence: ``<!-- docs-test: skip, <why> -->``.
+working directory. Lines ``# > text`` after a ``print`` give the output the
+block must print (in order, indentation ignored). A block that is a fragment
+(it names a module of the reader's, or continues an earlier block) says so on
+the line before its fence: ``<!-- docs-test: skip, <why> -->``.
 
 Written by hand rather than with pytest-examples: under pytest 9 its failure
 report raises an INTERNALERROR, which would hide the very failure it exists to show.
