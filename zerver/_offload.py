@@ -107,8 +107,8 @@ PACK_SCHEMA = "1"
 whenever the layout changes, so an older spool is reported rather than misread."""
 
 # Messages, marshalled tuples. Server → exporter: (_BATCH, seq, [record blobs]) and
-# (_STOP, seconds left). Exporter → server: (_READY,), (_ACK, [seqs], counters) and
-# (_FINAL, [seqs], counters).
+# (_STOP, seconds left). Exporter → server: (_READY,), (_ACK, [seqs], counters or None)
+# and (_FINAL, [seqs], counters).
 _BATCH, _STOP, _READY, _ACK, _FINAL = "b", "s", "r", "a", "f"
 
 _STABLE_S = 10.0
@@ -539,7 +539,7 @@ class _Exporter:
             self.conn.send_bytes(marshal.dumps(msg))
 
     def ack_now(self, seqs: list[int]) -> None:
-        self.send((_ACK, seqs, self.counters()))
+        self.send((_ACK, seqs, None))
 
     def _ack_later(self, seq: int) -> Callable[[], None]:
         def settled() -> None:
@@ -644,12 +644,15 @@ class _Exporter:
         return True
 
     def _flush_acks(self) -> None:
+        """Acknowledge what settled; the counters go along twice a second."""
         with self._acks_lock:
             acks, self._acks = self._acks, []
         now = time.monotonic()
-        if acks or now - self._last_report > 0.5:
+        due = now - self._last_report > 0.5
+        if due:
             self._last_report = now
-            self.send((_ACK, acks, self.counters()))
+        if acks or due:
+            self.send((_ACK, acks, self.counters() if due else None))
 
     def _finish(self) -> None:
         """Spool what could not be built, shut the pipeline down, report, exit."""
@@ -882,7 +885,8 @@ class ProcessTraceSubscriber:
             blobs = self._unacked.pop(seq, None)
             if blobs is not None:
                 self.records_sent += len(blobs)
-        self.child_stats = msg[2]
+        if msg[2] is not None:
+            self.child_stats = msg[2]
         if kind == _FINAL:
             child.final = True
 
