@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import marshal
+import os
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+import structlog
 
 from zerver import App, RequestRecord, SpanData, TraceEngine, load_settings
 from zerver._offload import ProcessTraceSubscriber, pack_record, unpack_record
@@ -108,3 +111,64 @@ async def test_full_buffer_drops_and_counts(tmp_path: Path) -> None:
         assert sub.stats()["records_dropped"] == 2
         assert sub.stats()["records_sent"] == 0
     await anyio.lowlevel.checkpoint()
+
+
+def _roots(receiver: OtlpReceiver) -> set[str]:
+    return {s["traceId"] for s in receiver.spans() if s["name"].startswith("http.server:")}
+
+
+async def test_an_exporter_that_falls_behind_spools_records_and_delivers_them(
+    tmp_path: Path,
+) -> None:
+    # A slow backend and a small pipeline: the exporter process cannot keep up.
+    with OtlpReceiver(delay_s=0.02) as receiver:
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
+            "OTEL_BSP_SCHEDULE_DELAY": "20",
+            "OTEL_BSP_MAX_QUEUE_SIZE": "128",
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "64",
+            "ZER_VER_EXPORT_SPOOL_DIR": str(tmp_path / "spool"),
+        }
+        app = create_app(settings=load_settings({}, db_path=str(tmp_path / "b.sqlite3")))
+        sub = app.trace_in_process(env)
+        async with AppClient(app) as c:
+            for _ in range(1500):
+                assert (await c.get("/healthz")).status == 200
+        stats = sub.stats()
+        assert len(_roots(receiver)) == 1500
+    assert stats["exporter"]["records_spilled"] > 0, "the exporter spooled records"
+    assert stats["records_sent"] == 1500
+    assert stats["records_lost"] == stats["records_dropped"] == 0
+    assert sum(stats["exporter"]["export"]["dropped"].values()) == 0
+
+
+async def test_an_exporter_that_keeps_dying_leaves_building_to_the_server(
+    tmp_path: Path,
+) -> None:
+    with OtlpReceiver() as receiver:
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
+            "OTEL_BSP_SCHEDULE_DELAY": "20",
+            "ZER_VER_EXPORT_SPOOL_DIR": str(tmp_path / "spool"),
+        }
+        app = create_app(settings=load_settings({}, db_path=str(tmp_path / "k.sqlite3")))
+        sub = app.trace_in_process(env)
+        sub.max_restarts = 0  # the first death within 10 s of starting is one too many
+        with structlog.testing.capture_logs() as logs:
+            async with AppClient(app) as c:
+                for _ in range(100):
+                    await c.get("/healthz")
+                with anyio.fail_after(20):
+                    while not (sub._child is not None and sub._child.ready):
+                        await anyio.sleep(0.01)
+                os.kill(sub._child.process.pid, signal.SIGKILL)
+                with anyio.fail_after(20):
+                    while not sub.stats()["fallback"]:
+                        await anyio.sleep(0.01)
+                for _ in range(100):
+                    await c.get("/healthz")
+        assert len(_roots(receiver)) == 200
+    events = [e["event"] for e in logs]
+    assert "exporter process keeps dying; building spans in this process from now on" in events
+    stats = sub.stats()
+    assert stats["records_lost"] == stats["records_dropped"] == 0

@@ -74,6 +74,7 @@ import structlog
 
 from ._config import Settings
 from ._effects import Effect
+from ._errors import ConfigError
 from ._records import (
     JobState,
     NeedRecord,
@@ -414,7 +415,12 @@ def _build_pipeline(spec: EngineSpec, *, child: bool) -> _Builder:
     if not child:
         replayer = engine(InMemorySpanSink())
         rebuild = lambda item: records_item_spans(replayer, item)  # noqa: E731
-    pipeline = ExportPipeline.from_config(config, rebuild=rebuild)
+    try:
+        pipeline = ExportPipeline.from_config(config, rebuild=rebuild)
+    except ConfigError as exc:  # the spool went away since start-up: carry on without
+        _log.error("trace spool unavailable; exporting without one", error=str(exc))
+        config = dataclasses.replace(config, spool_dir=None)
+        pipeline = ExportPipeline.from_config(config, rebuild=rebuild)
     sink = _CountingSink(pipeline)
     return _Builder(engine(sink), sink)
 
