@@ -161,7 +161,9 @@ async def test_an_exporter_that_keeps_dying_leaves_building_to_the_server(
                 with anyio.fail_after(20):
                     while not (sub._child is not None and sub._child.ready):
                         await anyio.sleep(0.01)
-                os.kill(sub._child.process.pid, signal.SIGKILL)
+                pid = sub._child.process.pid
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
                 with anyio.fail_after(20):
                     while not sub.stats()["fallback"]:
                         await anyio.sleep(0.01)
