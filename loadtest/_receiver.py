@@ -2,8 +2,9 @@
 attributes spans to the route of their trace's root.
 
 Built on :class:`zerver.export.OtlpReceiver` (threaded, 127.0.0.1, decodes JSON
-and protobuf, gzip too): its responder hook tallies each accepted request and
-then drops the body, so a long run holds counters, not payloads.
+and protobuf, gzip too, once per request as a collector would): its responder
+hook queues the decoded request, which a tally thread counts off the answer's
+path and drops, so a long run holds counters, not payloads.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
-import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from zerver import SpanKind
@@ -25,6 +26,7 @@ from zerver.export import OtlpReceiver, ReceivedRequest, Reply
 __all__ = ["RouteTally", "SpanReceiver", "SpanTally", "TallySnapshot"]
 
 _ROUTE_KEYS = ("http.route", "url.path", "http.target")
+_STOP = object()
 
 
 @dataclass(slots=True)
@@ -68,8 +70,7 @@ class SpanTally:
         self.export_requests = 0
         self.decode_errors = 0
 
-    def add_protobuf(self, body: bytes) -> None:
-        message = ExportTraceServiceRequest.FromString(body)
+    def add_protobuf(self, message: ExportTraceServiceRequest) -> None:
         rows: list[tuple[str, str | None]] = []
         for rs in message.resource_spans:
             for ss in rs.scope_spans:
@@ -81,8 +82,7 @@ class SpanTally:
                     rows.append((span.trace_id.hex(), root))
         self._add(rows)
 
-    def add_json(self, body: bytes) -> None:
-        doc = orjson.loads(body)
+    def add_json(self, doc: dict[str, Any]) -> None:
         rows: list[tuple[str, str | None]] = []
         for rs in doc.get("resourceSpans", ()):
             for ss in rs.get("scopeSpans", ()):
@@ -149,23 +149,24 @@ class SpanReceiver:
     """An OTLP/HTTP traces receiver on 127.0.0.1 that tallies what it accepts.
 
     ``endpoint`` is the base URL to give as ``OTEL_EXPORTER_OTLP_ENDPOINT``
-    (exporters append ``/v1/traces``). The HTTP thread parses each body (as
-    :class:`~zerver.export.OtlpReceiver` does, like a collector), queues it and
-    answers; one decoder thread then decodes it again to tally spans per route,
+    (exporters append ``/v1/traces``). The HTTP thread decodes each body once (as
+    :class:`~zerver.export.OtlpReceiver` does, like a collector), queues the
+    decoded request and answers; one tally thread counts its spans per route,
     off the answer's path. The queue is bounded: when it is full the HTTP thread
     waits (the exporter sees a slow collector), and nothing is ever dropped here.
     """
 
     def __init__(self, *, max_pending: int = 512) -> None:
         self.tally = SpanTally()
-        self._receiver = OtlpReceiver(keep_bodies=True, responder=self._on_request)
-        self._pending: queue.Queue[tuple[str, bytes] | None] = queue.Queue(max_pending)
+        self._receiver = OtlpReceiver(responder=self._on_request)
+        self._pending: queue.Queue[Any] = queue.Queue(max_pending)
         self._decoder: threading.Thread | None = None
         self._last = time.monotonic()
 
     def _on_request(self, req: ReceivedRequest) -> Reply | None:
-        body, req.body = req.body, b""
-        self._pending.put((req.content_type, body))
+        # The receiver decoded the body already (as a collector would): tally that.
+        req.body = b""
+        self._pending.put(req.document)
         self._last = time.monotonic()
         return None  # the receiver's default: 200 with an empty export response
 
@@ -173,14 +174,13 @@ class SpanReceiver:
         while True:
             item = self._pending.get()
             try:
-                if item is None:
+                if item is _STOP:
                     return
-                content_type, body = item
                 try:
-                    if "protobuf" in content_type:
-                        self.tally.add_protobuf(body)
+                    if isinstance(item, ExportTraceServiceRequest):
+                        self.tally.add_protobuf(item)
                     else:
-                        self.tally.add_json(body)
+                        self.tally.add_json(item)
                 except Exception:
                     self.tally.add_error()
             finally:
@@ -196,7 +196,7 @@ class SpanReceiver:
     def stop(self) -> None:
         self._receiver.stop()
         if self._decoder is not None:
-            self._pending.put(None)
+            self._pending.put(_STOP)
             self._decoder.join()
             self._decoder = None
 

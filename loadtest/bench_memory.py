@@ -207,6 +207,7 @@ class Server:
         )
         self.lines: collections.deque[str] = collections.deque(maxlen=50)
         self._port: int | None = None
+        self.exporter_pid: int | None = None
         self._started = threading.Event()
         self._reader = threading.Thread(target=self._read, name="server-log", daemon=True)
         self._reader.start()
@@ -214,7 +215,6 @@ class Server:
             self.stop()
             raise RuntimeError("server did not start:\n" + "\n".join(self.lines))
         self.port: int = self._port
-        self.exporter_pid: int | None = None
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -479,6 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_seconds=args.max_seconds,
         tool=args.loadgen,
     )
+    # SIGTERM ends the run like Ctrl-C: the servers started are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     modes = MODES if args.mode == "all" else (args.mode,)
     results = [run_mode(mode, cfg) for mode in modes]
     print(format_report(results))

@@ -52,6 +52,9 @@ class ReceivedRequest:
     body: bytes
     """Decompressed body (empty unless the receiver keeps bodies)."""
     span_count: int = 0
+    document: Any = None
+    """The decoded request (a JSON dict or an ``ExportTraceServiceRequest``), set only
+    while the ``responder`` runs, so a responder need not decode the body again."""
     error: str = ""
     status: int = 0
     received_at: float = 0.0
@@ -336,13 +339,15 @@ class OtlpReceiver:
             body = gzip.decompress(raw) if encoding == "gzip" else raw
             if "protobuf" in ctype:
                 message = ExportTraceServiceRequest.FromString(body)
+                req.document = message
                 req.span_count = sum(
                     len(ss.spans) for rs in message.resource_spans for ss in rs.scope_spans
                 )
             else:
                 # The whole document is parsed (as a collector would); counting
                 # then needs only the length of each ``spans`` list.
-                req.span_count = _count_spans(orjson.loads(body))
+                req.document = orjson.loads(body)
+                req.span_count = _count_spans(req.document)
             if self.keep_bodies:
                 req.body = body
         except Exception as exc:
@@ -357,6 +362,7 @@ class OtlpReceiver:
             reply = Reply(400, body=req.error.encode())
         elif self.responder is not None:
             reply = self.responder(req)
+        req.document = None  # a long run keeps requests, not decoded documents
         if reply is None:
             reply = Reply()
         req.status = reply.status
