@@ -307,6 +307,9 @@ class _Builder:
         self.engine = engine
         self.sink = sink
         self.pipeline = sink.pipeline
+        self.waiting_hook: Callable[[], None] = _nothing
+        """Run while waiting for room: what settled meanwhile is acknowledged then,
+        not only once the batch being built is done."""
         self._ids = random.Random()
         # (spans submitted once the batch was built, what to do when they settled)
         self._waiting: deque[tuple[int, Callable[[], None]]] = deque()
@@ -319,6 +322,8 @@ class _Builder:
         engine = self.engine
         for i, blob in enumerate(blobs):
             while not self.pipeline.wait_for_room(_ROOM_PER_RECORD, 0.1):
+                self.settle()
+                self.waiting_hook()
                 if time.monotonic() >= until:
                     self._waiting.append((self.sink.count, on_settled))
                     return blobs[i:]
@@ -535,6 +540,7 @@ class _Exporter:
         self.spool = self.pipeline.spool
         self.intake = _Intake(self.spool)
         self.drain_timeout_s = drain_timeout_s
+        builder.waiting_hook = self._flush_acks
         self._send_lock = threading.Lock()
         self._acks: list[int] = []
         self._acks_lock = threading.Lock()
