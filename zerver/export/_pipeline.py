@@ -94,6 +94,7 @@ _DROP_REASONS = frozenset((*DropReason.ALL, INVALID))
 # send, or None when the encoder already settled them (encoding raised).
 _Item = tuple[Sequence[SpanData] | None, int]
 _STOP: _Item = (None, -1)
+_PAST_DEADLINE = ExportResult(ExportStatus.DEFERRED, detail="shutdown deadline passed")
 
 
 def _group_by_trace(spans: list[SpanData]) -> list[SpanData]:
@@ -723,41 +724,61 @@ class ExportPipeline:
         if self._spool is not None:
             self._export_or_spool(spans)
             return
-        counters = self._counters
+        started = self._timer.monotonic()
+        stop_at = self._stop_at
+        if stop_at is not None and started >= stop_at:
+            self._drop(DropReason.SHUTDOWN_DEADLINE, len(spans))
+            return
+        result = self._attempt(spans, spool_on_open_breaker=False)
+        if result is _PAST_DEADLINE:
+            self._drop(DropReason.SHUTDOWN_DEADLINE, len(spans))
+        elif result is not None:
+            self._record_latency(started)
+            self._account(result, len(spans))
+
+    def _attempt(
+        self, spans: Sequence[SpanData], *, spool_on_open_breaker: bool
+    ) -> ExportResult | None:
+        """Run the exporter chain once over ``spans`` within the batch deadline (the
+        shutdown deadline at the latest), waiting out ``DEFERRED`` answers: the rate
+        limit always, an open breaker unless ``spool_on_open_breaker`` (then the
+        ``DEFERRED`` result is returned). ``_PAST_DEADLINE`` when the shutdown deadline
+        passed while waiting; None if the exporter raised (dropped, counted)."""
         timer = self._timer
-        n = len(spans)
-        started = timer.monotonic()
         while True:
             now = timer.monotonic()
             deadline = now + self._export_timeout_s
             stop_at = self._stop_at
             if stop_at is not None:
                 if now >= stop_at:
-                    self._drop(DropReason.SHUTDOWN_DEADLINE, n)
-                    return
+                    return _PAST_DEADLINE
                 deadline = min(deadline, stop_at)
-            ctx = self._ctx = ExportContext(timer, deadline, counters)
+            ctx = self._ctx = ExportContext(timer, deadline, self._counters)
             try:
                 result = self._exporter.export(spans, ctx)
             except Exception as exc:
-                self._drop(DropReason.EXPORTER_ERROR, n)
+                self._drop(DropReason.EXPORTER_ERROR, len(spans))
                 self._log.warning(
                     "exporter_error", "exporter raised; batch dropped", error=repr(exc)
                 )
-                return
+                return None
             finally:
                 self._ctx = None
             if result.status is not ExportStatus.DEFERRED:
-                break
+                return result
+            breaker = self._breaker
+            if spool_on_open_breaker and breaker is not None and breaker.remaining(ctx.now()):
+                return result
             wait = result.retry_after_s if result.retry_after_s else 0.01
-            if self._stop_at is not None:
-                wait = min(wait, self._stop_at - timer.monotonic())
+            if stop_at is not None:
+                wait = min(wait, stop_at - timer.monotonic())
             timer.sleep(wait)
-        elapsed = max(0.0, timer.monotonic() - started) * 1000.0
+
+    def _record_latency(self, started: float) -> None:
+        elapsed = max(0.0, self._timer.monotonic() - started) * 1000.0
         self._latency_last = elapsed
         self._latency_sum += elapsed
         self._latency_max = max(self._latency_max, elapsed)
-        self._account(result, n)
 
     # -- spooling (sender thread) ---------------------------------------------------
 
@@ -765,53 +786,27 @@ class ExportPipeline:
         """Send ``spans`` once, or put them in the spool: no attempt is made while the
         backend asked to wait or is backing off, while the breaker is open, or once an
         attempt failed during shutdown; a failed attempt spools the batch and backs off."""
-        timer = self._timer
-        n = len(spans)
-        while True:
-            now = timer.monotonic()
-            stop_at = self._stop_at
-            if (
-                now < self._hold_until
-                or self._down_at_shutdown
-                or (stop_at is not None and now >= stop_at)
-                or (self._breaker is not None and self._breaker.remaining(now) > 0)
-            ):
-                self._to_spool(spans, replay=replay)
-                return
-            deadline = now + self._export_timeout_s
-            if stop_at is not None:
-                deadline = min(deadline, stop_at)
-            ctx = self._ctx = ExportContext(timer, deadline, self._counters)
-            try:
-                result = self._exporter.export(spans, ctx)
-            except Exception as exc:
-                self._drop(DropReason.EXPORTER_ERROR, n)
-                self._log.warning(
-                    "exporter_error", "exporter raised; batch dropped", error=repr(exc)
-                )
-                return
-            finally:
-                self._ctx = None
-            if result.status is ExportStatus.DEFERRED:
-                if self._breaker is not None and self._breaker.remaining(timer.monotonic()) > 0:
-                    continue  # the breaker opened: spool (above)
-                # The rate limit: wait for it, as without a spool.
-                wait = result.retry_after_s if result.retry_after_s else 0.01
-                if stop_at is not None:
-                    wait = min(wait, stop_at - timer.monotonic())
-                timer.sleep(wait)
-                continue
-            break
-        elapsed = max(0.0, timer.monotonic() - now) * 1000.0
-        self._latency_last = elapsed
-        self._latency_sum += elapsed
-        self._latency_max = max(self._latency_max, elapsed)
+        now = self._timer.monotonic()
+        stop_at = self._stop_at
+        if (
+            now < self._hold_until
+            or self._down_at_shutdown
+            or (stop_at is not None and now >= stop_at)
+            or (self._breaker is not None and self._breaker.remaining(now) > 0)
+        ):
+            self._to_spool(spans, replay=replay)
+            return
+        result = self._attempt(spans, spool_on_open_breaker=True)
+        if result is None:
+            return
+        self._record_latency(now)
         if result.status is ExportStatus.RETRYABLE:
             self._attempt_failed(result)
+        if result.status in (ExportStatus.RETRYABLE, ExportStatus.DEFERRED):
             self._to_spool(spans, replay=replay)
             return
         self._attempt_succeeded()
-        self._account(result, n, "replayed" if replay else "exported")
+        self._account(result, len(spans), "replayed" if replay else "exported")
 
     def _attempt_failed(self, result: ExportResult) -> None:
         """Back off before the next attempt; the backend's Retry-After is a floor."""
