@@ -407,22 +407,27 @@ class ExportPipeline:
         For producers that are not a request's path (the exporter process's builder):
         they wait here instead of having spans refused. False on time-out or shutdown.
         """
-        if len(self._q) + spans <= self._limit:
-            return True
+        return len(self._q) + spans <= self._limit or self._await_room(spans, timeout) is None
+
+    def _await_room(self, spans: int, timeout: float) -> str | None:
+        """Wait up to ``timeout`` until ``spans`` more fit; None once they do, else why
+        not (``closed`` or ``block_timeout``)."""
         deadline = time.monotonic() + timeout
         with self._room:
             self._blocked += 1
             try:
                 while len(self._q) + spans > self._limit:
+                    if self._closed:
+                        return DropReason.CLOSED
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or self._closed:
-                        return False
+                    if remaining <= 0:
+                        return DropReason.BLOCK_TIMEOUT
                     self._signalled = True
-                    self._wake.set()
+                    self._wake.set()  # the worker takes a batch, which makes room
                     self._room.wait(remaining)
             finally:
                 self._blocked -= 1
-        return True
+        return None
 
     # -- submit (request path) --------------------------------------------------
 
@@ -470,26 +475,13 @@ class ExportPipeline:
 
     def _wait_for_room(self) -> bool:
         try:
-            deadline = time.monotonic() + self._block_timeout_s
-            with self._room:
-                self._blocked += 1
-                try:
-                    while len(self._q) >= self._limit:
-                        if self._closed:
-                            self._refuse(DropReason.CLOSED)
-                            return False
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            self._refuse(DropReason.BLOCK_TIMEOUT)
-                            return False
-                        self._signalled = True
-                        self._wake.set()
-                        self._room.wait(remaining)
-                finally:
-                    self._blocked -= 1
-            return True
+            refused = self._await_room(1, self._block_timeout_s)
         except Exception:  # telemetry never raises into the request
             return False
+        if refused is not None:
+            self._refuse(refused)
+            return False
+        return True
 
     def _refuse(self, reason: str) -> None:
         with self._submit_lock:
