@@ -1,7 +1,8 @@
 """The contenders: how each server is started and what it is asked.
 
-Every contender serves ``GET /items/{id}`` (a small JSON body); zerver's also
-serve the demo's ``GET /blogs/posts/{id}``. Each is started as
+Every contender serves ``GET /items/{id}`` (a small JSON body); zerver's and
+Starlette's also serve the demo's ``GET /blogs/posts/{id}`` (SQLite and an
+in-process cache, the same answer bytes). Each is started as
 ``<argv> --port P`` on 127.0.0.1 with a clean environment: inherited
 ``OTEL_*`` and ``ZER_VER_*`` variables are removed and the contender's own set,
 so a developer's shell cannot change what is measured.
@@ -66,12 +67,14 @@ CONTENDERS: tuple[Contender, ...] = (
         name="starlette",
         title="uvicorn (h11) + Starlette, untraced",
         argv=(*_UVICORN, "loadtest.apps.starlette_app:app"),
+        workloads=(ITEMS, BLOG),
     ),
     Contender(
         name="starlette-otel",
         title="uvicorn (h11) + Starlette + OTel ASGI, BatchSpanProcessor, OTLP/HTTP protobuf",
         argv=(*_UVICORN, "--factory", "loadtest.apps.starlette_app:create_traced_app"),
         env={"OTEL_EXPORTER_OTLP_ENDPOINT": "{receiver}", "OTEL_SERVICE_NAME": "loadtest"},
+        workloads=(ITEMS, BLOG),
         traced=True,
     ),
     Contender(

@@ -44,6 +44,7 @@ __all__ = [
     "RunConfig",
     "WorkloadResult",
     "format_table",
+    "ratio_lines",
     "ratios",
     "run_all",
     "write_results",
@@ -75,6 +76,8 @@ class WorkloadResult:
     contender: str
     workload: str
     path: str
+    route: str = ""
+    """The route template (``/items/{id}``); ratios are labelled with it (else with ``path``)."""
     load: LoadResult | None = None
     warmup_requests: int = 0
     spans: int = 0
@@ -90,6 +93,7 @@ class WorkloadResult:
             "contender": self.contender,
             "workload": self.workload,
             "path": self.path,
+            "route": self.route,
             "load": self.load.to_dict() if self.load else None,
             "warmup_requests": self.warmup_requests,
             "requests_total": self.requests_total,
@@ -308,7 +312,9 @@ def _run_workload(
     progress: Progress,
     prefix: str,
 ) -> WorkloadResult:
-    out = WorkloadResult(contender=contender.name, workload=workload.name, path=workload.path)
+    out = WorkloadResult(
+        contender=contender.name, workload=workload.name, path=workload.path, route=workload.route
+    )
     spec = LoadSpec(
         port=port,
         path=workload.path,
@@ -414,7 +420,8 @@ class Report:
     machine: dict[str, object]
     config: dict[str, object]
     contenders: list[ContenderResult]
-    ratios: dict[str, float]
+    ratios: dict[str, dict[str, float]]
+    """Per route (``/items/{id}``, ``/blogs/posts/{id}``): req/s ratios, see :func:`ratios`."""
 
     @property
     def problems(self) -> list[str]:
@@ -499,23 +506,46 @@ def _rps(results: Sequence[ContenderResult], name: str, workload: str = "items")
     return None
 
 
-def ratios(results: Sequence[ContenderResult]) -> dict[str, float]:
-    """req/s ratios on ``GET /items/{id}`` (only those whose two contenders ran)."""
-    pairs = {
-        "zerver-otlp / starlette": ("zerver-otlp", "starlette"),
-        "zerver-otlp / starlette-otel": ("zerver-otlp", "starlette-otel"),
-        "zerver-otlp / floor-anyio": ("zerver-otlp", "floor-anyio"),
-        "zerver-otlp / floor-protocol": ("zerver-otlp", "floor-protocol"),
-        "zerver-otlp / zerver": ("zerver-otlp", "zerver"),
-        "zerver-debug-jobs / zerver": ("zerver-debug-jobs", "zerver"),
-        "zerver / starlette": ("zerver", "starlette"),
-    }
-    out: dict[str, float] = {}
-    for label, (a, b) in pairs.items():
-        ra, rb = _rps(results, a), _rps(results, b)
-        if ra is not None and rb:
-            out[label] = round(ra / rb, 3)
+_PAIRS: dict[str, tuple[str, str]] = {
+    "zerver-otlp / starlette": ("zerver-otlp", "starlette"),
+    "zerver-otlp / starlette-otel": ("zerver-otlp", "starlette-otel"),
+    "zerver-otlp / floor-anyio": ("zerver-otlp", "floor-anyio"),
+    "zerver-otlp / floor-protocol": ("zerver-otlp", "floor-protocol"),
+    "zerver-otlp / zerver": ("zerver-otlp", "zerver"),
+    "zerver-debug-jobs / zerver": ("zerver-debug-jobs", "zerver"),
+    "zerver / starlette": ("zerver", "starlette"),
+}
+"""Ratio label -> (numerator, denominator) contender names."""
+
+
+def ratios(results: Sequence[ContenderResult]) -> dict[str, dict[str, float]]:
+    """req/s ratios per route, ``{"/items/{id}": {"zerver / starlette": 1.2, ...}, ...}``.
+
+    Each pair of :data:`_PAIRS` is compared on every workload both of its
+    contenders served (a route with no such pair is left out).
+    """
+    routes: dict[str, str] = {}  # workload name -> route label, in the order they ran
+    for r in results:
+        for w in r.workloads:
+            routes.setdefault(w.workload, w.route or w.path)
+    out: dict[str, dict[str, float]] = {}
+    for workload, route in routes.items():
+        row: dict[str, float] = {}
+        for label, (a, b) in _PAIRS.items():
+            ra, rb = _rps(results, a, workload), _rps(results, b, workload)
+            if ra is not None and rb:
+                row[label] = round(ra / rb, 3)
+        if row:
+            out[route] = row
     return out
+
+
+def ratio_lines(report: Report) -> list[str]:
+    """One line per route: ``req/s ratios on GET <route>: a / b = 1.23, ...``."""
+    return [
+        f"req/s ratios on GET {route}: " + ", ".join(f"{k} = {v:.2f}" for k, v in row.items())
+        for route, row in report.ratios.items()
+    ]
 
 
 def format_table(report: Report) -> str:
@@ -539,10 +569,7 @@ def format_table(report: Report) -> str:
             )
     if report.ratios:
         lines.append("")
-        lines.append(
-            "req/s ratios on GET /items/{id}: "
-            + ", ".join(f"{k} = {v:.2f}" for k, v in report.ratios.items())
-        )
+        lines.extend(ratio_lines(report))
     return "\n".join(lines)
 
 
@@ -558,15 +585,19 @@ def write_results(report: Report, out: Path) -> Path:
 
 
 def write_svg(report: Report, path: Path) -> Path:
-    """A dependency-free bar chart: req/s and p99 latency per contender and path."""
+    """A dependency-free bar chart: req/s and p99 latency per contender and path, then
+    the req/s ratios per route."""
     rows = [
         (f"{c.name} {w.path}", w.load.rps if w.load else 0.0, w.load.p99_ms if w.load else 0.0)
         for c in report.contenders
         for w in c.workloads
     ]
     bar_h, gap, label_w, panel_w = 18, 6, 260, 300
-    height = 40 + len(rows) * (bar_h + gap)
     width = label_w + 2 * panel_w + 60
+    notes = _wrap_ratios(report, max_chars=(width - 20) // 7)
+    line_h = 16
+    bars_end = 30 + len(rows) * (bar_h + gap)
+    height = bars_end + 10 + (len(notes) * line_h + 10 if notes else 0)
     max_rps = max((r[1] for r in rows), default=0.0) or 1.0
     max_p99 = max((r[2] for r in rows), default=0.0) or 1.0
     parts = [
@@ -589,10 +620,32 @@ def write_svg(report: Report, path: Path) -> Path:
             f'<rect x="{x2}" y="{y}" width="{w2:.1f}" height="{bar_h}" fill="#cc6677"/>',
             f'<text x="{x2 + w2 + 4:.1f}" y="{y + 13}">{p99:.2f}</text>',
         ]
+    for i, (text, bold) in enumerate(notes):
+        y = bars_end + 14 + i * line_h
+        weight = ' font-weight="bold"' if bold else ""
+        indent = 10 if bold else 24
+        parts.append(f'<text x="{indent}" y="{y}"{weight}>{_xml(text)}</text>')
     parts.append("</svg>")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts) + "\n")
     return path
+
+
+def _wrap_ratios(report: Report, max_chars: int) -> list[tuple[str, bool]]:
+    """The chart's ratio lines: a heading per route, then its ratios wrapped to ``max_chars``."""
+    out: list[tuple[str, bool]] = []
+    for route, row in report.ratios.items():
+        out.append((f"req/s ratios on GET {route}", True))
+        line = ""
+        for k, v in row.items():
+            item = f"{k} = {v:.2f}"
+            if line and len(line) + 2 + len(item) > max_chars:
+                out.append((line + ",", False))
+                line = ""
+            line = f"{line}, {item}" if line else item
+        if line:
+            out.append((line, False))
+    return out
 
 
 def _xml(text: str) -> str:

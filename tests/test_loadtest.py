@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+import httpx
 import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind as OtelSpanKind
 
+import zerver
 from loadtest._contenders import BLOG, ITEMS, Contender, by_name
 from loadtest._loadgen import LoadResult, LoadSpec, run_load, run_python_load
 from loadtest._receiver import SpanReceiver, TallySnapshot
@@ -24,12 +32,18 @@ from loadtest._runner import (
     _account,
     format_table,
     free_port,
+    ratio_lines,
+    ratios,
     stop_process,
     wait_ready,
     write_results,
     write_svg,
 )
+from loadtest.apps import starlette_app
 from loadtest.apps.h11_floor import BODY, _FloorProtocol
+from zerver.demo import SEED_AUTHORS, SEED_POSTS
+from zerver.demo import create_app as create_demo_app
+from zerver.testing import AppClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -275,3 +289,201 @@ def test_contenders_are_chosen_by_name() -> None:
         assert "unknown contender 'nope'" in str(exc)
     else:
         raise AssertionError("expected ValueError")
+
+
+# -- the blog route: Starlette serves zerver's bytes --------------------------------
+
+BLOG_TARGETS = ("/blogs/posts/1", "/blogs/posts/1", "/blogs/posts/2", "/blogs/posts/nope")
+"""Post 1 twice: the first author comes from SQLite (a cache miss), the next from the cache."""
+
+
+def _http_get(port: int, target: str) -> tuple[int, bytes, str]:
+    url = f"http://127.0.0.1:{port}{target}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read(), resp.headers.get("content-type", "")
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, err.read(), err.headers.get("content-type", "")
+
+
+def _zerver_answers(db_path: Path, targets: tuple[str, ...]) -> list[tuple[int, bytes, str]]:
+    async def scenario() -> list[tuple[int, bytes, str]]:
+        app = create_demo_app(settings=zerver.load_settings({}, db_path=str(db_path)))
+        out: list[tuple[int, bytes, str]] = []
+        async with AppClient(app) as client:
+            for target in targets:
+                resp = await client.get(target)
+                ctype = next((v for k, v in resp.headers if k == "content-type"), "")
+                out.append((resp.status, resp.body, ctype))
+        return out
+
+    return asyncio.run(scenario())
+
+
+def test_starlette_blog_route_serves_zerver_demo_bytes_from_the_same_file(tmp_path: Path) -> None:
+    # Starlette first, on a fresh file: it creates zerver's tables and seeds the demo rows,
+    # then zerver's demo reads that same file (and finds nothing to seed).
+    db_path = tmp_path / "loadtest.sqlite3"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ZER_VER_"))}
+    env["ZER_VER_DB_PATH"] = str(db_path)
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "--http", "h11", "--log-level", "warning"]
+    proc = subprocess.Popen(
+        [*argv, "loadtest.apps.starlette_app:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_ready(port, proc, timeout_s=20)
+        starlette = [_http_get(port, t) for t in BLOG_TARGETS]
+        items = _http_get(port, "/items/42")
+    finally:
+        killed = stop_process(proc, timeout_s=10)
+        assert proc.stderr is not None
+        stderr = proc.stderr.read().decode(errors="replace")
+        proc.stderr.close()
+    assert not killed
+    assert "Traceback" not in stderr, stderr
+    assert db_path.exists()
+    assert items[0] == 200
+    zerver_answers = _zerver_answers(db_path, BLOG_TARGETS)
+    assert starlette == zerver_answers
+    assert [status for status, _, _ in starlette] == [200, 200, 200, 404]
+    assert orjson.loads(starlette[0][1]) == {
+        "post": SEED_POSTS["1"],
+        "author": SEED_AUTHORS["ada"],
+    }
+    assert starlette[3][1] == b'{"error":"post not found","key":"nope"}'
+    assert {ctype for _, _, ctype in starlette} == {"application/json"}
+
+
+def test_traced_starlette_blog_route_makes_a_span_per_cache_and_db_call(tmp_path: Path) -> None:
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    db_path = tmp_path / "traced.sqlite3"
+    inner = starlette_app.create_app(str(db_path), tracer=provider.get_tracer("test"))
+    traced = OpenTelemetryMiddleware(inner, tracer_provider=provider)
+
+    async def scenario() -> list[tuple[int, bytes]]:
+        transport = httpx.ASGITransport(app=traced)
+        async with (
+            inner.router.lifespan_context(inner),
+            httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
+        ):
+            out = []
+            for target in ("/blogs/posts/1", "/blogs/posts/1"):
+                resp = await client.get(target)
+                out.append((resp.status_code, resp.content))
+            return out
+
+    answers = asyncio.run(scenario())
+    provider.shutdown()
+    assert answers == [(s, b) for s, b, _ in _zerver_answers(db_path, ("/blogs/posts/1",) * 2)]
+
+    spans = exporter.get_finished_spans()
+    roots = [s for s in spans if s.parent is None]
+    assert len(roots) == 2 and all(s.kind == OtelSpanKind.SERVER for s in roots)
+
+    def calls(root: ReadableSpan) -> list[tuple[str, object]]:
+        assert root.context is not None
+        return [
+            (s.name, (s.attributes or {}).get("cache.hit", (s.attributes or {}).get("db.system")))
+            for s in spans
+            if s.kind == OtelSpanKind.CLIENT
+            and s.parent is not None
+            and s.parent.span_id == root.context.span_id
+        ]
+
+    # Spans end in the order they were started here; the first request misses the cache.
+    assert calls(roots[0]) == [
+        ("cache.get author_profile", False),
+        ("db.get blog_post", "sqlite"),
+        ("db.get author", "sqlite"),
+        ("cache.set author_profile", None),
+    ]
+    assert calls(roots[1]) == [("cache.get author_profile", True), ("db.get blog_post", "sqlite")]
+
+
+# -- ratios ------------------------------------------------------------------------
+
+
+def _served(name: str, items_rps: int, blog_rps: int | None = None) -> ContenderResult:
+    result = ContenderResult(name=name, title=name, traced=False, check_spans=False)
+    loads = [(ITEMS, items_rps)] + ([(BLOG, blog_rps)] if blog_rps is not None else [])
+    result.workloads = [
+        WorkloadResult(
+            contender=name,
+            workload=w.name,
+            path=w.path,
+            route=w.route,
+            load=LoadResult(tool="wrk", requests=rps, duration_s=1.0, p99_ms=2.0),
+        )
+        for w, rps in loads
+    ]
+    return result
+
+
+def test_ratios_are_given_per_route_with_the_blog_route(tmp_path: Path) -> None:
+    results = [
+        _served("starlette", 1000, 500),
+        _served("starlette-otel", 500, 250),
+        _served("zerver", 2000, 1500),
+        _served("zerver-otlp", 1500, 1000),
+        _served("floor-anyio", 3000),
+    ]
+    got = ratios(results)
+    assert got == {
+        "/items/{id}": {
+            "zerver-otlp / starlette": 1.5,
+            "zerver-otlp / starlette-otel": 3.0,
+            "zerver-otlp / floor-anyio": 0.5,
+            "zerver-otlp / zerver": 0.75,
+            "zerver / starlette": 2.0,
+        },
+        "/blogs/posts/{id}": {
+            "zerver-otlp / starlette": 2.0,
+            "zerver-otlp / starlette-otel": 4.0,
+            "zerver-otlp / zerver": 0.667,
+            "zerver / starlette": 3.0,
+        },
+    }
+    report = Report(
+        started="2026-01-01T00:00:00+00:00",
+        elapsed_s=3.0,
+        machine={"cpus": 2},
+        config={"quick": True},
+        contenders=results,
+        ratios=got,
+    )
+    blog_line = (
+        "req/s ratios on GET /blogs/posts/{id}: zerver-otlp / starlette = 2.00, "
+        "zerver-otlp / starlette-otel = 4.00, zerver-otlp / zerver = 0.67, "
+        "zerver / starlette = 3.00"
+    )
+    lines = ratio_lines(report)
+    assert len(lines) == 2
+    assert lines[0].startswith("req/s ratios on GET /items/{id}: zerver-otlp / starlette = 1.50")
+    assert lines[1] == blog_line
+    table = format_table(report)
+    assert table.endswith("\n" + "\n".join(lines))
+    assert "| starlette | /blogs/posts/1 | 500 |" in table
+    saved = json.loads(write_results(report, tmp_path).read_text())
+    assert saved["ratios"]["/blogs/posts/{id}"]["zerver / starlette"] == 3.0
+    assert saved["contenders"][0]["workloads"][1]["route"] == "/blogs/posts/{id}"
+    svg = write_svg(report, tmp_path / "chart.svg").read_text()
+    assert "req/s ratios on GET /blogs/posts/{id}" in svg
+    assert "zerver-otlp / starlette-otel = 4.00" in svg
+    assert "starlette /blogs/posts/1" in svg
+
+
+def test_ratios_skip_pairs_that_did_not_both_run() -> None:
+    assert ratios([_served("zerver", 2000, 1500), _served("floor-anyio", 3000)]) == {}
+    assert ratios([_served("zerver", 2000, 1500), _served("starlette", 1000)]) == {
+        "/items/{id}": {"zerver / starlette": 2.0}
+    }
