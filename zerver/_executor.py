@@ -118,6 +118,7 @@ class _NeedRun:
 
     __slots__ = (
         "cont_job",
+        "cont_worker",
         "ctx",
         "done",
         "effects",
@@ -156,6 +157,7 @@ class _NeedRun:
         self.jobs: list[Job] = []
         self.next_effect = 0
         self.cont_job: Job | None = None
+        self.cont_worker: tuple[int, anyio.Event] | None = None
         self.done = anyio.Event()
         self.outcome: Decision | PipelineError | None = None
         self.error: JobState | None = None
@@ -254,6 +256,13 @@ class _NeedRun:
         record.jobs.append(st)
         job = Job(st, ex.clock, self._run_continuation, self._continuation_done, record)
         self.cont_job = job
+        # An idle continuation worker: the request's own task runs the job for it
+        # (enqueued and taken now, started when the task resumes), one task switch less.
+        worker = ex.jobs.continuations.take_now(job)
+        if worker is not None:
+            self.cont_worker = worker
+            self.done.set()
+            return
         try:
             ex.jobs.continuations.enqueue(job)
         except EffectError as exc:
@@ -261,7 +270,23 @@ class _NeedRun:
                 FAIL, error_type=exc.kind, error_message=str(exc), status_hint=exc.status_hint
             )
 
+    def run_held_continuation(self) -> None:
+        """On the request's task: run the continuation taken for it, then give the
+        continuation worker back."""
+        worker, self.cont_worker = self.cont_worker, None
+        job = self.cont_job
+        assert worker is not None and job is not None
+        self.outcome = None
+        try:
+            if not job.finished:  # not cancelled meanwhile
+                self._run_continuation_now(job)
+        finally:
+            self.executor.jobs.continuations.give_back(worker)
+
     async def _run_continuation(self, job: Job) -> None:
+        self._run_continuation_now(job)
+
+    def _run_continuation_now(self, job: Job) -> None:
         then = self.need.then
         assert then is not None
         st = job.state
@@ -305,6 +330,9 @@ class _NeedRun:
             job.cancel(reason)
         if self.cont_job is not None:
             self.cont_job.cancel(reason)
+        worker, self.cont_worker = self.cont_worker, None
+        if worker is not None:
+            self.executor.jobs.continuations.give_back(worker)
 
 
 class Executor:
@@ -364,6 +392,8 @@ class Executor:
         try:
             run.start()
             await run.done.wait()
+            if run.cont_worker is not None:
+                run.run_held_continuation()
         except BaseException:
             run.cancel("request cancelled")
             raise
