@@ -13,12 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import anyio
 from opentelemetry import context as otel_context
 
 from ._decisions import Continue, Decision, Done, Fail, Mode, Need
 from ._errors import EffectError, ZerverError
-from ._jobs import Job, JobSystem
+from ._jobs import Job, JobSystem, Wakeup, wakeup_factory
 from ._join import JoinState
 from ._propagation import attach_span
 from ._records import (
@@ -157,8 +156,8 @@ class _NeedRun:
         self.jobs: list[Job] = []
         self.next_effect = 0
         self.cont_job: Job | None = None
-        self.cont_worker: tuple[int, anyio.Event] | None = None
-        self.done = anyio.Event()
+        self.cont_worker: tuple[int, Wakeup] | None = None
+        self.done = executor.wakeup()
         self.outcome: Decision | PipelineError | None = None
         self.error: JobState | None = None
 
@@ -338,12 +337,13 @@ class _NeedRun:
 class Executor:
     """Runs pipelines for one app (shared by all its requests)."""
 
-    __slots__ = ("clock", "jobs", "max_depth")
+    __slots__ = ("clock", "jobs", "max_depth", "wakeup")
 
     def __init__(self, clock: Clock, jobs: JobSystem, *, max_depth: int = 16) -> None:
         self.clock = clock
         self.jobs = jobs
         self.max_depth = max_depth
+        self.wakeup = wakeup_factory()  # made where the app runs: inside its event loop
 
     async def run(
         self,

@@ -19,10 +19,12 @@ Rules of the lifecycle (the job system, never user code, writes them):
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -47,7 +49,48 @@ if TYPE_CHECKING:
     from ._effects import Effect
     from ._park import Interpreter
 
-__all__ = ["Job", "JobQueue", "JobSystem"]
+__all__ = ["Job", "JobQueue", "JobSystem", "Wakeup", "wakeup_factory"]
+
+
+class Wakeup(Protocol):
+    """A one-shot signal one task waits on and another sets (``anyio.Event``'s shape)."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> None: ...
+
+
+class _FutureWakeup:
+    """A :class:`Wakeup` on a bare asyncio future: ``anyio.Event`` on asyncio asks the
+    backend for an ``asyncio.Event`` (a waiter deque and a future of its own) on every
+    use, and the job system waits on several of them per request."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._future: asyncio.Future[None] = loop.create_future()
+
+    def set(self) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+    def is_set(self) -> bool:
+        return self._future.done()
+
+    async def wait(self) -> None:
+        await self._future
+
+
+def wakeup_factory() -> Callable[[], Wakeup]:
+    """How to make a :class:`Wakeup` in the running event loop: a bare future on
+    asyncio, an ``anyio.Event`` on any other backend."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.Event
+    return partial(_FutureWakeup, loop)
 
 
 class Job:
@@ -125,7 +168,17 @@ class JobQueue:
     worker idles, so it skips a task switch, never a wait.
     """
 
-    __slots__ = ("_closed", "_idle", "_items", "_woken", "capacity", "clock", "name", "workers")
+    __slots__ = (
+        "_closed",
+        "_idle",
+        "_items",
+        "_wakeup",
+        "_woken",
+        "capacity",
+        "clock",
+        "name",
+        "workers",
+    )
 
     def __init__(self, name: str, capacity: int, workers: int, clock: Clock) -> None:
         if capacity < 1 or workers < 1:
@@ -135,7 +188,8 @@ class JobQueue:
         self.workers = workers
         self.clock = clock
         self._items: deque[Job] = deque()
-        self._idle: list[tuple[int, anyio.Event]] = []
+        self._idle: list[tuple[int, Wakeup]] = []
+        self._wakeup: Callable[[], Wakeup] = anyio.Event  # chosen for the loop in start()
         # Jobs already promised to a woken worker do not count against capacity.
         self._woken = 0
         self._closed = False
@@ -162,7 +216,7 @@ class JobQueue:
             self._woken += 1
             self._idle.pop()[1].set()
 
-    def take_now(self, job: Job) -> tuple[int, anyio.Event] | None:
+    def take_now(self, job: Job) -> tuple[int, Wakeup] | None:
         """Enqueue ``job`` and take it at once for the caller to run, on behalf of an
         idle worker (returned, to :meth:`give_back` once the job finished); None when
         no worker idles or jobs wait (then nothing is recorded: use :meth:`enqueue`)."""
@@ -175,7 +229,7 @@ class JobQueue:
         st.worker = worker[0]
         return worker
 
-    def give_back(self, worker: tuple[int, anyio.Event]) -> None:
+    def give_back(self, worker: tuple[int, Wakeup]) -> None:
         """Return a worker :meth:`take_now` held: idle again, or woken if jobs wait."""
         if self._items or self._closed:
             self._woken += 1
@@ -187,11 +241,12 @@ class JobQueue:
         now = self.clock.now_ns
         items = self._items
         idle = self._idle
+        wakeup = self._wakeup
         while True:
             if not items:
                 if self._closed:
                     return
-                ev = anyio.Event()
+                ev = wakeup()
                 idle.append((index, ev))
                 try:
                     await ev.wait()
@@ -221,6 +276,7 @@ class JobQueue:
         return len(self._idle)
 
     def start(self, tg: TaskGroup) -> None:
+        self._wakeup = wakeup_factory()
         for i in range(self.workers):
             tg.start_soon(self._worker, i, name=f"zerver-{self.name}-{i}")
 
