@@ -106,3 +106,51 @@ async def test_a_continuation_runs_on_the_request_task_with_its_lifecycle_record
         assert cont.enqueue_ts == cont.take_ts is not None
         assert cont.start_ts is not None and cont.start_ts >= cont.take_ts
         assert cont.worker == conts.workers - 1  # the warm, last idle worker
+
+
+class _Peek:
+    """Remembers which OpenTelemetry span is current while it performs."""
+
+    system = "peek"
+
+    def __init__(self, otel_spans: bool) -> None:
+        self.otel_spans = otel_spans
+        self.seen: list[int] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    async def perform(self, effect: Any, job: Any) -> Any:
+        from opentelemetry import trace
+
+        self.seen.append(trace.get_current_span().get_span_context().span_id)
+        return "v"
+
+
+@pytest.mark.parametrize("otel_spans", [True, False])
+async def test_an_interpreter_that_makes_no_otel_spans_is_spared_the_context(
+    otel_spans: bool,
+) -> None:
+    from zerver import Effect
+
+    class Peek(Effect):
+        system = "peek"
+        operation = "get"
+
+    @step(writes=[A])
+    def peek(ctx: Context) -> Need:
+        return Need(Peek(slot=A), then=render)
+
+    interp = _Peek(otel_spans)
+    app = App("peek", settings=load_settings({}))
+    app.interpreter("peek", interp)
+    app.get("/p", peek)
+    cap = RecordCapture()
+    app.subscribe(cap)
+    async with AppClient(app) as client:
+        assert (await client.get("/p")).status == 200
+    [effect_job] = [j for j in cap.records[0].jobs if j.kind == "effect"]
+    assert interp.seen == [effect_job.span_id if otel_spans else 0]

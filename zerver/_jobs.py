@@ -312,6 +312,12 @@ class JobSystem:
         self.effects = JobQueue(effects_queue, effects_capacity, effects_workers, clock)
         self.continuations = JobQueue(cont_queue, cont_capacity, cont_workers, clock)
         self._tg: TaskGroup | None = None
+        # Systems whose interpreter makes no OpenTelemetry spans: no context to attach.
+        self._no_otel = frozenset(
+            name
+            for name, interp in interpreters.items()
+            if getattr(interp, "otel_spans", True) is False
+        )
 
     async def __aenter__(self) -> JobSystem:
         self._tg = anyio.create_task_group()
@@ -361,7 +367,11 @@ class JobSystem:
             job.finish(FAIL, error_type=exc.kind, error_message=str(exc), status_hint=500)
             return
         # Spans an interpreter makes through the OpenTelemetry API nest under the effect.
-        token = attach_span(request, st.span_id) if request.otel_context else None
+        token = (
+            attach_span(request, st.span_id)
+            if request.otel_context and effect.system not in self._no_otel
+            else None
+        )
         active = active_span.set((request, st.span_id))
         try:
             await self._attempts(job, ctx, interp, effect)

@@ -241,6 +241,11 @@ class Interpreter(Protocol):
     :class:`~zerver.EffectError` (``retryable=True`` for failures another
     attempt may cure). It records waits with ``job.parked(...)``. ``start``
     runs when the app starts, ``aclose`` when it stops.
+
+    While ``perform`` runs, the effect's span is the current OpenTelemetry span,
+    so spans the interpreter makes through the OpenTelemetry API nest under it.
+    An interpreter that never makes any says so with a class attribute
+    ``otel_spans = False``, and is spared the context switch (a few µs an effect).
     """
 
     async def start(self) -> None: ...

@@ -53,6 +53,8 @@ class CacheInterpreter:
     """
 
     system = "cache"
+    #: It makes no OpenTelemetry spans of its own (see ``Interpreter``).
+    otel_spans: ClassVar[bool] = False
     #: Static attributes of every span this interpreter's effects produce.
     span_attributes: ClassVar[dict[str, str]] = {"cache.system": "in_process"}
 

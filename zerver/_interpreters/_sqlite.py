@@ -207,6 +207,8 @@ class SqliteInterpreter:
     """
 
     system = "db"
+    #: It makes no OpenTelemetry spans of its own (see ``Interpreter``).
+    otel_spans: ClassVar[bool] = False
     #: Static attributes of every span this interpreter's effects produce.
     span_attributes: ClassVar[dict[str, str]] = {"db.system": "sqlite"}
 
