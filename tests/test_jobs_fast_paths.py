@@ -154,3 +154,54 @@ async def test_an_interpreter_that_makes_no_otel_spans_is_spared_the_context(
         assert (await client.get("/p")).status == 200
     [effect_job] = [j for j in cap.records[0].jobs if j.kind == "effect"]
     assert interp.seen == [effect_job.span_id if otel_spans else 0]
+
+
+class _SaysSynchronous:
+    """Declares ``synchronous`` but waits (a misdeclared interpreter): the wait still
+    runs under the effect's timeout."""
+
+    system = "peek"
+    synchronous = True
+
+    def __init__(self, wait: bool) -> None:
+        self.wait = wait
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    async def perform(self, effect: Any, job: Any) -> Any:
+        if self.wait:
+            await anyio.Event().wait()  # never set: only the timeout ends it
+        return "answered"
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["answers-at-once", "waits-anyway"])
+async def test_a_synchronous_interpreter_runs_without_a_scope_and_still_times_out(
+    wait: bool,
+) -> None:
+    from zerver import Effect, RetryPolicy
+
+    class Peek(Effect):
+        system = "peek"
+        operation = "get"
+
+    @step(writes=[A])
+    def peek(ctx: Context) -> Need:
+        return Need(Peek(slot=A, timeout_ms=50, retry=RetryPolicy(max_attempts=1)), then=render)
+
+    app = App("sync", settings=load_settings({}))
+    app.interpreter("peek", _SaysSynchronous(wait))
+    app.get("/p", peek)
+    cap = RecordCapture()
+    app.subscribe(cap)
+    async with AppClient(app) as client:
+        with anyio.fail_after(10):
+            response = await client.get("/p")
+    [job] = [j for j in cap.records[0].jobs if j.kind == "effect"]
+    if wait:
+        assert (response.status, job.error_type) == (504, "timeout")
+    else:
+        assert response.status == 200 and job.outcome == COMPLETE

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -312,6 +312,10 @@ class JobSystem:
         self.effects = JobQueue(effects_queue, effects_capacity, effects_workers, clock)
         self.continuations = JobQueue(cont_queue, cont_capacity, cont_workers, clock)
         self._tg: TaskGroup | None = None
+        # Systems whose interpreter answers without waiting (``synchronous = True``).
+        self._synchronous = frozenset(
+            name for name, interp in interpreters.items() if getattr(interp, "synchronous", False)
+        )
         # Systems whose interpreter makes no OpenTelemetry spans: no context to attach.
         self._no_otel = frozenset(
             name
@@ -380,6 +384,22 @@ class JobSystem:
             if token is not None:
                 otel_context.detach(token)
 
+    async def _rest_of_attempt(
+        self, job: Job, deadline: float, attempt: Awaitable[Any]
+    ) -> tuple[bool, EffectError | None]:
+        """Await the attempt under its timeout: (timed out?, its error if it failed)."""
+        error: EffectError | None = None
+        scope = job.scope = anyio.CancelScope(deadline=deadline)
+        with scope:
+            try:
+                job.result = await attempt
+            except EffectError as exc:
+                error = exc
+            except Exception as exc:
+                error = _unexpected(exc)
+        job.scope = None
+        return scope.cancelled_caught, error
+
     async def _attempts(
         self, job: Job, ctx: JobContext, interp: Interpreter, effect: Effect
     ) -> None:
@@ -389,22 +409,32 @@ class JobSystem:
         timeout_s = effect.timeout_ms / 1000.0
         while True:
             st.attempts += 1
-            scope = anyio.CancelScope(deadline=anyio.current_time() + timeout_s)
-            job.scope = scope
+            deadline = anyio.current_time() + timeout_s
             error: EffectError | None = None
-            with scope:
+            timed_out = False
+            if effect.system in self._synchronous:
+                # It answers without waiting (it says so): no cancel scope, no timer.
+                # Should it wait after all, the rest runs under the timeout as usual.
+                attempt = interp.perform(effect, ctx)
                 try:
-                    job.result = await interp.perform(effect, ctx)
+                    waiting_on = attempt.send(None)
+                except StopIteration as done:
+                    job.result = done.value
                 except EffectError as exc:
                     error = exc
                 except Exception as exc:
-                    error = EffectError(
-                        f"{type(exc).__name__}: {exc}", kind=type(exc).__name__, status_hint=500
+                    error = _unexpected(exc)
+                else:
+                    timed_out, error = await self._rest_of_attempt(
+                        job, deadline, _Resumed(attempt, waiting_on)
                     )
-            job.scope = None
+            else:
+                timed_out, error = await self._rest_of_attempt(
+                    job, deadline, interp.perform(effect, ctx)
+                )
             if job.finished:  # cancelled from outside while running
                 return
-            if error is None and scope.cancelled_caught:
+            if error is None and timed_out:
                 error = EffectError(
                     f"{effect.span_name} timed out after {effect.timeout_ms} ms",
                     kind="timeout",
@@ -428,3 +458,39 @@ class JobSystem:
                 FAIL, error_type=error.kind, error_message=str(error), status_hint=error.status_hint
             )
             return
+
+
+def _unexpected(exc: Exception) -> EffectError:
+    return EffectError(f"{type(exc).__name__}: {exc}", kind=type(exc).__name__, status_hint=500)
+
+
+class _Resumed:
+    """Awaiting this goes on with a coroutine that was started by hand and is waiting
+    on ``waiting_on``: what it yields goes to the task, what the task sends or throws
+    (a result, a cancellation) goes to it, as if it had been awaited from the start."""
+
+    __slots__ = ("_coro", "_waiting_on")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
+        self._coro = coro
+        self._waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self._coro
+        yielded = self._waiting_on
+        while True:
+            try:
+                sent = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancellation, thrown in by the task
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration as done:
+                    return done.value

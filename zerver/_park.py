@@ -246,6 +246,8 @@ class Interpreter(Protocol):
     so spans the interpreter makes through the OpenTelemetry API nest under it.
     An interpreter that never makes any says so with a class attribute
     ``otel_spans = False``, and is spared the context switch (a few µs an effect).
+    One whose ``perform`` never waits (no I/O, no lock: the in-process cache) may
+    say ``synchronous = True``: its attempts then run without a timeout scope.
     """
 
     async def start(self) -> None: ...

@@ -53,8 +53,9 @@ class CacheInterpreter:
     """
 
     system = "cache"
-    #: It makes no OpenTelemetry spans of its own (see ``Interpreter``).
+    #: It makes no OpenTelemetry spans of its own, and never waits (see ``Interpreter``).
     otel_spans: ClassVar[bool] = False
+    synchronous: ClassVar[bool] = True
     #: Static attributes of every span this interpreter's effects produce.
     span_attributes: ClassVar[dict[str, str]] = {"cache.system": "in_process"}
 
