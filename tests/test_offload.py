@@ -12,6 +12,8 @@ from typing import Any
 import anyio
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zerver import App, RequestRecord, SpanData, TraceEngine, load_settings
 from zerver._offload import ProcessTraceSubscriber, pack_record, unpack_record
@@ -174,3 +176,28 @@ async def test_an_exporter_that_keeps_dying_leaves_building_to_the_server(
     assert "exporter process keeps dying; building spans in this process from now on" in events
     stats = sub.stats()
     assert stats["records_lost"] == stats["records_dropped"] == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seq=st.integers(min_value=0, max_value=2**64 - 1),
+    blobs=st.lists(st.binary(max_size=300), max_size=40),
+    seconds=st.floats(min_value=0, max_value=1e6, allow_nan=False),
+)
+def test_server_messages_frame_and_unframe_exactly(
+    seq: int, blobs: list[bytes], seconds: float
+) -> None:
+    from zerver._offload import _BATCH, _STOP, _frame_batch, _frame_stop, _unframe
+
+    assert _unframe(_frame_batch(seq, blobs)) == (_BATCH, seq, blobs)
+    assert _unframe(_frame_stop(seconds)) == (_STOP, seconds, None)
+
+
+def test_a_damaged_message_is_an_error_not_a_wrong_batch() -> None:
+    from zerver._offload import _frame_batch, _unframe
+
+    framed = _frame_batch(7, [b"abc", b"defg"])
+    with pytest.raises(ValueError, match="truncated"):
+        _unframe(framed[:-1])
+    with pytest.raises(ValueError, match="unknown"):
+        _unframe(b"x" + framed[1:])
