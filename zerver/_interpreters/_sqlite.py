@@ -63,7 +63,15 @@ _MAX_NAME = 128
 _TRANSIENT_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
 
+_CHECKED: set[str] = set()
+"""Table names already found valid (checking one again cost a third of the
+SQLite interpreter's own time on the loop); bounded by ``_CHECKED_MAX``."""
+_CHECKED_MAX = 1024
+
+
 def _check_table(table: str) -> str:
+    if type(table) is str and table in _CHECKED:
+        return table
     if (
         not isinstance(table, str)
         or len(table) > _MAX_NAME
@@ -76,6 +84,8 @@ def _check_table(table: str) -> str:
             kind="invalid_table",
             status_hint=500,
         )
+    if len(_CHECKED) < _CHECKED_MAX:
+        _CHECKED.add(table)
     return table
 
 
