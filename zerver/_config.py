@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0)
     keepalive_timeout_s: float = Field(5.0, gt=0)
     shutdown_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(60.0, gt=0)
+    write_timeout_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(1000, ge=1)
     transport: Literal["auto", "streams", "protocol"] = "auto"
 
     # Embedded interpreters.
@@ -86,6 +89,77 @@ class Settings(BaseSettings):
     service_name: str | None = Field(None, validation_alias="OTEL_SERVICE_NAME")
     resource_attributes: str = Field("", validation_alias="OTEL_RESOURCE_ATTRIBUTES")
     semconv_stability_opt_in: str = Field("", validation_alias="OTEL_SEMCONV_STABILITY_OPT_IN")
+
+    # Secrets and limits in telemetry (docs/security.md).
+    redact_query_params: str = ""
+    trace_exception_stacktrace: bool = True
+    capture_headers_server_request: str = Field(
+        "", validation_alias="OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST"
+    )
+    capture_headers_server_response: str = Field(
+        "", validation_alias="OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_RESPONSE"
+    )
+    capture_headers_client_request: str = Field(
+        "", validation_alias="OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_REQUEST"
+    )
+    capture_headers_client_response: str = Field(
+        "", validation_alias="OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_RESPONSE"
+    )
+    capture_headers_sanitize_fields: str = Field(
+        "", validation_alias="OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS"
+    )
+    attribute_value_length_limit: int | None = Field(
+        None, ge=0, validation_alias="OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"
+    )
+    span_attribute_value_length_limit: int | None = Field(
+        None, ge=0, validation_alias="OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT"
+    )
+    attribute_count_limit: int = Field(128, ge=0, validation_alias="OTEL_ATTRIBUTE_COUNT_LIMIT")
+    span_attribute_count_limit: int | None = Field(
+        None, ge=0, validation_alias="OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT"
+    )
+    span_event_count_limit: int = Field(128, ge=0, validation_alias="OTEL_SPAN_EVENT_COUNT_LIMIT")
+    span_link_count_limit: int = Field(128, ge=0, validation_alias="OTEL_SPAN_LINK_COUNT_LIMIT")
+    event_attribute_count_limit: int | None = Field(
+        None, ge=0, validation_alias="OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT"
+    )
+    link_attribute_count_limit: int | None = Field(
+        None, ge=0, validation_alias="OTEL_LINK_ATTRIBUTE_COUNT_LIMIT"
+    )
+
+    @field_validator("trace_exception_stacktrace", mode="before")
+    @classmethod
+    def _stacktrace_bool(cls, v: Any) -> Any:
+        return parse_bool(v)
+
+    @field_validator("redact_query_params")
+    @classmethod
+    def _query_params(cls, v: str) -> str:
+        from ._semconv import Redaction
+
+        try:
+            Redaction.parse(v)
+        except ValueError as exc:
+            raise ValueError(f"accepted: comma-separated query parameter names ({exc})") from None
+        return v
+
+    @field_validator(
+        "capture_headers_server_request",
+        "capture_headers_server_response",
+        "capture_headers_client_request",
+        "capture_headers_client_response",
+        "capture_headers_sanitize_fields",
+    )
+    @classmethod
+    def _header_names(cls, v: str) -> str:
+        for name in v.split(","):
+            try:
+                re.compile(name.strip())
+            except re.error as exc:
+                raise ValueError(
+                    f"accepted: comma-separated header names or regular expressions ({exc})"
+                ) from None
+        return v
 
     # Logging.
     log_format: Literal["auto", "console", "json"] = "auto"
@@ -318,3 +392,26 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         field = str(err["loc"][0]) if err["loc"] else "?"
         var = env_name(field) if field in Settings.model_fields else field
         raise ConfigError(f"{var}={err.get('input')!r} is invalid: {_accepted(err)}") from None
+
+
+# A variable name as code reads it: a whole string literal such as "ZER_VER_EXPORT_OVERFLOW".
+_VARIABLE_LITERAL = re.compile(r"""["'](ZER_VER_[A-Z0-9_]+)["']""")
+
+
+def known_variables() -> frozenset[str]:
+    """Every ``ZER_VER_*`` variable zerver reads, to tell a setting from a typo.
+
+    Derived from the code so that it cannot drift from it: the fields of
+    :class:`Settings`, plus each ``"ZER_VER_..."`` string literal in zerver's
+    own modules (the variables read outside the model, such as the
+    exporter's). Costs a few milliseconds; call it once at start-up.
+    """
+    from pathlib import Path
+
+    names = {env_name(field) for field in Settings.model_fields}
+    for source in Path(__file__).parent.rglob("*.py"):
+        try:
+            names.update(_VARIABLE_LITERAL.findall(source.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError):
+            continue  # an unreadable module reads no variable we could name
+    return frozenset(name for name in names if name.startswith(_PREFIX))
