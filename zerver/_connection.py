@@ -27,14 +27,29 @@ instead of the reader task described here. The rules of a connection:
   connection closes silently.
 * Once a request head has started it must be complete within
   ``header_timeout_s``; each wait for more body bytes is bounded by the same
-  value. Running out of time answers 408 and closes.
+  value, and the whole body must arrive within ``body_timeout_s`` of the head
+  (an overall deadline: a trickle of bytes does not extend it). Running out of
+  time answers 408 and closes.
+* Writing waits on the peer: each write of a response (bodies are written in
+  slices of ``WRITE_SLICE`` bytes) must be taken by the peer within
+  ``write_timeout_s``, else the connection is dropped without a word. While a
+  response waits, no further pipelined request is parsed, and the reader stops
+  at its read-ahead budget, so a peer that never reads holds at most one
+  response and ``max_pipelined`` bytes of input.
 * A peer error answers with a small JSON body and closes: h11's status hint
   for malformed input (400, 431 for an incomplete head over
   ``max_header_bytes``, 501 for an unknown transfer coding), 431 for a complete
-  head over the limit, 400 for a request target that is not origin-, absolute-
-  or asterisk-form, 413 for a body over ``max_body_bytes`` (a Content-Length
-  over the limit is refused before any body byte is read; chunked bodies are
-  counted), 417 for an ``Expect`` other than ``100-continue``.
+  head over the limit, 505 for an HTTP version other than 1.0 and 1.1, 400 for
+  a request target that is not origin-, absolute- or asterisk-form, for a
+  ``Host`` that is not ``host[:port]``, and for framing that could be read two
+  ways (``Content-Length`` together with ``Transfer-Encoding``, or
+  ``Transfer-Encoding`` in HTTP/1.0; RFC 9112 §6.1), 413 for a body over
+  ``max_body_bytes`` (a Content-Length over the limit is refused before any
+  body byte is read; chunked bodies are counted), 417 for an ``Expect`` other
+  than ``100-continue``. The body names the rule, never the offending input.
+* A connection accepted while ``max_connections`` are open is answered 503
+  and closed (with a lingering close, counted apart); one accepted while as
+  many such refusals are still lingering is closed at once.
 * Every server-side close after a response is a *lingering close*: half-close,
   then discard what the peer still sends (bounded in time and bytes) until its
   EOF, so that a TCP reset cannot destroy the response in flight.
@@ -59,6 +74,7 @@ import structlog
 from ._http import Request, Response
 
 __all__ = [
+    "AcceptFailures",
     "ConnectionContext",
     "DateHeader",
     "RejectedError",
@@ -77,6 +93,9 @@ __all__ = [
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger("zerver.server")
 
 _READ_SIZE = 64 * 1024
+# Large bodies are written in slices, so the write deadline measures the
+# peer's progress rather than the size of the response.
+WRITE_SLICE = 64 * 1024
 # Coalescing head and body into one write saves a syscall; above this size the
 # copy costs more than the syscall.
 COALESCE_MAX = 16 * 1024
@@ -86,8 +105,6 @@ LINGER_MAX_BYTES = 256 * 1024
 # in one read is measured here. Each header line costs its name, value, ": " and CRLF.
 _HEADER_LINE_OVERHEAD = 4
 _REQUEST_LINE_OVERHEAD = 12
-# h11's messages may quote the offending input; an error body echoes only this much.
-_DETAIL_MAX = 200
 # What h11 accepts in a response: a three-digit status, token header names,
 # field-values (no NUL, no CR/LF, no surrounding whitespace), 1..20 digit lengths.
 _STATUS_MAX = 999
@@ -97,6 +114,14 @@ _CONTENT_LENGTH = re.compile(rb"[0-9]{1,20}")
 # Header names already validated (apps use few); bounded so odd apps cannot grow it.
 _VALID_NAMES: dict[str, bytes] = {}
 _VALID_NAMES_MAX = 256
+# RFC 9110 §7.2: Host = uri-host [ ":" port ], uri-host an IP literal or a
+# reg-name (no space, no "/", no "@" userinfo). Empty is allowed.
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Za-z\-._~%!$&'()*+,;=:]+\]|[0-9A-Za-z\-._~%!$&'()*+,;=]*)(?::[0-9]*)?"
+)
+# Host values already validated (a server sees few); bounded like _VALID_NAMES.
+_VALID_HOSTS: set[bytes] = set()
+_VALID_HOSTS_MAX = 256
 
 _REASONS: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _METHODS: dict[bytes, str] = {
@@ -129,6 +154,7 @@ class ConnectionContext:
     """What every connection of one server shares: the app, limits and shutdown state."""
 
     __slots__ = (
+        "body_timeout_s",
         "closing",
         "dates",
         "dispatch",
@@ -136,8 +162,10 @@ class ConnectionContext:
         "keepalive_timeout_s",
         "max_body_bytes",
         "max_body_digits",
+        "max_connections",
         "max_header_bytes",
         "max_pipelined",
+        "write_timeout_s",
     )
 
     def __init__(
@@ -149,6 +177,9 @@ class ConnectionContext:
         header_timeout_s: float,
         keepalive_timeout_s: float,
         max_pipelined: int,
+        body_timeout_s: float = 60.0,
+        write_timeout_s: float = 30.0,
+        max_connections: int = 1000,
     ) -> None:
         self.dispatch = dispatch
         self.max_header_bytes = max_header_bytes
@@ -157,6 +188,9 @@ class ConnectionContext:
         self.header_timeout_s = header_timeout_s
         self.keepalive_timeout_s = keepalive_timeout_s
         self.max_pipelined = max_pipelined
+        self.body_timeout_s = body_timeout_s
+        self.write_timeout_s = write_timeout_s
+        self.max_connections = max_connections
         self.dates = DateHeader()
         self.closing = False
 
@@ -218,19 +252,36 @@ def check_head(
 ) -> tuple[str, str]:
     """Apply the server's limits to a request head; its (path, query) if it is served.
 
-    Raises :class:`RejectedError` (431, 400, 417 or 413) otherwise.
+    Raises :class:`RejectedError` (505, 431, 400, 417 or 413) otherwise.
     """
+    # h11 accepts any HTTP/<digit>.<digit>; only 1.0 and 1.1 are served.
+    if event.http_version not in _VERSIONS:
+        raise RejectedError(505, "http version not supported")
     size = len(event.method) + len(event.target) + _REQUEST_LINE_OVERHEAD
     length: bytes | None = None
     expect: bytes | None = None
+    chunked = False
     for name, value in headers:
         size += len(name) + len(value) + _HEADER_LINE_OVERHEAD
         if name == b"content-length":
             length = value
+        elif name == b"host":
+            if value not in _VALID_HOSTS:
+                if _HOST.fullmatch(value) is None:
+                    raise RejectedError(400, "invalid host header")
+                if len(_VALID_HOSTS) < _VALID_HOSTS_MAX:
+                    _VALID_HOSTS.add(value)
+        elif name == b"transfer-encoding":
+            # h11 lets only "chunked" through (anything else is a 501 already).
+            chunked = True
         elif name == b"expect":
             expect = value
     if size > ctx.max_header_bytes:
         raise RejectedError(431, "request header block too large", limit=ctx.max_header_bytes)
+    if chunked and (length is not None or event.http_version == b"1.0"):
+        # RFC 9112 §6.1: such a message may be served only if the connection
+        # closes after it; refusing it is the safe reading (no smuggled request).
+        raise RejectedError(400, "ambiguous message framing")
     split = split_target(event.method, event.target)
     if split is None:
         raise RejectedError(400, "invalid request target")
@@ -391,6 +442,7 @@ class ServerConnection:
         "_reader_done",
         "_reader_wakeup",
         "_scope",
+        "_write_since",
         "stream",
     )
 
@@ -410,14 +462,25 @@ class ServerConnection:
         self._data_ready: anyio.Event | None = None
         self._reader_wakeup: anyio.Event | None = None
         self._idle_scope: anyio.CancelScope | None = None
+        self._write_since = 0.0
 
     def close_if_idle(self) -> None:
         """Close the connection now if it is waiting for a new request (server shutdown)."""
         if self._idle_scope is not None:
             self._idle_scope.cancel()
 
-    async def run(self) -> None:
-        """Serve requests until the connection is done, then close the stream."""
+    def drop_if_stalled(self, now: float) -> None:
+        """Drop the connection if one write has waited on the peer past the write timeout."""
+        since = self._write_since
+        if since and now - since >= self._ctx.write_timeout_s and self._scope is not None:
+            _log.debug("write timed out; dropping the connection", client=self._client)
+            self._scope.cancel()
+
+    async def run(self, refuse: RejectedError | None = None) -> None:
+        """Serve requests until the connection is done, then close the stream.
+
+        With ``refuse``, answer that error at once instead (over ``max_connections``).
+        """
         # Why a per-connection reader task instead of a watcher per request: it
         # keeps the hot path free of task and task-group creation. A request
         # costs one wake-up of this task by the reader; the only per-request
@@ -428,7 +491,10 @@ class ServerConnection:
                 self._scope = tg.cancel_scope
                 tg.start_soon(self._read_loop)
                 try:
-                    await self._serve()
+                    if refuse is None:
+                        await self._serve()
+                    else:
+                        await self._reject(refuse)
                 finally:
                     tg.cancel_scope.cancel()
         finally:
@@ -476,6 +542,7 @@ class ServerConnection:
         parts: list[bytes] = []
         body_size = 0
         head_deadline: float | None = None
+        body_deadline = 0.0
         while True:
             try:
                 event = conn.next_event()
@@ -495,7 +562,7 @@ class ServerConnection:
                 else:
                     if conn.they_are_waiting_for_100_continue and not await self._continue():
                         return None
-                    timeout = ctx.header_timeout_s
+                    timeout = min(ctx.header_timeout_s, body_deadline - anyio.current_time())
                 if not await self._wait_for_bytes(timeout):
                     if self._reader_done:
                         return None
@@ -510,6 +577,7 @@ class ServerConnection:
                 head = event
                 headers = list(event.headers)
                 target = check_head(ctx, event, headers)
+                body_deadline = anyio.current_time() + ctx.body_timeout_s
             elif type(event) is h11.EndOfMessage:
                 if head is None:  # pragma: no cover - h11 never ends a message it did not start
                     return None
@@ -537,35 +605,46 @@ class ServerConnection:
         self._data_ready = None
         return ready.is_set()
 
+    async def _send(self, data: bytes) -> bool:
+        """Write ``data``; ``False`` if the peer is gone.
+
+        The write deadline is kept by the server's sweeper (see
+        :meth:`drop_if_stalled`): a cancel scope per write would cost more
+        than the rest of sending a small response.
+        """
+        self._write_since = anyio.current_time()
+        try:
+            await self.stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return False
+        finally:
+            self._write_since = 0.0
+        return True
+
     async def _continue(self) -> bool:
         """Send ``100 Continue``; ``False`` if the peer is gone."""
         event = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
-        try:
-            await self.stream.send(self._h11.send(event))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return False
-        return True
+        return await self._send(self._h11.send(event) or b"")
 
     async def _respond(self, request: Request, response: Response) -> bool | None:
         """Send the response; ``None`` if the peer is gone, else whether to keep alive."""
         head, body, keep_alive = encode_response(self._ctx, request, response)
-        try:
-            if body and len(body) <= COALESCE_MAX:
-                await self.stream.send(head + body)
+        if body and len(body) <= COALESCE_MAX:
+            sent = await self._send(head + body)
+        else:
+            sent = await self._send(head)
+            if len(body) <= WRITE_SLICE:
+                sent = sent and (not body or await self._send(body))
             else:
-                await self.stream.send(head)
-                if body:
-                    await self.stream.send(body)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return None
-        return keep_alive
+                for start in range(0, len(body), WRITE_SLICE):
+                    if not sent:
+                        break
+                    sent = await self._send(body[start : start + WRITE_SLICE])
+        return keep_alive if sent else None
 
     async def _reject(self, reject: RejectedError) -> None:
-        try:
-            await self.stream.send(rejection(self._ctx, reject, self._client))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return
-        await self._linger()
+        if await self._send(rejection(self._ctx, reject, self._client)):
+            await self._linger()
 
     async def _linger(self) -> None:
         """Half-close, then discard input until the peer's EOF (bounded)."""
@@ -629,6 +708,54 @@ class ServerConnection:
                 ready.set()
 
 
+class AcceptFailures:
+    """Failed accepts (out of file descriptors, say), logged once per interval.
+
+    An accept that fails for want of resources fails again at once, so each
+    transport backs off; this says what to log: the first failure, then at
+    most one line per ``interval_s`` with how many failed since, and one line
+    when accepting works again. ``clock`` is injected for tests.
+    """
+
+    __slots__ = ("_clock", "_interval_s", "_next_log", "_since_log", "_total")
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._next_log = 0.0
+        self._since_log = 0
+        self._total = 0
+
+    @property
+    def failing(self) -> bool:
+        """Whether accepting failed and has not worked since."""
+        return self._total > 0
+
+    def failed(self, exc: OSError, backoff_s: float) -> None:
+        """Count one failure; log it if the interval since the last line has passed."""
+        self._total += 1
+        self._since_log += 1
+        now = self._clock()
+        if now >= self._next_log:
+            _log.error(
+                "accept failed; backing off",
+                error=exc.strerror or str(exc),
+                errno=exc.errno,
+                failures=self._since_log,
+                backoff_s=backoff_s,
+                next_report_s=self._interval_s,
+            )
+            self._since_log = 0
+            self._next_log = now + self._interval_s
+
+    def succeeded(self) -> None:
+        """Accepting works again (call only while :attr:`failing`)."""
+        _log.warning("accepting connections again", failures=self._total)
+        self._total = 0
+        self._since_log = 0
+        self._next_log = 0.0
+
+
 def host_port(address: object) -> tuple[str, int] | None:
     # IPv6 socket addresses carry flow info and scope id after (host, port).
     if isinstance(address, tuple) and len(address) >= 2:
@@ -637,12 +764,17 @@ def host_port(address: object) -> tuple[str, int] | None:
 
 
 def reject_for(exc: h11.RemoteProtocolError) -> RejectedError:
+    """The refusal of input h11 could not parse.
+
+    h11's message may quote the offending bytes (a header value, say), so it
+    goes to the debug log only; the peer gets the generic reason.
+    """
     status = exc.error_status_hint
     if status == 431:
         return RejectedError(431, "request header block too large")
     if status == 501:
-        return RejectedError(501, "not implemented", detail=str(exc)[:_DETAIL_MAX])
-    return RejectedError(status, "malformed request", detail=str(exc)[:_DETAIL_MAX])
+        return RejectedError(501, "unsupported transfer coding")
+    return RejectedError(status, "malformed request")
 
 
 def internal_error(what: str, request: Request, *, error: str | None = None) -> Response:

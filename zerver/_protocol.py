@@ -18,25 +18,41 @@ The rules of one connection's state machine:
 * While busy (or while the transport has paused writing), received bytes are
   only fed to h11; once ``max_pipelined`` bytes have been read since parsing
   last ran dry, reading pauses. It resumes when parsing runs dry again.
-* ``pause_writing`` from the transport (a slow reader) ends the busy period
-  after the current response; ``resume_writing`` goes on parsing.
+* ``pause_writing`` from the transport (a slow reader: more than its
+  high-water mark of output is buffered) ends the busy period after the
+  current response and starts the write deadline; ``resume_writing`` stops
+  it and goes on parsing. So a peer that does not read holds one response
+  and ``max_pipelined`` bytes of input, for at most ``write_timeout_s``.
 * The peer's EOF (or a lost connection) while busy cancels the dispatch's
   scope; a request complete before the EOF is not dispatched.
 * At most one timer per connection, re-armed lazily: a wait records its
-  deadline and mode (idle, head, body, linger); the timer, when it fires,
-  acts only if the deadline has passed and otherwise re-arms itself. Idle
-  closes silently; head/body answer 408; linger closes.
+  deadline and mode (idle, head, body, write, linger, drain); the timer, when
+  it fires, acts only if the deadline has passed and otherwise re-arms
+  itself. Idle closes silently; head/body answer 408 (the body's deadline is
+  the earlier of ``header_timeout_s`` from its last bytes and
+  ``body_timeout_s`` from its head); write (output stalled) drops the
+  connection; linger closes, and a close with output still buffered (drain)
+  drops the connection if the peer has not taken it within ``write_timeout_s``.
 * A connection leaves the server's set once its transport is lost *and* no
   busy period is running, so shutdown waits for both.
+
+The server accepts on its listening sockets itself (rather than through
+``loop.create_server``): asyncio's own accept loop logs a traceback per failed
+``accept`` when file descriptors run out, thousands a second. Here a failure
+removes the socket's reader for ``accept_backoff_s`` and is logged through
+:class:`~zerver._connection.AcceptFailures`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import socket
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.abc
 import h11
 import structlog
 
@@ -44,6 +60,7 @@ from ._connection import (
     COALESCE_MAX,
     LINGER_MAX_BYTES,
     LINGER_TIMEOUT_S,
+    AcceptFailures,
     ConnectionContext,
     RejectedError,
     check_head,
@@ -55,10 +72,9 @@ from ._connection import (
     reject_for,
     rejection,
 )
-from ._errors import ConfigError
 
 if TYPE_CHECKING:
-    import anyio.abc
+    from anyio.streams.stapled import MultiListener
 
     from ._http import Request, Response
 
@@ -72,6 +88,13 @@ _IDLE = 1  # a new request with nothing buffered: close silently
 _HEAD = 2  # the rest of a started request head: 408
 _BODY = 3  # more body bytes: 408
 _LINGER = 4  # the peer's EOF after our half-close: close
+_WRITE = 5  # the peer to take buffered output (writing paused): drop
+_DRAIN = 6  # closed with output still buffered: drop
+
+# Accepts per readiness event, as asyncio's own loop does with its backlog.
+_ACCEPT_BATCH = 128
+# The peer gave up between connecting and being accepted: not the server's problem.
+_PEER_ERRNOS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO})
 
 # A timer may fire this much before its deadline (the loop's clock resolution).
 _TIMER_SLACK_S = 0.001
@@ -87,14 +110,21 @@ def running_on_asyncio() -> bool:
 
 
 class ProtocolServer:
-    """The listening server and live connections of one ``serve`` call on asyncio."""
+    """The listening sockets and live connections of one ``serve`` call on asyncio."""
 
     __slots__ = (
+        "_accept_backoff_s",
+        "_accept_failures",
+        "_accepting",
+        "_connecting",
         "_connections",
         "_drained",
         "_host",
-        "_server",
+        "_listener",
+        "_refusing",
+        "_retries",
         "_shutdown_timeout_s",
+        "_sockets",
         "ctx",
         "loop",
         "port",
@@ -103,69 +133,111 @@ class ProtocolServer:
     def __init__(
         self,
         ctx: ConnectionContext,
-        server: asyncio.Server,
-        loop: asyncio.AbstractEventLoop,
+        listener: MultiListener[anyio.abc.SocketStream],
         *,
         host: str,
         shutdown_timeout_s: float,
+        accept_failures: AcceptFailures,
+        accept_backoff_s: float,
     ) -> None:
         self.ctx = ctx
         self._host = host
-        self.loop = loop
+        self.loop = asyncio.get_running_loop()
         self._shutdown_timeout_s = shutdown_timeout_s
-        self._server = server
+        self._listener = listener
+        self._sockets: list[socket.socket] = [
+            sub.extra(anyio.abc.SocketAttribute.raw_socket) for sub in listener.listeners
+        ]
+        self._accept_failures = accept_failures
+        self._accept_backoff_s = accept_backoff_s
+        self._accepting = False
+        # The pending retry of each listening socket (by file descriptor) that backs off.
+        self._retries: dict[int, asyncio.TimerHandle] = {}
+        # Tasks that set up a transport for an accepted socket (asyncio keeps
+        # only weak references to tasks).
+        self._connecting: set[asyncio.Task[None]] = set()
+        # Served connections; refused ones (over max_connections) are counted apart.
         self._connections: set[ProtocolConnection] = set()
+        self._refusing: set[ProtocolConnection] = set()
         self._drained: anyio.Event | None = None
-        self.port = int(server.sockets[0].getsockname()[1])
-
-    @classmethod
-    async def bind(
-        cls,
-        ctx: ConnectionContext,
-        *,
-        host: str,
-        port: int,
-        backlog: int,
-        reuse_port: bool,
-        shutdown_timeout_s: float,
-    ) -> ProtocolServer:
-        """Bind and listen (not accepting yet); :class:`ConfigError` if the address is refused."""
-        loop = asyncio.get_running_loop()
-        holder: list[ProtocolServer] = []
-
-        def factory() -> ProtocolConnection:
-            return ProtocolConnection(holder[0])
-
-        try:
-            server = await loop.create_server(
-                factory,
-                host,
-                port,
-                backlog=backlog,
-                reuse_port=reuse_port or None,
-                start_serving=False,
-            )
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
-        holder.append(cls(ctx, server, loop, host=host, shutdown_timeout_s=shutdown_timeout_s))
-        return holder[0]
+        self.port: int = listener.extra(anyio.abc.SocketAttribute.local_port)
 
     async def aclose(self) -> None:
         """Stop listening; close whatever connection is still open (normally none)."""
-        self._server.close()
-        for conn in list(self._connections):
+        self._stop_accepting()
+        for conn in [*self._connections, *self._refusing]:
             conn.abort()
-        await self._server.wait_closed()
+        await self._listener.aclose()
 
     async def run(self, shutdown: anyio.Event, task_status: anyio.abc.TaskStatus[int]) -> None:
         """Accept until ``shutdown`` is set, then stop as ``zerver._server`` describes."""
-        await self._server.start_serving()
+        self._accepting = True
+        for sock in self._sockets:
+            sock.setblocking(False)
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
         _log.info("server started", host=self._host, port=self.port, pid=os.getpid())
         task_status.started(self.port)
         await shutdown.wait()
-        self._server.close()
+        self._stop_accepting()
+        await self._listener.aclose()
         _log.info("server shutting down", connections=len(self._connections))
         await self._drain()
+
+    # ------------------------------------------------------------ accepting
+
+    def _stop_accepting(self) -> None:
+        if not self._accepting:
+            return
+        self._accepting = False
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
+        for sock in self._sockets:
+            if sock.fileno() >= 0:
+                self.loop.remove_reader(sock.fileno())
+
+    def _accept(self, sock: socket.socket) -> None:
+        failures = self._accept_failures
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _PEER_ERRNOS:
+                    continue
+                # Out of file descriptors or memory: keep serving the open
+                # connections; listen again after the back-off.
+                failures.failed(exc, self._accept_backoff_s)
+                fd = sock.fileno()
+                self.loop.remove_reader(fd)
+                self._retries[fd] = self.loop.call_later(
+                    self._accept_backoff_s, self._retry_accept, sock
+                )
+                return
+            if failures.failing:
+                failures.succeeded()
+            task = self.loop.create_task(self._connect(conn))
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
+
+    def _retry_accept(self, sock: socket.socket) -> None:
+        self._retries.pop(sock.fileno(), None)
+        if self._accepting:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    async def _connect(self, sock: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self._protocol, sock)
+        except OSError as exc:
+            # The peer left before its transport was set up.
+            _log.debug("accept failed", error=str(exc))
+            sock.close()
+
+    def _protocol(self) -> ProtocolConnection:
+        return ProtocolConnection(self)
+
+    # ------------------------------------------------------------ shutdown
 
     async def _drain(self) -> None:
         self.ctx.closing = True
@@ -186,21 +258,44 @@ class ProtocolServer:
                 conn.cancel()
             await drained.wait()
 
-    def add(self, conn: ProtocolConnection) -> None:
-        self._connections.add(conn)
+    # ----------------------------------------------------- connections' handles
 
-    def discard(self, conn: ProtocolConnection) -> None:
-        connections = self._connections
-        connections.discard(conn)
-        if not connections and self._drained is not None:
-            self._drained.set()
+    def admit(self, conn: ProtocolConnection) -> int:
+        """``_SERVE`` ``conn``; ``_REFUSE`` it (503) past ``max_connections``;
+        ``_DROP`` it when as many refusals are still lingering."""
+        limit = self.ctx.max_connections
+        if len(self._connections) < limit:
+            self._connections.add(conn)
+            return _SERVE
+        if len(self._refusing) >= limit:
+            return _DROP
+        self._refusing.add(conn)
+        return _REFUSE
+
+    def discard(self, conn: ProtocolConnection, admission: int) -> None:
+        if admission == _REFUSE:
+            self._refusing.discard(conn)
+        elif admission == _SERVE:
+            connections = self._connections
+            connections.discard(conn)
+            if not connections and self._drained is not None:
+                self._drained.set()
+
+
+# What the server made of a new connection (see ProtocolServer.admit).
+_SERVE = 0
+_REFUSE = 1
+_DROP = 2
+_TOO_MANY = RejectedError(503, "too many connections")
 
 
 class ProtocolConnection(asyncio.Protocol):
     """One HTTP/1.1 connection driven by transport callbacks; see the module rules."""
 
     __slots__ = (
+        "_admission",
         "_ahead",
+        "_body_deadline",
         "_body_size",
         "_busy",
         "_client",
@@ -243,6 +338,8 @@ class ProtocolConnection(asyncio.Protocol):
         self._target = ("", "")
         self._parts: list[bytes] = []
         self._body_size = 0
+        self._body_deadline = 0.0
+        self._admission = _DROP
         # Flow.
         self._busy = False
         self._scope: anyio.CancelScope | None = None
@@ -294,8 +391,15 @@ class ProtocolConnection(asyncio.Protocol):
         self._transport = transport
         self._client = host_port(transport.get_extra_info("peername"))
         self._local = host_port(transport.get_extra_info("sockname"))
-        self._server.add(self)
-        self._advance()
+        admission = self._admission = self._server.admit(self)
+        if admission == _SERVE:
+            self._advance()
+        elif admission == _REFUSE:
+            _log.debug("too many connections; refusing one", client=self._client)
+            self._reject(_TOO_MANY)
+        else:
+            _log.debug("too many connections; closing one unanswered", client=self._client)
+            transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._wait == _LINGER:
@@ -342,13 +446,17 @@ class ProtocolConnection(asyncio.Protocol):
             if self._scope is not None:
                 self._scope.cancel()
         else:
-            self._server.discard(self)
+            self._server.discard(self, self._admission)
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self._wait == _NONE:
+            self._arm(_WRITE, self._loop.time() + self._ctx.write_timeout_s)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._wait == _WRITE:
+            self._wait = _NONE
         if self._stalled and not self._lost:
             self._stalled = False
             self._advance()
@@ -384,6 +492,7 @@ class ProtocolConnection(asyncio.Protocol):
                     return None
                 self._head = event
                 self._headers = headers
+                self._body_deadline = self._loop.time() + ctx.body_timeout_s
             elif type(event) is h11.Data:
                 self._body_size += len(event.data)
                 if self._body_size > ctx.max_body_bytes:
@@ -437,7 +546,7 @@ class ProtocolConnection(asyncio.Protocol):
         if conn.they_are_waiting_for_100_continue:
             event = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
             transport.write(conn.send(event) or b"")
-        self._arm(_BODY, self._loop.time() + ctx.header_timeout_s)
+        self._arm(_BODY, min(self._loop.time() + ctx.header_timeout_s, self._body_deadline))
 
     # ----------------------------------------------------------------- timer
 
@@ -462,6 +571,9 @@ class ProtocolConnection(asyncio.Protocol):
             return
         if wait in (_HEAD, _BODY):
             self._reject(RejectedError(408, "request timeout"))
+        elif wait in (_WRITE, _DRAIN):
+            _log.debug("write timed out; dropping the connection", client=self._client)
+            self.abort()
         else:
             self._close()
 
@@ -501,7 +613,7 @@ class ProtocolConnection(asyncio.Protocol):
             self._task = None
             self._busy = False
             if self._lost:
-                self._server.discard(self)
+                self._server.discard(self, self._admission)
 
     def _respond(self, request: Request, response: Response) -> bool:
         """Write the response; ``False`` if the connection closes after it."""
@@ -544,5 +656,10 @@ class ProtocolConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._wait = _NONE
-        if self._transport is not None and not self._lost:
-            self._transport.close()
+        transport = self._transport
+        if transport is not None and not self._lost:
+            transport.close()
+            if transport.get_write_buffer_size():
+                # close() waits for the output to be flushed; a peer that does
+                # not read must not keep the connection for ever.
+                self._arm(_DRAIN, self._loop.time() + self._ctx.write_timeout_s)

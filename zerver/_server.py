@@ -12,6 +12,12 @@ app's lifespan around the transport and stops gracefully, the same way on both:
    request with ``connection: close`` and then close;
 3. after ``shutdown_timeout_s``, cancel whatever is still running;
 4. exit the app's lifespan (which drains jobs and flushes telemetry).
+
+Accepting is bounded the same way on both: past ``max_connections`` open
+connections a new one is answered 503 and closed (see
+:mod:`zerver._connection`); an accept that fails for want of resources
+(``EMFILE``, ``ENFILE``, ...) backs off for ``_ACCEPT_BACKOFF_S`` and is
+logged at most once per ``_ACCEPT_LOG_INTERVAL_S`` (:class:`AcceptFailures`).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import anyio.abc
 import structlog
 from anyio.streams.stapled import MultiListener
 
-from ._connection import ConnectionContext, ServerConnection
+from ._connection import AcceptFailures, ConnectionContext, RejectedError, ServerConnection
 from ._errors import ConfigError, UsageError
 from ._http import Request, Response
 from ._protocol import ProtocolServer, running_on_asyncio
@@ -56,8 +62,12 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _DUPLICATE_SIGNAL_S = 0.5
 # Stop signals that arrived before the server could handle them (see catch_early_signals).
 _EARLY_SIGNALS: list[int] = []
-# Back-off after a failed accept (EMFILE and friends) so the loop cannot spin.
+# Back-off after a failed accept (EMFILE and friends) so the loop cannot spin,
+# and how often a run of such failures is logged.
 _ACCEPT_BACKOFF_S = 0.1
+_ACCEPT_LOG_INTERVAL_S = 10.0
+# The streams transport checks write deadlines this many times per write timeout.
+_WRITE_SWEEPS = 4
 _PEER_ERRNOS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO})
 # How much longer than a worker's own shutdown deadline the parent waits before SIGKILL.
 _KILL_GRACE_S = 5.0
@@ -84,6 +94,10 @@ class ServerConfig:
 
     ``max_pipelined`` bounds read-ahead: the bytes read past the request being
     answered (pipelined requests) before the server stops reading the socket.
+    ``body_timeout_s`` is the overall deadline of a request body (from its
+    head), ``write_timeout_s`` how long one write may wait on a peer that does
+    not read before the connection is dropped, and ``max_connections`` how
+    many connections one process serves at once (more are answered 503).
     ``reuse_port`` sets ``SO_REUSEPORT`` so several processes can share the
     port; :func:`run` sets it for ``workers > 1``.
 
@@ -100,6 +114,9 @@ class ServerConfig:
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 5.0
     shutdown_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    write_timeout_s: float = 30.0
+    max_connections: int = 1000
     backlog: int = 2048
     max_pipelined: int = 64 * 1024
     reuse_port: bool = False
@@ -113,7 +130,7 @@ class ServerConfig:
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"ServerConfig.port must be 0..65535, got {self.port}")
-        for name in ("max_header_bytes", "backlog", "max_pipelined"):
+        for name in ("max_header_bytes", "backlog", "max_pipelined", "max_connections"):
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"ServerConfig.{name} must be at least 1, got {value}")
@@ -121,7 +138,13 @@ class ServerConfig:
             raise ConfigError(
                 f"ServerConfig.max_body_bytes must be 0 or more, got {self.max_body_bytes}"
             )
-        for name in ("header_timeout_s", "keepalive_timeout_s", "shutdown_timeout_s"):
+        for name in (
+            "header_timeout_s",
+            "keepalive_timeout_s",
+            "shutdown_timeout_s",
+            "body_timeout_s",
+            "write_timeout_s",
+        ):
             value = getattr(self, name)
             if not value > 0:
                 raise ConfigError(f"ServerConfig.{name} must be greater than 0, got {value}")
@@ -151,19 +174,33 @@ async def serve(
         header_timeout_s=config.header_timeout_s,
         keepalive_timeout_s=config.keepalive_timeout_s,
         max_pipelined=config.max_pipelined,
+        body_timeout_s=config.body_timeout_s,
+        write_timeout_s=config.write_timeout_s,
+        max_connections=config.max_connections,
     )
-    server: _Listening
-    if _use_protocol(config.transport):
-        server = await ProtocolServer.bind(
-            ctx,
-            host=config.host,
-            port=config.port,
+    _check_fd_limit(config.max_connections)
+    use_protocol = _use_protocol(config.transport)
+    try:
+        listener = await anyio.create_tcp_listener(
+            local_host=config.host,
+            local_port=config.port,
             backlog=config.backlog,
             reuse_port=config.reuse_port,
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
+    server: _Listening
+    if use_protocol:
+        server = ProtocolServer(
+            ctx,
+            listener,
+            host=config.host,
             shutdown_timeout_s=config.shutdown_timeout_s,
+            accept_failures=AcceptFailures(_ACCEPT_LOG_INTERVAL_S),
+            accept_backoff_s=_ACCEPT_BACKOFF_S,
         )
     else:
-        server = await _StreamServer.bind(ctx, config)
+        server = _StreamServer(ctx, config, listener)
     try:
         async with app.lifespan():
             await server.run(shutdown, task_status)
@@ -171,6 +208,21 @@ async def serve(
         with anyio.CancelScope(shield=True):
             await server.aclose()
     _log.info("server stopped", host=config.host, port=server.port, pid=os.getpid())
+
+
+def _check_fd_limit(max_connections: int) -> None:
+    """Warn when the open-file limit is reached before ``max_connections``."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Unix
+        return
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < max_connections:
+        _log.warning(
+            "open-file limit is below max_connections; accepts will fail first",
+            open_file_limit=soft,
+            max_connections=max_connections,
+        )
 
 
 def _use_protocol(transport: str) -> bool:
@@ -201,7 +253,16 @@ class _Listening(Protocol):
 class _StreamServer:
     """The anyio-streams transport: accept loops and the live connections of one serve call."""
 
-    __slots__ = ("_config", "_connections", "_ctx", "_drained", "_listener", "port")
+    __slots__ = (
+        "_accept_failures",
+        "_config",
+        "_connections",
+        "_ctx",
+        "_drained",
+        "_listener",
+        "_refusing",
+        "port",
+    )
 
     def __init__(
         self,
@@ -213,21 +274,11 @@ class _StreamServer:
         self._ctx = ctx
         self._listener = listener
         self.port: int = listener.extra(anyio.abc.SocketAttribute.local_port)
+        # Served connections; refused ones (over max_connections) are counted apart.
         self._connections: set[ServerConnection] = set()
+        self._refusing = 0
         self._drained: anyio.Event | None = None
-
-    @classmethod
-    async def bind(cls, ctx: ConnectionContext, config: ServerConfig) -> _StreamServer:
-        try:
-            listener = await anyio.create_tcp_listener(
-                local_host=config.host,
-                local_port=config.port,
-                backlog=config.backlog,
-                reuse_port=config.reuse_port,
-            )
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
-        return cls(ctx, config, listener)
+        self._accept_failures = AcceptFailures(_ACCEPT_LOG_INTERVAL_S)
 
     async def aclose(self) -> None:
         await self._listener.aclose()
@@ -235,8 +286,10 @@ class _StreamServer:
     async def run(self, shutdown: anyio.Event, task_status: anyio.abc.TaskStatus[int]) -> None:
         config = self._config
         listener = self._listener
+        sweeper = anyio.CancelScope()
         try:
             async with anyio.create_task_group() as connections:
+                connections.start_soon(self._sweep_writes, sweeper)
                 async with anyio.create_task_group() as acceptors:
                     for sub in listener.listeners:
                         if isinstance(sub, anyio.abc.SocketListener):
@@ -248,6 +301,7 @@ class _StreamServer:
                 await listener.aclose()
                 _log.info("server shutting down", connections=len(self._connections))
                 await self._drain(connections.cancel_scope)
+                sweeper.cancel()
         finally:
             # A handler cancelled before its first step never closed its stream.
             with anyio.CancelScope(shield=True):
@@ -271,11 +325,23 @@ class _StreamServer:
             )
             scope.cancel()
 
+    async def _sweep_writes(self, scope: anyio.CancelScope) -> None:
+        """Drop connections whose current write has waited past the write timeout."""
+        period = self._ctx.write_timeout_s / _WRITE_SWEEPS
+        with scope:
+            while True:
+                await anyio.sleep(period)
+                now = anyio.current_time()
+                for conn in list(self._connections):
+                    conn.drop_if_stalled(now)
+
     async def _accept_loop(
         self,
         listener: anyio.abc.SocketListener,
         connections: anyio.abc.TaskGroup,
     ) -> None:
+        failures = self._accept_failures
+        limit = self._ctx.max_connections
         while True:
             try:
                 stream = await listener.accept()
@@ -286,12 +352,21 @@ class _StreamServer:
                     continue
                 # Out of file descriptors or memory (or worse): keep serving the
                 # open connections and retry shortly instead of crashing or spinning.
-                _log.error("accept failed", error=str(exc), errno=exc.errno)
+                failures.failed(exc, _ACCEPT_BACKOFF_S)
                 await anyio.sleep(_ACCEPT_BACKOFF_S)
                 continue
+            if failures.failing:
+                failures.succeeded()
             conn = ServerConnection(self._ctx, stream)
-            self._connections.add(conn)
-            connections.start_soon(self._handle, conn)
+            if len(self._connections) < limit:
+                self._connections.add(conn)
+                connections.start_soon(self._handle, conn)
+            elif self._refusing < limit:
+                self._refusing += 1
+                connections.start_soon(self._refuse, conn)
+            else:
+                _log.debug("too many connections; closing a new one unanswered")
+                await stream.aclose()
 
     async def _handle(self, conn: ServerConnection) -> None:
         try:
@@ -302,6 +377,14 @@ class _StreamServer:
             self._connections.discard(conn)
             if self._drained is not None and not self._connections:
                 self._drained.set()
+
+    async def _refuse(self, conn: ServerConnection) -> None:
+        try:
+            await conn.run(RejectedError(503, "too many connections"))
+        except Exception:
+            _log.exception("connection failed")
+        finally:
+            self._refusing -= 1
 
 
 # ------------------------------------------------------------------ processes
@@ -365,6 +448,9 @@ def serve_from_settings(target: str, settings: Settings, *, workers: int = 1) ->
             header_timeout_s=settings.header_timeout_s,
             keepalive_timeout_s=settings.keepalive_timeout_s,
             shutdown_timeout_s=settings.shutdown_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            write_timeout_s=settings.write_timeout_s,
+            max_connections=settings.max_connections,
             transport=settings.transport,
         )
         return run(target, config, workers)
