@@ -27,6 +27,7 @@ from ._offload import EngineSpec, ProcessTraceSubscriber
 from ._propagation import extract_into, propagation_fields
 from ._records import RequestRecord, StepRecord, Subscriber, active_span
 from ._routing import Match, NotAllowed, Route, Router
+from ._semconv import HeaderCaptures, Redaction, strip_userinfo
 from ._slots import Context
 from ._spans import Resource
 from ._steps import Step
@@ -86,6 +87,10 @@ class App:
         #: Where ``Publish`` effects go and consumers read from.
         self.broker: Broker = broker if broker is not None else MemoryBroker()
         self._started = False
+        # Secrets never enter a record: query values redacted, userinfo dropped, headers
+        # captured only when asked for (docs/security.md).
+        self._redaction = Redaction.parse(self.settings.redact_query_params)
+        self._captures = HeaderCaptures.from_settings(self.settings)
         self._default_interpreters()
         self._otel_context = self.settings.otel_context
         self._prop_fields = propagation_fields()
@@ -244,7 +249,7 @@ class App:
                 max_entries=s.cache_max_entries, default_ttl_ms=s.cache_ttl_ms, clock=self.clock
             ),
         )
-        self._interpreters.setdefault("http", HttpInterpreter())
+        self._interpreters.setdefault("http", HttpInterpreter(capture_headers=self._captures))
         self._interpreters.setdefault("queue", BrokerInterpreter(self.broker))
 
     @contextlib.asynccontextmanager
@@ -329,7 +334,7 @@ class App:
         record.otel_context = self._otel_context
         record.method = request.method
         record.path = request.path
-        record.query = request.query
+        record.query = self._redaction.query(request.query)
         record.scheme = request.scheme
         record.protocol_version = request.http_version
         record.request_body_size = len(request.body)
@@ -342,7 +347,7 @@ class App:
         carrier: dict[str, list[str]] | None = None
         for k, v in request.headers:
             if k == b"host":
-                record.host = v.decode("latin-1")
+                record.host = strip_userinfo(v.decode("latin-1"))
             elif k == b"user-agent":
                 record.user_agent = v.decode("latin-1")
             elif k in fields:
@@ -355,6 +360,11 @@ class App:
                     request_id = rid
         if carrier is not None:
             extract_into(record, carrier)
+        capture = self._captures.server_request.capture
+        if capture is not None:
+            record.captured_headers = capture(
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers
+            )
         record.start_trace()
         if record.parent_remote:
             request_id = f"{record.trace_id:032x}"
@@ -383,6 +393,11 @@ class App:
                 record.finish(499, 0)
             else:
                 response.headers.append(("x-request-id", record.request_id))
+                capture = self._captures.server_response.capture
+                if capture is not None:
+                    captured = capture(response.headers)
+                    if captured:
+                        record.captured_headers = {**(record.captured_headers or {}), **captured}
                 size = 0 if request.method == "HEAD" else len(response.body)
                 record.finish(response.status, size)
             self._notify(record)

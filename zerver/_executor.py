@@ -28,6 +28,7 @@ from ._records import (
     RequestRecord,
     StepRecord,
     active_span,
+    exception_facts,
 )
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ def call_step(
         decision = step.fn(ctx)
     except Exception as exc:
         sr.end_ts = record.clock.now_ns()
+        sr.exceptions = [exception_facts(exc, sr.end_ts)]
         sr.error_type = type(exc).__name__
         sr.error_message = str(exc)
         err = PipelineError(

@@ -42,6 +42,7 @@ from ._records import (
     RequestRecord,
     RetryRecord,
     active_span,
+    exception_facts,
 )
 
 if TYPE_CHECKING:
@@ -134,9 +135,15 @@ class Job:
         st = self.state
         if st.outcome is not None:
             return
-        st.end_ts = self.clock.now_ns()
+        end = st.end_ts = self.clock.now_ns()
         st.outcome = outcome
         st.success = outcome == COMPLETE
+        if st.park_episodes and outcome != COMPLETE:
+            # A job cancelled or failed while parked: the wait ends with the job, and
+            # its park point, unwinding later, writes nothing (see _park._Parked).
+            for ep in st.park_episodes:
+                if ep.resume_ts is None:
+                    ep.resume_ts = end
         if error_type is not None:
             st.error_type = error_type
             st.error_message = error_message
@@ -386,19 +393,22 @@ class JobSystem:
 
     async def _rest_of_attempt(
         self, job: Job, deadline: float, attempt: Awaitable[Any]
-    ) -> tuple[bool, EffectError | None]:
-        """Await the attempt under its timeout: (timed out?, its error if it failed)."""
+    ) -> tuple[bool, EffectError | None, Exception | None]:
+        """Await the attempt under its timeout: (timed out?, its error if it failed,
+        what the interpreter raised)."""
         error: EffectError | None = None
+        raised: Exception | None = None
         scope = job.scope = anyio.CancelScope(deadline=deadline)
         with scope:
             try:
                 job.result = await attempt
             except EffectError as exc:
-                error = exc
+                error = raised = exc
             except Exception as exc:
                 error = _unexpected(exc)
+                raised = exc
         job.scope = None
-        return scope.cancelled_caught, error
+        return scope.cancelled_caught, error, raised
 
     async def _attempts(
         self, job: Job, ctx: JobContext, interp: Interpreter, effect: Effect
@@ -411,6 +421,7 @@ class JobSystem:
             st.attempts += 1
             deadline = anyio.current_time() + timeout_s
             error: EffectError | None = None
+            raised: Exception | None = None
             timed_out = False
             if effect.system in self._synchronous:
                 # It answers without waiting (it says so): no cancel scope, no timer.
@@ -421,19 +432,26 @@ class JobSystem:
                 except StopIteration as done:
                     job.result = done.value
                 except EffectError as exc:
-                    error = exc
+                    error = raised = exc
                 except Exception as exc:
                     error = _unexpected(exc)
+                    raised = exc
                 else:
-                    timed_out, error = await self._rest_of_attempt(
+                    timed_out, error, raised = await self._rest_of_attempt(
                         job, deadline, _Resumed(attempt, waiting_on)
                     )
             else:
-                timed_out, error = await self._rest_of_attempt(
+                timed_out, error, raised = await self._rest_of_attempt(
                     job, deadline, interp.perform(effect, ctx)
                 )
             if job.finished:  # cancelled from outside while running
                 return
+            if raised is not None:  # the span of the effect records what was raised
+                facts = exception_facts(raised, clock.now_ns())
+                if st.exceptions is None:
+                    st.exceptions = [facts]
+                else:
+                    st.exceptions.append(facts)
             if error is None and timed_out:
                 error = EffectError(
                     f"{effect.span_name} timed out after {effect.timeout_ms} ms",

@@ -86,6 +86,7 @@ from ._records import (
     SlotWrite,
     StepRecord,
 )
+from ._semconv import redact_url
 from .export._config import ExportConfig
 from .export._log import DropReporter
 
@@ -105,7 +106,7 @@ __all__ = [
     "unpack_record",
 ]
 
-PACK_SCHEMA = "1"
+PACK_SCHEMA = "2"
 """Version of :func:`pack_record`'s layout, stored with spooled records; bump it
 whenever the layout changes, so an older spool is reported rather than misread."""
 
@@ -181,9 +182,17 @@ def _pack_effect(e: Effect | None) -> tuple[Any, ...] | None:
         getattr(e, "table", None),
         getattr(e, "key", None),
         getattr(e, "namespace", None),
-        getattr(e, "url", None),
+        _packed_url(getattr(e, "url", None)),
         getattr(e, "topic", None),
     )
+
+
+def _packed_url(url: str | None) -> str | None:
+    """An outbound URL as it may leave the process (and reach the spool): no
+    credentials, no query values; what ``url.full`` records anyway."""
+    if url is None or ("?" not in url and "@" not in url):
+        return url
+    return redact_url(url)
 
 
 def _pack_job(j: JobState) -> tuple[Any, ...]:
@@ -195,7 +204,7 @@ def _pack_job(j: JobState) -> tuple[Any, ...]:
         j.worker, j.attempts, j.success, j.outcome, j.error_type, j.error_message,
         j.status_hint, j.depth_enqueue, j.depth_take,
         [(r.ts, r.attempt, r.reason, r.backoff_ms) for r in j.retries] if j.retries else None,
-        j.result_meta,
+        j.result_meta, j.exceptions,
     )  # fmt: skip
 
 
@@ -208,7 +217,7 @@ def _pack_step(s: StepRecord) -> tuple[Any, ...]:
     return (
         s.index, s.span_id, s.name, s.layer, s.sequence, s.reads, s.writes, s.start_ts,
         s.end_ts, s.decision, s.resume, need, s.job_index, s.error_type, s.error_message,
-        s.render_phase, s.render_size,
+        s.render_phase, s.render_size, s.exceptions,
     )  # fmt: skip
 
 
@@ -225,6 +234,7 @@ def pack_record(r: RequestRecord) -> tuple[Any, ...]:
         [_pack_step(s) for s in r.steps],
         [_pack_job(j) for j in r.jobs],
         [(w.ts, w.slot, w.size_bytes, w.step_index, w.job_index) for w in r.slot_writes],
+        r.captured_headers,
     )  # fmt: skip
 
 
@@ -274,7 +284,7 @@ def unpack_record(t: tuple[Any, ...], ids: random.Random | None = None) -> Reque
      r.status, r.request_id, r.traceparent, r.tracestate, r.baggage, r.trace_id,
      r.span_id, r.parent_span_id, r.parent_remote, r.trace_flags, r.system_fault,
      r.error_type, r.error_message, r.error_id, r.kind, r.message_id, r.message_size,
-     r.message_attempt, links, steps, jobs, writes) = t  # fmt: skip
+     r.message_attempt, links, steps, jobs, writes, r.captured_headers) = t  # fmt: skip
     r.links = [tuple(x) for x in links]
     for s in steps:
         sr = StepRecord(index=s[0], name=s[2], layer=s[3], sequence=s[4], reads=s[5],
@@ -282,6 +292,8 @@ def unpack_record(t: tuple[Any, ...], ids: random.Random | None = None) -> Reque
         sr.span_id = s[1]
         sr.end_ts, sr.decision, sr.resume = s[8], s[9], s[10]
         sr.error_type, sr.error_message, sr.render_phase, sr.render_size = s[13:17]
+        if s[17] is not None:
+            sr.exceptions = [tuple(x) for x in s[17]]
         if s[11] is not None:
             n = s[11]
             need = NeedRecord(n[0], n[1], n[2], n[3], n[4])
@@ -304,6 +316,8 @@ def unpack_record(t: tuple[Any, ...], ids: random.Random | None = None) -> Reque
         if j[22]:
             st.retries = [RetryRecord(*x) for x in j[22]]
         st.result_meta = j[23]
+        if j[24] is not None:
+            st.exceptions = [tuple(x) for x in j[24]]
         r.jobs.append(st)
     r.slot_writes = [SlotWrite(*w) for w in writes]
     return r

@@ -25,6 +25,9 @@ __all__ = ["ConcurrencyLimiter", "Interpreter", "JobContext", "RateLimiter"]
 
 
 class _Parked:
+    """Closes its episode on exit, unless the job's end closed it already: after a job
+    finished (a cancelled worker unwinding) nothing writes to its record."""
+
     __slots__ = ("_clock", "_episode")
 
     def __init__(self, clock: Clock, episode: ParkEpisode) -> None:
@@ -40,7 +43,9 @@ class _Parked:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._episode.resume_ts = self._clock.now_ns()
+        episode = self._episode
+        if episode.resume_ts is None:
+            episode.resume_ts = self._clock.now_ns()
 
 
 class JobContext:
@@ -84,11 +89,18 @@ class JobContext:
         if cause not in PARK_CAUSES:
             raise ValueError(f"park cause must be one of {sorted(PARK_CAUSES)}, got {cause!r}")
         episode = ParkEpisode(cause, self.clock.now_ns(), token, limit_current, limit_max)
-        self.state.park_episodes.append(episode)
+        if self.state.outcome is None:
+            self.state.park_episodes.append(episode)
+        else:  # the job already finished: the wait is not recorded
+            episode.resume_ts = episode.park_ts
         return _Parked(self.clock, episode)
 
     def note(self, key: str, value: Any) -> None:
-        """Report a fact about the result (``cache.hit``, ``http.response.status_code``)."""
+        """Report a fact about the result (``cache.hit``, ``http.response.status_code``).
+
+        Ignored once the job finished (cancelled while its work unwinds)."""
+        if self.state.outcome is not None:
+            return
         meta = self.state.result_meta
         if meta is None:
             meta = self.state.result_meta = {}

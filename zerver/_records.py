@@ -18,6 +18,7 @@ rely on):
 from __future__ import annotations
 
 import random
+import traceback
 from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from ._effects import Effect
 
 __all__ = [
+    "ExceptionFacts",
     "JobState",
     "NeedRecord",
     "ParkEpisode",
@@ -45,6 +47,31 @@ _default_ids = random.Random()
 active_span: ContextVar[tuple[RequestRecord, int] | None] = ContextVar(
     "zerver_active_span", default=None
 )
+
+#: The longest ``exception.stacktrace`` kept: its head and its tail (the innermost
+#: frames and the message), with what was cut in between said in the text.
+MAX_STACKTRACE = 4096
+#: The longest ``exception.message`` kept.
+MAX_EXCEPTION_MESSAGE = 1024
+
+#: An exception as recorded where it was raised: ``(ts, type, message, stacktrace)``,
+#: the ``exception`` event's facts (the OpenTelemetry SDK's ``record_exception``).
+ExceptionFacts = tuple[int, str, str, str]
+
+
+def exception_facts(exc: BaseException, ts: int) -> ExceptionFacts:
+    """What an ``exception`` event says of ``exc``, raised at ``ts``; the stack bounded."""
+    stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if len(stack) > MAX_STACKTRACE:
+        head = MAX_STACKTRACE // 4
+        tail = MAX_STACKTRACE - head
+        cut = len(stack) - head - tail
+        stack = f"{stack[:head]}\n... ({cut} characters omitted) ...\n{stack[-tail:]}"
+    message = str(exc)
+    if len(message) > MAX_EXCEPTION_MESSAGE:
+        message = message[:MAX_EXCEPTION_MESSAGE] + "..."
+    return (ts, type(exc).__qualname__, message, stack)
+
 
 # Job outcomes.
 COMPLETE = "complete"
@@ -110,6 +137,7 @@ class JobState:
         "enqueue_ts",
         "error_message",
         "error_type",
+        "exceptions",
         "index",
         "kind",
         "name",
@@ -163,6 +191,8 @@ class JobState:
         self.retries: list[RetryRecord] = []
         # Facts an interpreter reports about the result (e.g. ``cache.hit``).
         self.result_meta: dict[str, Any] | None = None
+        # What the interpreter raised, one entry per failed attempt that raised.
+        self.exceptions: list[ExceptionFacts] | None = None
 
     @property
     def required(self) -> bool:
@@ -225,6 +255,7 @@ class StepRecord:
         "end_ts",
         "error_message",
         "error_type",
+        "exceptions",
         "index",
         "job_index",
         "layer",
@@ -269,6 +300,8 @@ class StepRecord:
         self.error_message: str | None = None
         self.render_phase: str | None = None
         self.render_size: int | None = None
+        # What the step raised (at most one entry: a raising step ends there).
+        self.exceptions: list[ExceptionFacts] | None = None
 
     def __repr__(self) -> str:
         return f"<StepRecord #{self.index} {self.name!r} {self.decision}>"
@@ -279,6 +312,7 @@ class RequestRecord:
 
     __slots__ = (
         "baggage",
+        "captured_headers",
         "client_address",
         "client_port",
         "clock",
@@ -367,6 +401,9 @@ class RequestRecord:
         self.tracestate: str | None = None
         # W3C baggage received with the request (forwarded on outbound calls).
         self.baggage: dict[str, str] | None = None
+        # Headers captured as span attributes (``http.request.header.<name>`` ...),
+        # sanitised; only when the operator asked for them.
+        self.captured_headers: dict[str, list[str]] | None = None
         self.steps: list[StepRecord] = []
         self.jobs: list[JobState] = []
         self.slot_writes: list[SlotWrite] = []

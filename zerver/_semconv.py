@@ -13,12 +13,190 @@ emits ``new`` only. Set ``ZER_VER_SEMCONV=new`` (or the standard
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+import os
+import re
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from ._records import RequestRecord
 from ._spans import AttrValue
 
-__all__ = ["CLIENT_ROWS", "SERVER_ROWS", "ClientFacts", "SemConv"]
+if TYPE_CHECKING:
+    from ._config import Settings
+
+__all__ = [
+    "CLIENT_ROWS",
+    "DEFAULT_REDACTED_PARAMS",
+    "SERVER_ROWS",
+    "ClientFacts",
+    "HeaderCapture",
+    "HeaderCaptures",
+    "Redaction",
+    "SemConv",
+    "redact_url",
+    "strip_userinfo",
+]
+
+#: Query parameters whose values the semantic conventions redact by default
+#: (``url.query``, ``url.full``): signed-URL credentials.
+DEFAULT_REDACTED_PARAMS = ("AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature")
+REDACTED = "REDACTED"
+_SEPARATORS = re.compile(r"([&;])")
+# What a parameter name may not contain (ZER_VER_REDACT_QUERY_PARAMS is checked with it).
+BAD_PARAM_NAME = re.compile(r"[&;=#?\s]")
+
+
+class Redaction:
+    """Which query parameters' values never reach telemetry, and how they are replaced.
+
+    The semantic conventions' defaults (:data:`DEFAULT_REDACTED_PARAMS`) plus the
+    operator's names (``ZER_VER_REDACT_QUERY_PARAMS``). Names match after
+    percent-decoding and ignoring case (a client may spell ``SIG`` or ``%73ig``);
+    the value becomes ``REDACTED``, everything else of the query stays as sent.
+    ``&`` and ``;`` both separate parameters here, so a server that splits on
+    either never sees a value this missed.
+
+    Cheap in the common case: a query with none of the names (and no ``%``) is
+    returned as it is after one compiled search.
+    """
+
+    __slots__ = ("_lower", "_probe", "names")
+
+    def __init__(self, extra: Iterable[str] = ()) -> None:
+        names: dict[str, None] = dict.fromkeys(DEFAULT_REDACTED_PARAMS)
+        for raw in extra:
+            name = raw.strip()
+            if name:
+                if BAD_PARAM_NAME.search(name):
+                    raise ValueError(f"not a query parameter name: {name!r}")
+                names[name] = None
+        self.names = tuple(names)
+        self._lower = frozenset(n.lower() for n in names)
+        pattern = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+        self._probe = re.compile(pattern + "|%", re.IGNORECASE).search
+
+    @classmethod
+    def parse(cls, text: str) -> Redaction:
+        """From a comma-separated list of extra names (``ZER_VER_REDACT_QUERY_PARAMS``)."""
+        return cls(text.split(","))
+
+    def query(self, query: str) -> str:
+        """``query`` with the values of the sensitive parameters replaced."""
+        if not query or self._probe(query) is None:
+            return query
+        parts = _SEPARATORS.split(query)
+        changed = False
+        lower = self._lower
+        for i in range(0, len(parts), 2):
+            name, eq, value = parts[i].partition("=")
+            if not eq or value == REDACTED:
+                continue
+            key = unquote_plus(name) if "%" in name or "+" in name else name
+            if key.lower() in lower:
+                parts[i] = f"{name}={REDACTED}"
+                changed = True
+        return "".join(parts) if changed else query
+
+
+#: The defaults alone (what a record made outside an app is redacted with).
+DEFAULT_REDACTION = Redaction()
+
+
+#: Headers whose values are always ``[REDACTED]`` when captured, whatever is configured.
+ALWAYS_SANITIZED = ("authorization", "cookie", "set-cookie", "proxy-authorization")
+SANITIZED = "[REDACTED]"
+
+
+class HeaderCapture:
+    """Which headers of one kind (server request, client response, ...) become attributes.
+
+    As OpenTelemetry Python's instrumentations read
+    ``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_*``: comma-separated names, each a
+    regular expression matched against the whole header name ignoring case; a
+    header becomes ``<prefix><lowercase name>`` (``http.request.header.x-request-id``)
+    with all its values as a string array. A header matched anywhere in its name by
+    one of the ``..._SANITIZE_FIELDS`` expressions, or named in
+    :data:`ALWAYS_SANITIZED`, keeps its key and loses its values (``[REDACTED]``).
+
+    ``capture`` is None when nothing is configured, so callers skip the header walk.
+    """
+
+    __slots__ = ("_match", "_sanitize", "capture", "prefix")
+
+    def __init__(self, names: str, sanitize: str, prefix: str) -> None:
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        fields = [n.strip() for n in sanitize.split(",") if n.strip()]
+        always = "^(?:" + "|".join(re.escape(h) for h in ALWAYS_SANITIZED) + ")$"
+        self.prefix = prefix
+        self._match = re.compile("|".join(wanted), re.IGNORECASE).fullmatch if wanted else None
+        self._sanitize = re.compile("|".join([always, *fields]), re.IGNORECASE).search
+        self.capture = self._capture if wanted else None
+
+    def _capture(self, headers: Iterable[tuple[str, str]]) -> dict[str, list[str]] | None:
+        match = self._match
+        assert match is not None
+        out: dict[str, list[str]] | None = None
+        for name, value in headers:
+            if match(name) is None:
+                continue
+            if out is None:
+                out = {}
+            out.setdefault(self.prefix + name.lower(), []).append(
+                SANITIZED if self._sanitize(name) else value
+            )
+        return out
+
+
+class HeaderCaptures:
+    """The four header captures (server and client, request and response), from settings."""
+
+    __slots__ = ("client_request", "client_response", "server_request", "server_response")
+
+    def __init__(
+        self,
+        *,
+        server_request: str = "",
+        server_response: str = "",
+        client_request: str = "",
+        client_response: str = "",
+        sanitize: str = "",
+    ) -> None:
+        req, resp = "http.request.header.", "http.response.header."
+        self.server_request = HeaderCapture(server_request, sanitize, req)
+        self.server_response = HeaderCapture(server_response, sanitize, resp)
+        self.client_request = HeaderCapture(client_request, sanitize, req)
+        self.client_response = HeaderCapture(client_response, sanitize, resp)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HeaderCaptures:
+        """The captures the ``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_*`` settings name."""
+        return cls(
+            server_request=settings.capture_headers_server_request,
+            server_response=settings.capture_headers_server_response,
+            client_request=settings.capture_headers_client_request,
+            client_response=settings.capture_headers_client_response,
+            sanitize=settings.capture_headers_sanitize_fields,
+        )
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> HeaderCaptures:
+        """The captures the environment names (what an instrumentation without settings reads)."""
+        env = os.environ if environ is None else environ
+        var = "OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_"
+        return cls(
+            server_request=env.get(var + "SERVER_REQUEST", ""),
+            server_response=env.get(var + "SERVER_RESPONSE", ""),
+            client_request=env.get(var + "CLIENT_REQUEST", ""),
+            client_response=env.get(var + "CLIENT_RESPONSE", ""),
+            sanitize=env.get(var + "SANITIZE_FIELDS", ""),
+        )
+
+
+def strip_userinfo(host: str) -> str:
+    """A ``Host`` value (or URL authority) without ``user:password@``."""
+    return host.rpartition("@")[2] if "@" in host else host
+
 
 # fact name -> (new key, old key or None)
 SERVER_ROWS: dict[str, tuple[str, str | None]] = {
@@ -68,6 +246,7 @@ def _keys(rows: dict[str, tuple[str, str | None]], mode: str) -> dict[str, tuple
 
 
 def _split_host(host: str) -> tuple[str, int | None]:
+    host = strip_userinfo(host)
     if host.startswith("["):  # [v6]:port
         end = host.find("]")
         addr = host[1:end] if end > 0 else host
@@ -126,12 +305,14 @@ class SemConv:
         "_target_keys",
         "_templates",
         "mode",
+        "redaction",
     )
 
-    def __init__(self, mode: str = "dup") -> None:
+    def __init__(self, mode: str = "dup", redaction: Redaction | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"semconv mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
+        self.redaction = redaction if redaction is not None else DEFAULT_REDACTION
         self._server = _keys(SERVER_ROWS, mode)
         self._client = _keys(CLIENT_ROWS, mode)
         self._templates: dict[tuple[object, ...], dict[str, AttrValue]] = {}
@@ -181,6 +362,7 @@ class SemConv:
         for key in self._path_keys:
             attrs[key] = path
         if query:
+            query = self.redaction.query(query)
             target = f"{path}?{query}"
             for key in self._query_keys:
                 attrs[key] = query
@@ -199,7 +381,7 @@ class SemConv:
 
     def _server_facts(self, rec: RequestRecord) -> dict[str, AttrValue]:
         """All of the root span's HTTP attributes, from the table."""
-        query = rec.query
+        query = self.redaction.query(rec.query)
         facts: list[tuple[str, AttrValue]] = [
             ("method", rec.method),
             ("scheme", rec.scheme),
@@ -217,8 +399,9 @@ class SemConv:
         host_addr: str | None = None
         host_port: int | None = None
         if rec.host:
-            facts.append(("host", rec.host))
-            host_addr, host_port = _split_host(rec.host)
+            host = strip_userinfo(rec.host)  # credentials are never recorded
+            facts.append(("host", host))
+            host_addr, host_port = _split_host(host)
         addr = host_addr or rec.server_address
         if addr:
             facts.append(("server_address", addr))

@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from ._config import Settings
 
 __all__ = [
     "FLAG_HAS_REMOTE",
@@ -26,6 +29,7 @@ __all__ = [
     "SpanData",
     "SpanEvent",
     "SpanKind",
+    "SpanLimits",
     "SpanLink",
     "StatusCode",
     "span_tree",
@@ -244,3 +248,148 @@ def span_tree(spans: Sequence[SpanData]) -> tuple[list[SpanData], dict[int, list
         else:
             roots.append(s)
     return roots, children
+
+
+class SpanLimits:
+    """The OpenTelemetry span limits, applied to finished spans; what is cut is counted.
+
+    As the OpenTelemetry SDK reads them: ``OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT`` (else
+    ``OTEL_ATTRIBUTE_COUNT_LIMIT``, else 128) attributes per span, the first ones
+    kept; ``OTEL_SPAN_EVENT_COUNT_LIMIT`` and ``OTEL_SPAN_LINK_COUNT_LIMIT`` (128)
+    events and links, the latest kept; ``OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT`` and
+    ``OTEL_LINK_ATTRIBUTE_COUNT_LIMIT`` (else the attribute count limit) per
+    event and link; ``OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT`` (else
+    ``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT``, else none) characters per string value,
+    strings in arrays included, on spans, events and links. Cut attributes, events
+    and links are counted in ``droppedAttributesCount``, ``droppedEventsCount`` and
+    ``droppedLinksCount``; a truncated value is not counted (as in the SDK).
+
+    :meth:`apply` costs three length checks per span when nothing is over.
+    """
+
+    __slots__ = (
+        "attributes",
+        "event_attributes",
+        "events",
+        "link_attributes",
+        "links",
+        "value_length",
+    )
+
+    def __init__(
+        self,
+        *,
+        attributes: int = 128,
+        events: int = 128,
+        links: int = 128,
+        event_attributes: int | None = None,
+        link_attributes: int | None = None,
+        value_length: int | None = None,
+    ) -> None:
+        for name, value in (
+            ("attributes", attributes),
+            ("events", events),
+            ("links", links),
+            ("event_attributes", event_attributes),
+            ("link_attributes", link_attributes),
+            ("value_length", value_length),
+        ):
+            if value is not None and value < 0:
+                raise ValueError(f"span limit {name} must be >= 0, got {value}")
+        self.attributes = attributes
+        self.events = events
+        self.links = links
+        self.event_attributes = event_attributes if event_attributes is not None else attributes
+        self.link_attributes = link_attributes if link_attributes is not None else attributes
+        self.value_length = value_length
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SpanLimits:
+        """The limits the ``OTEL_*_LIMIT`` settings name, with their fallbacks."""
+        count = settings.span_attribute_count_limit
+        if count is None:
+            count = settings.attribute_count_limit
+        length = settings.span_attribute_value_length_limit
+        if length is None:
+            length = settings.attribute_value_length_limit
+        event_attrs = settings.event_attribute_count_limit
+        link_attrs = settings.link_attribute_count_limit
+        return cls(
+            attributes=count,
+            events=settings.span_event_count_limit,
+            links=settings.span_link_count_limit,
+            event_attributes=event_attrs if event_attrs is not None else count,
+            link_attributes=link_attrs if link_attrs is not None else count,
+            value_length=length,
+        )
+
+    def apply(self, spans: Sequence[SpanData]) -> None:
+        """Cut each span of ``spans`` to the limits, in place, counting what was cut."""
+        amax, emax, lmax = self.attributes, self.events, self.links
+        # Events and links made here carry a handful of attributes each: their own
+        # limit is only checked when it is set below that.
+        deep = self.value_length is not None or min(self.event_attributes, self.link_attributes) < 8
+        for s in spans:
+            if deep or len(s.attributes) > amax or len(s.events) > emax or len(s.links) > lmax:
+                self._limit(s)
+
+    def _limit(self, s: SpanData) -> None:
+        attrs, cut = self._attrs(s.attributes, self.attributes)
+        if cut or attrs is not s.attributes:
+            s.attributes = dict(attrs)
+            s.dropped_attributes_count += cut
+        events = s.events
+        if len(events) > self.events:
+            over = len(events) - self.events
+            events = events[over:]  # the latest kept, as the SDK's bounded list does
+            s.dropped_events_count += over
+        limited: list[EventTuple] = []
+        for name, time_ns, eattrs, edropped in events:
+            kept, ecut = self._attrs(eattrs, self.event_attributes)
+            limited.append((name, time_ns, kept, edropped + ecut))
+        s.events = limited
+        links = s.links
+        if len(links) > self.links:
+            over = len(links) - self.links
+            links = links[over:]
+            s.dropped_links_count += over
+        for link in links:
+            kept, lcut = self._attrs(link.attributes, self.link_attributes)
+            if lcut or kept is not link.attributes:
+                link.attributes = kept
+                link.dropped_attributes_count += lcut
+        s.links = list(links)
+
+    def _attrs(
+        self, attrs: Mapping[str, AttrValue], limit: int
+    ) -> tuple[Mapping[str, AttrValue], int]:
+        """``attrs`` within ``limit`` (the first kept) and values truncated; and how many
+        were cut. The same mapping when nothing changes (shared maps stay shared)."""
+        cut = len(attrs) - limit if len(attrs) > limit else 0
+        length = self.value_length
+        if not cut and (length is None or not attrs):
+            return attrs, 0
+        out: dict[str, AttrValue] = {}
+        changed = bool(cut)
+        for i, (key, value) in enumerate(attrs.items()):
+            if i >= limit:
+                break
+            if length is not None:
+                short = _truncated(value, length)
+                if short is not None:
+                    out[key] = short
+                    changed = True
+                    continue
+            out[key] = value
+        return (out if changed else attrs), cut
+
+
+def _truncated(value: AttrValue, length: int) -> AttrValue | None:
+    """``value`` with its strings cut to ``length`` characters; None if none was longer."""
+    if isinstance(value, str):
+        return value[:length] if len(value) > length else None
+    if isinstance(value, list | tuple) and any(
+        isinstance(v, str) and len(v) > length for v in value
+    ):
+        return [str(v)[:length] for v in value]
+    return None

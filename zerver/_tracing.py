@@ -35,13 +35,14 @@ from ._promotion import Promoter, RollingPercentile, job_durations
 from ._records import (
     CANCEL,
     COMPLETE,
+    ExceptionFacts,
     JobState,
     NeedRecord,
     ParkEpisode,
     RequestRecord,
     StepRecord,
 )
-from ._semconv import ClientFacts, SemConv
+from ._semconv import ClientFacts, Redaction, SemConv
 from ._spans import (
     FLAG_HAS_REMOTE,
     FLAG_IS_REMOTE,
@@ -52,6 +53,7 @@ from ._spans import (
     Resource,
     SpanData,
     SpanKind,
+    SpanLimits,
     SpanLink,
     StatusCode,
 )
@@ -59,6 +61,8 @@ from ._version import __version__
 
 __all__ = ["SpanSink", "TraceEngine", "default_resource", "engine_from_settings"]
 
+_JOB_END_EVENTS = frozenset({"zerver.job.completed", "zerver.job.failed"})
+_HEADER_PREFIXES = ("http.request.header.", "http.response.header.")
 _EFFECT_KINDS = frozenset({"db", "http", "cache", "kv", "queue", "fs"})
 _MAX_KEY = 128
 _new = object.__new__
@@ -128,11 +132,13 @@ def engine_from_settings(
             window=settings.route_window,
             p95_min_ms=settings.promote_p95_min_ms,
         ),
-        semconv=SemConv(settings.semconv_mode),
+        semconv=SemConv(settings.semconv_mode, Redaction.parse(settings.redact_query_params)),
         resource=resource,
         scope=InstrumentationScope(name="zerver", version=__version__),
         export_job_depth=settings.export_job_depth,
         interpreters=interpreters,
+        limits=SpanLimits.from_settings(settings),
+        exception_stacktrace=settings.trace_exception_stacktrace,
     )
 
 
@@ -231,8 +237,12 @@ class TraceEngine:
         scope: InstrumentationScope | None = None,
         export_job_depth: bool = False,
         interpreters: Mapping[str, object] | None = None,
+        limits: SpanLimits | None = None,
+        exception_stacktrace: bool = True,
     ) -> None:
         self.sink = sink
+        self.limits = limits if limits is not None else SpanLimits()
+        self.exception_stacktrace = exception_stacktrace
         self.promoter = promoter if promoter is not None else Promoter()
         self.semconv = semconv if semconv is not None else SemConv("dup")
         self.resource = resource if resource is not None else Resource()
@@ -294,7 +304,7 @@ class TraceEngine:
                 if sr.job_index is not None:
                     cont_steps[sr.job_index] = sr
                 continue
-            step_spans[sr.index] = self._step_span(b, sr, root_id)
+            step_spans[sr.index] = self._step_span(b, sr, root_id, rec.jobs)
 
         if rec.jobs:
             promoter = self.promoter
@@ -305,6 +315,8 @@ class TraceEngine:
             for job in rec.jobs:
                 durations = job_durations(job, end)
                 events = _lifecycle_events(job, wall, end)
+                if job.exceptions is not None:
+                    self._exception_events(job.exceptions, wall, events)
                 if job.kind == "effect":
                     parent = step_spans.get(job.step_index)
                     span = self._effect_span(
@@ -334,20 +346,38 @@ class TraceEngine:
                 else None
             )
             if target is not None:
+                # An effect's result is stored as its job ends, a moment after end_ts:
+                # the event stays within its span.
+                at = wall + w.ts
+                if at > target.end_ns:
+                    at = target.end_ns
                 target.events.append(
-                    (
-                        "zerver.slot.write",
-                        wall + w.ts,
-                        {"slot": w.slot, "size_bytes": w.size_bytes},
-                        0,
-                    )
+                    ("zerver.slot.write", at, {"slot": w.slot, "size_bytes": w.size_bytes}, 0)
                 )
+        self.limits.apply(b.spans)
         return b.spans
+
+    def _exception_events(
+        self, exceptions: list[ExceptionFacts], wall: int, events: list[EventTuple]
+    ) -> None:
+        """Add the semantic conventions' ``exception`` events in time order; one raised
+        as its job ended comes before the job's ``completed``/``failed`` event."""
+        last = events.pop() if events and events[-1][0] in _JOB_END_EVENTS else None
+        for ts, etype, message, stack in exceptions:
+            attrs: dict[str, AttrValue] = {"exception.type": etype, "exception.message": message}
+            if self.exception_stacktrace:
+                attrs["exception.stacktrace"] = stack
+            events.append(("exception", wall + ts, attrs, 0))
+        events.sort(key=_event_time)
+        if last is not None:
+            events.append(last)
 
     def _server_root(self, b: _Builder, rec: RequestRecord, end: int) -> SpanData:
         attrs = self.semconv.server_attributes(rec)
         for pname, pval in rec.params.items():
             attrs["url.path.params." + pname] = pval
+        if rec.captured_headers:
+            attrs.update(rec.captured_headers)
         attrs["zerver.request_id"] = rec.request_id
         status = _UNSET
         message = ""
@@ -427,7 +457,7 @@ class TraceEngine:
         if sr.error_type is not None:
             attrs["error.type"] = sr.error_type
 
-    def _step_span(self, b: _Builder, sr: StepRecord, root: int) -> SpanData:
+    def _step_span(self, b: _Builder, sr: StepRecord, root: int, jobs: list[JobState]) -> SpanData:
         attrs: dict[str, AttrValue] = {
             "zerver.step.sequence": sr.sequence,
             "zerver.step.layer": sr.layer,
@@ -446,12 +476,21 @@ class TraceEngine:
             if status == _UNSET:
                 status, message = _ERROR, "step unfinished at request end"
         events: list[EventTuple] = []
+        if sr.exceptions is not None:
+            self._exception_events(sr.exceptions, b.wall, events)
         need = sr.need
         if need is not None:
-            # The step's span covers the wait for its effects, so they nest inside it.
+            # The step's span covers the wait for its effects, so they nest inside it
+            # (effects cancelled when the join resolved end a moment after it).
             join = need.join_ts if need.join_ts is not None else b.end
             if join > end:
                 end = join
+            for index in need.jobs:
+                job_end = jobs[index].end_ts
+                if job_end is None:
+                    job_end = b.end
+                if job_end > end:
+                    end = job_end
             _need_events(need, b.wall, events)
         return b.span(
             "step." + sr.name,
@@ -573,9 +612,14 @@ class TraceEngine:
                 status if isinstance(status, int) else None,
             )
             self.semconv.client_attributes(facts, attrs)
-            size = meta.get("http.response.body.size") if meta else None
-            if isinstance(size, int):
-                attrs["http.response.body.size"] = size
+            if meta:
+                size = meta.get("http.response.body.size")
+                if isinstance(size, int):
+                    attrs["http.response.body.size"] = size
+                if len(meta) > 2:  # captured headers (OTEL_INSTRUMENTATION_HTTP_CAPTURE_...)
+                    for key, value in meta.items():
+                        if key.startswith(_HEADER_PREFIXES) and isinstance(value, list):
+                            attrs[key] = value
 
     def _continuation_span(
         self,
@@ -608,6 +652,8 @@ class TraceEngine:
             }
             if sr.resume is not None or sr.render_phase is not None or sr.error_type is not None:
                 self._step_extras(sr, attrs)
+            if sr.exceptions is not None:
+                self._exception_events(sr.exceptions, b.wall, events)
             span_id = sr.span_id
         else:  # never ran (cancelled while queued, or the queue was full)
             attrs = {
@@ -635,6 +681,12 @@ class TraceEngine:
                 join = b.end
             if join > end:
                 end = join
+            for index in sr.need.jobs:
+                job_end = rec.jobs[index].end_ts
+                if job_end is None:
+                    job_end = b.end
+                if job_end > end:
+                    end = job_end
             _need_events(sr.need, b.wall, events)
         return b.span(
             job.name, span_id, root, _INTERNAL, start, end, attrs, events, status, message
@@ -643,9 +695,15 @@ class TraceEngine:
     def _promote_queue_wait(
         self, b: _Builder, rec: RequestRecord, job: JobState, queue_wait_ms: float, parent: int
     ) -> None:
-        """Add the job's ``job.queue_wait`` span (it waited at least the bar)."""
-        if job.enqueue_ts is None or job.take_ts is None:
+        """Add the job's ``job.queue_wait`` span (it waited at least the bar).
+
+        A job never taken (cancelled while queued) waited until it ended: its
+        whole wait is its queue wait, promoted like any other."""
+        if job.enqueue_ts is None:
             return
+        taken = job.take_ts
+        if taken is None:
+            taken = job.end_ts if job.end_ts is not None else b.end
         attrs: dict[str, AttrValue] = {"job.queue": job.queue, "job.queue_wait_ms": queue_wait_ms}
         if self.export_job_depth:
             attrs["job.depth_start"] = job.depth_enqueue or 0
@@ -656,7 +714,7 @@ class TraceEngine:
             parent,
             _INTERNAL,
             job.enqueue_ts,
-            job.take_ts,
+            taken,
             attrs,
             [],
         )
@@ -689,6 +747,10 @@ class TraceEngine:
                     [],
                 )
             samples.add(now, ms)
+
+
+def _event_time(event: EventTuple) -> int:
+    return event[1]
 
 
 def _need_events(need: NeedRecord, wall: int, events: list[EventTuple]) -> None:

@@ -13,6 +13,10 @@ Rules this module keeps:
   judge. Error messages name the URL without credentials or query string.
 * Response bodies are read up to ``max_response_bytes``; a larger body fails
   the effect rather than growing an unbounded buffer.
+* Headers named by ``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_REQUEST`` /
+  ``_CLIENT_RESPONSE`` are reported as ``http.request.header.<name>`` /
+  ``http.response.header.<name>`` (sanitised values ``[REDACTED]``, see
+  :class:`~zerver._semconv.HeaderCapture`); nothing is captured by default.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import orjson
 from .._effects import Effect, HttpDelete, HttpGet, HttpPost, HttpPut, HttpResult
 from .._errors import EffectError, UnsupportedEffectError
 from .._park import ConcurrencyLimiter, JobContext
+from .._semconv import HeaderCaptures
 
 __all__ = ["HeadersHook", "HttpInterpreter"]
 
@@ -71,6 +76,8 @@ def _error(exc: Exception, method: str, url: str) -> EffectError:
     elif isinstance(exc, httpx.TooManyRedirects):
         kind = "too_many_redirects"
     detail = str(exc) or type(exc).__name__
+    if url and url in detail:  # the query and credentials stay out of messages
+        detail = detail.replace(url, _redact_url(url))
     return EffectError(
         f"{where} failed ({kind}): {detail}", kind=kind, status_hint=status, retryable=retryable
     )
@@ -101,6 +108,7 @@ class HttpInterpreter:
         follow_redirects: bool = False,
         trust_env: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
+        capture_headers: HeaderCaptures | None = None,
     ) -> None:
         if max_response_bytes < 0:
             raise ValueError(f"max_response_bytes must be >= 0, got {max_response_bytes}")
@@ -116,6 +124,9 @@ class HttpInterpreter:
         self._trust_env = trust_env
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        captures = capture_headers if capture_headers is not None else HeaderCaptures.from_environ()
+        self._capture_request = captures.client_request.capture
+        self._capture_response = captures.client_response.capture
 
     def __repr__(self) -> str:
         return f"<HttpInterpreter max_connections={self.limiter.limit}>"
@@ -175,6 +186,10 @@ class HttpInterpreter:
 
         job.note("http.response.status_code", result.status)
         job.note("http.response.body.size", len(result.body))
+        if self._capture_request is not None:
+            self._note_headers(job, self._capture_request(headers))
+        if self._capture_response is not None:
+            self._note_headers(job, self._capture_response(result.headers))
         if result.status >= 500:
             raise EffectError(
                 f"{method} {_redact_url(effect.url)} answered {result.status}",
@@ -183,6 +198,12 @@ class HttpInterpreter:
                 retryable=True,
             )
         return result
+
+    @staticmethod
+    def _note_headers(job: JobContext, captured: dict[str, list[str]] | None) -> None:
+        if captured:
+            for key, values in captured.items():
+                job.note(key, values)
 
     @staticmethod
     def _body(

@@ -46,9 +46,15 @@ def _value(v: AttrValue) -> Any:
     return v
 
 
+#: Attributes masked in every trace: a stack trace names files and line numbers.
+ALWAYS_MASKED = frozenset({"exception.stacktrace"})
+
+
 def normalise(spans: Sequence[SpanData], *, mask: Iterable[str] = ()) -> list[Tree]:
-    """The spans as stable trees (one per root), ready to compare or store."""
-    masked = set(mask)
+    """The spans as stable trees (one per root), ready to compare or store.
+
+    ``exception.stacktrace`` is always masked (:data:`ALWAYS_MASKED`)."""
+    masked = ALWAYS_MASKED.union(mask)
     roots, children = span_tree(spans)
     counter = [0]
     trace_names: dict[int, str] = {}
