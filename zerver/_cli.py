@@ -1,21 +1,38 @@
-"""The ``zerver`` command: ``zerver run module:app`` and ``zerver demo``."""
+"""The ``zerver`` command: ``zerver run module:app`` and ``zerver demo``.
+
+An operator's mistake (a bad setting, a port in use, an app module that does
+not import, a factory that raises) stops start-up with one line on stderr
+naming the cause and exit status 2: for the app's own code, its exception
+and the app's innermost frame, never zerver's traceback. A ``ZER_VER_*``
+variable zerver does not read is logged as a warning naming the closest
+known one.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
+import importlib.util
 import os
+import site
 import sys
-from collections.abc import Iterable, Sequence
+import sysconfig
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+
+import structlog
 
 from ._app import App
-from ._config import Settings, load_settings
-from ._errors import ConfigError, UsageError
+from ._config import Settings, known_variables, load_settings
+from ._errors import ConfigError, UsageError, ZerverError
+from ._version import __version__
 
 __all__ = ["main", "serving_app"]
 
 
 _APP_ENV = "ZERVER_APP"
+_PREFIX = "ZER_VER_"
 
 
 def serving_app(*, check_only: bool = False) -> App:
@@ -57,7 +74,10 @@ def _server_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zerver", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="zerver", description="Serve a zerver app, the demo, or check golden traces."
+    )
+    parser.add_argument("--version", action="version", version=f"zerver {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve an app: zerver run module:app")
     run.add_argument("app", help="module:attribute naming an App or a factory returning one")
@@ -114,27 +134,184 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(os.environ, **overrides)
 
 
+def warn_unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Log one warning per ``ZER_VER_*`` variable zerver does not read; return their names.
+
+    Such a variable is ignored, so a typo would otherwise go unnoticed; the
+    warning names the closest known variable when one is close.
+    """
+    known = known_variables()
+    suffixes = {name.removeprefix(_PREFIX): name for name in known}
+    log = structlog.get_logger("zerver.config")
+    unknown = sorted(
+        name for name in environ if name.upper().startswith(_PREFIX) and name.upper() not in known
+    )
+    for name in unknown:
+        # Compared without the shared prefix, which would make every name look close.
+        close = difflib.get_close_matches(
+            name.upper().removeprefix(_PREFIX), list(suffixes), n=1, cutoff=0.6
+        )
+        if close:
+            log.warning("unknown variable ignored", variable=name, did_you_mean=suffixes[close[0]])
+        else:
+            log.warning("unknown variable ignored", variable=name)
+    return unknown
+
+
+def _directory(path: str) -> str:
+    return os.path.join(os.path.abspath(path), "")
+
+
+class _AppCode:
+    """Tells the app's own source files from zerver's, the standard library's and installed ones.
+
+    The target's top-level package (or module) is the app's even when it is
+    installed in site-packages.
+    """
+
+    __slots__ = ("_app", "_library")
+
+    def __init__(self, target: str) -> None:
+        paths = sysconfig.get_paths()
+        library = {os.path.dirname(os.path.abspath(__file__)), *site.getsitepackages()}
+        library.update(paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib"))
+        library.add(site.getusersitepackages())
+        self._library = tuple(_directory(d) for d in library if d)
+        self._app = self._package(target)
+
+    @staticmethod
+    def _package(target: str) -> str | None:
+        top = target.partition(":")[0].partition(".")[0]
+        if not top or top == "zerver":  # the demo is zerver's own
+            return None
+        try:
+            spec = importlib.util.find_spec(top)  # a top-level name: found, not imported
+        except (ImportError, ValueError):
+            return None
+        if spec is None:
+            return None
+        if spec.submodule_search_locations:
+            return _directory(next(iter(spec.submodule_search_locations)))
+        return os.path.abspath(spec.origin) if spec.origin else None
+
+    def __contains__(self, filename: str) -> bool:
+        if filename.startswith("<"):
+            return False
+        path = os.path.abspath(filename)
+        if self._app is not None and path.startswith(self._app):
+            return True
+        return not path.startswith(self._library)
+
+
+def _short(filename: str) -> str:
+    """``filename`` relative to the import-path entry it was found on (``myapp.py``)."""
+    path = os.path.abspath(filename)
+    roots = [os.path.join(os.path.abspath(p or os.curdir), "") for p in sys.path]
+    inside = [root for root in roots if path.startswith(root)]
+    return path.removeprefix(max(inside, key=len)) if inside else path
+
+
+def _app_location(exc: BaseException | None, app: _AppCode) -> str | None:
+    """Where in the app's own code ``exc`` arose: ``myapp.py:12 in helper``, or None."""
+    if exc is None:
+        return None
+    if isinstance(exc, SyntaxError) and exc.filename and exc.filename in app:
+        return f"{_short(exc.filename)}:{exc.lineno}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename in app]
+    if not frames:
+        return None
+    frame = frames[-1]
+    return f"{_short(frame.filename)}:{frame.lineno} in {frame.name}"
+
+
+def _one_line(text: str) -> str:
+    return " / ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _describe(exc: BaseException, app: _AppCode) -> str:
+    """``Type: message (where)``, the where being the app's innermost frame if any."""
+    message = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
+    text = f"{type(exc).__name__}: {_one_line(message)}" if message else type(exc).__name__
+    where = _app_location(exc, app)
+    return f"{text} ({where})" if where else text
+
+
+def _usage_line(exc: ZerverError, app: _AppCode) -> str:
+    """A ConfigError's or UsageError's own line, plus where in the app it arose, if it did.
+
+    That is the app's call that misused zerver, or the app's import that
+    failed (zerver reports a failed import as a UsageError, from None).
+    """
+    line = f"zerver: {_one_line(str(exc))}"
+    cause = exc.__cause__ or exc.__context__
+    imported = cause if isinstance(cause, ImportError) else None
+    where = _app_location(exc, app) or _app_location(imported, app)
+    return f"{line} ({where})" if where else line
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The exception an anyio task group wrapped: a zerver error first, else the first one."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves = [_leaf(e) for e in exc.exceptions]
+    return next((e for e in leaves if isinstance(e, ZerverError)), leaves[0])
+
+
+def _failure_line(doing: str, exc: BaseException, app: _AppCode) -> str | None:
+    """The one line for an exception that stopped start-up, or None for a fault of zerver's own.
+
+    A zerver error (a bad setting or target, an address that cannot be
+    bound, a database that cannot be opened) and an exception raised in the
+    app's own code (its module, factory or start-up hook) are the operator's
+    to fix: one line says which. Anything else keeps its traceback.
+    """
+    if isinstance(exc, ConfigError | UsageError):
+        return _usage_line(exc, app)
+    if isinstance(exc, ZerverError):
+        where = _app_location(exc, app)
+        line = f"zerver: {doing} failed: {_one_line(str(exc))}"
+        return f"{line} ({where})" if where else line
+    if isinstance(exc, Exception) and _app_location(exc, app) is not None:
+        return f"zerver: {doing} failed: {_describe(exc, app)}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zerver`` console script."""
+    from ._logging import configure_logging
+
     args = _parser().parse_args(argv)
     if args.command == "golden":
         return _golden(args)
     from ._server import catch_early_signals, serve_from_settings
 
     catch_early_signals()
+    target = "zerver.demo:create_app" if args.command == "demo" else args.app
 
     try:
         settings = _settings(args)
         if args.workers < 1:
             raise ConfigError(f"--workers={args.workers} is invalid: accepted: 1 or more")
+        configure_logging(settings.log_format, settings.log_level)
+        warn_unknown_variables(os.environ)
         # Every worker process builds the app itself from the environment.
         os.environ["ZER_VER_DB_PATH"] = settings.db_path
-        os.environ[_APP_ENV] = "zerver.demo:create_app" if args.command == "demo" else args.app
+        os.environ[_APP_ENV] = target
         serving_app(check_only=True)  # fail fast, before binding, on a bad value
-    except (ConfigError, UsageError) as exc:
-        print(f"zerver: {exc}", file=sys.stderr)
+    except Exception as exc:  # a bad value, or the app's module or factory raised
+        line = _failure_line(f"loading {target}", exc, _AppCode(target))
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
-    return serve_from_settings("zerver._cli:serving_app", settings, workers=args.workers)
+    try:
+        return serve_from_settings("zerver._cli:serving_app", settings, workers=args.workers)
+    except Exception as exc:  # raised inside the server's task group, so often a group
+        line = _failure_line(f"serving {target}", _leaf(exc), _AppCode(target))
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,10 +9,14 @@ Routes:
 * ``GET /blogs/posts/{id}/comments`` — the post's comments from the DB.
 * ``GET /blogs/posts/{id}/with-comments`` — the post from the DB and the
   comments fetched over real HTTP from this service's own comments route
-  (``ZER_VER_DEMO_BASE_URL``, default: the address the request came to), so
-  one trace shows the client and server spans of the hop.
-* ``POST /blogs/posts`` — validates the JSON body, writes with ``db.put``,
-  answers 201 with the new id.
+  (``ZER_VER_DEMO_BASE_URL``, default: the local address of the connection
+  the request came in on), so one trace shows the client and server spans of
+  the hop. The ``Host`` header never chooses where the server connects: a
+  client could otherwise make it fetch any address. A reply that is not the
+  comments route's JSON fails the request with 502, as a failed fetch does.
+* ``POST /blogs/posts`` — validates the JSON body (415 for a body that is
+  not JSON, 422 for an ``author_id`` that names no author), writes with
+  ``db.put``, answers 201 with the new id.
 * ``GET /healthz``.
 """
 
@@ -29,7 +33,7 @@ from .._clock import Clock
 from .._config import Settings
 from .._decisions import Continue, Decision, Done, Fail, Join, Mode, Need
 from .._effects import CacheGet, CacheSet, DbGet, DbPut, DbQuery, HttpGet, HttpResult
-from .._http import Response
+from .._http import Request, Response
 from .._slots import Context, Slot
 from .._steps import Step, step
 
@@ -161,28 +165,75 @@ def render_comments(ctx: Context) -> Decision:
 # -- GET /blogs/posts/{id}/with-comments ------------------------------------------
 
 
-def _with_comments_steps(base_url: str | None) -> Step:
+_COMMENTS_FETCH = "comments"  # the HttpGet's name: its span is ``http.get comments``
+# A wildcard bind address is not one to connect to; its loopback twin is.
+_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def own_base_url(request: Request, settings: Settings) -> str:
+    """``http://host:port`` of this very server, for a request it is serving.
+
+    The local end of the request's connection (the configured address when
+    there is no socket, as in-process tests). Never the ``Host`` header: the
+    client writes that, and a server that connects where its clients say is a
+    proxy to any address they choose (SSRF).
+    """
+    host, port = request.server or (settings.host, settings.port)
+    host = _LOOPBACK.get(host, host)
+    if ":" in host:
+        host = f"[{host.replace('%', '%25')}]"  # IPv6, with its zone id escaped
+    return f"http://{host}:{port}"
+
+
+def _comments_reply(reply: HttpResult | None) -> list[Row] | None:
+    """The comments in a reply of the comments route, or None when it is not such a reply.
+
+    404 is the other service not knowing the post: no comments. Anything but
+    a 200 whose body is ``{"comments": [{...}, ...]}`` is a bad reply.
+    """
+    if reply is None:
+        return None
+    if reply.status == 404:
+        return []
+    if reply.status != 200:
+        return None
+    try:
+        body = reply.json()
+    except ValueError:
+        return None
+    comments = body.get("comments") if isinstance(body, dict) else None
+    if not isinstance(comments, list) or not all(isinstance(c, dict) for c in comments):
+        return None
+    return comments
+
+
+def _with_comments_steps(settings: Settings) -> Step:
     """The post and, over real HTTP, this service's own comments route."""
+    base_url = settings.demo_base_url
 
     @step(reads=[POST, REMOTE_COMMENTS])
     def render_post_with_comments(ctx: Context) -> Decision:
         post = ctx.optional(POST)
         if post is None:
             return Fail(404, "post not found", key=ctx.params["id"])
-        reply = ctx.optional(REMOTE_COMMENTS)
-        comments = reply.json()["comments"] if reply is not None and reply.status == 200 else []
+        comments = _comments_reply(ctx.optional(REMOTE_COMMENTS))
+        if comments is None:
+            # The same answer as any failed required effect: the fetch gave nothing usable.
+            return Fail(
+                502, "required effect failed: invalid_reply", key=f"http.get {_COMMENTS_FETCH}"
+            )
         return Done(Response.json({"post": post, "comments": comments}))
 
     @step(writes=[POST, REMOTE_COMMENTS])
     def load_post_with_comments(ctx: Context) -> Decision:
         post_id = ctx.params["id"]
-        base = base_url or f"{ctx.request.scheme}://{ctx.request.header('host') or 'localhost'}"
+        base = base_url or own_base_url(ctx.request, settings)
         return Need(
             [
                 DbGet(table="blog_post", key=post_id, slot=POST),
                 HttpGet(
                     url=f"{base.rstrip('/')}/blogs/posts/{quote(post_id, safe='')}/comments",
-                    name="comments",
+                    name=_COMMENTS_FETCH,
                     slot=REMOTE_COMMENTS,
                     timeout_ms=2000,
                 ),
@@ -197,8 +248,24 @@ def _with_comments_steps(base_url: str | None) -> Step:
 # -- POST /blogs/posts ------------------------------------------------------------
 
 
+def _is_json(content_type: str | None) -> bool:
+    """Whether a ``Content-Type`` names JSON (``application/json``, ``application/*+json``).
+
+    No ``Content-Type`` at all is read as JSON: RFC 9110 lets a recipient
+    examine an unlabelled body, and the parse that follows still refuses
+    anything that is not JSON (400).
+    """
+    if content_type is None:
+        return True
+    media = content_type.partition(";")[0].strip().lower()
+    kind, _, subtype = media.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
 @step(writes=[NEW_POST])
 def validate_new_post(ctx: Context) -> Decision:
+    if not _is_json(ctx.request.header("content-type")):
+        return Fail(415, "body must be application/json", key="content-type")
     try:
         data = ctx.request.json()
     except ValueError as exc:
@@ -219,9 +286,19 @@ def validate_new_post(ctx: Context) -> Decision:
     return Continue
 
 
-@step(reads=[NEW_POST], writes=[NEW_POST])
+@step(reads=[NEW_POST], writes=[AUTHOR])
+def check_author(ctx: Context) -> Decision:
+    """A post must name an author that exists: look it up before storing anything."""
+    author_id = ctx.require(NEW_POST)["author_id"]
+    return Need(DbGet(table="author", key=author_id, slot=AUTHOR), then=create_post)
+
+
+@step(reads=[NEW_POST, AUTHOR], writes=[NEW_POST])
 def create_post(ctx: Context) -> Decision:
     post: Row = ctx.require(NEW_POST).copy()
+    if ctx.optional(AUTHOR) is None:
+        # Well-formed, but it names no author: 422, and nothing is stored.
+        return Fail(422, "author_id names no author", key="author_id")
     post["id"] = secrets.token_hex(6)
     ctx.put(NEW_POST, post)
     return Need(DbPut(table="blog_post", key=post["id"], value=post), then=created)
@@ -260,8 +337,8 @@ def create_app(
     app = App("zerver-demo", settings=settings, clock=clock, version="0.1.0", rng=rng)
     app.get("/blogs/posts/{id}", load_blog_post_page)
     app.get("/blogs/posts/{id}/comments", load_comments)
-    app.get("/blogs/posts/{id}/with-comments", _with_comments_steps(app.settings.demo_base_url))
-    app.post("/blogs/posts", validate_new_post, create_post)
+    app.get("/blogs/posts/{id}/with-comments", _with_comments_steps(app.settings))
+    app.post("/blogs/posts", validate_new_post, check_author)
     app.get("/healthz", healthz)
     app.on_startup(_seed)
     return app
