@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anyio
@@ -205,3 +206,156 @@ async def test_a_synchronous_interpreter_runs_without_a_scope_and_still_times_ou
         assert (response.status, job.error_type) == (504, "timeout")
     else:
         assert response.status == 200 and job.outcome == COMPLETE
+
+
+B: Slot[Any] = Slot("b")
+
+
+@step(reads=[A, B])
+def render_both(ctx: Context) -> Done:
+    return Done(Response.json({"a": ctx.optional(A), "b": ctx.optional(B)}))
+
+
+@step(writes=[A, B])
+def load_both(ctx: Context) -> Need:
+    return Need(
+        [
+            CacheGet(namespace="n", key="slow", slot=A, required=False),
+            CacheGet(namespace="n", key="k", slot=B, required=False, name="in-process"),
+        ],
+        then=render_both,
+    )
+
+
+async def test_a_synchronous_effect_runs_on_the_request_task_with_its_lifecycle_recorded() -> None:
+    clock = VirtualClock()
+    app = App("held", settings=load_settings({}), clock=clock)
+    app.get("/x", load_both)
+    cap = RecordCapture()
+    app.subscribe(cap)
+    async with AppClient(app) as client:
+        for _ in range(3):
+            assert (await client.get("/x")).status == 200
+        effects = app.jobs.effects
+        assert effects.idle_workers() == effects.workers  # every held worker was given back
+    for record in cap.records:
+        jobs = [j for j in record.jobs if j.kind == "effect"]
+        assert [j.outcome for j in jobs] == [COMPLETE, COMPLETE]
+        for j in jobs:
+            assert j.enqueue_ts == j.take_ts is not None  # idle workers: taken at once
+            assert j.start_ts is not None and j.end_ts is not None and j.end_ts >= j.start_ts
+
+
+class _Gate:
+    """One event shared by two interpreters: "waiter" (says it is synchronous, but
+    waits for the gate) and "opener" (an ordinary one, opens it)."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+
+
+class _Waiter:
+    system = "waiter"
+    synchronous = True
+
+    def __init__(self, gate: _Gate) -> None:
+        self.gate = gate
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    async def perform(self, effect: Any, job: Any) -> Any:
+        await self.gate.event.wait()
+        return "waited"
+
+
+class _Opener(_Waiter):
+    system = "opener"
+    synchronous = False
+
+    async def perform(self, effect: Any, job: Any) -> Any:
+        self.gate.event.set()
+        return "opened"
+
+
+async def test_a_held_effect_that_waits_lets_the_others_run_and_joins_with_them() -> None:
+    """The held effect runs on the request's task; when it waits after all, the
+    task yields, the other effect runs on its worker meanwhile, and the join sees
+    both (no deadlock, the wait under the effect's timeout)."""
+    from zerver import Effect
+
+    class Wait(Effect):
+        system = "waiter"
+        operation = "get"
+
+    class Open(Effect):
+        system = "opener"
+        operation = "get"
+
+    @step(writes=[A, B])
+    def both(ctx: Context) -> Need:
+        return Need([Wait(slot=A, timeout_ms=5000), Open(slot=B)], then=render_both)
+
+    gate = _Gate()
+    app = App("held-waits", settings=load_settings({}))
+    app.interpreter("waiter", _Waiter(gate))
+    app.interpreter("opener", _Opener(gate))
+    app.get("/x", both)
+    async with AppClient(app) as client:
+        with anyio.fail_after(10):
+            response = await client.get("/x")
+        effects = app.jobs.effects
+        assert effects.idle_workers() == effects.workers
+    assert response.status == 200
+    assert json.loads(response.body) == {"a": "waited", "b": "opened"}
+
+
+async def test_cancelling_an_attempt_under_the_native_timeout_stops_it_at_once() -> None:
+    """A join resolved by a failed required effect cancels a running attempt: on
+    asyncio that fires its timeout now, and the job ends cancelled, not timed out."""
+    from zerver import Effect
+
+    class Wait(Effect):
+        system = "waiter"
+        operation = "get"
+
+    class Fails(Effect):
+        system = "opener"
+        operation = "get"
+
+    class _Failing(_Opener):
+        async def perform(self, effect: Any, job: Any) -> Any:
+            from zerver import EffectError
+
+            raise EffectError("no", kind="broken", status_hint=503)
+
+    @step(writes=[A, B])
+    def both(ctx: Context) -> Need:
+        return Need([Wait(slot=A, timeout_ms=60_000), Fails(slot=B)], then=render_both)
+
+    gate = _Gate()
+    waiter = _Waiter(gate)
+    waiter.synchronous = False  # on a worker, under the timeout
+    app = App("cancel", settings=load_settings({}))
+    app.interpreter("waiter", waiter)
+    app.interpreter("opener", _Failing(gate))
+    app.get("/x", both)
+    cap = RecordCapture()
+    app.subscribe(cap)
+    async with AppClient(app) as client:
+        with anyio.fail_after(10):
+            response = await client.get("/x")
+        # The waiting attempt was stopped, not left waiting for its minute.
+        effects = app.jobs.effects
+        for _ in range(100):
+            if effects.idle_workers() == effects.workers:
+                break
+            await anyio.lowlevel.checkpoint()
+        assert effects.idle_workers() == effects.workers
+    assert response.status == 503
+    wait_job, fail_job = [j for j in cap.records[0].jobs if j.kind == "effect"]
+    assert wait_job.outcome != COMPLETE and wait_job.error_type == "cancelled"
+    assert fail_job.error_type == "broken"
