@@ -14,8 +14,6 @@ import anyio.to_thread
 import structlog
 
 from ._clock import Clock, MonotonicClock
-from ._config import Settings, load_settings
-from ._consumers import ConsumerRunner
 from ._decisions import Done, Fail
 from ._effects import RetryPolicy
 from ._errors import UsageError
@@ -23,20 +21,22 @@ from ._executor import Executor, PipelineError
 from ._http import Request, Response
 from ._jobs import JobSystem
 from ._messaging import Broker, BrokerInterpreter, Consumer, MemoryBroker
-from ._offload import EngineSpec, ProcessTraceSubscriber
 from ._propagation import extract_into, propagation_fields
 from ._records import RequestRecord, StepRecord, Subscriber, active_span
 from ._routing import Match, NotAllowed, Route, Router
 from ._semconv import HeaderCaptures, Redaction, strip_userinfo
 from ._slots import Context
-from ._spans import Resource
 from ._steps import Step
-from ._tracing import SpanSink, TraceEngine, default_resource, engine_from_settings
 from ._version import __version__
-from .export._config import ExportConfig
 
+# Tracing, the exporter process and settings are imported where they are first
+# used, so an app that does not trace never loads them (docs/performance.md).
 if TYPE_CHECKING:
+    from ._config import Settings
+    from ._offload import ProcessTraceSubscriber
     from ._park import Interpreter
+    from ._spans import Resource
+    from ._tracing import SpanSink, TraceEngine
 
 __all__ = ["App"]
 
@@ -57,7 +57,10 @@ class App:
     Steps run in order: the app's ``before`` steps, the route's ``before``
     steps, then the route's steps. Interpreters for ``db``, ``cache`` and
     ``http`` effects are SQLite, an in-process TTL cache and an httpx client
-    unless the app registers its own with :meth:`interpreter`.
+    unless the app registers its own with :meth:`interpreter`. The default
+    SQLite database opens on the first ``db`` effect: an app whose steps
+    request none never creates its file. The other interpreters start with
+    the app.
     """
 
     def __init__(
@@ -72,11 +75,17 @@ class App:
     ) -> None:
         self.name = name
         self.version = version
-        self.settings = settings if settings is not None else load_settings()
+        if settings is None:
+            from ._config import load_settings
+
+            settings = load_settings()
+        self.settings = settings
         self.clock: Clock = clock if clock is not None else MonotonicClock()
         self.router = Router()
         self._before: list[Step] = []
         self._interpreters: dict[str, Interpreter] = {}
+        # The default interpreters that open themselves on first use.
+        self._open_on_use: tuple[Interpreter, ...] = ()
         self._subscribers: list[Subscriber] = []
         self._subscriber_fn: list[Any] = []
         self.subscriber_errors = 0
@@ -183,6 +192,8 @@ class App:
         self._on_startup.append(hook)
 
     def _resource(self) -> Resource:
+        from ._tracing import default_resource
+
         s = self.settings
         return default_resource(
             s.service_name or s.resource_attrs.get("service.name") or self.name,
@@ -196,6 +207,8 @@ class App:
 
         Returns the :class:`TraceEngine` (already subscribed).
         """
+        from ._tracing import engine_from_settings
+
         engine = engine_from_settings(
             self.settings, sink, resource=self._resource(), interpreters=self._interpreters
         )
@@ -210,6 +223,9 @@ class App:
         ``environ`` supplies the exporter variables (see :class:`~zerver.export.ExportConfig`);
         ``default_spool_dir`` the spool directory when ``ZER_VER_EXPORT_SPOOL_DIR`` is unset.
         """
+        from ._offload import EngineSpec, ProcessTraceSubscriber
+        from .export._config import ExportConfig
+
         spec = EngineSpec(
             settings=self.settings,
             export=ExportConfig.from_env(environ, default_spool_dir=default_spool_dir),
@@ -240,9 +256,11 @@ class App:
         from ._interpreters import CacheInterpreter, HttpInterpreter, SqliteInterpreter
 
         s = self.settings
-        self._interpreters.setdefault(
-            "db", SqliteInterpreter(s.db_path, pool_size=s.db_pool_size, clock=self.clock)
-        )
+        # The SQLite pool opens (and creates its file) with the first db effect, in
+        # SqliteInterpreter._run, not when the app starts.
+        db = SqliteInterpreter(s.db_path, pool_size=s.db_pool_size, clock=self.clock)
+        self._open_on_use = (db,)
+        self._interpreters.setdefault("db", db)
         self._interpreters.setdefault(
             "cache",
             CacheInterpreter(
@@ -262,7 +280,9 @@ class App:
         started: list[Interpreter] = []
         try:
             for interp in self._interpreters.values():
-                await interp.start()
+                if not any(interp is lazy for lazy in self._open_on_use):
+                    await interp.start()
+                # Closed in any case: a default may have opened itself meanwhile.
                 started.append(interp)
             jobs = JobSystem(
                 self.clock,
@@ -281,6 +301,8 @@ class App:
                 self._jobs = jobs
                 self._executor = Executor(self.clock, jobs, max_depth=s.max_need_depth)
                 try:
+                    from ._consumers import ConsumerRunner
+
                     runner = ConsumerRunner(self)
                     async with anyio.create_task_group() as tg:
                         stop = anyio.Event()

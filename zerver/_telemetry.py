@@ -13,20 +13,20 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import structlog
-from opentelemetry import trace as otel_trace
-from opentelemetry.sdk.resources import Resource as OtelResource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.util.types import AttributeValue
 
-from ._app import App
-from ._offload import ProcessTraceSubscriber, records_item_spans
-from ._sinks import InMemorySpanSink
-from ._spans import SpanData
-from ._tracing import TraceEngine, engine_from_settings
-from .export import ExportConfig, ExportPipeline, ZerverSpanProcessor
+# The export pipeline, the exporter process and the OpenTelemetry SDK load when
+# tracing starts (in setup_tracing), not when zerver is imported.
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from ._app import App
+    from ._offload import ProcessTraceSubscriber
+    from ._spans import SpanData
+    from ._tracing import TraceEngine
+    from .export import ExportPipeline
 
 __all__ = ["PipelineSink", "default_spool_dir", "setup_tracing"]
 
@@ -108,6 +108,11 @@ def setup_tracing(
     says otherwise. Raises :class:`~zerver.ConfigError` naming the first invalid
     variable.
     """
+    from ._offload import records_item_spans
+    from ._sinks import InMemorySpanSink
+    from ._tracing import engine_from_settings
+    from .export import ExportConfig, ExportPipeline
+
     env = os.environ if environ is None else environ
     config = ExportConfig.from_env(env, default_spool_dir=default_spool_dir)
     if not config.exporters or config.exporters == ("none",):
@@ -166,8 +171,16 @@ def _install_user_span_provider(
     """Send spans made through the OpenTelemetry API to ``pipeline()``, unless the
     application installed a tracer provider of its own. ``owns``: the provider shuts
     the pipeline down when the app stops."""
+    from opentelemetry import trace as otel_trace
+
     if not isinstance(otel_trace.get_tracer_provider(), otel_trace.ProxyTracerProvider):
         return
+    from opentelemetry.sdk.resources import Resource as OtelResource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.util.types import AttributeValue
+
+    from .export import ZerverSpanProcessor
+
     attrs = cast(Mapping[str, AttributeValue], resource)
     provider = TracerProvider(resource=OtelResource.create(dict(attrs)))
     provider.add_span_processor(ZerverSpanProcessor(pipeline(), shutdown_pipeline=owns))

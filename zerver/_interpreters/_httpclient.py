@@ -22,17 +22,20 @@ Rules this module keeps:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
-import httpx
 import orjson
 
 from .._effects import Effect, HttpDelete, HttpGet, HttpPost, HttpPut, HttpResult
 from .._errors import EffectError, UnsupportedEffectError
 from .._park import ConcurrencyLimiter, JobContext
 from .._semconv import HeaderCaptures
+
+# httpx loads with the first client (start or first effect), not with zerver.
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["HeadersHook", "HttpInterpreter"]
 
@@ -60,6 +63,8 @@ def _redact_url(url: str) -> str:
 
 
 def _error(exc: Exception, method: str, url: str) -> EffectError:
+    import httpx
+
     where = f"{method} {_redact_url(url)}"
     kind, status, retryable = "http_error", 502, False
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
@@ -116,10 +121,8 @@ class HttpInterpreter:
         self.propagate = propagate
         self.max_response_bytes = max_response_bytes
         self.limiter = ConcurrencyLimiter("http_pool", max_connections)
-        self._limits = httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=min(max_keepalive_connections, max_connections),
-        )
+        self._max_connections = max_connections
+        self._max_keepalive = min(max_keepalive_connections, max_connections)
         self._follow_redirects = follow_redirects
         self._trust_env = trust_env
         self._transport = transport
@@ -137,8 +140,13 @@ class HttpInterpreter:
             await self._new_client()
 
     async def _new_client(self) -> httpx.AsyncClient:
+        import httpx
+
+        limits = httpx.Limits(
+            max_connections=self._max_connections, max_keepalive_connections=self._max_keepalive
+        )
         client = self._client = httpx.AsyncClient(
-            limits=self._limits,
+            limits=limits,
             follow_redirects=self._follow_redirects,
             trust_env=self._trust_env,
             transport=self._transport,
@@ -167,6 +175,7 @@ class HttpInterpreter:
         if self.headers_hook is not None:
             headers.extend(self.headers_hook(effect, job))
         client = self._client or await self._new_client()
+        import httpx
 
         timeout_s = effect.timeout_ms / 1000
         async with self.limiter.slot(job):

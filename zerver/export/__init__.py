@@ -12,43 +12,56 @@ Typical use::
 See docs/exporting.md.
 """
 
-from zerver.export._base import (
-    BatchExporter,
-    BodyTransport,
-    DropReason,
-    ExportContext,
-    ExportResult,
-    ExportStatus,
-    RealTimer,
-    SpanEncoder,
-    Timer,
-)
-from zerver.export._config import ExportConfig, Overflow, tls_context
-from zerver.export._factory import build_exporter
-from zerver.export._json import JsonEncoder
-from zerver.export._otel import (
-    ZerverSpanExporter,
-    ZerverSpanProcessor,
-    span_from_readable,
-    span_to_readable,
-)
-from zerver.export._pipeline import ExportPipeline, ExportStats, ShutdownReport
-from zerver.export._protobuf import ProtobufEncoder
-from zerver.export._protowire import ProtobufWireEncoder
-from zerver.export._receiver import OtlpReceiver, ReceivedRequest, Reply, attributes_of
-from zerver.export._resilience import (
-    BreakerState,
-    CircuitBreaker,
-    CircuitBreakerExporter,
-    RateLimitedExporter,
-    ResilienceBuilder,
-    RetryingExporter,
-    RetryPolicy,
-    TokenBucket,
-)
-from zerver.export._simple import ConsoleExporter, FanOutExporter, InMemoryExporter, NoopExporter
-from zerver.export._spool import Spool, SpoolItem, SpoolStats
-from zerver.export._transport import OtlpHttpExporter, parse_partial_success, parse_retry_after
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+from zerver._lazy import install as _install
+
+if _TYPE_CHECKING:
+    from ._base import BatchExporter as BatchExporter
+    from ._base import BodyTransport as BodyTransport
+    from ._base import DropReason as DropReason
+    from ._base import ExportContext as ExportContext
+    from ._base import ExportResult as ExportResult
+    from ._base import ExportStatus as ExportStatus
+    from ._base import RealTimer as RealTimer
+    from ._base import SpanEncoder as SpanEncoder
+    from ._base import Timer as Timer
+    from ._config import ExportConfig as ExportConfig
+    from ._config import Overflow as Overflow
+    from ._config import tls_context as tls_context
+    from ._factory import build_exporter as build_exporter
+    from ._json import JsonEncoder as JsonEncoder
+    from ._otel import ZerverSpanExporter as ZerverSpanExporter
+    from ._otel import ZerverSpanProcessor as ZerverSpanProcessor
+    from ._otel import span_from_readable as span_from_readable
+    from ._otel import span_to_readable as span_to_readable
+    from ._pipeline import ExportPipeline as ExportPipeline
+    from ._pipeline import ExportStats as ExportStats
+    from ._pipeline import ShutdownReport as ShutdownReport
+    from ._protobuf import ProtobufEncoder as ProtobufEncoder
+    from ._protowire import ProtobufWireEncoder as ProtobufWireEncoder
+    from ._receiver import OtlpReceiver as OtlpReceiver
+    from ._receiver import ReceivedRequest as ReceivedRequest
+    from ._receiver import Reply as Reply
+    from ._receiver import attributes_of as attributes_of
+    from ._resilience import BreakerState as BreakerState
+    from ._resilience import CircuitBreaker as CircuitBreaker
+    from ._resilience import CircuitBreakerExporter as CircuitBreakerExporter
+    from ._resilience import RateLimitedExporter as RateLimitedExporter
+    from ._resilience import ResilienceBuilder as ResilienceBuilder
+    from ._resilience import RetryingExporter as RetryingExporter
+    from ._resilience import RetryPolicy as RetryPolicy
+    from ._resilience import TokenBucket as TokenBucket
+    from ._simple import ConsoleExporter as ConsoleExporter
+    from ._simple import FanOutExporter as FanOutExporter
+    from ._simple import InMemoryExporter as InMemoryExporter
+    from ._simple import NoopExporter as NoopExporter
+    from ._spool import Spool as Spool
+    from ._spool import SpoolItem as SpoolItem
+    from ._spool import SpoolStats as SpoolStats
+    from ._transport import OtlpHttpExporter as OtlpHttpExporter
+    from ._transport import parse_partial_success as parse_partial_success
+    from ._transport import parse_retry_after as parse_retry_after
 
 __all__ = [
     "BatchExporter",
@@ -97,3 +110,55 @@ __all__ = [
     "span_to_readable",
     "tls_context",
 ]
+
+# Imported on first use (see ``zerver._lazy``).
+_LAZY = {
+    "BatchExporter": "._base",
+    "BodyTransport": "._base",
+    "BreakerState": "._resilience",
+    "CircuitBreaker": "._resilience",
+    "CircuitBreakerExporter": "._resilience",
+    "ConsoleExporter": "._simple",
+    "DropReason": "._base",
+    "ExportConfig": "._config",
+    "ExportContext": "._base",
+    "ExportPipeline": "._pipeline",
+    "ExportResult": "._base",
+    "ExportStats": "._pipeline",
+    "ExportStatus": "._base",
+    "FanOutExporter": "._simple",
+    "InMemoryExporter": "._simple",
+    "JsonEncoder": "._json",
+    "NoopExporter": "._simple",
+    "OtlpHttpExporter": "._transport",
+    "OtlpReceiver": "._receiver",
+    "Overflow": "._config",
+    "ProtobufEncoder": "._protobuf",
+    "ProtobufWireEncoder": "._protowire",
+    "RateLimitedExporter": "._resilience",
+    "RealTimer": "._base",
+    "ReceivedRequest": "._receiver",
+    "Reply": "._receiver",
+    "ResilienceBuilder": "._resilience",
+    "RetryPolicy": "._resilience",
+    "RetryingExporter": "._resilience",
+    "ShutdownReport": "._pipeline",
+    "SpanEncoder": "._base",
+    "Spool": "._spool",
+    "SpoolItem": "._spool",
+    "SpoolStats": "._spool",
+    "Timer": "._base",
+    "TokenBucket": "._resilience",
+    "ZerverSpanExporter": "._otel",
+    "ZerverSpanProcessor": "._otel",
+    "attributes_of": "._receiver",
+    "build_exporter": "._factory",
+    "parse_partial_success": "._transport",
+    "parse_retry_after": "._transport",
+    "span_from_readable": "._otel",
+    "span_to_readable": "._otel",
+    "tls_context": "._config",
+}
+
+if not _TYPE_CHECKING:
+    __getattr__, __dir__ = _install(__name__, _LAZY)
