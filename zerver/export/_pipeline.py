@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING
 import anyio.to_thread
 from opentelemetry.sdk.trace import ReadableSpan
 
+from zerver._effects import RetryPolicy
 from zerver._spans import SpanData
 from zerver.export._base import (
     BatchExporter,
@@ -79,7 +80,7 @@ from zerver.export._config import ExportConfig, Overflow
 from zerver.export._handover import Handover
 from zerver.export._log import DropReporter, RateLimitedLog
 from zerver.export._otel import span_from_readable
-from zerver.export._resilience import RetryPolicy, find_breaker, find_rate_limiter
+from zerver.export._resilience import EXPORT_RETRY, find_breaker, find_rate_limiter
 
 if TYPE_CHECKING:
     from zerver.export._spool import Spool, SpoolItem, SpoolStats
@@ -298,7 +299,7 @@ class ExportPipeline:
         self._limiter = find_rate_limiter(exporter)
         self._rebuild = rebuild
         self._replay_kinds = ("otlp", "records") if rebuild is not None else ("otlp",)
-        self._retry_policy = retry_policy or RetryPolicy()
+        self._retry_policy = retry_policy or EXPORT_RETRY
         self._failures = 0  # consecutive failed attempts (live or replayed)
         self._hold_until = 0.0  # no attempt before this: back-off or the backend's Retry-After
         self._down_at_shutdown = False  # an attempt failed while shutting down: spool the rest
@@ -804,9 +805,10 @@ class ExportPipeline:
         """Back off before the next attempt; the backend's Retry-After is a floor."""
         self._failures += 1
         now = self._timer.monotonic()
-        delay = self._retry_policy.backoff(self._failures, random.random())
+        policy = self._retry_policy
+        delay = policy.delay_ms(self._failures, random.random()) / 1000.0
         if result.retry_after_s is not None:
-            delay = max(delay, result.retry_after_s, self._retry_policy.min_retry_after_s)
+            delay = max(delay, result.retry_after_s, policy.min_retry_after_ms / 1000.0)
         self._hold_until = now + delay
         if self._closed:
             self._down_at_shutdown = True

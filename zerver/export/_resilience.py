@@ -1,7 +1,7 @@
 """Composable resilience layers: retry, circuit breaker, rate limit, and their builder.
 
 The decision logic (:class:`CircuitBreaker`, :class:`TokenBucket`,
-:meth:`RetryPolicy.backoff`) is sans-I/O and takes ``now`` as an argument; the
+:meth:`zerver.RetryPolicy.delay_ms`) is sans-I/O and takes ``now`` as an argument; the
 ``*Exporter`` wrappers apply it around an inner exporter using the batch's
 :class:`ExportContext` for time.
 
@@ -33,13 +33,15 @@ import enum
 import random
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
+from zerver._clock import TokenBucket
+from zerver._effects import RetryPolicy as _RetryPolicy
 from zerver._spans import SpanData
 from zerver.export._base import BatchExporter, ExportContext, ExportResult, ExportStatus, layers
 from zerver.export._config import ExportConfig
 
 __all__ = [
+    "EXPORT_RETRY",
     "BreakerState",
     "CircuitBreaker",
     "CircuitBreakerExporter",
@@ -51,27 +53,35 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryPolicy:
-    """Exponential back-off with jitter, bounded by the batch deadline.
+EXPORT_RETRY = _RetryPolicy(
+    max_attempts=0, backoff_ms=500.0, max_backoff_ms=30_000.0, jitter=0.2, min_retry_after_ms=50.0
+)
+"""The exporter's default: 0.5 s doubling to 30 s, up to 20 % shorter, until the deadline."""
 
-    ``max_attempts`` = 0 means "until the deadline". A server's ``Retry-After``
-    replaces the computed back-off (floored at ``min_retry_after_s`` so a
-    ``Retry-After: 0`` cannot spin).
+
+def RetryPolicy(  # noqa: N802 -- keeps the old class's name callable
+    *,
+    initial_backoff_s: float = 0.5,
+    max_backoff_s: float = 30.0,
+    multiplier: float = 2.0,
+    jitter: float = 0.2,
+    max_attempts: int = 0,
+    min_retry_after_s: float = 0.05,
+) -> _RetryPolicy:
+    """Deprecated: the exporter's retry settings in seconds, as a :class:`zerver.RetryPolicy`.
+
+    ``zerver.RetryPolicy`` is the one retry policy (milliseconds); this keeps
+    the former ``zerver.export.RetryPolicy`` keywords and defaults working and
+    converts them. ``max_attempts`` = 0 means "until the deadline".
     """
-
-    initial_backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
-    multiplier: float = 2.0
-    jitter: float = 0.2
-    """Each delay is reduced by a random fraction up to this (0 = no jitter)."""
-    max_attempts: int = 0
-    min_retry_after_s: float = 0.05
-
-    def backoff(self, retry: int, rnd: float) -> float:
-        """The delay before retry number ``retry`` (1-based); ``rnd`` is in [0, 1)."""
-        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (retry - 1))
-        return base * (1.0 - self.jitter * rnd)
+    return _RetryPolicy(
+        max_attempts=max_attempts,
+        backoff_ms=initial_backoff_s * 1000.0,
+        max_backoff_ms=max_backoff_s * 1000.0,
+        multiplier=multiplier,
+        jitter=jitter,
+        min_retry_after_ms=min_retry_after_s * 1000.0,
+    )
 
 
 class RetryingExporter:
@@ -86,12 +96,12 @@ class RetryingExporter:
     def __init__(
         self,
         inner: BatchExporter,
-        policy: RetryPolicy | None = None,
+        policy: _RetryPolicy | None = None,
         *,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.inner = inner
-        self.policy = policy or RetryPolicy()
+        self.policy = policy or EXPORT_RETRY
         self._rng = rng
 
     def export(self, spans: Sequence[SpanData], ctx: ExportContext) -> ExportResult:
@@ -102,12 +112,12 @@ class RetryingExporter:
             if result.status is not ExportStatus.RETRYABLE:
                 return result
             retry += 1
-            if policy.max_attempts and retry >= policy.max_attempts:
+            if policy.gives_up(retry):
                 return result
             if result.retry_after_s is not None:
-                delay = max(result.retry_after_s, policy.min_retry_after_s)
+                delay = max(result.retry_after_s, policy.min_retry_after_ms / 1000.0)
             else:
-                delay = policy.backoff(retry, self._rng())
+                delay = policy.delay_ms(retry, self._rng()) / 1000.0
             if delay >= ctx.remaining():
                 return result
             ctx.stats.add("retries")
@@ -224,43 +234,6 @@ class CircuitBreakerExporter:
         self.inner.shutdown()
 
 
-class TokenBucket:
-    """A token bucket that may go into debt: a call passes while the balance is
-    not negative and is charged afterwards, so a batch bigger than the bucket (or
-    whose byte size is only known after sending) still passes, and the
-    long-run rate stays ``rate`` per second. Thread-safe."""
-
-    __slots__ = ("_last", "_lock", "_tokens", "capacity", "rate")
-
-    def __init__(self, rate: float, *, capacity: float | None = None) -> None:
-        if rate <= 0:
-            raise ValueError(f"a token bucket needs rate > 0 (got {rate})")
-        self.rate = rate
-        self.capacity = capacity if capacity is not None else rate
-        self._tokens = self.capacity
-        self._last: float | None = None
-        self._lock = threading.Lock()
-
-    def _refill(self, now: float) -> None:
-        if self._last is not None and now > self._last:
-            self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
-        if self._last is None or now > self._last:
-            self._last = now
-
-    def wait_time(self, now: float) -> float:
-        """0.0 if the balance is not negative, else the seconds until it will be."""
-        with self._lock:
-            self._refill(now)
-            if self._tokens >= -1e-9:  # tolerance for float refill arithmetic
-                return 0.0
-            return (-self._tokens) / self.rate
-
-    def charge(self, amount: float, now: float) -> None:
-        with self._lock:
-            self._refill(now)
-            self._tokens -= amount
-
-
 class RateLimitedExporter:
     """Limits spans/s and/or bytes/s (0 = off); answers ``DEFERRED`` when over."""
 
@@ -312,7 +285,7 @@ class ResilienceBuilder:
 
         exporter = (
             ResilienceBuilder(OtlpHttpExporter(endpoint))
-            .retry(RetryPolicy(initial_backoff_s=1.0))
+            .retry(RetryPolicy(backoff_ms=1000.0))
             .circuit_breaker(failures=5, cooldown_s=30, successes=2)
             .rate_limit(spans_per_s=50_000)
             .build()
@@ -321,7 +294,7 @@ class ResilienceBuilder:
 
     def __init__(self, exporter: BatchExporter) -> None:
         self._exporter = exporter
-        self._retry: RetryPolicy | None = None
+        self._retry: _RetryPolicy | None = None
         self._rng: Callable[[], float] = random.random
         self._breaker: CircuitBreaker | None = None
         self._spans_per_s = 0.0
@@ -347,9 +320,10 @@ class ResilienceBuilder:
         )
 
     def retry(
-        self, policy: RetryPolicy | None = None, *, rng: Callable[[], float] | None = None
+        self, policy: _RetryPolicy | None = None, *, rng: Callable[[], float] | None = None
     ) -> ResilienceBuilder:
-        self._retry = policy or RetryPolicy()
+        """Retry with ``policy`` (a :class:`zerver.RetryPolicy`; default :data:`EXPORT_RETRY`)."""
+        self._retry = policy or EXPORT_RETRY
         if rng is not None:
             self._rng = rng
         return self

@@ -1,105 +1,40 @@
-"""Exporters that need no network: console, in-memory (tests), no-op, fan-out."""
+"""Exporters that need no network: no-op and fan-out, and the former names of the
+console and in-memory sinks (now :mod:`zerver._sinks`, one of each)."""
 
 from __future__ import annotations
 
 import contextlib
-import sys
-import threading
 from collections.abc import Sequence
 from typing import TextIO
 
-from zerver._spans import KIND_NAMES, STATUS_NAMES, SpanData
-from zerver.export._base import SUCCESS, BatchExporter, ExportContext, ExportResult, ExportStatus
+from zerver._sinks import ConsoleSpanSink, _SpanStore, format_span
+from zerver._spans import SpanData
+from zerver.export._base import SUCCESS, BatchExporter, ExportContext, ExportResult
 
-__all__ = ["ConsoleExporter", "FanOutExporter", "InMemoryExporter", "NoopExporter"]
-
-
-def format_span(s: SpanData) -> str:
-    """One human-readable line: kind, name, duration, ids, status, attributes."""
-    kind = KIND_NAMES.get(s.kind, str(s.kind))
-    status = STATUS_NAMES.get(s.status_code, str(s.status_code))
-    if s.status_message:
-        status += f"({s.status_message})"
-    parent = f"{s.parent_span_id:016x}" if s.parent_span_id else "-"
-    attrs = " ".join(f"{k}={v!r}" for k, v in s.attributes.items())
-    events = "".join(f" [event {e[0]}]" for e in s.events)
-    return (
-        f"{kind:<8} {s.name}  {(s.end_ns - s.start_ns) / 1e6:.3f} ms  "
-        f"trace={s.trace_id:032x} span={s.span_id:016x} parent={parent} "
-        f"status={status} {attrs}{events}".rstrip()
-    )
+__all__ = [
+    "ConsoleExporter",
+    "FanOutExporter",
+    "InMemoryExporter",
+    "NoopExporter",
+    "format_span",
+]
 
 
-class ConsoleExporter:
-    """Writes one line per span to a text stream (stdout by default).
+class InMemoryExporter(_SpanStore):
+    """Deprecated: :class:`zerver.InMemorySpanSink`, the one in-memory span sink, under its
+    former exporter name (unbounded by default, ``ctx`` required, as it was)."""
 
-    For ``OTEL_TRACES_EXPORTER=console``: local development, no backend.
-    """
-
-    __slots__ = ("_lock", "_stream")
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self._stream = stream
-        self._lock = threading.Lock()
+    def __init__(self, maxlen: int | None = None) -> None:
+        super().__init__(maxlen)
 
     def export(self, spans: Sequence[SpanData], ctx: ExportContext) -> ExportResult:
-        text = "".join(format_span(s) + "\n" for s in spans)
-        stream = self._stream if self._stream is not None else sys.stdout
-        with self._lock:
-            try:
-                stream.write(text)
-                stream.flush()
-            except (OSError, ValueError) as exc:
-                return ExportResult(ExportStatus.PERMANENT, detail=f"console write failed: {exc!r}")
-        return ExportResult(ExportStatus.SUCCESS, bytes_sent=len(text))
-
-    def shutdown(self) -> None:
-        return None
+        return self._keep(spans)
 
 
-class InMemoryExporter:
-    """Keeps exported spans in memory, for tests. Thread-safe.
-
-    Example::
-
-        memory = InMemoryExporter()
-        pipeline = ExportPipeline(memory, schedule_delay_s=0)
-        ...
-        pipeline.force_flush()
-        assert [s.name for s in memory.spans] == ["GET /"]
-    """
-
-    __slots__ = ("_batches", "_lock", "_spans", "closed")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._spans: list[SpanData] = []
-        self._batches = 0
-        self.closed = False
-
-    def export(self, spans: Sequence[SpanData], ctx: ExportContext) -> ExportResult:
-        with self._lock:
-            self._spans.extend(spans)
-            self._batches += 1
-        return SUCCESS
-
-    @property
-    def spans(self) -> list[SpanData]:
-        """A copy of every span exported so far, in export order."""
-        with self._lock:
-            return list(self._spans)
-
-    @property
-    def batches(self) -> int:
-        return self._batches
-
-    def clear(self) -> None:
-        with self._lock:
-            self._spans.clear()
-            self._batches = 0
-
-    def shutdown(self) -> None:
-        self.closed = True
+def ConsoleExporter(stream: TextIO | None = None) -> ConsoleSpanSink:  # noqa: N802 -- the old class's name
+    """Deprecated: ``ConsoleSpanSink(stream, layout="lines")``, the one console span sink
+    writing one line per span (to ``sys.stdout`` by default)."""
+    return ConsoleSpanSink(stream, layout="lines")
 
 
 class NoopExporter:
