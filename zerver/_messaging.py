@@ -25,7 +25,7 @@ import itertools
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import anyio
 import orjson
@@ -35,6 +35,7 @@ from ._errors import EffectError, UnsupportedEffectError, UsageError
 from ._park import JobContext
 
 if TYPE_CHECKING:
+    from ._spans import AttrValue
     from ._steps import Step
 
 __all__ = [
@@ -58,6 +59,7 @@ class Publish(Effect):
 
     system: ClassVar[str] = "queue"
     operation: ClassVar[str] = "publish"
+    span_kind: ClassVar[Literal["client", "producer"]] = "producer"
     topic: str
     message: Any
     headers: tuple[tuple[str, str], ...] = ()
@@ -65,6 +67,20 @@ class Publish(Effect):
     @property
     def target(self) -> str:
         return self.name or self.topic
+
+    def span_attributes(self, result: Mapping[str, Any] | None) -> dict[str, AttrValue]:
+        attrs: dict[str, AttrValue] = {
+            "messaging.operation.type": "send",
+            "messaging.operation.name": self.operation,
+            "messaging.destination.name": self.topic,
+        }
+        if result is not None:
+            for key in ("messaging.message.id", "messaging.message.body.size"):
+                if key in result:
+                    value = result[key]
+                    if isinstance(value, str | int):
+                        attrs[key] = value
+        return attrs
 
 
 class Message:

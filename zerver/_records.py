@@ -13,6 +13,10 @@ rely on):
   happened stays ``None`` (derived durations count it as 0).
 * Once :meth:`RequestRecord.finish` has run, nothing writes to the record
   again and subscribers may read it freely.
+* Each record class declares its schema once, in ``SCHEMA``: the fields that
+  leave the process, in order, with their types. The exporter process's packing
+  and unpacking are generated from it (``zerver._offload``); a slot not in
+  ``SCHEMA`` is named in ``LOCAL`` (it stays in the process that ran the request).
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ import random
 import traceback
 from collections.abc import Sequence
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from ._effects import Effect
 
 if TYPE_CHECKING:
     from ._clock import Clock
-    from ._effects import Effect
 
 __all__ = [
+    "RECORD_CLASSES",
     "ExceptionFacts",
     "JobState",
     "NeedRecord",
@@ -58,6 +64,13 @@ MAX_EXCEPTION_MESSAGE = 1024
 #: the ``exception`` event's facts (the OpenTelemetry SDK's ``record_exception``).
 ExceptionFacts = tuple[int, str, str, str]
 
+#: A record class's schema: ``(field, type)`` pairs, in packed order. A type is a
+#: value type (packed as it is, so ``marshal``-able), another record class, one
+#: of them or None, a list of them (packed as None when empty), or ``Effect |
+#: None`` (packed as what the job's span needs of it: ``zerver._effects.SPAN_FACTS``
+#: and its span attributes).
+Schema = tuple[tuple[str, Any], ...]
+
 
 def exception_facts(exc: BaseException, ts: int) -> ExceptionFacts:
     """What an ``exception`` event says of ``exc``, raised at ``ts``; the stack bounded."""
@@ -83,6 +96,15 @@ class ParkEpisode:
     """One stretch during which a started job waited instead of working."""
 
     __slots__ = ("cause", "limit_current", "limit_max", "park_ts", "resume_ts", "token")
+    SCHEMA: ClassVar[Schema] = (
+        ("cause", str),
+        ("park_ts", int),
+        ("token", str | None),
+        ("limit_current", int | None),
+        ("limit_max", int | None),
+        ("resume_ts", int | None),
+    )
+    LOCAL: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -110,6 +132,13 @@ class RetryRecord:
     """A ``zerver.retry`` event: attempt ``attempt`` failed and will be retried."""
 
     __slots__ = ("attempt", "backoff_ms", "reason", "ts")
+    SCHEMA: ClassVar[Schema] = (
+        ("ts", int),
+        ("attempt", int),
+        ("reason", str),
+        ("backoff_ms", float),
+    )
+    LOCAL: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ts: int, attempt: int, reason: str, backoff_ms: float) -> None:
         self.ts = ts
@@ -154,6 +183,34 @@ class JobState:
         "take_ts",
         "worker",
     )
+    SCHEMA: ClassVar[Schema] = (
+        ("index", int),
+        ("kind", str),
+        ("name", str),
+        ("queue", str),
+        ("step_index", int),
+        ("effect", Effect | None),
+        ("cont_step_index", int | None),
+        ("span_id", int),
+        ("enqueue_ts", int | None),
+        ("take_ts", int | None),
+        ("start_ts", int | None),
+        ("end_ts", int | None),
+        ("park_episodes", list[ParkEpisode]),
+        ("worker", int | None),
+        ("attempts", int),
+        ("success", bool | None),
+        ("outcome", str | None),
+        ("error_type", str | None),
+        ("error_message", str | None),
+        ("status_hint", int | None),
+        ("depth_enqueue", int | None),
+        ("depth_take", int | None),
+        ("retries", list[RetryRecord]),
+        ("result_meta", dict[str, Any] | None),
+        ("exceptions", list[ExceptionFacts] | None),
+    )
+    LOCAL: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -217,6 +274,18 @@ class NeedRecord:
         "requested_ts",
         "then",
     )
+    SCHEMA: ClassVar[Schema] = (
+        ("requested_ts", int),
+        ("n_effects", int),
+        ("mode", str),
+        ("join", str),
+        ("then", str | None),
+        ("jobs", list[int]),
+        ("join_ts", int | None),
+        ("completed", int),
+        ("failed", int),
+    )
+    LOCAL: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self, requested_ts: int, n_effects: int, mode: str, join: str, then: str | None
@@ -236,6 +305,14 @@ class SlotWrite:
     """A ``zerver.slot.write`` event; ``step_index``/``job_index`` say who wrote it."""
 
     __slots__ = ("job_index", "size_bytes", "slot", "step_index", "ts")
+    SCHEMA: ClassVar[Schema] = (
+        ("ts", int),
+        ("slot", str),
+        ("size_bytes", int),
+        ("step_index", int | None),
+        ("job_index", int | None),
+    )
+    LOCAL: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self, ts: int, slot: str, size_bytes: int, step_index: int | None, job_index: int | None
@@ -270,6 +347,27 @@ class StepRecord:
         "start_ts",
         "writes",
     )
+    SCHEMA: ClassVar[Schema] = (
+        ("index", int),
+        ("span_id", int),
+        ("name", str),
+        ("layer", str),
+        ("sequence", int),
+        ("reads", tuple[str, ...]),
+        ("writes", tuple[str, ...]),
+        ("start_ts", int),
+        ("end_ts", int | None),
+        ("decision", str | None),
+        ("resume", str | None),
+        ("need", NeedRecord | None),
+        ("job_index", int | None),
+        ("error_type", str | None),
+        ("error_message", str | None),
+        ("render_phase", str | None),
+        ("render_size", int | None),
+        ("exceptions", list[ExceptionFacts] | None),
+    )
+    LOCAL: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -358,6 +456,57 @@ class RequestRecord:
         "tracestate",
         "user_agent",
     )
+    SCHEMA: ClassVar[Schema] = (
+        ("start_ts", int),
+        ("start_wall_ns", int),
+        ("end_ts", int | None),
+        ("kind", str),
+        ("trace_id", int),
+        ("span_id", int),
+        ("parent_span_id", int),
+        ("parent_remote", bool),
+        ("trace_flags", int),
+        ("traceparent", str | None),
+        ("tracestate", str | None),
+        ("baggage", dict[str, str] | None),
+        ("links", list[tuple[int, int, str]]),
+        ("method", str),
+        ("route", str | None),
+        ("path", str),
+        ("query", str),
+        ("params", dict[str, str]),
+        ("scheme", str),
+        ("host", str | None),
+        ("user_agent", str | None),
+        ("server_address", str | None),
+        ("server_port", int | None),
+        ("client_address", str | None),
+        ("client_port", int | None),
+        ("protocol_version", str),
+        ("request_body_size", int),
+        ("response_body_size", int),
+        ("status", int),
+        ("request_id", str),
+        ("captured_headers", dict[str, list[str]] | None),
+        ("message_id", str | None),
+        ("message_size", int),
+        ("message_attempt", int),
+        ("system_fault", bool),
+        ("error_type", str | None),
+        ("error_message", str | None),
+        ("error_id", str | None),
+        ("steps", list[StepRecord]),
+        ("jobs", list[JobState]),
+        ("slot_writes", list[SlotWrite]),
+    )
+    #: The clock, the id source, the OpenTelemetry switch and what runs now.
+    LOCAL: ClassVar[tuple[str, ...]] = (
+        "clock",
+        "current_job",
+        "current_step",
+        "ids",
+        "otel_context",
+    )
 
     def __init__(self, clock: Clock, ids: random.Random | None = None) -> None:
         self.clock = clock
@@ -442,6 +591,25 @@ class RequestRecord:
 
     def __repr__(self) -> str:
         return f"<RequestRecord {self.method} {self.route or self.path} {self.status}>"
+
+
+class Record(Protocol):
+    """What every record class declares: its packed fields and the slots kept local."""
+
+    SCHEMA: ClassVar[Schema]
+    LOCAL: ClassVar[tuple[str, ...]]
+
+
+#: Every record class, the request first (what the packing is generated for).
+RECORD_CLASSES: tuple[type[Record], ...] = (
+    RequestRecord,
+    StepRecord,
+    NeedRecord,
+    JobState,
+    ParkEpisode,
+    RetryRecord,
+    SlotWrite,
+)
 
 
 class Subscriber(Protocol):

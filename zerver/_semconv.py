@@ -13,17 +13,17 @@ emits ``new`` only. Set ``ZER_VER_SEMCONV=new`` (or the standard
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
-from ._records import RequestRecord
-from ._spans import AttrValue
-
 if TYPE_CHECKING:
     from ._config import Settings
+    from ._records import RequestRecord
+    from ._spans import AttrValue
 
 __all__ = [
     "CLIENT_ROWS",
@@ -34,6 +34,8 @@ __all__ = [
     "HeaderCaptures",
     "Redaction",
     "SemConv",
+    "client_url",
+    "printable",
     "redact_url",
     "strip_userinfo",
 ]
@@ -245,6 +247,13 @@ def _keys(rows: dict[str, tuple[str, str | None]], mode: str) -> dict[str, tuple
     return out
 
 
+def _keys_for(new: str, mode: str) -> tuple[str, ...]:
+    for row_new, old in CLIENT_ROWS.values():
+        if row_new == new:
+            return _keys({new: (row_new, old)}, mode)[new]
+    return (new,)
+
+
 def _split_host(host: str) -> tuple[str, int | None]:
     host = strip_userinfo(host)
     if host.startswith("["):  # [v6]:port
@@ -272,6 +281,40 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+#: The longest key (``db.key``) an attribute keeps; longer ones are cut and marked.
+MAX_KEY = 128
+
+
+def printable(key: str) -> str:
+    """``key`` fit for an attribute: at most :data:`MAX_KEY` characters (then ``…``),
+    unprintable characters replaced by ``?``."""
+    if len(key) <= MAX_KEY and key.isprintable():
+        return key
+    if len(key) > MAX_KEY:
+        key = key[:MAX_KEY] + "…"
+    if key.isprintable():
+        return key
+    return "".join(c if c.isprintable() else "?" for c in key)
+
+
+@functools.lru_cache(maxsize=1024)
+def client_url(url: str) -> tuple[str, str, int]:
+    """What an outbound request's span reports of its URL: ``url.full`` (no
+    credentials, query values redacted), ``server.address`` (``""`` when there is
+    none) and ``server.port`` (the scheme's default when the URL names none).
+
+    Cached (bounded): an app calls the same few services over and over."""
+    try:
+        parts = urlsplit(url)
+        address = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        address, port = "", None
+    if port is None:
+        port = 443 if url.startswith("https:") else 80
+    return redact_url(url), address, port
+
+
 class ClientFacts:
     """What an outbound HTTP effect span reports."""
 
@@ -279,16 +322,7 @@ class ClientFacts:
 
     def __init__(self, method: str, url: str, status: int | None) -> None:
         self.method = method
-        self.url = redact_url(url)
-        try:
-            parts = urlsplit(url)
-            self.server_address = parts.hostname or ""
-            port = parts.port
-        except ValueError:
-            self.server_address, port = "", None
-        if port is None:
-            port = 443 if url.startswith("https:") else 80
-        self.server_port = port
+        self.url, self.server_address, self.server_port = client_url(url)
         self.status = status
 
 
@@ -297,6 +331,7 @@ class SemConv:
 
     __slots__ = (
         "_client",
+        "_client_names",
         "_client_port_keys",
         "_path_keys",
         "_query_keys",
@@ -315,6 +350,10 @@ class SemConv:
         self.redaction = redaction if redaction is not None else DEFAULT_REDACTION
         self._server = _keys(SERVER_ROWS, mode)
         self._client = _keys(CLIENT_ROWS, mode)
+        # A client span's stable key -> the keys this mode writes, where they differ.
+        self._client_names = {
+            new: keys for new, _ in CLIENT_ROWS.values() if (keys := _keys_for(new, mode)) != (new,)
+        }
         self._templates: dict[tuple[object, ...], dict[str, AttrValue]] = {}
         server = self._server
         self._path_keys = server["path"]
@@ -426,6 +465,22 @@ class SemConv:
             for key in keys[fact]:
                 attrs[key] = value
         return attrs
+
+    def add_client_attributes(
+        self, attributes: Mapping[str, AttrValue], attrs: dict[str, AttrValue]
+    ) -> None:
+        """Add a client span's ``attributes`` (stable keys) to ``attrs``, under the
+        names this mode writes (:data:`CLIENT_ROWS`); a key already in ``attrs`` is kept."""
+        names = self._client_names
+        for key, value in attributes.items():
+            keys = names.get(key)
+            if keys is None:
+                if key not in attrs:
+                    attrs[key] = value
+                continue
+            for name in keys:
+                if name not in attrs:
+                    attrs[name] = value
 
     def client_attributes(self, facts: ClientFacts, attrs: dict[str, AttrValue]) -> None:
         """Add an HTTP client span's attributes to ``attrs``."""

@@ -27,10 +27,9 @@ import socket
 import uuid
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Protocol
 
 from ._config import Settings
-from ._effects import Effect
+from ._effects import effect_span_attributes
 from ._promotion import Promoter, RollingPercentile, job_durations
 from ._records import (
     CANCEL,
@@ -42,7 +41,8 @@ from ._records import (
     RequestRecord,
     StepRecord,
 )
-from ._semconv import ClientFacts, Redaction, SemConv
+from ._semconv import Redaction, SemConv
+from ._sinks import SpanSink
 from ._spans import (
     FLAG_HAS_REMOTE,
     FLAG_IS_REMOTE,
@@ -62,21 +62,12 @@ from ._version import __version__
 __all__ = ["SpanSink", "TraceEngine", "default_resource", "engine_from_settings"]
 
 _JOB_END_EVENTS = frozenset({"zerver.job.completed", "zerver.job.failed"})
-_HEADER_PREFIXES = ("http.request.header.", "http.response.header.")
-_EFFECT_KINDS = frozenset({"db", "http", "cache", "kv", "queue", "fs"})
-_MAX_KEY = 128
 _new = object.__new__
 # Status and kind values as module constants: a class attribute load is not
 # specialised on CPython 3.11 and costs a type lookup each time.
 _UNSET, _OK, _ERROR = StatusCode.UNSET, StatusCode.OK, StatusCode.ERROR
 _INTERNAL, _SERVER, _CLIENT = SpanKind.INTERNAL, SpanKind.SERVER, SpanKind.CLIENT
 _PRODUCER, _CONSUMER = SpanKind.PRODUCER, SpanKind.CONSUMER
-
-
-class SpanSink(Protocol):
-    """Receives each request's finished spans. Must be cheap and must not block."""
-
-    def export(self, spans: list[SpanData]) -> None: ...
 
 
 def default_resource(
@@ -140,14 +131,6 @@ def engine_from_settings(
         limits=SpanLimits.from_settings(settings),
         exception_stacktrace=settings.trace_exception_stacktrace,
     )
-
-
-def _sanitise_key(key: str) -> str:
-    if len(key) > _MAX_KEY:
-        key = key[:_MAX_KEY] + "…"
-    if key.isprintable():
-        return key
-    return "".join(c if c.isprintable() else "?" for c in key)
 
 
 def _park_attrs(ep: ParkEpisode) -> dict[str, AttrValue]:
@@ -516,11 +499,12 @@ class TraceEngine:
     ) -> SpanData:
         effect = job.effect
         assert effect is not None
-        system = effect.system
-        # The job.* keys are written here and twice in _continuation_span, each as one
-        # dict display (the cheapest way to build a dict); a test checks they agree.
+        # The effect's own attributes come through its protocol (zerver._effects):
+        # the engine knows no system. ``effect.kind`` ... and ``job.*`` first, each as
+        # one dict display (the cheapest way to build a dict); a test checks the
+        # job.* keys agree with _continuation_span's.
         attrs: dict[str, AttrValue] = {
-            "effect.kind": system if system in _EFFECT_KINDS else "other",
+            "effect.kind": effect.effect_kind,
             "effect.required": effect.required,
             "effect.timeout_ms": effect.timeout_ms,
             "job.queue": job.queue,
@@ -533,12 +517,13 @@ class TraceEngine:
         }
         if job.worker is not None:
             attrs["job.worker_id"] = job.worker
+        system = effect.system
         static = self._static.get(system)
         if static is None:
             static = self._static_for(system)
         if static:
             attrs.update(static)
-        self._system_attrs(attrs, system, effect, job.result_meta)
+        self.semconv.add_client_attributes(effect_span_attributes(effect, job.result_meta), attrs)
         outcome = job.outcome
         status, message = _OK, ""
         if outcome != COMPLETE:
@@ -551,7 +536,7 @@ class TraceEngine:
             job.name,
             job.span_id or rec.new_span_id(),
             parent,
-            _PRODUCER if system == "queue" else _CLIENT,
+            _PRODUCER if effect.span_kind == "producer" else _CLIENT,
             start,
             end,
             attrs,
@@ -568,58 +553,6 @@ class TraceEngine:
         if job.outcome == CANCEL or not required:
             return _UNSET, ""
         return _ERROR, job.error_message or job.error_type or "failed"
-
-    def _system_attrs(
-        self,
-        attrs: dict[str, AttrValue],
-        system: str,
-        effect: Effect,
-        meta: dict[str, object] | None,
-    ) -> None:
-        # ``system`` is effect.system, passed in: a ClassVar load is not specialised (3.11).
-        if system == "db":
-            attrs.setdefault("db.system", "other_sql")
-            attrs["db.operation"] = effect.operation
-            attrs["db.namespace"] = getattr(effect, "table", "")
-            key = getattr(effect, "key", None)
-            if isinstance(key, str):
-                attrs["db.key"] = (
-                    key if len(key) <= _MAX_KEY and key.isprintable() else _sanitise_key(key)
-                )
-            rows = meta.get("db.rows") if meta else None
-            if isinstance(rows, int):
-                attrs["db.response.returned_rows"] = rows
-        elif system == "cache":
-            attrs.setdefault("cache.system", "other")
-            attrs["cache.operation"] = effect.operation
-            if meta is not None and "cache.hit" in meta:
-                attrs["cache.hit"] = bool(meta["cache.hit"])
-        elif system == "queue":
-            attrs["messaging.operation.type"] = "send"
-            attrs["messaging.operation.name"] = effect.operation
-            attrs["messaging.destination.name"] = getattr(effect, "topic", effect.target)
-            if meta is not None:
-                for key in ("messaging.message.id", "messaging.message.body.size"):
-                    if key in meta:
-                        value = meta[key]
-                        if isinstance(value, str | int):
-                            attrs[key] = value
-        elif system == "http":
-            status = meta.get("http.response.status_code") if meta else None
-            facts = ClientFacts(
-                effect.operation.upper(),
-                getattr(effect, "url", ""),
-                status if isinstance(status, int) else None,
-            )
-            self.semconv.client_attributes(facts, attrs)
-            if meta:
-                size = meta.get("http.response.body.size")
-                if isinstance(size, int):
-                    attrs["http.response.body.size"] = size
-                if len(meta) > 2:  # captured headers (OTEL_INSTRUMENTATION_HTTP_CAPTURE_...)
-                    for key, value in meta.items():
-                        if key.startswith(_HEADER_PREFIXES) and isinstance(value, list):
-                            attrs[key] = value
 
     def _continuation_span(
         self,
