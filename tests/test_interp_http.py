@@ -76,6 +76,7 @@ class Handler(BaseHTTPRequestHandler):
                     "method": self.command,
                     "path": self.path,
                     "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "header_list": [[k.lower(), v] for k, v in self.headers.items()],
                     "body": body.decode(),
                 }
             ),
@@ -283,6 +284,36 @@ async def test_headers_hook_and_effect_headers(base: str) -> None:
     assert headers["traceparent"] == f"00-{'1' * 32}-{'2' * 16}-01"
     assert headers["x-request-id"] == "r-1"
     assert seen == [effect]
+
+
+async def test_propagation_replaces_the_effects_own_trace_headers(base: str) -> None:
+    """An effect that sets ``traceparent`` / ``tracestate`` itself does not send two of
+    each (the receiver would then start a new trace): zerver's, naming the effect's
+    span as the parent, replace them; other headers go as given."""
+    from zerver._records import RequestRecord
+
+    interp = HttpInterpreter(trust_env=False)
+    stale = f"00-{'a' * 32}-{'b' * 16}-01"
+    effect = HttpGet(
+        url=f"{base}/echo",
+        headers=(("TraceParent", stale), ("tracestate", "k=v"), ("x-request-id", "r-1")),
+    )
+    record = RequestRecord(MonotonicClock())
+    record.start_trace()
+    state = JobState(
+        index=0, kind="effect", name=effect.span_name, queue="effects", step_index=0, effect=effect
+    )
+    state.span_id = record.new_span_id()
+    job = JobContext(state, MonotonicClock(), record)
+    try:
+        result = await interp.perform(effect, job)
+    finally:
+        await interp.aclose()
+    sent = result.json()["header_list"]
+    parents = [v for k, v in sent if k == "traceparent"]
+    assert parents == [f"00-{record.trace_id:032x}-{state.span_id:016x}-01"]
+    assert [k for k, _ in sent].count("tracestate") <= 1
+    assert ["x-request-id", "r-1"] in sent
 
 
 async def test_invalid_requests(http: HttpInterpreter, base: str) -> None:

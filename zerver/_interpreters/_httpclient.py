@@ -170,8 +170,15 @@ class HttpInterpreter:
         if isinstance(effect, HttpPost | HttpPut):
             content = self._body(effect, method, headers)
         if self.propagate:
-            # The effect's span becomes the parent of the downstream server's work.
-            headers.extend(job.propagation_headers().items())
+            # The effect's span becomes the parent of the downstream server's work. Its
+            # trace headers replace any the effect set itself: two ``traceparent``
+            # fields are one invalid header, and the receiver would start a new trace.
+            carrier = job.propagation_headers()
+            if carrier:
+                if headers:
+                    names = {name.lower() for name in carrier}
+                    headers = [h for h in headers if h[0].lower() not in names]
+                headers.extend(carrier.items())
         if self.headers_hook is not None:
             headers.extend(self.headers_hook(effect, job))
         client = self._client or await self._new_client()
