@@ -276,6 +276,16 @@ def _failure_line(doing: str, exc: BaseException, app: _AppCode) -> str | None:
     return None
 
 
+def worker_failure_line(exc: BaseException) -> str | None:
+    """For a worker process of ``zerver run``: the one line describing why it could
+    not serve the app (None when not started by this command, or for zerver's own
+    bugs, whose traceback stays)."""
+    target = os.environ.get(_APP_ENV)
+    if target is None:
+        return None
+    return _failure_line(f"serving {target}", _leaf(exc), _AppCode(target))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zerver`` console script."""
     from ._logging import configure_logging

@@ -626,16 +626,36 @@ def _worker_main(
     catch_early_signals()
     # Blocked by the supervisor while it spawned us (see _Supervisor._start_workers).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-    if init is not None:
-        init()
-    app = load_app(target)
     parent = multiprocessing.parent_process()
 
     def report(port: int) -> None:
         ready.send(port)
         ready.close()
 
-    anyio.run(_serve_until_signalled, app, config, report, parent.sentinel if parent else None)
+    try:
+        if init is not None:
+            init()
+        app = load_app(target)
+        anyio.run(_serve_until_signalled, app, config, report, parent.sentinel if parent else None)
+    except Exception as exc:
+        # A start-up error of the app's own (a hook that raises, a database it cannot
+        # open): one line for the supervisor to print once, not a traceback per worker.
+        line = _failure_line(exc)
+        if line is None:
+            raise
+        try:
+            ready.send(("failed", line))
+        except (OSError, ValueError):  # already listening: say it here
+            print(line, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _failure_line(exc: BaseException) -> str | None:
+    """The command line's one-line description of a worker's failure, when the worker
+    serves the app ``zerver run`` names; None otherwise (the traceback stays)."""
+    from ._cli import worker_failure_line
+
+    return worker_failure_line(exc)
 
 
 @dataclasses.dataclass(slots=True)
@@ -666,6 +686,7 @@ class _Supervisor:
         self._exited: anyio.Event
         self._alive = 0
         self._failed = False
+        self._failure: str | None = None
         self._signal = signal.SIGTERM
 
     async def run(self) -> int:
@@ -694,6 +715,9 @@ class _Supervisor:
                     tg.cancel_scope.cancel()
         codes = [w.process.exitcode for w in self._workers]
         _log.info("workers stopped", exit_codes=codes)
+        if self._failure is not None:
+            print(self._failure, file=sys.stderr)
+            return 2
         return 0 if not self._failed and all(code == 0 for code in codes) else 1
 
     def _start_workers(self, tg: anyio.abc.TaskGroup) -> None:
@@ -721,12 +745,18 @@ class _Supervisor:
 
     async def _watch(self, worker: _Worker) -> None:
         process = worker.process
+        message: object = None
         try:
             await anyio.wait_readable(worker.ready)
-            worker.ready.recv()
+            message = worker.ready.recv()
         except EOFError:
             pass  # it exited before listening; its exit code tells why
-        else:
+        finally:
+            worker.ready.close()
+        if isinstance(message, tuple):  # ("failed", line): it could not start
+            if self._failure is None:
+                self._failure = str(message[1])
+        elif message is not None:
             worker.is_ready = True
             if self._stop.is_set():
                 self._kill(process, self._signal)
@@ -734,8 +764,6 @@ class _Supervisor:
                 _log.info("all workers ready", port=self._config.port)
                 if self._on_started is not None:
                     self._on_started(self._config.port)
-        finally:
-            worker.ready.close()
         await anyio.wait_readable(process.sentinel)
         process.join()
         self._alive -= 1
