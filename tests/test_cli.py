@@ -182,9 +182,7 @@ def test_startup_hook_that_raises_is_one_line(tree: tuple[Path, Path]) -> None:
 
 def test_startup_hook_that_raises_in_workers_is_one_line(tree: tuple[Path, Path]) -> None:
     # Each worker fails on its own; the supervisor says it once, with exit status 2.
-    line = one_line(
-        zerver_cmd(tree, "run", "startup_raises:app", "--port", "0", "--workers", "2")
-    )
+    line = one_line(zerver_cmd(tree, "run", "startup_raises:app", "--port", "0", "--workers", "2"))
     assert line == (
         "zerver: serving startup_raises:app failed: ConnectionRefusedError: "
         "broker at 127.0.0.1:1 refused the connection (startup_raises.py:7 in connect)"
