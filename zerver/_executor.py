@@ -353,16 +353,6 @@ class _NeedRun:
             )
         self.done.set()
 
-    def let_go(self) -> None:
-        """Forget the jobs once the Need is over. Each job's ``on_done`` is a method of
-        this run, which held the jobs in turn: a reference cycle per request, left to
-        the cyclic collector, whose full collections then stalled the loop for
-        100 ms and more under load. Jobs still running (cancelled, unwinding) keep
-        the run alive until they end; then reference counting frees both."""
-        self.jobs = []
-        self.cont_job = None
-        self.held = None
-
     def cancel(self, reason: str) -> None:
         if not self.join.resolved:
             self.join.resolved = True
@@ -445,5 +435,4 @@ class Executor:
             raise
         outcome = run.outcome
         assert outcome is not None
-        run.let_go()
         return outcome
