@@ -101,8 +101,6 @@ class Redaction:
         return "".join(parts) if changed else query
 
 
-#: The defaults alone (what a record made outside an app is redacted with).
-DEFAULT_REDACTION = Redaction()
 
 
 #: Headers whose values are always ``[REDACTED]`` when captured, whatever is configured.
@@ -340,14 +338,12 @@ class SemConv:
         "_target_keys",
         "_templates",
         "mode",
-        "redaction",
     )
 
-    def __init__(self, mode: str = "dup", redaction: Redaction | None = None) -> None:
+    def __init__(self, mode: str = "dup") -> None:
         if mode not in MODES:
             raise ValueError(f"semconv mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
-        self.redaction = redaction if redaction is not None else DEFAULT_REDACTION
         self._server = _keys(SERVER_ROWS, mode)
         self._client = _keys(CLIENT_ROWS, mode)
         # A client span's stable key -> the keys this mode writes, where they differ.
@@ -369,6 +365,8 @@ class SemConv:
         and so on) share all attributes but path, query and client port and the
         response size: the first one's attributes become a template that later
         ones copy, writing only those. The cache is bounded; errors skip it.
+        ``rec.query`` is recorded already redacted (``App`` redacts it once, where
+        a request's query enters its record), so it is written as it is.
         """
         status = rec.status
         if rec.system_fault or status >= 500:
@@ -401,7 +399,6 @@ class SemConv:
         for key in self._path_keys:
             attrs[key] = path
         if query:
-            query = self.redaction.query(query)
             target = f"{path}?{query}"
             for key in self._query_keys:
                 attrs[key] = query
@@ -420,7 +417,7 @@ class SemConv:
 
     def _server_facts(self, rec: RequestRecord) -> dict[str, AttrValue]:
         """All of the root span's HTTP attributes, from the table."""
-        query = self.redaction.query(rec.query)
+        query = rec.query
         facts: list[tuple[str, AttrValue]] = [
             ("method", rec.method),
             ("scheme", rec.scheme),

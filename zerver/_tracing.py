@@ -41,7 +41,7 @@ from ._records import (
     RequestRecord,
     StepRecord,
 )
-from ._semconv import Redaction, SemConv
+from ._semconv import SemConv
 from ._sinks import SpanSink
 from ._spans import (
     FLAG_HAS_REMOTE,
@@ -123,7 +123,7 @@ def engine_from_settings(
             window=settings.route_window,
             p95_min_ms=settings.promote_p95_min_ms,
         ),
-        semconv=SemConv(settings.semconv_mode, Redaction.parse(settings.redact_query_params)),
+        semconv=SemConv(settings.semconv_mode),
         resource=resource,
         scope=InstrumentationScope(name="zerver", version=__version__),
         export_job_depth=settings.export_job_depth,
