@@ -25,6 +25,7 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from functools import partial
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -114,6 +115,34 @@ class _TimeoutStopper:
     def cancel(self) -> None:
         with contextlib.suppress(RuntimeError):  # it already ended
             self._timeout.reschedule(self._loop.time())
+
+
+class _ScopeTimeout:
+    """``asyncio.timeout_at`` on any anyio backend: an anyio cancel scope with the
+    deadline, raising ``TimeoutError`` when it fired; :meth:`cancel` fires it now."""
+
+    __slots__ = ("_scope",)
+
+    def __init__(self, deadline: float) -> None:
+        self._scope = anyio.CancelScope(deadline=deadline)
+
+    def cancel(self) -> None:
+        self._scope.cancel()
+
+    async def __aenter__(self) -> _ScopeTimeout:
+        self._scope.__enter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        swallowed = bool(self._scope.__exit__(exc_type, exc, tb))
+        if self._scope.cancelled_caught:
+            raise TimeoutError
+        return swallowed
 
 
 class Job:
@@ -442,26 +471,19 @@ class JobSystem:
         arms a timer), where the native timeout arms only the timer. anyio
         propagates a native cancellation through its own scopes inside the
         interpreter; a cancellation from anyio (shutdown) passes through this one.
+        Elsewhere an anyio cancel scope behaves the same (:class:`_ScopeTimeout`).
         """
         loop = self._loop
+        timeout: asyncio.Timeout | _ScopeTimeout
+        if loop is None:
+            timeout = job.scope = _ScopeTimeout(deadline)
+        else:
+            timeout = asyncio.timeout_at(deadline)
+            job.scope = _TimeoutStopper(timeout, loop)
         error: EffectError | None = None
         raised: Exception | None = None
-        if loop is None:
-            scope = job.scope = anyio.CancelScope(deadline=deadline)
-            with scope:
-                try:
-                    job.result = await attempt
-                except EffectError as exc:
-                    error = raised = exc
-                except Exception as exc:
-                    error = _unexpected(exc)
-                    raised = exc
-            job.scope = None
-            return scope.cancelled_caught, error, raised
-        timeout = asyncio.timeout_at(deadline)
         try:
             async with timeout:
-                job.scope = _TimeoutStopper(timeout, loop)
                 try:
                     job.result = await attempt
                 except EffectError as exc:
@@ -470,9 +492,9 @@ class JobSystem:
                     error = _unexpected(exc)
                     raised = exc
         except TimeoutError:
-            job.scope = None
             return True, None, None
-        job.scope = None
+        finally:
+            job.scope = None
         return False, error, raised
 
     async def _attempts(
