@@ -162,11 +162,6 @@ def check_example(app: StandInApp, port: int, request: bytes, points: list[int])
     assert after.status == 200, request
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_malformed_requests_never_get_500_nor_smuggle(transport: Transport) -> None:
     app = StandInApp()

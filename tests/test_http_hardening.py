@@ -7,12 +7,10 @@ connection it should close, echo what it was sent).
 
 from __future__ import annotations
 
-import functools
-
 import h11
 import pytest
 import structlog
-from server_apps import TRANSPORTS, ConfigFactory, StandInApp
+from server_apps import ConfigFactory, StandInApp
 from test_server_wire import (
     GET,
     assert_new_client_served,
@@ -28,17 +26,6 @@ from zerver._server import ServerConfig
 pytestmark = pytest.mark.anyio
 
 HIDDEN = b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(params=TRANSPORTS)
-def config(request: pytest.FixtureRequest) -> ConfigFactory:
-    """Local ``ServerConfig`` factory for the transport under test (each test runs on both)."""
-    return functools.partial(ServerConfig, host="127.0.0.1", port=0, transport=request.param)
 
 
 @pytest.fixture(params=["whole", "bytewise"])

@@ -8,7 +8,6 @@ than for a fixed time.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import signal
@@ -27,7 +26,7 @@ from server_apps import PORT_MARKER, TRANSPORTS, WAIT_S, ConfigFactory, StandInA
 from test_server_wire import GET, exchange, parse_all, read_response, running
 
 from zerver._http import Request, Response
-from zerver._server import ServerConfig, Transport
+from zerver._server import Transport
 
 pytestmark = pytest.mark.anyio
 
@@ -35,17 +34,6 @@ TESTS_DIR = Path(__file__).resolve().parent
 BIG = 256 * 1024
 CLOSE_GET = GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
 WRITE_TIMED_OUT = "write timed out; dropping the connection"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(params=TRANSPORTS)
-def config(request: pytest.FixtureRequest) -> ConfigFactory:
-    """Local ``ServerConfig`` factory for the transport under test (each test runs on both)."""
-    return functools.partial(ServerConfig, host="127.0.0.1", port=0, transport=request.param)
 
 
 class BigApp(StandInApp):

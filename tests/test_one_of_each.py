@@ -41,11 +41,6 @@ from zerver.export._resilience import EXPORT_RETRY
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 RESOURCE = Resource(attributes={"service.name": "one-of-each"})
 SCOPE = InstrumentationScope(name="zerver")
 

@@ -19,7 +19,6 @@ import anyio.abc
 import pytest
 import structlog
 from server_apps import (
-    TRANSPORTS,
     WAIT_S,
     ConfigFactory,
     Reply,
@@ -35,17 +34,6 @@ from zerver._server import ServerConfig, _use_protocol, serve
 pytestmark = pytest.mark.anyio
 
 GET = b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(params=TRANSPORTS)
-def config(request: pytest.FixtureRequest) -> ConfigFactory:
-    """Local ``ServerConfig`` factory for the transport under test (each test runs on both)."""
-    return functools.partial(ServerConfig, host="127.0.0.1", port=0, transport=request.param)
 
 
 # ------------------------------------------------------------------ helpers
