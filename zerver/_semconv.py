@@ -101,8 +101,6 @@ class Redaction:
         return "".join(parts) if changed else query
 
 
-
-
 #: Headers whose values are always ``[REDACTED]`` when captured, whatever is configured.
 ALWAYS_SANITIZED = ("authorization", "cookie", "set-cookie", "proxy-authorization")
 SANITIZED = "[REDACTED]"
