@@ -82,11 +82,22 @@ class WorkloadResult:
     warmup_requests: int = 0
     spans: int = 0
     root_spans: int = 0
+    server_cpu_s: float | None = None
+    """CPU seconds the server process used during the measured load (all its threads)."""
+    children_cpu_s: float | None = None
+    """CPU seconds the server's child processes (zerver's exporter process) used meanwhile."""
     error: str = ""
 
     @property
     def requests_total(self) -> int:
         return self.warmup_requests + (self.load.requests if self.load else 0)
+
+    def cpu_us_per_request(self) -> tuple[float, float] | None:
+        """(server, children) CPU µs per measured request, when measured."""
+        if self.server_cpu_s is None or self.load is None or not self.load.requests:
+            return None
+        n = self.load.requests
+        return self.server_cpu_s * 1e6 / n, (self.children_cpu_s or 0.0) * 1e6 / n
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -99,6 +110,8 @@ class WorkloadResult:
             "requests_total": self.requests_total,
             "spans": self.spans,
             "root_spans": self.root_spans,
+            "server_cpu_s": self.server_cpu_s,
+            "children_cpu_s": self.children_cpu_s,
             "error": self.error,
         }
 
@@ -147,6 +160,35 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def process_cpu(pid: int) -> tuple[float, float] | None:
+    """(CPU seconds of ``pid`` itself, CPU seconds of its live child processes), from /proc.
+
+    Child processes are those whose parent is ``pid`` (zerver's exporter process);
+    None where /proc cannot be read. Grandchildren are not counted.
+    """
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def stat(path: Path) -> list[str] | None:
+        try:
+            text = path.read_text()
+        except OSError:
+            return None
+        # the command name is in parentheses and may hold spaces
+        return text[text.rindex(")") + 2 :].split()
+
+    own = stat(Path(f"/proc/{pid}/stat"))
+    if own is None:
+        return None
+    children = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or entry.name == str(pid):
+            continue
+        fields = stat(entry / "stat")
+        if fields is not None and fields[1] == str(pid):
+            children += (int(fields[11]) + int(fields[12])) / tick
+    return (int(own[11]) + int(own[12])) / tick, children
 
 
 def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -282,7 +324,9 @@ def run_contender(
             wait_ready(port, proc, cfg.ready_timeout_s)
             for workload in contender.workloads:
                 result.workloads.append(
-                    _run_workload(contender, workload, port, cfg, tool, load_cpu, progress, prefix)
+                    _run_workload(
+                        contender, workload, port, cfg, tool, load_cpu, progress, prefix, proc.pid
+                    )
                 )
         except RuntimeError as exc:
             result.problems.append(f"{contender.name}: {exc}")
@@ -311,6 +355,7 @@ def _run_workload(
     cpu: int | None,
     progress: Progress,
     prefix: str,
+    server_pid: int | None = None,
 ) -> WorkloadResult:
     out = WorkloadResult(
         contender=contender.name, workload=workload.name, path=workload.path, route=workload.route
@@ -331,7 +376,12 @@ def _run_workload(
         measured = dataclasses.replace(
             spec, duration_s=cfg.duration_s, max_requests=cfg.max_requests
         )
+        before = process_cpu(server_pid) if server_pid is not None else None
         out.load = run_load(measured, tool, cpu)
+        after = process_cpu(server_pid) if server_pid is not None else None
+        if before is not None and after is not None:
+            out.server_cpu_s = after[0] - before[0]
+            out.children_cpu_s = after[1] - before[1]
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         out.error = str(exc)
     return out
@@ -552,8 +602,8 @@ def format_table(report: Report) -> str:
     """The report's rows as a Markdown table, then the ratios."""
     lines = [
         "| contender | path | req/s | p50 ms | p99 ms | errors | requests | "
-        "spans | spans/req | root spans / req |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "spans | spans/req | root spans / req | CPU µs/req server + children |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in report.contenders:
         for w in c.workloads:
@@ -563,9 +613,12 @@ def format_table(report: Report) -> str:
             spans = str(w.spans) if traced else "-"
             per = f"{w.spans / total:.2f}" if traced and total else "-"
             roots = f"{w.root_spans} / {total}" if traced else "-"
+            cpu = w.cpu_us_per_request()
+            cpu_cell = "-" if cpu is None else f"{cpu[0]:.0f} + {cpu[1]:.0f}"
             lines.append(
                 f"| {c.name} | {w.path} | {load.rps:,.0f} | {load.p50_ms:.2f} | "
-                f"{load.p99_ms:.2f} | {load.errors} | {load.requests} | {spans} | {per} | {roots} |"
+                f"{load.p99_ms:.2f} | {load.errors} | {load.requests} | {spans} | {per} | {roots} "
+                f"| {cpu_cell} |"
             )
     if report.ratios:
         lines.append("")

@@ -890,8 +890,8 @@ class ProcessTraceSubscriber:
         # collector, while one of nested tuples made its full collections slow.
         pending.append(marshal.dumps(pack_record(record)))
         self.records_submitted += 1
-        if len(pending) >= self.batch:
-            self._wake.set()
+        if len(pending) >= self.batch and not self._wake.is_set():
+            self._wake.set()  # once: Event.set takes a lock and notifies every time
 
     # -- the feeder thread -------------------------------------------------------------
 
