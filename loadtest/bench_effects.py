@@ -10,7 +10,10 @@ Each case runs ``n`` iterations on one event loop, after a warm-up:
 - ``sqlite``: one ``SqliteInterpreter.get`` (a pooled connection, the hop to its
   thread and back), no job around it;
 - ``blog``: the demo's ``GET /blogs/posts/1`` through ``App.dispatch`` with the
-  real SQLite file and in-process cache, 32 requests in flight as under load.
+  real SQLite file and in-process cache, 32 requests in flight as under load;
+- ``blog-traced``: the same with what tracing adds to the request path when the
+  exporter process builds the traces: each finished record packed and
+  marshalled onto a buffer (the exporter process's side is not counted).
 
 Wall times vary with the machine; instruction counts do not: with
 ``--instructions`` each case runs twice under ``valgrind --tool=callgrind``
@@ -28,6 +31,7 @@ Run: ``python -m loadtest.bench_effects [--n 2000] [--only blog,need] [--instruc
 from __future__ import annotations
 
 import argparse
+import marshal
 import os
 import re
 import subprocess
@@ -55,10 +59,12 @@ from zerver import (
     step,
 )
 from zerver._interpreters import SqliteInterpreter
+from zerver._offload import pack_record
+from zerver._records import RequestRecord
 from zerver.demo import create_app
 from zerver.testing import FakeInterpreter, FakeRule
 
-CASES = ("plain", "need", "sqlite", "blog")
+CASES = ("plain", "need", "sqlite", "blog", "blog-traced")
 POST: Slot[Any] = Slot("post")
 AUTHOR: Slot[Any] = Slot("author")
 
@@ -151,11 +157,31 @@ async def case_blog(n: int, tmp: str) -> float:
     return await _dispatching(app, "/blogs/posts/1", n, 32)
 
 
+class _Handover:
+    """The request-path half of ``ProcessTraceSubscriber``: pack, marshal, append."""
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] = []
+
+    def on_request_end(self, record: RequestRecord) -> None:
+        pending = self.pending
+        pending.append(marshal.dumps(pack_record(record)))
+        if len(pending) >= 64:
+            pending.clear()  # the feeder thread's hand-over, not measured here
+
+
+async def case_blog_traced(n: int, tmp: str) -> float:
+    app = create_app(settings=load_settings({}, db_path=os.path.join(tmp, "blog.sqlite3")))
+    app.subscribe(_Handover())
+    return await _dispatching(app, "/blogs/posts/1", n, 32)
+
+
 _RUN: dict[str, Callable[[int, str], Awaitable[float]]] = {
     "plain": case_plain,
     "need": case_need,
     "sqlite": case_sqlite,
     "blog": case_blog,
+    "blog-traced": case_blog_traced,
 }
 
 
