@@ -24,7 +24,6 @@ import contextlib
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,7 +33,7 @@ from anyio.abc import TaskGroup
 from opentelemetry import context as otel_context
 
 from ._errors import EffectError, QueueFullError
-from ._park import JobContext
+from ._park import JobContext, Wakeup, wakeup_factory
 from ._propagation import attach_span
 from ._records import (
     CANCEL,
@@ -53,47 +52,6 @@ if TYPE_CHECKING:
     from ._park import Interpreter
 
 __all__ = ["Job", "JobQueue", "JobSystem", "Wakeup", "wakeup_factory"]
-
-
-class Wakeup(Protocol):
-    """A one-shot signal one task waits on and another sets (``anyio.Event``'s shape)."""
-
-    def set(self) -> None: ...
-
-    def is_set(self) -> bool: ...
-
-    async def wait(self) -> None: ...
-
-
-class _FutureWakeup:
-    """A :class:`Wakeup` on a bare asyncio future: ``anyio.Event`` on asyncio asks the
-    backend for an ``asyncio.Event`` (a waiter deque and a future of its own) on every
-    use, and the job system waits on several of them per request."""
-
-    __slots__ = ("_future",)
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._future: asyncio.Future[None] = loop.create_future()
-
-    def set(self) -> None:
-        if not self._future.done():
-            self._future.set_result(None)
-
-    def is_set(self) -> bool:
-        return self._future.done()
-
-    async def wait(self) -> None:
-        await self._future
-
-
-def wakeup_factory() -> Callable[[], Wakeup]:
-    """How to make a :class:`Wakeup` in the running event loop: a bare future on
-    asyncio, an ``anyio.Event`` on any other backend."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return anyio.Event
-    return partial(_FutureWakeup, loop)
 
 
 class Stoppable(Protocol):

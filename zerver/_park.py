@@ -9,7 +9,10 @@ closed on resume, even when the wait is cancelled.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
+from collections.abc import Callable
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -108,11 +111,61 @@ class JobContext:
         meta[key] = value
 
 
+class Wakeup(Protocol):
+    """A one-shot signal one task waits on and another sets (``anyio.Event``'s shape)."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> None: ...
+
+
+class _FutureWakeup:
+    """A :class:`Wakeup` on a bare asyncio future: ``anyio.Event`` on asyncio asks the
+    backend for an ``asyncio.Event`` (a waiter deque and a future of its own) on every
+    use, and the job system waits on several of them per request."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._future: asyncio.Future[None] = loop.create_future()
+
+    def set(self) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+    def is_set(self) -> bool:
+        return self._future.done()
+
+    async def wait(self) -> None:
+        await self._future
+
+
+def new_wakeup() -> Wakeup:
+    """One :class:`Wakeup` in the running event loop (see :func:`wakeup_factory`)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.Event()
+    return _FutureWakeup(loop)
+
+
+def wakeup_factory() -> Callable[[], Wakeup]:
+    """How to make a :class:`Wakeup` in the running event loop: a bare future on
+    asyncio, an ``anyio.Event`` on any other backend."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.Event
+    return partial(_FutureWakeup, loop)
+
+
 class _Waiter:
     __slots__ = ("event", "granted")
 
     def __init__(self) -> None:
-        self.event = anyio.Event()
+        self.event = new_wakeup()
         self.granted = False
 
 
