@@ -24,6 +24,7 @@ from ._messaging import Broker, BrokerInterpreter, Consumer, MemoryBroker
 from ._propagation import extract_into, propagation_fields
 from ._records import RequestRecord, StepRecord, Subscriber, active_span
 from ._routing import Match, NotAllowed, Route, Router
+from ._sampling import head_sampler
 from ._semconv import HeaderCaptures, Redaction, strip_userinfo
 from ._slots import Context
 from ._steps import Step
@@ -102,6 +103,10 @@ class App:
         self._captures = HeaderCaptures.from_settings(self.settings)
         self._default_interpreters()
         self._otel_context = self.settings.otel_context
+        # The head sampling decision, made once per request in _start_record; None
+        # with the default (head:1), where the flags extraction set are the decision.
+        head = head_sampler(self.settings.sampler_spec)
+        self._head_decide = None if head.follows_parent_or_samples else head.decide
         self._prop_fields = propagation_fields()
         self._on_startup: list[Callable[[App], Awaitable[None]]] = []
         self._consumers: list[Consumer] = []
@@ -388,6 +393,11 @@ class App:
                 (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers
             )
         record.start_trace()
+        decide = self._head_decide
+        if decide is not None:
+            parent = bool(record.trace_flags & 0x01) if record.parent_remote else None
+            sampled = decide(record.trace_id, parent)
+            record.trace_flags = (record.trace_flags & ~0x01) | sampled
         if record.parent_remote:
             request_id = f"{record.trace_id:032x}"
         record.request_id = request_id or f"{rng.getrandbits(64):016x}"

@@ -85,7 +85,9 @@ class Settings(BaseSettings):
     export_job_depth: bool = False
     semconv: Literal["old", "new", "dup"] | None = None
     metrics_view_route_p95_window: str = "60s"
-    sampler: str = "head:1"
+    sampler: str | None = None
+    traces_sampler: str | None = Field(None, validation_alias="OTEL_TRACES_SAMPLER")
+    traces_sampler_arg: str | None = Field(None, validation_alias="OTEL_TRACES_SAMPLER_ARG")
     service_name: str | None = Field(None, validation_alias="OTEL_SERVICE_NAME")
     resource_attributes: str = Field("", validation_alias="OTEL_RESOURCE_ATTRIBUTES")
     semconv_stability_opt_in: str = Field("", validation_alias="OTEL_SEMCONV_STABILITY_OPT_IN")
@@ -199,8 +201,26 @@ class Settings(BaseSettings):
 
     @field_validator("sampler")
     @classmethod
-    def _sampler(cls, v: str) -> str:
-        parse_sampler(v)
+    def _sampler(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_sampler(v)
+        return v
+
+    @field_validator("traces_sampler", mode="before")
+    @classmethod
+    def _otel_sampler(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            # As the OpenTelemetry SDK: the name in any case.
+            v = v.strip().lower()
+            if v not in OTEL_SAMPLERS:
+                raise ValueError("accepted: " + ", ".join(OTEL_SAMPLERS))
+        return v
+
+    @field_validator("traces_sampler_arg")
+    @classmethod
+    def _otel_sampler_arg(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_ratio(v)
         return v
 
     @field_validator("resource_attributes")
@@ -227,7 +247,13 @@ class Settings(BaseSettings):
 
     @property
     def sampler_spec(self) -> SamplerSpec:
-        return parse_sampler(self.sampler)
+        """``ZER_VER_SAMPLER`` when set, else ``OTEL_TRACES_SAMPLER`` (and its
+        argument), else ``head:1`` (parent-based, every new trace sampled)."""
+        if self.sampler is not None:
+            return parse_sampler(self.sampler)
+        if self.traces_sampler is not None:
+            return otel_sampler_spec(self.traces_sampler, self.traces_sampler_arg)
+        return SamplerSpec()
 
     @property
     def resource_attrs(self) -> dict[str, str]:
@@ -265,38 +291,97 @@ def parse_window(text: str) -> Window:
     return Window(seconds=seconds)
 
 
-TAIL_TRIGGERS = ("error", "p95", "p99", "required_failure", "slow_queue")
+TAIL_TRIGGERS = ("error", "p95", "p99", "required_failure", "slow_queue", "latency:<ms>")
+
+#: The standard ``OTEL_TRACES_SAMPLER`` values zerver honours.
+OTEL_SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
 
 
 @dataclass(frozen=True, slots=True)
 class SamplerSpec:
-    """``head:<ratio>[,tail:<trigger>|<trigger>...]`` parsed."""
+    """``head:<ratio>[,tail:<trigger>|<trigger>...]`` parsed.
+
+    ``head_ratio`` is the share of new traces (no valid incoming parent) that
+    are sampled; with ``parent_based`` an incoming parent's sampled flag
+    decides instead, without it the ratio applies to every trace.
+    ``tail`` holds the triggers in the order given; a fixed latency bar is
+    normalised to ``latency:<ms>`` (``latency:250``).
+    """
 
     head_ratio: float = 1.0
     tail: tuple[str, ...] = ()
+    parent_based: bool = True
+
+
+def parse_ratio(text: str) -> float:
+    """A sampling ratio from 0 to 1; raises ``ValueError`` saying what is accepted."""
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise ValueError("accepted: a number from 0 to 1") from None
+    if not 0.0 <= ratio <= 1.0:  # also refuses nan
+        raise ValueError("accepted: a number from 0 to 1")
+    return ratio
+
+
+def otel_sampler_spec(name: str, arg: str | None) -> SamplerSpec:
+    """The spec for a standard ``OTEL_TRACES_SAMPLER`` name and its argument.
+
+    As in the OpenTelemetry SDK the argument is read only by the
+    ``traceidratio`` samplers, and an unset one means 1.0.
+    """
+    ratio = {"always_on": 1.0, "always_off": 0.0}.get(name.removeprefix("parentbased_"))
+    if ratio is None:
+        ratio = parse_ratio(arg) if arg is not None else 1.0
+    return SamplerSpec(head_ratio=ratio, parent_based=name.startswith("parentbased_"))
+
+
+_LATENCY = re.compile(r"^latency:(\d+(?:\.\d+)?)$")
+
+
+def _tail_trigger(text: str) -> str | None:
+    """A tail trigger in its normal form, or ``None`` when it is not one."""
+    if text in TAIL_TRIGGERS and text != "latency:<ms>":
+        return text
+    m = _LATENCY.match(text)
+    if m is None:
+        return None
+    ms = float(m.group(1))
+    if ms <= 0:
+        return None
+    return "latency:" + repr(ms).removesuffix(".0")
 
 
 def parse_sampler(text: str) -> SamplerSpec:
     """Parse ``head:0.05,tail:error|p99``; raises ``ValueError`` saying what is accepted."""
-    grammar = "accepted: head:<ratio 0..1>[,tail:<trigger>|...] with triggers " + ", ".join(
-        TAIL_TRIGGERS
+    grammar = (
+        "accepted: head:<ratio 0..1>[,tail:<trigger>|...] with triggers "
+        + ", ".join(TAIL_TRIGGERS)
+        + " (each at most once)"
     )
     parts = [p.strip() for p in text.split(",")]
     if not parts or not parts[0].startswith("head:") or len(parts) > 2:
         raise ValueError(grammar)
     try:
-        ratio = float(parts[0].removeprefix("head:"))
+        ratio = parse_ratio(parts[0].removeprefix("head:").strip())
     except ValueError:
         raise ValueError(grammar) from None
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(grammar)
     tail: tuple[str, ...] = ()
     if len(parts) == 2:
         if not parts[1].startswith("tail:"):
             raise ValueError(grammar)
-        tail = tuple(t.strip() for t in parts[1].removeprefix("tail:").split("|"))
-        if not tail or any(t not in TAIL_TRIGGERS for t in tail) or len(set(tail)) != len(tail):
+        triggers = [_tail_trigger(t.strip()) for t in parts[1].removeprefix("tail:").split("|")]
+        kinds = [t.partition(":")[0] for t in triggers if t is not None]
+        if None in triggers or len(set(kinds)) != len(kinds):
             raise ValueError(grammar)
+        tail = tuple(t for t in triggers if t is not None)
     return SamplerSpec(head_ratio=ratio, tail=tail)
 
 
