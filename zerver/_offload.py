@@ -351,9 +351,9 @@ def records_item_spans(engine: TraceEngine, item: SpoolItem) -> list[Any]:
     ids = random.Random()
     spans: list[Any] = []
     for blob in marshal.loads(item.body):
-        record = unpack_record(marshal.loads(blob), ids)
-        if record.trace_flags & 0x01:
-            spans.extend(engine.build(record))
+        kept = engine.decide_and_build(unpack_record(marshal.loads(blob), ids))
+        if kept is not None:
+            spans.extend(kept)
     return spans
 
 
@@ -845,6 +845,9 @@ class ProcessTraceSubscriber:
         self.flush_interval_s = flush_interval_s
         self.window = window
         self.max_restarts = max_restarts
+        # With tail triggers a head-dropped record may still be kept: the exporter
+        # process decides, so it gets every record.
+        self._keep_unsampled = bool(spec.settings.sampler_spec.tail)
         self.records_submitted = 0
         self.records_dropped = 0
         self.records_sent = 0
@@ -878,7 +881,7 @@ class ProcessTraceSubscriber:
     # -- request path ------------------------------------------------------------------
 
     def on_request_end(self, record: RequestRecord) -> None:
-        if not record.trace_flags & 0x01:
+        if not record.trace_flags & 0x01 and not self._keep_unsampled:
             self.unsampled += 1
             return
         pending = self._pending

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from ._config import Settings
+from ._config import SamplerSpec, Settings
 from ._effects import effect_span_attributes
 from ._promotion import Promoter, RollingPercentile, job_durations
 from ._records import (
@@ -41,6 +41,7 @@ from ._records import (
     RequestRecord,
     StepRecord,
 )
+from ._sampling import TailSampler, tail_sampler
 from ._semconv import SemConv
 from ._sinks import SpanSink
 from ._spans import (
@@ -114,7 +115,7 @@ def engine_from_settings(
     The one place settings become an engine: the app's in-process engine and the
     exporter process's build the same spans from the same settings.
     """
-    return TraceEngine(
+    engine = TraceEngine(
         sink,
         promoter=Promoter(
             queue_ms=settings.promote_queue_ms,
@@ -131,6 +132,12 @@ def engine_from_settings(
         limits=SpanLimits.from_settings(settings),
         exception_stacktrace=settings.trace_exception_stacktrace,
     )
+    spec = settings.sampler_spec
+    if spec != SamplerSpec():  # anything but "every trace the caller did not refuse"
+        engine.sampler = tail_sampler(
+            spec, settings.route_window, min_wait_ms=settings.promote_p95_min_ms
+        )
+    return engine
 
 
 def _park_attrs(ep: ParkEpisode) -> dict[str, AttrValue]:
@@ -238,16 +245,35 @@ class TraceEngine:
         self.built = 0
         self.unsampled = 0
         self.errors = 0
+        # Set when sampling is configured (``ZER_VER_SAMPLER`` / ``OTEL_TRACES_SAMPLER``
+        # other than the default): it decides which records become traces and why.
+        self.sampler: TailSampler | None = None
 
     # -- Subscriber ---------------------------------------------------------------------
 
     def on_request_end(self, record: RequestRecord) -> None:
-        if not record.trace_flags & 0x01:
-            self.unsampled += 1  # the caller decided not to sample this trace
+        spans = self.decide_and_build(record)
+        if spans is None:
+            self.unsampled += 1  # head-sampled out, and no tail trigger matched
             return
-        spans = self.build(record)
         self.built += 1
         self.sink.export(spans)
+
+    def decide_and_build(self, record: RequestRecord) -> list[SpanData] | None:
+        """The spans of ``record`` if it is kept, else ``None``.
+
+        Without a sampler the head decision (the sampled flag) is final. With one,
+        every record feeds its windows, and a kept record's root says why it was
+        kept (``zerver.sampling.reason``); a tail keep exports the trace as sampled.
+        """
+        sampler = self.sampler
+        if sampler is None:
+            return self.build(record) if record.trace_flags & 0x01 else None
+        reason = sampler.decide(record)
+        if reason is None:
+            return None
+        record.trace_flags |= 0x01
+        return self.build(record, reason)
 
     def shutdown(self) -> None:
         """Flush the sink (called when the app stops)."""
@@ -263,8 +289,9 @@ class TraceEngine:
 
     # -- building -----------------------------------------------------------------------
 
-    def build(self, rec: RequestRecord) -> list[SpanData]:
-        """The spans of one finished request, root first."""
+    def build(self, rec: RequestRecord, reason: str | None = None) -> list[SpanData]:
+        """The spans of one finished request, root first; ``reason`` (why sampling
+        kept it) goes on the root as ``zerver.sampling.reason``."""
         b = _Builder(rec, self.resource, self.scope)
         end = b.end
         wall = b.wall
@@ -276,6 +303,8 @@ class TraceEngine:
         )
         if rec.parent_remote:
             root.flags |= FLAG_IS_REMOTE
+        if reason is not None:
+            root.attributes["zerver.sampling.reason"] = reason
         root_id = rec.span_id
 
         # Spans by who may write slots: steps by index, jobs by index.
