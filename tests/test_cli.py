@@ -295,6 +295,22 @@ def test_unknown_variables_are_warned_once_each_with_the_closest_name(
     assert stderr == ""
 
 
+def test_metrics_variables_are_reported_as_not_used_by_the_server(
+    tree: tuple[Path, Path],
+) -> None:
+    lines, _ = _startup_lines(
+        tree,
+        "run",
+        "good:app",
+        OTEL_METRICS_EXPORTER="otlp",
+        OTEL_METRIC_EXPORT_INTERVAL="1000",
+    )
+    (warning,) = [x for x in lines if x["event"].startswith("metrics variables ignored")]
+    assert warning["variables"] == ["OTEL_METRICS_EXPORTER", "OTEL_METRIC_EXPORT_INTERVAL"]
+    lines, _ = _startup_lines(tree, "run", "good:app", OTEL_METRICS_EXPORTER="none")
+    assert not [x for x in lines if x["event"].startswith("metrics variables ignored")]
+
+
 def test_known_variables_give_no_warning(tree: tuple[Path, Path]) -> None:
     lines, _ = _startup_lines(
         tree,

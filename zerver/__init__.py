@@ -65,6 +65,7 @@ if _TYPE_CHECKING:
     from ._messaging import MemoryBroker as MemoryBroker
     from ._messaging import Message as Message
     from ._messaging import Publish as Publish
+    from ._metrics import RecordMetrics as RecordMetrics
     from ._offload import ProcessTraceSubscriber as ProcessTraceSubscriber
     from ._park import ConcurrencyLimiter as ConcurrencyLimiter
     from ._park import Interpreter as Interpreter
@@ -156,6 +157,7 @@ __all__ = [
     "Publish",
     "QueueFullError",
     "RateLimiter",
+    "RecordMetrics",
     "Request",
     "RequestRecord",
     "Resource",
@@ -244,6 +246,7 @@ _LAZY = {
     "PeerError": "._errors",
     "PipelineSink": "._telemetry",
     "ProcessTraceSubscriber": "._offload",
+    "RecordMetrics": "._metrics",
     "Publish": "._messaging",
     "QueueFullError": "._errors",
     "RateLimiter": "._park",

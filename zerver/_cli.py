@@ -158,6 +158,32 @@ def warn_unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return unknown
 
 
+_METRICS_PREFIXES = ("OTEL_EXPORTER_OTLP_METRICS_", "OTEL_METRIC_EXPORT_")
+
+
+def warn_unwired_variables(environ: Mapping[str, str]) -> list[str]:
+    """Log a warning for each metrics variable set for ``zerver run``; return their names.
+
+    The server does not export metrics on its own yet (see docs/metrics.md:
+    ``RecordMetrics`` and ``zerver.export.meter_provider`` are used from code),
+    so these variables would do nothing here: say so rather than ignore them.
+    ``OTEL_METRICS_EXPORTER=none`` asks for nothing and is not reported.
+    """
+    names = sorted(
+        name
+        for name, value in environ.items()
+        if name.upper().startswith(_METRICS_PREFIXES)
+        or (name.upper() == "OTEL_METRICS_EXPORTER" and value.strip().lower() != "none")
+    )
+    if names:
+        structlog.get_logger("zerver.config").warning(
+            "metrics variables ignored: the server does not export metrics by itself yet; "
+            "see docs/metrics.md for recording them from code",
+            variables=names,
+        )
+    return names
+
+
 def _directory(path: str) -> str:
     return os.path.join(os.path.abspath(path), "")
 
@@ -304,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--workers={args.workers} is invalid: accepted: 1 or more")
         configure_logging(settings.log_format, settings.log_level)
         warn_unknown_variables(os.environ)
+        warn_unwired_variables(os.environ)
         # Every worker process builds the app itself from the environment.
         os.environ["ZER_VER_DB_PATH"] = settings.db_path
         os.environ[_APP_ENV] = target

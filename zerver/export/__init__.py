@@ -27,10 +27,13 @@ if _TYPE_CHECKING:
     from ._base import SpanEncoder as SpanEncoder
     from ._base import Timer as Timer
     from ._config import ExportConfig as ExportConfig
+    from ._config import MetricsExportConfig as MetricsExportConfig
     from ._config import Overflow as Overflow
     from ._config import tls_context as tls_context
     from ._factory import build_exporter as build_exporter
     from ._json import JsonEncoder as JsonEncoder
+    from ._metrics_exporter import OtlpMetricExporter as OtlpMetricExporter
+    from ._metrics_exporter import meter_provider as meter_provider
     from ._otel import ZerverSpanExporter as ZerverSpanExporter
     from ._otel import ZerverSpanProcessor as ZerverSpanProcessor
     from ._otel import span_from_readable as span_from_readable
@@ -80,8 +83,10 @@ __all__ = [
     "FanOutExporter",
     "InMemoryExporter",
     "JsonEncoder",
+    "MetricsExportConfig",
     "NoopExporter",
     "OtlpHttpExporter",
+    "OtlpMetricExporter",
     "OtlpReceiver",
     "Overflow",
     "ProtobufEncoder",
@@ -104,6 +109,7 @@ __all__ = [
     "ZerverSpanProcessor",
     "attributes_of",
     "build_exporter",
+    "meter_provider",
     "parse_partial_success",
     "parse_retry_after",
     "span_from_readable",
@@ -129,8 +135,10 @@ _LAZY = {
     "FanOutExporter": "._simple",
     "InMemoryExporter": "._simple",
     "JsonEncoder": "._json",
+    "MetricsExportConfig": "._config",
     "NoopExporter": "._simple",
     "OtlpHttpExporter": "._transport",
+    "OtlpMetricExporter": "._metrics_exporter",
     "OtlpReceiver": "._receiver",
     "Overflow": "._config",
     "ProtobufEncoder": "._protobuf",
@@ -153,6 +161,7 @@ _LAZY = {
     "ZerverSpanProcessor": "._otel",
     "attributes_of": "._receiver",
     "build_exporter": "._factory",
+    "meter_provider": "._metrics_exporter",
     "parse_partial_success": "._transport",
     "parse_retry_after": "._transport",
     "span_from_readable": "._otel",

@@ -26,11 +26,12 @@ from typing import TypeVar
 
 from zerver._errors import ConfigError
 
-__all__ = ["ExportConfig", "Overflow", "tls_context"]
+__all__ = ["ExportConfig", "MetricsExportConfig", "Overflow", "tls_context"]
 
 T = TypeVar("T")
 
 DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
+DEFAULT_METRICS_ENDPOINT = "http://localhost:4318/v1/metrics"
 
 
 class Overflow(enum.Enum):
@@ -357,3 +358,97 @@ class ExportConfig:
                 f"expected at most OTEL_BSP_MAX_QUEUE_SIZE ({cfg.max_queue_size})"
             )
         return cfg
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsExportConfig:
+    """What the metrics export reads from the environment, with defaults.
+
+    The OTLP variables follow the traces' rules with ``METRICS`` as the signal:
+    ``OTEL_EXPORTER_OTLP_METRICS_<X>`` when set, else ``OTEL_EXPORTER_OTLP_<X>``
+    (the generic endpoint gets ``/v1/metrics`` appended). Retries, the circuit
+    breaker and TLS files are the traces' (:class:`ExportConfig`).
+    """
+
+    exporter: str = "otlp"
+    """``OTEL_METRICS_EXPORTER``: ``otlp``, ``console`` or ``none``."""
+    endpoint: str = DEFAULT_METRICS_ENDPOINT
+    protocol: str = "http/json"
+    headers: tuple[tuple[str, str], ...] = ()
+    timeout_s: float = 10.0
+    """Per HTTP request (``OTEL_EXPORTER_OTLP_[METRICS_]TIMEOUT``, ms)."""
+    compression: str = "none"
+    interval_s: float = 60.0
+    """Between two collections (``OTEL_METRIC_EXPORT_INTERVAL``, ms)."""
+    export_timeout_s: float = 30.0
+    """One export's overall deadline, retries included (``OTEL_METRIC_EXPORT_TIMEOUT``, ms)."""
+    temporality: str = "cumulative"
+    """``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE``: ``cumulative``, ``delta``
+    or ``lowmemory``."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> MetricsExportConfig:
+        """Read the configuration; ``environ`` defaults to ``os.environ``.
+
+        Raises :class:`~zerver.ConfigError` naming the first invalid variable.
+        """
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            raw = env.get(name)
+            return raw if raw is not None and raw.strip() != "" else None
+
+        def opt(name: str, parse: Callable[[str, str], T], default: T) -> T:
+            raw = get(name)
+            return default if raw is None else parse(name, raw)
+
+        def signal(suffix: str, parse: Callable[[str, str], T], default: T) -> T:
+            name = f"OTEL_EXPORTER_OTLP_METRICS_{suffix}"
+            return opt(
+                name if get(name) is not None else f"OTEL_EXPORTER_OTLP_{suffix}", parse, default
+            )
+
+        def ms(name: str, raw: str) -> float:
+            return _int(name, raw, minimum=1, what="a whole number of milliseconds > 0") / 1000
+
+        def exporter(name: str, raw: str) -> str:
+            if raw.strip().lower() == "prometheus":
+                raise ConfigError(
+                    f"{name}={raw!r} is not supported: zerver pushes metrics over OTLP/HTTP; "
+                    "expected otlp, console or none (a Collector can serve Prometheus)"
+                )
+            return _choice(name, raw, ("otlp", "console", "none"))
+
+        def protocol(name: str, raw: str) -> str:
+            if raw.strip().lower() == "grpc":
+                raise ConfigError(
+                    f"{name}={raw!r} is not supported: zerver exports over OTLP/HTTP; "
+                    "expected http/json or http/protobuf"
+                )
+            return _choice(name, raw, ("http/json", "http/protobuf"))
+
+        raw = get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+        if raw is not None:
+            endpoint = _endpoint("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", raw)
+        else:
+            raw = get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            if raw is not None:
+                base = _endpoint("OTEL_EXPORTER_OTLP_ENDPOINT", raw)
+                endpoint = base.rstrip("/") + "/v1/metrics"
+            else:
+                endpoint = DEFAULT_METRICS_ENDPOINT
+        return cls(
+            exporter=opt("OTEL_METRICS_EXPORTER", exporter, "otlp"),
+            endpoint=endpoint,
+            protocol=signal("PROTOCOL", protocol, "http/json"),
+            headers=signal("HEADERS", _headers, ()),
+            timeout_s=signal("TIMEOUT", ms, 10.0),
+            compression=signal("COMPRESSION", lambda n, r: _choice(n, r, ("gzip", "none")), "none"),
+            interval_s=opt("OTEL_METRIC_EXPORT_INTERVAL", ms, 60.0),
+            export_timeout_s=opt("OTEL_METRIC_EXPORT_TIMEOUT", ms, 30.0),
+            temporality=opt(
+                "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+                lambda n, r: _choice(n, r, ("cumulative", "delta", "lowmemory")),
+                "cumulative",
+            ),
+        )

@@ -1,0 +1,451 @@
+"""Metrics derived from finished request records, through the OpenTelemetry metrics SDK.
+
+:class:`RecordMetrics` is fed each finished :class:`~zerver.RequestRecord` where
+traces are built (the exporter process when it runs, else the server process),
+for every request, sampled or not, and records RED and job-phase measurements on
+instruments of a ``MeterProvider``. It performs no I/O: the provider's readers
+decide when and where the points go (see :func:`zerver.export.meter_provider`).
+
+Rules of this module:
+
+* A record is read, never written; it may be one rebuilt by
+  ``zerver._offload.unpack_record`` (its effects are views holding
+  ``system``/``operation``; the target is read from the job's span name).
+* Attributes are low-cardinality only: route templates (``http.route``, absent
+  when no route matched), step, queue and effect names as the app declared them,
+  methods outside the standard set as ``_OTHER``; never a raw path, id or query.
+* A phase is measured only when both of its ends happened (a job refused by a
+  full queue has no ``dispatch``); a missing phase is not recorded as 0.
+* Exemplars: each measurement is recorded with a context whose current span is a
+  ``NonRecordingSpan`` of the span the measurement belongs to (root, step, job),
+  carrying the record's sampled flag, and the provider uses the SDK's
+  ``TraceBasedExemplarFilter``: a sampled request may become an exemplar, an
+  unsampled one never does. The flag is read when :meth:`RecordMetrics.record`
+  runs, so call it after the tail-sampling decision.
+* ``http.server.active_requests`` cannot come from finished records (a record
+  arrives once, at the end): :meth:`RecordMetrics.request_started` and
+  :meth:`RecordMetrics.request_ended` are called where requests begin and end.
+* ``zerver.job.depth`` is the queue depth each job saw when it was enqueued (the
+  last one seen wins): it moves only when jobs are enqueued, so an idle queue
+  shows the depth of its last enqueue; an exact figure needs a callback on the
+  running queues.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, TypeAlias
+
+from opentelemetry.context import Context
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
+
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._records import JobState, RequestRecord
+
+#: An attribute set as this module builds it (str and int values only).
+Attrs: TypeAlias = Mapping[str, str | int]
+#: A bound ``Histogram.record`` / ``Counter.add`` / ``Gauge.set``.
+Measure: TypeAlias = Callable[[float, Attrs, Context], None]
+
+__all__ = [
+    "BODY_SIZE_BUCKETS",
+    "HTTP_DURATION_BUCKETS",
+    "HTTP_DURATION_BUCKETS_MS",
+    "INSTRUMENTS",
+    "PHASE_BUCKETS",
+    "RecordMetrics",
+]
+
+#: ``http.server.request.duration`` (s): the semantic conventions' boundaries.
+HTTP_DURATION_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+#: ``http.server.duration`` (ms, the old conventions): the same boundaries in ms.
+HTTP_DURATION_BUCKETS_MS: tuple[float, ...] = tuple(b * 1000 for b in HTTP_DURATION_BUCKETS)
+#: ``zerver.step.duration``, ``zerver.effect.duration`` and the ``zerver.job.*``
+#: phases (s): finer at the low end, where queue waits and dispatch live.
+PHASE_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+#: Request and response body sizes (By).
+BODY_SIZE_BUCKETS: tuple[float, ...] = (
+    0, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000,
+)  # fmt: skip
+
+#: Every instrument: name -> (unit, kind, semconv modes it exists in).
+INSTRUMENTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "http.server.request.duration": ("s", "histogram", ("new", "dup")),
+    "http.server.duration": ("ms", "histogram", ("old", "dup")),
+    "http.server.request.body.size": ("By", "histogram", ("new", "dup")),
+    "http.server.response.body.size": ("By", "histogram", ("new", "dup")),
+    "http.server.request.size": ("By", "histogram", ("old", "dup")),
+    "http.server.response.size": ("By", "histogram", ("old", "dup")),
+    "http.server.active_requests": ("{request}", "updowncounter", ("old", "new", "dup")),
+    "zerver.step.duration": ("s", "histogram", ("old", "new", "dup")),
+    "zerver.effect.duration": ("s", "histogram", ("old", "new", "dup")),
+    "zerver.job.queue_wait": ("s", "histogram", ("old", "new", "dup")),
+    "zerver.job.dispatch": ("s", "histogram", ("old", "new", "dup")),
+    "zerver.job.park_wait": ("s", "histogram", ("old", "new", "dup")),
+    "zerver.job.run_active": ("s", "histogram", ("old", "new", "dup")),
+    "zerver.job.retries": ("{retry}", "counter", ("old", "new", "dup")),
+    "zerver.job.depth": ("{job}", "gauge", ("old", "new", "dup")),
+    "zerver.cache.hits": ("{operation}", "counter", ("old", "new", "dup")),
+    "zerver.cache.misses": ("{operation}", "counter", ("old", "new", "dup")),
+}
+
+# The methods the semantic conventions name; any other is reported as ``_OTHER``
+# (a client inventing methods must not grow the metric's series).
+_KNOWN_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"}
+)
+_MODES = ("old", "new", "dup")
+# Attribute sets kept per RecordMetrics; past this the cache starts over (the
+# SDK keeps its own series; this only saves building the dicts again).
+_MAX_CACHED = 4096
+_NO_SPAN = Context()
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+
+
+def _skip(amount: float, attributes: Attrs, context: Context) -> None:
+    """Stands in for an instrument the semconv mode does not have."""
+
+
+def _span_context(trace_id: int, span_id: int) -> Context:
+    """A context whose current span is the (sampled) span ``span_id`` of ``trace_id``."""
+    return set_span_in_context(NonRecordingSpan(SpanContext(trace_id, span_id, False, _SAMPLED)))
+
+
+def _job_span_id(rec: RequestRecord, job: JobState) -> int:
+    """The id of the span a job's measurements belong to (0: none known)."""
+    if job.kind != "effect" and job.cont_step_index is not None:
+        steps = rec.steps
+        if 0 <= job.cont_step_index < len(steps):
+            return steps[job.cont_step_index].span_id
+    return job.span_id
+
+
+class RecordMetrics:
+    """Records the metrics of finished request records on ``meter_provider``'s instruments.
+
+    ``semconv_mode`` (``old``, ``new`` or ``dup``, as ``ZER_VER_SEMCONV``) chooses the
+    HTTP instruments: ``http.server.request.duration`` (s) and the
+    ``http.server.*.body.size`` histograms with the stable attribute names in
+    ``new``; ``http.server.duration`` (ms) and ``http.server.request.size`` /
+    ``response.size`` with the old names in ``old``; both sets, each with its
+    own names, in ``dup``. The ``zerver.*`` instruments are the same in every mode.
+
+    Example::
+
+        metrics = RecordMetrics(provider, "new")
+        app.subscribe(metrics)            # or, in the exporter process:
+        metrics.record(unpack_record(t))  # once per finished record
+    """
+
+    __slots__ = (
+        "_active",
+        "_attrs",
+        "_cache_hits",
+        "_cache_misses",
+        "_depth",
+        "_dispatch",
+        "_effect",
+        "_http_attrs",
+        "_new",
+        "_old",
+        "_old_duration",
+        "_old_request_size",
+        "_old_response_size",
+        "_park_wait",
+        "_queue_wait",
+        "_request_duration",
+        "_request_size",
+        "_response_size",
+        "_retries",
+        "_run_active",
+        "_step",
+        "mode",
+    )
+
+    def __init__(self, meter_provider: MeterProvider, semconv_mode: str = "dup") -> None:
+        if semconv_mode not in _MODES:
+            raise ValueError(f"semconv mode must be one of {_MODES}, got {semconv_mode!r}")
+        self.mode = semconv_mode
+        self._new = semconv_mode in ("new", "dup")
+        self._old = semconv_mode in ("old", "dup")
+        meter = meter_provider.get_meter("zerver", __version__)
+
+        def histogram(name: str, description: str, buckets: Sequence[float]) -> Measure:
+            unit = INSTRUMENTS[name][0]
+            return meter.create_histogram(
+                name, unit, description, explicit_bucket_boundaries_advisory=buckets
+            ).record
+
+        # Bound ``record``/``add`` methods, picked once; _skip where the mode has none.
+        self._request_duration: Measure = _skip
+        self._request_size: Measure = _skip
+        self._response_size: Measure = _skip
+        self._old_duration: Measure = _skip
+        self._old_request_size: Measure = _skip
+        self._old_response_size: Measure = _skip
+        if self._new:
+            self._request_duration = histogram(
+                "http.server.request.duration",
+                "Duration of HTTP server requests.",
+                HTTP_DURATION_BUCKETS,
+            )
+            self._request_size = histogram(
+                "http.server.request.body.size",
+                "Size of HTTP server request bodies.",
+                BODY_SIZE_BUCKETS,
+            )
+            self._response_size = histogram(
+                "http.server.response.body.size",
+                "Size of HTTP server response bodies.",
+                BODY_SIZE_BUCKETS,
+            )
+        if self._old:
+            self._old_duration = histogram(
+                "http.server.duration",
+                "Duration of HTTP server requests (old conventions).",
+                HTTP_DURATION_BUCKETS_MS,
+            )
+            self._old_request_size = histogram(
+                "http.server.request.size",
+                "Size of HTTP server request bodies (old conventions).",
+                BODY_SIZE_BUCKETS,
+            )
+            self._old_response_size = histogram(
+                "http.server.response.size",
+                "Size of HTTP server response bodies (old conventions).",
+                BODY_SIZE_BUCKETS,
+            )
+        self._active = meter.create_up_down_counter(
+            "http.server.active_requests",
+            "{request}",
+            "Number of HTTP server requests in flight.",
+        ).add
+        self._step = histogram("zerver.step.duration", "Duration of one step run.", PHASE_BUCKETS)
+        self._effect = histogram(
+            "zerver.effect.duration",
+            "Duration of an effect, from enqueue to its end, retries included.",
+            PHASE_BUCKETS,
+        )
+        self._queue_wait = histogram(
+            "zerver.job.queue_wait", "Time a job waited in its queue.", PHASE_BUCKETS
+        )
+        self._dispatch = histogram(
+            "zerver.job.dispatch", "Time from a job's take to its start.", PHASE_BUCKETS
+        )
+        self._park_wait = histogram(
+            "zerver.job.park_wait", "Duration of one park episode of a job.", PHASE_BUCKETS
+        )
+        self._run_active = histogram(
+            "zerver.job.run_active", "Time a job worked: started to end, parks excluded.",
+            PHASE_BUCKETS,
+        )  # fmt: skip
+        self._retries = meter.create_counter(
+            "zerver.job.retries", "{retry}", "Retries of failed job attempts."
+        ).add
+        self._depth = meter.create_gauge(
+            "zerver.job.depth", "{job}", "Queue depth seen by the last job enqueued."
+        ).set
+        self._cache_hits = meter.create_counter(
+            "zerver.cache.hits", "{operation}", "Cache reads that found their key."
+        ).add
+        self._cache_misses = meter.create_counter(
+            "zerver.cache.misses", "{operation}", "Cache reads that did not find their key."
+        ).add
+        self._attrs: dict[tuple[object, ...], Attrs] = {}
+        self._http_attrs: dict[tuple[object, ...], tuple[Attrs, Attrs]] = {}
+
+    # -- active requests (the server calls these; finished records cannot) --------
+
+    def _active_attrs(self, method: str, scheme: str) -> Attrs:
+        key = ("active", method, scheme)
+        attrs = self._attrs.get(key)
+        if attrs is None:
+            m = method if method in _KNOWN_METHODS else "_OTHER"
+            out: dict[str, str | int] = {}
+            if self._new:
+                out["http.request.method"] = m
+                out["url.scheme"] = scheme
+            if self._old:
+                out["http.method"] = m
+                out["http.scheme"] = scheme
+            attrs = self._remember(key, out)
+        return attrs
+
+    def request_started(self, method: str, scheme: str = "http") -> None:
+        """One more request in flight (``http.server.active_requests`` +1)."""
+        self._active(1, self._active_attrs(method, scheme))
+
+    def request_ended(self, method: str, scheme: str = "http") -> None:
+        """One request fewer in flight; call once for each :meth:`request_started`."""
+        self._active(-1, self._active_attrs(method, scheme))
+
+    # -- finished records --------------------------------------------------------------
+
+    def on_request_end(self, record: RequestRecord) -> None:
+        """:class:`~zerver.Subscriber` entry point: :meth:`record`."""
+        self.record(record)
+
+    def record(self, rec: RequestRecord) -> None:
+        """Record every measurement ``rec`` (a finished request record) gives."""
+        trace_id = rec.trace_id
+        sampled = bool(rec.trace_flags & 0x01) and trace_id != 0
+        root = rec.span_id
+        ctx = _span_context(trace_id, root) if sampled and root else _NO_SPAN
+        end = rec.end_ts if rec.end_ts is not None else rec.start_ts
+        if rec.kind == "http":
+            self._http(rec, end - rec.start_ts, ctx)
+        route = rec.route
+        for sr in rec.steps:
+            step_end = sr.end_ts if sr.end_ts is not None else end
+            key = ("step", route, sr.name, sr.layer, sr.decision)
+            attrs = self._attrs.get(key)
+            if attrs is None:
+                out: dict[str, str | int] = {
+                    "zerver.step.name": sr.name,
+                    "zerver.step.layer": sr.layer,
+                    "zerver.step.decision": sr.decision or "Error",
+                }
+                if route is not None:
+                    out["http.route"] = route
+                attrs = self._remember(key, out)
+            step_ctx = ctx
+            if sampled and sr.span_id:
+                step_ctx = _span_context(trace_id, sr.span_id)
+            self._step((step_end - sr.start_ts) / 1e9, attrs, step_ctx)
+        for job in rec.jobs:
+            job_ctx = ctx
+            if sampled:
+                span_id = _job_span_id(rec, job)
+                if span_id:
+                    job_ctx = _span_context(trace_id, span_id)
+            self._job(job, job_ctx)
+
+    def _http(self, rec: RequestRecord, duration_ns: int, ctx: Context) -> None:
+        status = rec.status
+        error: str | None = None
+        if rec.system_fault or status >= 500:
+            error = rec.error_type or str(status)
+        key = ("http", rec.method, rec.route, status, rec.scheme, rec.protocol_version, error)
+        cache = self._http_attrs
+        pair = cache.get(key)
+        if pair is None:
+            if len(cache) >= _MAX_CACHED:
+                cache.clear()
+            pair = cache[key] = self._http_attr_sets(rec, error)
+        new, old = pair
+        self._request_duration(duration_ns / 1e9, new, ctx)
+        self._request_size(rec.request_body_size, new, ctx)
+        self._response_size(rec.response_body_size, new, ctx)
+        self._old_duration(duration_ns / 1e6, old, ctx)
+        self._old_request_size(rec.request_body_size, old, ctx)
+        self._old_response_size(rec.response_body_size, old, ctx)
+
+    @staticmethod
+    def _http_attr_sets(rec: RequestRecord, error: str | None) -> tuple[Attrs, Attrs]:
+        """The stable and the old attribute sets of the HTTP server instruments."""
+        method = rec.method if rec.method in _KNOWN_METHODS else "_OTHER"
+        new: dict[str, str | int] = {
+            "http.request.method": method,
+            "url.scheme": rec.scheme,
+            "network.protocol.version": rec.protocol_version,
+        }
+        old: dict[str, str | int] = {
+            "http.method": method,
+            "http.scheme": rec.scheme,
+            "http.flavor": rec.protocol_version,
+        }
+        if rec.route is not None:
+            new["http.route"] = old["http.route"] = rec.route
+        if rec.status:
+            new["http.response.status_code"] = old["http.status_code"] = rec.status
+        if error is not None:
+            new["error.type"] = error
+        return new, old
+
+    def _job(self, job: JobState, ctx: Context) -> None:
+        enqueue, take, start, end = job.enqueue_ts, job.take_ts, job.start_ts, job.end_ts
+        queue = job.queue
+        key = ("job", queue, job.kind)
+        attrs = self._attrs.get(key)
+        if attrs is None:
+            attrs = self._remember(key, {"job.queue": queue, "job.kind": job.kind})
+        if enqueue is not None and take is not None:
+            self._queue_wait((take - enqueue) / 1e9, attrs, ctx)
+        if take is not None and start is not None:
+            self._dispatch((start - take) / 1e9, attrs, ctx)
+        parked = 0
+        for ep in job.park_episodes:
+            resume = ep.resume_ts
+            if resume is None:
+                continue
+            parked += resume - ep.park_ts
+            pkey = ("park", queue, ep.cause)
+            pattrs = self._attrs.get(pkey)
+            if pattrs is None:
+                pattrs = self._remember(pkey, {"job.queue": queue, "job.park.cause": ep.cause})
+            self._park_wait((resume - ep.park_ts) / 1e9, pattrs, ctx)
+        if start is not None and end is not None:
+            self._run_active(max(0, end - start - parked) / 1e9, attrs, ctx)
+        if job.depth_enqueue is not None:
+            qkey = ("queue", queue)
+            qattrs = self._attrs.get(qkey)
+            if qattrs is None:
+                qattrs = self._remember(qkey, {"job.queue": queue})
+            self._depth(job.depth_enqueue, qattrs, ctx)
+        if job.retries:
+            rkey = ("retry", queue, job.name)
+            rattrs = self._attrs.get(rkey)
+            if rattrs is None:
+                rattrs = self._remember(rkey, {"job.queue": queue, "job.name": job.name})
+            self._retries(len(job.retries), rattrs, ctx)
+        effect = job.effect
+        if effect is None:
+            return
+        outcome = job.outcome or "unfinished"
+        ekey = ("effect", job.name, outcome)
+        eattrs = self._attrs.get(ekey)
+        if eattrs is None:
+            eattrs = self._remember(
+                ekey,
+                {
+                    "effect.system": effect.system,
+                    "effect.operation": effect.operation,
+                    # The span name is ``<system>.<operation> <target>``: the
+                    # target is what an unpacked effect view still knows.
+                    "effect.target": job.name.partition(" ")[2],
+                    "effect.outcome": outcome,
+                },
+            )
+        if enqueue is not None and end is not None:
+            self._effect((end - enqueue) / 1e9, eattrs, ctx)
+        meta = job.result_meta
+        if meta:
+            hit = meta.get("cache.hit")
+            if hit is not None:
+                ckey = ("cache", job.name)
+                cattrs = self._attrs.get(ckey)
+                if cattrs is None:
+                    cattrs = self._remember(
+                        ckey,
+                        {
+                            "effect.system": effect.system,
+                            "effect.operation": effect.operation,
+                            "effect.target": job.name.partition(" ")[2],
+                        },
+                    )
+                (self._cache_hits if hit else self._cache_misses)(1, cattrs, ctx)
+
+    def _remember(self, key: tuple[object, ...], attrs: Attrs) -> Attrs:
+        cache = self._attrs
+        if len(cache) >= _MAX_CACHED:
+            cache.clear()
+        cache[key] = attrs
+        return attrs
