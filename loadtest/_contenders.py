@@ -94,6 +94,22 @@ CONTENDERS: tuple[Contender, ...] = (
         check_spans=True,
     ),
     Contender(
+        name="zerver-head-0.1",
+        title="zerver, ZER_VER_SAMPLER=head:0.1 (a tenth of new traces), OTLP/HTTP JSON",
+        argv=_ZERVER,
+        env={**_ZERVER_ENV, **_OTLP_ENV, "ZER_VER_SAMPLER": "head:0.1"},
+        workloads=(ITEMS, BLOG),
+        traced=True,
+    ),
+    Contender(
+        name="zerver-head-0",
+        title="zerver, ZER_VER_SAMPLER=head:0 (every trace sampled out), OTLP/HTTP JSON",
+        argv=_ZERVER,
+        env={**_ZERVER_ENV, **_OTLP_ENV, "ZER_VER_SAMPLER": "head:0"},
+        workloads=(ITEMS, BLOG),
+        traced=True,
+    ),
+    Contender(
         name="zerver-debug-jobs",
         title="zerver, ZER_VER_DEBUG_JOBS=1, OTLP/HTTP JSON",
         argv=_ZERVER,
