@@ -236,12 +236,15 @@ class RollingQuantile:
 
 
 class _RouteWindows:
+    """A route's windows: only those a configured trigger reads exist (each holds a
+    window's worth of samples, so a route's ``error`` trigger costs none)."""
+
     __slots__ = ("duration", "park", "queue")
 
-    def __init__(self, window: Window) -> None:
-        self.duration = RollingQuantile(window)
-        self.queue = RollingQuantile(window)
-        self.park = RollingQuantile(window)
+    def __init__(self, window: Window, *, duration: bool, waits: bool) -> None:
+        self.duration = RollingQuantile(window) if duration else None
+        self.queue = RollingQuantile(window) if waits else None
+        self.park = RollingQuantile(window) if waits else None
 
 
 _NOT_FAILED = (COMPLETE, CANCEL)
@@ -267,7 +270,17 @@ class TailSampler:
     forgotten first.
     """
 
-    __slots__ = ("_checks", "_routes", "_window", "kept", "max_routes", "min_wait_ms", "triggers")
+    __slots__ = (
+        "_checks",
+        "_durations",
+        "_routes",
+        "_waits",
+        "_window",
+        "kept",
+        "max_routes",
+        "min_wait_ms",
+        "triggers",
+    )
 
     def __init__(
         self,
@@ -280,6 +293,9 @@ class TailSampler:
         self.triggers = tuple(triggers)
         # (reason, check) per trigger, in the configured order: parsed once, here.
         self._checks = tuple(("tail:" + t, self._check(t)) for t in self.triggers)
+        # Which windows the triggers read: only those are kept and fed.
+        self._durations = "p95" in self.triggers or "p99" in self.triggers
+        self._waits = "slow_queue" in self.triggers
         self._window = window if window is not None else Window(seconds=60.0)
         # slow_queue ignores waits shorter than this: on a route whose waits are all
         # ~0 the p95 is 0 too, and every request would match.
@@ -317,7 +333,9 @@ class TailSampler:
         if w is None:
             if len(self._routes) >= self.max_routes:
                 self._routes.pop(next(iter(self._routes)))
-            w = self._routes[key] = _RouteWindows(self._window)
+            w = self._routes[key] = _RouteWindows(
+                self._window, duration=self._durations, waits=self._waits
+            )
         return w
 
     def decide(self, record: RequestRecord) -> str | None:
@@ -333,22 +351,26 @@ class TailSampler:
                 if check(facts, w):
                     reason = why
                     break
-        w.duration.add(end, facts.duration_ms)
-        for job, d in zip(record.jobs, facts.waits, strict=True):
-            w.queue.add(end, d[0])
-            for ep in job.park_episodes:
-                w.park.add(end, _episode_ms(ep.park_ts, ep.resume_ts, end))
+        if w.duration is not None:
+            w.duration.add(end, facts.duration_ms)
+        if w.queue is not None and w.park is not None:
+            for job, d in zip(record.jobs, facts.waits(), strict=True):
+                w.queue.add(end, d[0])
+                for ep in job.park_episodes:
+                    w.park.add(end, _episode_ms(ep.park_ts, ep.resume_ts, end))
         if reason is not None:
             self.kept[reason] = self.kept.get(reason, 0) + 1
         return reason
 
     def _slow_queue(self, facts: _Facts, w: _RouteWindows) -> bool:
+        if w.queue is None or w.park is None:
+            return False  # not reached: the windows exist when this trigger is set
         end = facts.end
         w.queue.expire(end)
         w.park.expire(end)
         queue_bar = max(w.queue.quantile(0.95), self.min_wait_ms)
         park_bar = max(w.park.quantile(0.95), self.min_wait_ms)
-        for job, d in zip(facts.record.jobs, facts.waits, strict=True):
+        for job, d in zip(facts.record.jobs, facts.waits(), strict=True):
             if d[0] >= queue_bar:
                 return True
             for ep in job.park_episodes:
@@ -358,15 +380,21 @@ class TailSampler:
 
 
 class _Facts:
-    """What the triggers read of one finished record, derived once."""
+    """What the triggers read of one finished record, derived at most once."""
 
-    __slots__ = ("duration_ms", "end", "record", "waits")
+    __slots__ = ("_waits", "duration_ms", "end", "record")
 
     def __init__(self, record: RequestRecord, end: int) -> None:
         self.record = record
         self.end = end
         self.duration_ms = (end - record.start_ts) / 1e6
-        self.waits = [job_durations(job, end) for job in record.jobs]
+        self._waits: list[tuple[float, float, float, float, float]] | None = None
+
+    def waits(self) -> list[tuple[float, float, float, float, float]]:
+        """Each job's durations (:func:`~zerver._promotion.job_durations`), on first use."""
+        if self._waits is None:
+            self._waits = [job_durations(job, self.end) for job in self.record.jobs]
+        return self._waits
 
 
 _Check = Callable[[_Facts, _RouteWindows], bool]
@@ -378,6 +406,8 @@ def _error(facts: _Facts, w: _RouteWindows) -> bool:
 
 def _percentile(q: float) -> _Check:
     def check(facts: _Facts, w: _RouteWindows) -> bool:
+        if w.duration is None:
+            return False  # not reached: the window exists when this trigger is set
         w.duration.expire(facts.end)
         return facts.duration_ms >= w.duration.quantile(q)
 
