@@ -18,8 +18,9 @@ from opentelemetry import context as otel_context
 
 from ._decisions import Continue, Decision, Done, Fail, Mode, Need
 from ._errors import EffectError, ZerverError
-from ._jobs import Job, JobSystem, Wakeup, wakeup_factory
+from ._jobs import Job, JobSystem
 from ._join import JoinState
+from ._park import Wakeup, wakeup_factory
 from ._propagation import attach_span
 from ._records import (
     COMPLETE,

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from ._effects import Effect
     from ._park import Interpreter
 
-__all__ = ["Job", "JobQueue", "JobSystem", "Wakeup", "wakeup_factory"]
+__all__ = ["Job", "JobQueue", "JobSystem"]
 
 
 class Stoppable(Protocol):

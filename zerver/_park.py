@@ -142,15 +142,6 @@ class _FutureWakeup:
         await self._future
 
 
-def new_wakeup() -> Wakeup:
-    """One :class:`Wakeup` in the running event loop (see :func:`wakeup_factory`)."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return anyio.Event()
-    return _FutureWakeup(loop)
-
-
 def wakeup_factory() -> Callable[[], Wakeup]:
     """How to make a :class:`Wakeup` in the running event loop: a bare future on
     asyncio, an ``anyio.Event`` on any other backend."""
@@ -165,7 +156,8 @@ class _Waiter:
     __slots__ = ("event", "granted")
 
     def __init__(self) -> None:
-        self.event = new_wakeup()
+        # Made per wait, in the loop the waiter runs in (a limiter may outlive a loop).
+        self.event = wakeup_factory()()
         self.granted = False
 
 
