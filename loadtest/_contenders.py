@@ -62,6 +62,23 @@ _ZERVER = (_PY, "-m", "zerver", "run", "loadtest.apps.zerver_app:create_app")
 _ZERVER_ENV = {"ZER_VER_ACCESS_LOG": "0"}
 _OTLP_ENV = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "{receiver}"}
 
+
+def _zerver_traced(
+    name: str, what: str, env: dict[str, str], *, every_trace: bool = False
+) -> Contender:
+    """zerver exporting OTLP/HTTP JSON to the receiver, with ``env`` on top;
+    ``every_trace``: a lost root span fails the run."""
+    return Contender(
+        name=name,
+        title=f"zerver, {what}, OTLP/HTTP JSON",
+        argv=_ZERVER,
+        env={**_ZERVER_ENV, **_OTLP_ENV, **env},
+        workloads=(ITEMS, BLOG),
+        traced=True,
+        check_spans=every_trace,
+    )
+
+
 CONTENDERS: tuple[Contender, ...] = (
     Contender(
         name="starlette",
@@ -84,39 +101,19 @@ CONTENDERS: tuple[Contender, ...] = (
         env={**_ZERVER_ENV, "OTEL_TRACES_EXPORTER": "none"},
         workloads=(ITEMS, BLOG),
     ),
-    Contender(
-        name="zerver-otlp",
-        title="zerver, default telemetry, OTLP/HTTP JSON",
-        argv=_ZERVER,
-        env={**_ZERVER_ENV, **_OTLP_ENV},
-        workloads=(ITEMS, BLOG),
-        traced=True,
-        check_spans=True,
+    _zerver_traced("zerver-otlp", "default telemetry", {}, every_trace=True),
+    _zerver_traced(
+        "zerver-head-0.1",
+        "ZER_VER_SAMPLER=head:0.1 (a tenth of new traces)",
+        {"ZER_VER_SAMPLER": "head:0.1"},
     ),
-    Contender(
-        name="zerver-head-0.1",
-        title="zerver, ZER_VER_SAMPLER=head:0.1 (a tenth of new traces), OTLP/HTTP JSON",
-        argv=_ZERVER,
-        env={**_ZERVER_ENV, **_OTLP_ENV, "ZER_VER_SAMPLER": "head:0.1"},
-        workloads=(ITEMS, BLOG),
-        traced=True,
+    _zerver_traced(
+        "zerver-head-0",
+        "ZER_VER_SAMPLER=head:0 (every trace sampled out)",
+        {"ZER_VER_SAMPLER": "head:0"},
     ),
-    Contender(
-        name="zerver-head-0",
-        title="zerver, ZER_VER_SAMPLER=head:0 (every trace sampled out), OTLP/HTTP JSON",
-        argv=_ZERVER,
-        env={**_ZERVER_ENV, **_OTLP_ENV, "ZER_VER_SAMPLER": "head:0"},
-        workloads=(ITEMS, BLOG),
-        traced=True,
-    ),
-    Contender(
-        name="zerver-debug-jobs",
-        title="zerver, ZER_VER_DEBUG_JOBS=1, OTLP/HTTP JSON",
-        argv=_ZERVER,
-        env={**_ZERVER_ENV, **_OTLP_ENV, "ZER_VER_DEBUG_JOBS": "1"},
-        workloads=(ITEMS, BLOG),
-        traced=True,
-        check_spans=True,
+    _zerver_traced(
+        "zerver-debug-jobs", "ZER_VER_DEBUG_JOBS=1", {"ZER_VER_DEBUG_JOBS": "1"}, every_trace=True
     ),
     Contender(
         name="floor-anyio",

@@ -47,6 +47,7 @@ __all__ = [
     "ratio_lines",
     "ratios",
     "run_all",
+    "start_server",
     "write_results",
     "write_svg",
 ]
@@ -226,6 +227,28 @@ def _taskset(cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu)] if cpu is not None else []
 
 
+def start_server(
+    contender: Contender,
+    port: int,
+    receiver: str,
+    data_dir: str,
+    log: IO[bytes],
+    prefix: Sequence[str] = (),
+) -> subprocess.Popen[bytes]:
+    """Start ``contender`` on 127.0.0.1:``port`` in its clean environment (its data
+    under ``data_dir``, its spans to ``receiver``), output to ``log``; ``prefix``
+    goes before its command (``taskset``, ``valgrind``)."""
+    return subprocess.Popen(
+        [*prefix, *contender.argv, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=_ROOT,
+        env=_server_env(contender, receiver, data_dir),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop the server
+    )
+
+
 def _server_env(contender: Contender, receiver: str, db_dir: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ZER_VER_"))}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
@@ -309,17 +332,8 @@ def run_contender(
         log_path.open("wb") as log,
     ):
         port = free_port()
-        argv = [*_taskset(server_cpu), *contender.argv, "--host", "127.0.0.1", "--port", str(port)]
         progress.update(f"{prefix}{contender.name}: starting")
-        proc = subprocess.Popen(
-            argv,
-            cwd=_ROOT,
-            env=_server_env(contender, receiver.endpoint, db_dir),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop the server
-        )
+        proc = start_server(contender, port, receiver.endpoint, db_dir, log, _taskset(server_cpu))
         try:
             wait_ready(port, proc, cfg.ready_timeout_s)
             for workload in contender.workloads:

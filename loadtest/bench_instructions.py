@@ -23,7 +23,7 @@ contender takes one to three minutes. Not part of CI.
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import re
 import subprocess
 import sys
@@ -35,9 +35,12 @@ from pathlib import Path
 from ._contenders import BLOG, ITEMS, Contender, by_name
 from ._loadgen import LoadSpec, run_load
 from ._receiver import SpanReceiver
-from ._runner import _ROOT, _server_env, free_port, stop_process, wait_ready
+from ._runner import free_port, start_server, stop_process, wait_ready
 
 __all__ = ["Count", "count_contender", "main"]
+
+_TOOL = "python"
+"""The Python load generator: it ends at the request bound (wrk sleeps out its duration)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,73 +79,42 @@ def _control(*args: str) -> None:
 
 
 def count_contender(
-    contender: Contender,
-    path: str,
-    *,
-    requests: int,
-    warmup: int,
-    connections: int,
-    tool: str,
+    contender: Contender, path: str, *, requests: int, warmup: int, connections: int
 ) -> Count:
     """Run one contender under callgrind and count the measured requests' instructions."""
     with SpanReceiver() as receiver, tempfile.TemporaryDirectory(prefix="zerver-ir-") as tmp:
         dumps = Path(tmp) / "dumps"
         dumps.mkdir()
         port = free_port()
-        argv = [
+        callgrind = (
             "valgrind",
             "--tool=callgrind",
             "--instr-atstart=no",
             "--trace-children=yes",
             f"--callgrind-out-file={dumps}/cg.%p",
-            os.path.realpath(contender.argv[0]),
-            *contender.argv[1:],
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-        log = (Path(tmp) / "server.log").open("wb")
-        proc = subprocess.Popen(
-            argv,
-            cwd=_ROOT,
-            env=_server_env(contender, receiver.endpoint, tmp),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
-        try:
-            wait_ready(port, proc, 300.0)
-            spec = LoadSpec(
-                port=port,
-                path=path,
-                connections=connections,
-                duration_s=600.0,
-                max_requests=warmup,
-                timeout_s=60.0,
-            )
-            run_load(spec, tool)
-            time.sleep(1.0)  # let the warm-up's telemetry settle before counting
-            _control("-i", "on")
-            measured = run_load(
-                LoadSpec(
+        with (Path(tmp) / "server.log").open("wb") as log:
+            proc = start_server(contender, port, receiver.endpoint, tmp, log, callgrind)
+            try:
+                wait_ready(port, proc, 300.0)
+                spec = LoadSpec(
                     port=port,
                     path=path,
                     connections=connections,
                     duration_s=900.0,
-                    max_requests=requests,
+                    max_requests=warmup,
                     timeout_s=60.0,
-                ),
-                tool,
-            )
-            if contender.traced:
-                time.sleep(3.0)  # the exporter builds and sends what the requests left
-            _control("-d")
-            _control("-i", "off")
-        finally:
-            stop_process(proc, 120.0)
-            log.close()
+                )
+                run_load(spec, _TOOL)
+                time.sleep(1.0)  # let the warm-up's telemetry settle before counting
+                _control("-i", "on")
+                measured = run_load(dataclasses.replace(spec, max_requests=requests), _TOOL)
+                if contender.traced:
+                    time.sleep(3.0)  # the exporter builds and sends what the requests left
+                _control("-d")
+                _control("-i", "off")
+            finally:
+                stop_process(proc, 120.0)
         if measured.errors or not measured.requests:
             raise RuntimeError(
                 f"{contender.name}: {measured.errors} errors, {measured.requests} responses"
@@ -168,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_instructions: {exc}", file=sys.stderr)
         return 2
     workload = BLOG if args.path == "blog" else ITEMS
-    tool = "python"  # ends at the request bound (wrk sleeps out its duration)
-    rows: list[Count] = []
     for c in contenders:
         if workload not in c.workloads:
             continue
@@ -180,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
             requests=args.requests,
             warmup=args.warmup,
             connections=args.connections,
-            tool=tool,
         )
         server, children = count.per_request()
         print(
@@ -189,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
             f"({count.requests} requests, {time.monotonic() - t0:.0f} s)",
             flush=True,
         )
-        rows.append(count)
     return 0
 
 
