@@ -31,7 +31,6 @@ Run: ``python -m loadtest.bench_effects [--n 2000] [--only blog,need] [--instruc
 from __future__ import annotations
 
 import argparse
-import marshal
 import os
 import re
 import subprocess
@@ -59,7 +58,7 @@ from zerver import (
     step,
 )
 from zerver._interpreters import SqliteInterpreter
-from zerver._offload import pack_record
+from zerver._offload import handover_bytes
 from zerver._records import RequestRecord
 from zerver.demo import create_app
 from zerver.testing import FakeInterpreter, FakeRule
@@ -165,7 +164,7 @@ class _Handover:
 
     def on_request_end(self, record: RequestRecord) -> None:
         pending = self.pending
-        pending.append(marshal.dumps(pack_record(record)))
+        pending.append(handover_bytes(record))
         if len(pending) >= 64:
             pending.clear()  # the feeder thread's hand-over, not measured here
 

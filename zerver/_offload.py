@@ -341,6 +341,15 @@ def unpack_record(t: tuple[Any, ...], ids: random.Random | None = None) -> Reque
     return r
 
 
+def handover_bytes(record: RequestRecord) -> bytes:
+    """What the request path hands the exporter process for one finished record.
+
+    Marshalled at once: a backlog of bytes objects is invisible to the garbage
+    collector, while one of nested tuples made its full collections slow.
+    """
+    return marshal.dumps(pack_record(record))
+
+
 def records_item_spans(engine: TraceEngine, item: SpoolItem) -> list[Any]:
     """The spans of a spooled batch of records (for a pipeline's ``rebuild``).
 
@@ -889,9 +898,7 @@ class ProcessTraceSubscriber:
             self.records_dropped += 1
             self._drops.poke()
             return
-        # Marshalled at once: a backlog of bytes objects is invisible to the garbage
-        # collector, while one of nested tuples made its full collections slow.
-        pending.append(marshal.dumps(pack_record(record)))
+        pending.append(handover_bytes(record))
         self.records_submitted += 1
         if len(pending) >= self.batch and not self._wake.is_set():
             self._wake.set()  # once: Event.set takes a lock and notifies every time
