@@ -46,6 +46,20 @@ from zerver.export._metrics_exporter import encode_metrics, metrics_json
 MS = 1_000_000  # ns
 
 
+def effect_job(rec: RequestRecord, index: int, name: str, effect: CacheGet | DbGet) -> JobState:
+    """An effect job of ``rec``'s first step, on the effects queue, with its span id."""
+    job = JobState(
+        index=index,
+        kind="effect",
+        name=name,
+        queue="effects",
+        step_index=0,
+        effect=effect,
+    )
+    job.span_id = rec.new_span_id()
+    return job
+
+
 def make_record(
     seed: int,
     *,
@@ -69,30 +83,14 @@ def make_record(
     )
     step.span_id, step.end_ts, step.decision = rec.new_span_id(), 2 * MS, "Need"
     rec.steps.append(step)
-    cache = JobState(
-        index=0,
-        kind="effect",
-        name="cache.get items",
-        queue="effects",
-        step_index=0,
-        effect=CacheGet(namespace="items", key="42"),
-    )
-    cache.span_id = rec.new_span_id()
+    cache = effect_job(rec, 0, "cache.get items", CacheGet(namespace="items", key="42"))
     cache.enqueue_ts, cache.end_ts = 2 * MS, 5 * MS
     if taken:
         cache.take_ts, cache.start_ts = 3 * MS, 3 * MS + 500_000
     cache.outcome, cache.depth_enqueue = "complete", 3
     if cache_hit is not None:
         cache.result_meta = {"cache.hit": cache_hit}
-    db = JobState(
-        index=1,
-        kind="effect",
-        name="db.get items",
-        queue="effects",
-        step_index=0,
-        effect=DbGet(table="items", key="42"),
-    )
-    db.span_id = rec.new_span_id()
+    db = effect_job(rec, 1, "db.get items", DbGet(table="items", key="42"))
     db.enqueue_ts, db.take_ts, db.start_ts, db.end_ts = 2 * MS, 2 * MS, 2 * MS, 12 * MS
     ep = ParkEpisode("io_wait", 3 * MS, token="db_pool")
     ep.resume_ts = 9 * MS

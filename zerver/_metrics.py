@@ -33,8 +33,8 @@ Rules of this module:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, TypeAlias
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 from opentelemetry.context import Context
 from opentelemetry.metrics import MeterProvider
@@ -43,6 +43,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_s
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from ._effects import Effect
     from ._records import JobState, RequestRecord
 
 #: An attribute set as this module builds it (str and int values only).
@@ -110,8 +111,30 @@ _NO_SPAN = Context()
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+
+
 def _skip(amount: float, attributes: Attrs, context: Context) -> None:
     """Stands in for an instrument the semconv mode does not have."""
+
+
+def _remember(cache: dict[_K, _V], key: _K, value: _V) -> _V:
+    """Store ``value`` (built on a cache miss); a full cache starts over."""
+    if len(cache) >= _MAX_CACHED:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _effect_attrs(effect: Effect, job: JobState) -> dict[str, str | int]:
+    return {
+        "effect.system": effect.system,
+        "effect.operation": effect.operation,
+        # The span name is ``<system>.<operation> <target>``: the target is
+        # what an unpacked effect view still knows.
+        "effect.target": job.name.partition(" ")[2],
+    }
 
 
 def _span_context(trace_id: int, span_id: int) -> Context:
@@ -154,8 +177,6 @@ class RecordMetrics:
         "_dispatch",
         "_effect",
         "_http_attrs",
-        "_new",
-        "_old",
         "_old_duration",
         "_old_request_size",
         "_old_response_size",
@@ -174,55 +195,47 @@ class RecordMetrics:
         if semconv_mode not in _MODES:
             raise ValueError(f"semconv mode must be one of {_MODES}, got {semconv_mode!r}")
         self.mode = semconv_mode
-        self._new = semconv_mode in ("new", "dup")
-        self._old = semconv_mode in ("old", "dup")
         meter = meter_provider.get_meter("zerver", __version__)
 
         def histogram(name: str, description: str, buckets: Sequence[float]) -> Measure:
-            unit = INSTRUMENTS[name][0]
+            """The bound ``record`` method, picked once; _skip where the mode has none."""
+            unit, _, modes = INSTRUMENTS[name]
+            if semconv_mode not in modes:
+                return _skip
             return meter.create_histogram(
                 name, unit, description, explicit_bucket_boundaries_advisory=buckets
             ).record
 
-        # Bound ``record``/``add`` methods, picked once; _skip where the mode has none.
-        self._request_duration: Measure = _skip
-        self._request_size: Measure = _skip
-        self._response_size: Measure = _skip
-        self._old_duration: Measure = _skip
-        self._old_request_size: Measure = _skip
-        self._old_response_size: Measure = _skip
-        if self._new:
-            self._request_duration = histogram(
-                "http.server.request.duration",
-                "Duration of HTTP server requests.",
-                HTTP_DURATION_BUCKETS,
-            )
-            self._request_size = histogram(
-                "http.server.request.body.size",
-                "Size of HTTP server request bodies.",
-                BODY_SIZE_BUCKETS,
-            )
-            self._response_size = histogram(
-                "http.server.response.body.size",
-                "Size of HTTP server response bodies.",
-                BODY_SIZE_BUCKETS,
-            )
-        if self._old:
-            self._old_duration = histogram(
-                "http.server.duration",
-                "Duration of HTTP server requests (old conventions).",
-                HTTP_DURATION_BUCKETS_MS,
-            )
-            self._old_request_size = histogram(
-                "http.server.request.size",
-                "Size of HTTP server request bodies (old conventions).",
-                BODY_SIZE_BUCKETS,
-            )
-            self._old_response_size = histogram(
-                "http.server.response.size",
-                "Size of HTTP server response bodies (old conventions).",
-                BODY_SIZE_BUCKETS,
-            )
+        self._request_duration = histogram(
+            "http.server.request.duration",
+            "Duration of HTTP server requests.",
+            HTTP_DURATION_BUCKETS,
+        )
+        self._request_size = histogram(
+            "http.server.request.body.size",
+            "Size of HTTP server request bodies.",
+            BODY_SIZE_BUCKETS,
+        )
+        self._response_size = histogram(
+            "http.server.response.body.size",
+            "Size of HTTP server response bodies.",
+            BODY_SIZE_BUCKETS,
+        )
+        self._old_duration = histogram(
+            "http.server.duration",
+            "Duration of HTTP server requests (old conventions).",
+            HTTP_DURATION_BUCKETS_MS,
+        )
+        self._old_request_size = histogram(
+            "http.server.request.size",
+            "Size of HTTP server request bodies (old conventions).",
+            BODY_SIZE_BUCKETS,
+        )
+        self._old_response_size = histogram(
+            "http.server.response.size",
+            "Size of HTTP server response bodies (old conventions).",
+            BODY_SIZE_BUCKETS,
+        )
         self._active = meter.create_up_down_counter(
             "http.server.active_requests",
             "{request}",
@@ -270,13 +283,13 @@ class RecordMetrics:
         if attrs is None:
             m = method if method in _KNOWN_METHODS else "_OTHER"
             out: dict[str, str | int] = {}
-            if self._new:
+            if self.mode != "old":
                 out["http.request.method"] = m
                 out["url.scheme"] = scheme
-            if self._old:
+            if self.mode != "new":
                 out["http.method"] = m
                 out["http.scheme"] = scheme
-            attrs = self._remember(key, out)
+            attrs = _remember(self._attrs, key, out)
         return attrs
 
     def request_started(self, method: str, scheme: str = "http") -> None:
@@ -315,7 +328,7 @@ class RecordMetrics:
                 }
                 if route is not None:
                     out["http.route"] = route
-                attrs = self._remember(key, out)
+                attrs = _remember(self._attrs, key, out)
             step_ctx = ctx
             if sampled and sr.span_id:
                 step_ctx = _span_context(trace_id, sr.span_id)
@@ -334,12 +347,9 @@ class RecordMetrics:
         if rec.system_fault or status >= 500:
             error = rec.error_type or str(status)
         key = ("http", rec.method, rec.route, status, rec.scheme, rec.protocol_version, error)
-        cache = self._http_attrs
-        pair = cache.get(key)
+        pair = self._http_attrs.get(key)
         if pair is None:
-            if len(cache) >= _MAX_CACHED:
-                cache.clear()
-            pair = cache[key] = self._http_attr_sets(rec, error)
+            pair = _remember(self._http_attrs, key, self._http_attr_sets(rec, error))
         new, old = pair
         self._request_duration(duration_ns / 1e9, new, ctx)
         self._request_size(rec.request_body_size, new, ctx)
@@ -371,12 +381,12 @@ class RecordMetrics:
         return new, old
 
     def _job(self, job: JobState, ctx: Context) -> None:
+        # Attribute sets are never empty: ``get(key) or _remember(...)`` builds one on a miss.
+        cache = self._attrs
         enqueue, take, start, end = job.enqueue_ts, job.take_ts, job.start_ts, job.end_ts
         queue = job.queue
-        key = ("job", queue, job.kind)
-        attrs = self._attrs.get(key)
-        if attrs is None:
-            attrs = self._remember(key, {"job.queue": queue, "job.kind": job.kind})
+        key: tuple[object, ...] = ("job", queue, job.kind)
+        attrs = cache.get(key) or _remember(cache, key, {"job.queue": queue, "job.kind": job.kind})
         if enqueue is not None and take is not None:
             self._queue_wait((take - enqueue) / 1e9, attrs, ctx)
         if take is not None and start is not None:
@@ -387,65 +397,35 @@ class RecordMetrics:
             if resume is None:
                 continue
             parked += resume - ep.park_ts
-            pkey = ("park", queue, ep.cause)
-            pattrs = self._attrs.get(pkey)
-            if pattrs is None:
-                pattrs = self._remember(pkey, {"job.queue": queue, "job.park.cause": ep.cause})
+            key = ("park", queue, ep.cause)
+            pattrs = cache.get(key) or _remember(
+                cache, key, {"job.queue": queue, "job.park.cause": ep.cause}
+            )
             self._park_wait((resume - ep.park_ts) / 1e9, pattrs, ctx)
         if start is not None and end is not None:
             self._run_active(max(0, end - start - parked) / 1e9, attrs, ctx)
         if job.depth_enqueue is not None:
-            qkey = ("queue", queue)
-            qattrs = self._attrs.get(qkey)
-            if qattrs is None:
-                qattrs = self._remember(qkey, {"job.queue": queue})
+            key = ("queue", queue)
+            qattrs = cache.get(key) or _remember(cache, key, {"job.queue": queue})
             self._depth(job.depth_enqueue, qattrs, ctx)
         if job.retries:
-            rkey = ("retry", queue, job.name)
-            rattrs = self._attrs.get(rkey)
-            if rattrs is None:
-                rattrs = self._remember(rkey, {"job.queue": queue, "job.name": job.name})
+            key = ("retry", queue, job.name)
+            rattrs = cache.get(key) or _remember(
+                cache, key, {"job.queue": queue, "job.name": job.name}
+            )
             self._retries(len(job.retries), rattrs, ctx)
         effect = job.effect
         if effect is None:
             return
         outcome = job.outcome or "unfinished"
-        ekey = ("effect", job.name, outcome)
-        eattrs = self._attrs.get(ekey)
-        if eattrs is None:
-            eattrs = self._remember(
-                ekey,
-                {
-                    "effect.system": effect.system,
-                    "effect.operation": effect.operation,
-                    # The span name is ``<system>.<operation> <target>``: the
-                    # target is what an unpacked effect view still knows.
-                    "effect.target": job.name.partition(" ")[2],
-                    "effect.outcome": outcome,
-                },
-            )
+        key = ("effect", job.name, outcome)
+        eattrs = cache.get(key) or _remember(
+            cache, key, {**_effect_attrs(effect, job), "effect.outcome": outcome}
+        )
         if enqueue is not None and end is not None:
             self._effect((end - enqueue) / 1e9, eattrs, ctx)
-        meta = job.result_meta
-        if meta:
-            hit = meta.get("cache.hit")
-            if hit is not None:
-                ckey = ("cache", job.name)
-                cattrs = self._attrs.get(ckey)
-                if cattrs is None:
-                    cattrs = self._remember(
-                        ckey,
-                        {
-                            "effect.system": effect.system,
-                            "effect.operation": effect.operation,
-                            "effect.target": job.name.partition(" ")[2],
-                        },
-                    )
-                (self._cache_hits if hit else self._cache_misses)(1, cattrs, ctx)
-
-    def _remember(self, key: tuple[object, ...], attrs: Attrs) -> Attrs:
-        cache = self._attrs
-        if len(cache) >= _MAX_CACHED:
-            cache.clear()
-        cache[key] = attrs
-        return attrs
+        hit = job.result_meta.get("cache.hit") if job.result_meta else None
+        if hit is not None:
+            key = ("cache", job.name)
+            cattrs = cache.get(key) or _remember(cache, key, _effect_attrs(effect, job))
+            (self._cache_hits if hit else self._cache_misses)(1, cattrs, ctx)

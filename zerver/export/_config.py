@@ -94,6 +94,75 @@ def _headers(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def _ms(minimum: int) -> Callable[[str, str], float]:
+    """A parser of whole milliseconds >= ``minimum``, giving seconds."""
+    what = "a whole number of milliseconds" + (" > 0" if minimum > 0 else " >= 0")
+    return lambda name, raw: _int(name, raw, minimum=minimum, what=what) / 1000
+
+
+def _count(minimum: int) -> Callable[[str, str], int]:
+    return lambda name, raw: _int(name, raw, minimum=minimum, what=f"an integer >= {minimum}")
+
+
+def _protocol(hint: str = "") -> Callable[[str, str], str]:
+    """A parser of ``OTEL_EXPORTER_OTLP_[<SIGNAL>_]PROTOCOL``; ``hint`` ends the grpc refusal."""
+
+    def parse(name: str, raw: str) -> str:
+        if raw.strip().lower() == "grpc":
+            raise ConfigError(
+                f"{name}={raw!r} is not supported: zerver exports over OTLP/HTTP; "
+                f"expected http/json or http/protobuf{hint}"
+            )
+        return _choice(name, raw, ("http/json", "http/protobuf"))
+
+    return parse
+
+
+_TRACES_PROTOCOL = _protocol(" (Collector and Jaeger take both on 4318)")
+
+
+def _compression(name: str, raw: str) -> str:
+    return _choice(name, raw, ("gzip", "none"))
+
+
+def _trace_exporters(name: str, raw: str) -> tuple[str, ...]:
+    names = tuple(_choice(name, part, ("otlp", "console", "none")) for part in raw.split(","))
+    if "none" in names and len(names) > 1:
+        raise _reject(name, raw, "'none' alone, or otlp and/or console")
+    return () if names == ("none",) else tuple(dict.fromkeys(names))
+
+
+def _metrics_exporter(name: str, raw: str) -> str:
+    if raw.strip().lower() == "prometheus":
+        raise ConfigError(
+            f"{name}={raw!r} is not supported: zerver pushes metrics over OTLP/HTTP; "
+            "expected otlp, console or none (a Collector can serve Prometheus)"
+        )
+    return _choice(name, raw, ("otlp", "console", "none"))
+
+
+def _overflow(name: str, raw: str) -> Overflow:
+    return Overflow(_choice(name, raw, tuple(o.value for o in Overflow)))
+
+
+def _rate(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise _reject(name, raw, "a number >= 0 (0 turns the limit off)") from None
+    if not value >= 0 or value == float("inf"):
+        raise _reject(name, raw, "a number >= 0 (0 turns the limit off)")
+    return value
+
+
+def _temporality(name: str, raw: str) -> str:
+    return _choice(name, raw, ("cumulative", "delta", "lowmemory"))
+
+
+def _spool_mib(name: str, raw: str) -> int:
+    return _int(name, raw, minimum=1, what="a whole number of MiB >= 1") * 2**20
+
+
 def _pem_file(name: str, raw: str) -> str:
     path = raw.strip()
     try:
@@ -191,6 +260,45 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+class _Env:
+    """The variables of one signal (``TRACES``, ``METRICS``) as the OpenTelemetry rules
+    read them: an empty value is unset, a per-signal variable overrides the generic one."""
+
+    __slots__ = ("_environ", "_signal")
+
+    def __init__(self, environ: Mapping[str, str] | None, signal: str) -> None:
+        self._environ = os.environ if environ is None else environ
+        self._signal = signal
+
+    def get(self, name: str) -> str | None:
+        raw = self._environ.get(name)
+        return raw if raw is not None and raw.strip() != "" else None
+
+    def opt(self, name: str, parse: Callable[[str, str], T], default: T) -> T:
+        raw = self.get(name)
+        return default if raw is None else parse(name, raw)
+
+    def signal_name(self, suffix: str) -> str:
+        """The variable that applies: per-signal if set, else the generic one."""
+        name = f"OTEL_EXPORTER_OTLP_{self._signal}_{suffix}"
+        return name if self.get(name) is not None else f"OTEL_EXPORTER_OTLP_{suffix}"
+
+    def signal(self, suffix: str, parse: Callable[[str, str], T], default: T) -> T:
+        return self.opt(self.signal_name(suffix), parse, default)
+
+    def endpoint(self, default: str) -> str:
+        """Per-signal as is, else generic + ``/v1/<signal>``, else ``default``."""
+        name = f"OTEL_EXPORTER_OTLP_{self._signal}_ENDPOINT"
+        raw = self.get(name)
+        if raw is not None:
+            return _endpoint(name, raw)
+        raw = self.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        if raw is not None:
+            base = _endpoint("OTEL_EXPORTER_OTLP_ENDPOINT", raw)
+            return base.rstrip("/") + "/v1/" + self._signal.lower()
+        return default
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExportConfig:
     """Everything the export pipeline reads from the environment, with defaults.
@@ -249,104 +357,39 @@ class ExportConfig:
         (``zerver run`` passes a per-service directory); ``off`` turns the spool off.
         Raises :class:`~zerver.ConfigError` naming the first invalid variable.
         """
-        env = os.environ if environ is None else environ
-
-        def get(name: str) -> str | None:
-            raw = env.get(name)
-            return raw if raw is not None and raw.strip() != "" else None
-
-        def opt(name: str, parse: Callable[[str, str], T], default: T) -> T:
-            raw = get(name)
-            return default if raw is None else parse(name, raw)
-
-        def signal_name(suffix: str) -> str:
-            """The variable that applies: per-signal if set, else the generic one."""
-            name = f"OTEL_EXPORTER_OTLP_TRACES_{suffix}"
-            return name if get(name) is not None else f"OTEL_EXPORTER_OTLP_{suffix}"
-
-        def signal(suffix: str, parse: Callable[[str, str], T], default: T) -> T:
-            return opt(signal_name(suffix), parse, default)
-
-        def ms(minimum: int) -> Callable[[str, str], float]:
-            what = "a whole number of milliseconds" + (" > 0" if minimum > 0 else " >= 0")
-            return lambda n, r: _int(n, r, minimum=minimum, what=what) / 1000
-
-        def count(minimum: int) -> Callable[[str, str], int]:
-            return lambda n, r: _int(n, r, minimum=minimum, what=f"an integer >= {minimum}")
-
-        # Endpoint precedence: per-signal as is, generic + /v1/traces, default.
-        raw = get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        if raw is not None:
-            endpoint = _endpoint("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raw)
-        else:
-            raw = get("OTEL_EXPORTER_OTLP_ENDPOINT")
-            if raw is not None:
-                base = _endpoint("OTEL_EXPORTER_OTLP_ENDPOINT", raw)
-                endpoint = base.rstrip("/") + "/v1/traces"
-            else:
-                endpoint = DEFAULT_ENDPOINT
-
-        def protocol(name: str, raw: str) -> str:
-            if raw.strip().lower() == "grpc":
-                raise ConfigError(
-                    f"{name}={raw!r} is not supported: zerver exports over OTLP/HTTP; "
-                    "expected http/json or http/protobuf (Collector and Jaeger take both on 4318)"
-                )
-            return _choice(name, raw, ("http/json", "http/protobuf"))
-
-        def exporters(name: str, raw: str) -> tuple[str, ...]:
-            names = tuple(
-                _choice(name, part, ("otlp", "console", "none")) for part in raw.split(",")
-            )
-            if "none" in names and len(names) > 1:
-                raise _reject(name, raw, "'none' alone, or otlp and/or console")
-            return () if names == ("none",) else tuple(dict.fromkeys(names))
-
-        def overflow(name: str, raw: str) -> Overflow:
-            return Overflow(_choice(name, raw, tuple(o.value for o in Overflow)))
-
-        def rate(name: str, raw: str) -> float:
-            try:
-                value = float(raw.strip())
-            except ValueError:
-                raise _reject(name, raw, "a number >= 0 (0 turns the limit off)") from None
-            if not value >= 0 or value == float("inf"):
-                raise _reject(name, raw, "a number >= 0 (0 turns the limit off)")
-            return value
-
+        env = _Env(environ, "TRACES")
+        opt, signal = env.opt, env.signal
+        # Read first: a bad endpoint is the error reported before any other.
+        endpoint = env.endpoint(DEFAULT_ENDPOINT)
         cfg = cls(
-            exporters=opt("OTEL_TRACES_EXPORTER", exporters, ("otlp",)),
+            exporters=opt("OTEL_TRACES_EXPORTER", _trace_exporters, ("otlp",)),
             endpoint=endpoint,
-            protocol=signal("PROTOCOL", protocol, "http/json"),
+            protocol=signal("PROTOCOL", _TRACES_PROTOCOL, "http/json"),
             headers=signal("HEADERS", _headers, ()),
-            timeout_s=signal("TIMEOUT", ms(1), 10.0),
-            compression=signal("COMPRESSION", lambda n, r: _choice(n, r, ("gzip", "none")), "none"),
-            max_queue_size=opt("OTEL_BSP_MAX_QUEUE_SIZE", count(1), 2048),
-            max_export_batch_size=opt("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", count(1), 512),
-            schedule_delay_s=opt("OTEL_BSP_SCHEDULE_DELAY", ms(0), 5.0),
-            export_timeout_s=opt("OTEL_BSP_EXPORT_TIMEOUT", ms(1), 30.0),
-            overflow=opt("ZER_VER_EXPORT_OVERFLOW", overflow, Overflow.DROP_NEWEST),
-            block_timeout_s=opt("ZER_VER_EXPORT_BLOCK_TIMEOUT_MS", ms(0), 0.5),
-            breaker_failures=opt("ZER_VER_EXPORT_BREAKER_FAILURES", count(0), 5),
-            breaker_cooldown_s=opt("ZER_VER_EXPORT_BREAKER_COOLDOWN_MS", ms(1), 30.0),
-            breaker_successes=opt("ZER_VER_EXPORT_BREAKER_SUCCESSES", count(1), 2),
-            rate_spans_per_s=opt("ZER_VER_EXPORT_RATE_SPANS", rate, 0.0),
-            rate_bytes_per_s=opt("ZER_VER_EXPORT_RATE_BYTES", rate, 0.0),
+            timeout_s=signal("TIMEOUT", _ms(1), 10.0),
+            compression=signal("COMPRESSION", _compression, "none"),
+            max_queue_size=opt("OTEL_BSP_MAX_QUEUE_SIZE", _count(1), 2048),
+            max_export_batch_size=opt("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", _count(1), 512),
+            schedule_delay_s=opt("OTEL_BSP_SCHEDULE_DELAY", _ms(0), 5.0),
+            export_timeout_s=opt("OTEL_BSP_EXPORT_TIMEOUT", _ms(1), 30.0),
+            overflow=opt("ZER_VER_EXPORT_OVERFLOW", _overflow, Overflow.DROP_NEWEST),
+            block_timeout_s=opt("ZER_VER_EXPORT_BLOCK_TIMEOUT_MS", _ms(0), 0.5),
+            breaker_failures=opt("ZER_VER_EXPORT_BREAKER_FAILURES", _count(0), 5),
+            breaker_cooldown_s=opt("ZER_VER_EXPORT_BREAKER_COOLDOWN_MS", _ms(1), 30.0),
+            breaker_successes=opt("ZER_VER_EXPORT_BREAKER_SUCCESSES", _count(1), 2),
+            rate_spans_per_s=opt("ZER_VER_EXPORT_RATE_SPANS", _rate, 0.0),
+            rate_bytes_per_s=opt("ZER_VER_EXPORT_RATE_BYTES", _rate, 0.0),
             certificate=signal("CERTIFICATE", _pem_file, None),
             client_certificate=signal("CLIENT_CERTIFICATE", _pem_file, None),
             client_key=signal("CLIENT_KEY", _pem_file, None),
             spool_dir=opt("ZER_VER_EXPORT_SPOOL_DIR", _spool_dir, default_spool_dir),
-            spool_max_bytes=opt(
-                "ZER_VER_EXPORT_SPOOL_MAX_MB",
-                lambda n, r: _int(n, r, minimum=1, what="a whole number of MiB >= 1") * 2**20,
-                256 * 2**20,
-            ),
+            spool_max_bytes=opt("ZER_VER_EXPORT_SPOOL_MAX_MB", _spool_mib, 256 * 2**20),
         )
         _tls_settings(
             {
-                "ca": signal_name("CERTIFICATE"),
-                "cert": signal_name("CLIENT_CERTIFICATE"),
-                "key": signal_name("CLIENT_KEY"),
+                "ca": env.signal_name("CERTIFICATE"),
+                "cert": env.signal_name("CLIENT_CERTIFICATE"),
+                "key": env.signal_name("CLIENT_KEY"),
             },
             cfg.certificate,
             cfg.client_certificate,
@@ -392,63 +435,20 @@ class MetricsExportConfig:
 
         Raises :class:`~zerver.ConfigError` naming the first invalid variable.
         """
-        env = os.environ if environ is None else environ
-
-        def get(name: str) -> str | None:
-            raw = env.get(name)
-            return raw if raw is not None and raw.strip() != "" else None
-
-        def opt(name: str, parse: Callable[[str, str], T], default: T) -> T:
-            raw = get(name)
-            return default if raw is None else parse(name, raw)
-
-        def signal(suffix: str, parse: Callable[[str, str], T], default: T) -> T:
-            name = f"OTEL_EXPORTER_OTLP_METRICS_{suffix}"
-            return opt(
-                name if get(name) is not None else f"OTEL_EXPORTER_OTLP_{suffix}", parse, default
-            )
-
-        def ms(name: str, raw: str) -> float:
-            return _int(name, raw, minimum=1, what="a whole number of milliseconds > 0") / 1000
-
-        def exporter(name: str, raw: str) -> str:
-            if raw.strip().lower() == "prometheus":
-                raise ConfigError(
-                    f"{name}={raw!r} is not supported: zerver pushes metrics over OTLP/HTTP; "
-                    "expected otlp, console or none (a Collector can serve Prometheus)"
-                )
-            return _choice(name, raw, ("otlp", "console", "none"))
-
-        def protocol(name: str, raw: str) -> str:
-            if raw.strip().lower() == "grpc":
-                raise ConfigError(
-                    f"{name}={raw!r} is not supported: zerver exports over OTLP/HTTP; "
-                    "expected http/json or http/protobuf"
-                )
-            return _choice(name, raw, ("http/json", "http/protobuf"))
-
-        raw = get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-        if raw is not None:
-            endpoint = _endpoint("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", raw)
-        else:
-            raw = get("OTEL_EXPORTER_OTLP_ENDPOINT")
-            if raw is not None:
-                base = _endpoint("OTEL_EXPORTER_OTLP_ENDPOINT", raw)
-                endpoint = base.rstrip("/") + "/v1/metrics"
-            else:
-                endpoint = DEFAULT_METRICS_ENDPOINT
+        env = _Env(environ, "METRICS")
+        opt, signal = env.opt, env.signal
+        # Read first: a bad endpoint is the error reported before any other.
+        endpoint = env.endpoint(DEFAULT_METRICS_ENDPOINT)
         return cls(
-            exporter=opt("OTEL_METRICS_EXPORTER", exporter, "otlp"),
+            exporter=opt("OTEL_METRICS_EXPORTER", _metrics_exporter, "otlp"),
             endpoint=endpoint,
-            protocol=signal("PROTOCOL", protocol, "http/json"),
+            protocol=signal("PROTOCOL", _protocol(), "http/json"),
             headers=signal("HEADERS", _headers, ()),
-            timeout_s=signal("TIMEOUT", ms, 10.0),
-            compression=signal("COMPRESSION", lambda n, r: _choice(n, r, ("gzip", "none")), "none"),
-            interval_s=opt("OTEL_METRIC_EXPORT_INTERVAL", ms, 60.0),
-            export_timeout_s=opt("OTEL_METRIC_EXPORT_TIMEOUT", ms, 30.0),
+            timeout_s=signal("TIMEOUT", _ms(1), 10.0),
+            compression=signal("COMPRESSION", _compression, "none"),
+            interval_s=opt("OTEL_METRIC_EXPORT_INTERVAL", _ms(1), 60.0),
+            export_timeout_s=opt("OTEL_METRIC_EXPORT_TIMEOUT", _ms(1), 30.0),
             temporality=opt(
-                "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
-                lambda n, r: _choice(n, r, ("cumulative", "delta", "lowmemory")),
-                "cumulative",
+                "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", _temporality, "cumulative"
             ),
         )

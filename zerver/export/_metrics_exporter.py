@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import base64
 import gzip
-import threading
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import orjson
 from google.protobuf import json_format  # type: ignore[import-untyped]
@@ -68,6 +67,7 @@ from zerver.export._base import (
 )
 from zerver.export._config import DEFAULT_METRICS_ENDPOINT, ExportConfig, MetricsExportConfig
 from zerver.export._log import RateLimitedLog
+from zerver.export._pipeline import _Counters
 from zerver.export._protobuf import _attributes
 from zerver.export._resilience import ResilienceBuilder
 from zerver.export._transport import OtlpHttpExporter
@@ -79,6 +79,7 @@ __all__ = [
     "metrics_json",
     "temporality_preference",
 ]
+
 
 _CONTENT_TYPES = {"http/json": "application/json", "http/protobuf": "application/x-protobuf"}
 
@@ -105,6 +106,13 @@ def _temporality(t: AggregationTemporality) -> pb.AggregationTemporality.ValueTy
     return cast("pb.AggregationTemporality.ValueType", int(t))
 
 
+def _set_value(message: pb.Exemplar | pb.NumberDataPoint, value: float) -> None:
+    if isinstance(value, int):
+        message.as_int = value
+    else:
+        message.as_double = value
+
+
 def _exemplars(exemplars: Sequence[SdkExemplar]) -> list[pb.Exemplar]:
     out = []
     for e in exemplars:
@@ -112,10 +120,7 @@ def _exemplars(exemplars: Sequence[SdkExemplar]) -> list[pb.Exemplar]:
             filtered_attributes=_attributes(e.filtered_attributes or {}),
             time_unix_nano=e.time_unix_nano,
         )
-        if isinstance(e.value, int):
-            ex.as_int = e.value
-        else:
-            ex.as_double = e.value
+        _set_value(ex, e.value)
         if e.trace_id and e.span_id:
             ex.trace_id = e.trace_id.to_bytes(16, "big")
             ex.span_id = e.span_id.to_bytes(8, "big")
@@ -132,12 +137,34 @@ def _number_points(points: Iterable[Any]) -> list[pb.NumberDataPoint]:
             time_unix_nano=p.time_unix_nano,
             exemplars=_exemplars(p.exemplars),
         )
-        if isinstance(p.value, int):
-            pt.as_int = p.value
-        else:
-            pt.as_double = p.value
+        _set_value(pt, p.value)
         out.append(pt)
     return out
+
+
+_HistogramPoint = TypeVar(
+    "_HistogramPoint", pb.HistogramDataPoint, pb.ExponentialHistogramDataPoint
+)
+
+
+def _histogram_point(cls: type[_HistogramPoint], p: Any, **buckets: Any) -> _HistogramPoint:
+    """A histogram point of either kind: the fields both have, and the kind's ``buckets``."""
+    point = cls(
+        attributes=_attributes(p.attributes or {}),
+        start_time_unix_nano=p.start_time_unix_nano,
+        time_unix_nano=p.time_unix_nano,
+        count=p.count,
+        sum=p.sum,
+        exemplars=_exemplars(p.exemplars),
+        **buckets,
+    )
+    if p.count:
+        point.min, point.max = p.min, p.max
+    return point
+
+
+def _buckets(b: Any) -> pb.ExponentialHistogramDataPoint.Buckets:
+    return pb.ExponentialHistogramDataPoint.Buckets(offset=b.offset, bucket_counts=b.bucket_counts)
 
 
 def _metric(m: Any) -> pb.Metric:
@@ -154,53 +181,35 @@ def _metric(m: Any) -> pb.Metric:
     elif isinstance(data, Gauge):
         pm.gauge.CopyFrom(pb.Gauge(data_points=_number_points(data.data_points)))
     elif isinstance(data, Histogram):
-        points = []
-        for p in data.data_points:
-            hp = pb.HistogramDataPoint(
-                attributes=_attributes(p.attributes or {}),
-                start_time_unix_nano=p.start_time_unix_nano,
-                time_unix_nano=p.time_unix_nano,
-                count=p.count,
-                sum=p.sum,
-                bucket_counts=p.bucket_counts,
-                explicit_bounds=p.explicit_bounds,
-                exemplars=_exemplars(p.exemplars),
-            )
-            if p.count:
-                hp.min, hp.max = p.min, p.max
-            points.append(hp)
         pm.histogram.CopyFrom(
             pb.Histogram(
-                data_points=points,
+                data_points=[
+                    _histogram_point(
+                        pb.HistogramDataPoint,
+                        p,
+                        bucket_counts=p.bucket_counts,
+                        explicit_bounds=p.explicit_bounds,
+                    )
+                    for p in data.data_points
+                ],
                 aggregation_temporality=_temporality(data.aggregation_temporality),
             )
         )
     elif isinstance(data, ExponentialHistogram):
-        epoints = []
-        for e in data.data_points:
-            ep = pb.ExponentialHistogramDataPoint(
-                attributes=_attributes(e.attributes or {}),
-                start_time_unix_nano=e.start_time_unix_nano,
-                time_unix_nano=e.time_unix_nano,
-                count=e.count,
-                sum=e.sum,
-                scale=e.scale,
-                zero_count=e.zero_count,
-                positive=pb.ExponentialHistogramDataPoint.Buckets(
-                    offset=e.positive.offset, bucket_counts=e.positive.bucket_counts
-                ),
-                negative=pb.ExponentialHistogramDataPoint.Buckets(
-                    offset=e.negative.offset, bucket_counts=e.negative.bucket_counts
-                ),
-                flags=e.flags,
-                exemplars=_exemplars(e.exemplars),
-            )
-            if e.count:
-                ep.min, ep.max = e.min, e.max
-            epoints.append(ep)
         pm.exponential_histogram.CopyFrom(
             pb.ExponentialHistogram(
-                data_points=epoints,
+                data_points=[
+                    _histogram_point(
+                        pb.ExponentialHistogramDataPoint,
+                        p,
+                        scale=p.scale,
+                        zero_count=p.zero_count,
+                        positive=_buckets(p.positive),
+                        negative=_buckets(p.negative),
+                        flags=p.flags,
+                    )
+                    for p in data.data_points
+                ],
                 aggregation_temporality=_temporality(data.aggregation_temporality),
             )
         )
@@ -231,24 +240,23 @@ def encode_metrics(data: MetricsData) -> tuple[ExportMetricsServiceRequest, int]
 _POINT_KINDS = ("sum", "gauge", "histogram", "exponentialHistogram")
 
 
-def _hex(b64: str) -> str:
-    return base64.b64decode(b64).hex()
-
-
 def metrics_json(request: ExportMetricsServiceRequest) -> bytes:
     """``request`` as an OTLP/JSON body: protobuf's JSON mapping with integer enums, and
     trace and span ids as hex (OTLP/JSON's one departure from that mapping)."""
     doc = json_format.MessageToDict(request, use_integers_for_enums=True)
-    for rm in doc.get("resourceMetrics", ()):
-        for sm in rm.get("scopeMetrics", ()):
-            for m in sm.get("metrics", ()):
-                for kind in _POINT_KINDS:
-                    for p in m.get(kind, {}).get("dataPoints", ()):
-                        for e in p.get("exemplars", ()):
-                            if "traceId" in e:
-                                e["traceId"] = _hex(e["traceId"])
-                            if "spanId" in e:
-                                e["spanId"] = _hex(e["spanId"])
+    metrics = (
+        m
+        for rm in doc.get("resourceMetrics", ())
+        for sm in rm.get("scopeMetrics", ())
+        for m in sm.get("metrics", ())
+    )
+    for m in metrics:
+        for kind in _POINT_KINDS:
+            for p in m.get(kind, {}).get("dataPoints", ()):
+                for e in p.get("exemplars", ()):
+                    for key in ("traceId", "spanId"):
+                        if key in e:
+                            e[key] = base64.b64decode(e[key]).hex()
     return orjson.dumps(doc)
 
 
@@ -285,20 +293,6 @@ class _BodySender:
 
     def shutdown(self) -> None:
         self.inner.shutdown()
-
-
-class _Counts:
-    """The exporter's own counters (a ``StatsSink``); read them from ``counts``."""
-
-    __slots__ = ("_lock", "values")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.values: dict[str, int] = {}
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self.values[name] = self.values.get(name, 0) + n
 
 
 class OtlpMetricExporter(MetricExporter):
@@ -354,7 +348,7 @@ class OtlpMetricExporter(MetricExporter):
         else:
             self._chain = ResilienceBuilder(sender).retry().build()
         self._timer = timer or RealTimer()
-        self._counts = _Counts()
+        self._counts = _Counters()
 
     @classmethod
     def from_config(
