@@ -1,26 +1,44 @@
-"""Run ``zerver demo`` as a real process for tests: start, find its port, always stop."""
+"""Run ``zerver`` as a real process for tests: start, find its port, always stop."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 
+def operator_env(modules: Path, state_home: Path, **extra: str) -> dict[str, str]:
+    """This environment without ``ZER_VER_*`` variables, ``modules`` first on
+    ``PYTHONPATH``, no trace export, JSON logs and the state directory at
+    ``state_home``; then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ZER_VER_")}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(modules), *filter(None, [env.get("PYTHONPATH")])]),
+        OTEL_TRACES_EXPORTER="none",
+        ZER_VER_LOG_FORMAT="json",
+        XDG_STATE_HOME=str(state_home),
+    )
+    env.update(extra)
+    return env
+
+
 @contextlib.contextmanager
-def demo_process(
-    env: Mapping[str, str], cwd: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``zerver demo --port 0`` with JSON logs; yields the process and its bound port.
+def zerver_process(
+    args: Sequence[str], env: Mapping[str, str], cwd: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int, list[dict[str, Any]]]]:
+    """``python -m zerver *args --port 0`` with JSON logs; yields the process, its bound
+    port and the log lines it wrote up to "server started".
 
     The process is killed if the block leaves it running; its pipes are closed.
     """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "zerver", "demo", "--port", "0"],
+        [sys.executable, "-m", "zerver", *args, "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**env, "ZER_VER_LOG_FORMAT": "json"},
@@ -28,17 +46,18 @@ def demo_process(
     )
     try:
         assert proc.stdout is not None
+        lines: list[dict[str, Any]] = []
         port = 0
-        for _ in range(50):  # bounded: the start-up line comes first
-            line = proc.stdout.readline()
-            if not line:
+        for _ in range(50):  # bounded: start-up logs a handful of lines
+            raw = proc.stdout.readline()
+            if not raw:
                 break
-            event = orjson.loads(line)
-            if event.get("event") == "server started":
-                port = int(event["port"])
+            lines.append(orjson.loads(raw))
+            if lines[-1].get("event") == "server started":
+                port = int(lines[-1]["port"])
                 break
         assert port, proc.stderr.read() if proc.stderr else "no start-up line"
-        yield proc, port
+        yield proc, port, lines
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -46,3 +65,12 @@ def demo_process(
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+@contextlib.contextmanager
+def demo_process(
+    env: Mapping[str, str], cwd: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``zerver demo --port 0`` with JSON logs; yields the process and its bound port."""
+    with zerver_process(["demo"], env, cwd) as (proc, port, _lines):
+        yield proc, port

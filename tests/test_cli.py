@@ -8,7 +8,6 @@ a traceback of zerver's frames.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import signal
 import socket
@@ -19,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
+from demo_process import operator_env, zerver_process
 
 import zerver
 from zerver import Settings
@@ -97,14 +96,7 @@ def tree(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _env(modules: Path, cwd: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ZER_VER_")}
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(modules), *filter(None, [env.get("PYTHONPATH")])]),
-        OTEL_TRACES_EXPORTER="none",
-        ZER_VER_LOG_FORMAT="json",
-        ZER_VER_DB_PATH=str(cwd / "app.sqlite3"),
-        XDG_STATE_HOME=str(cwd / "state"),
-    )
+    env = operator_env(modules, cwd / "state", ZER_VER_DB_PATH=str(cwd / "app.sqlite3"))
     env.update(extra)
     return env
 
@@ -242,34 +234,11 @@ def _startup_lines(
 ) -> tuple[list[dict[str, Any]], str]:
     """Start ``zerver`` on port 0, read its JSON log up to "server started", stop it."""
     modules, cwd = tree
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zerver", *args, "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=_env(modules, cwd, **env),
-        cwd=cwd,
-    )
-    lines: list[dict[str, Any]] = []
-    try:
-        assert proc.stdout is not None and proc.stderr is not None
-        for _ in range(50):  # bounded: start-up logs a handful of lines
-            raw = proc.stdout.readline()
-            if not raw:
-                break
-            lines.append(orjson.loads(raw))
-            if lines[-1].get("event") == "server started":
-                break
-        assert lines and lines[-1].get("event") == "server started", proc.stderr.read()
+    with zerver_process(args, _env(modules, cwd, **env), cwd) as (proc, _port, lines):
+        assert proc.stderr is not None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         return lines, proc.stderr.read().decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 def test_unknown_variables_are_warned_once_each_with_the_closest_name(

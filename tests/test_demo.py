@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,8 +11,9 @@ import anyio.abc
 import httpx
 import orjson
 import pytest
+from support import served
 
-from zerver import App, Request, ServerConfig, load_settings, serve
+from zerver import App, Request, load_settings
 from zerver.demo import SEED_AUTHORS, SEED_POSTS, create_app
 from zerver.demo._blog import own_base_url
 from zerver.testing import AppClient, RecordCapture
@@ -218,19 +218,6 @@ def _http_reply(status: str, content_type: str, body: bytes) -> bytes:
     ).encode() + body
 
 
-@contextlib.asynccontextmanager
-async def served(app: App) -> AsyncIterator[str]:
-    shutdown = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        port = await tg.start(
-            functools.partial(serve, app, ServerConfig(port=0), shutdown=shutdown)
-        )
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            shutdown.set()
-
-
 # Host forms a server must accept; the bait listens on 127.0.0.1:{port}.
 @pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}"])
 async def test_with_comments_never_connects_where_the_host_header_says(app: App, host: str) -> None:
@@ -250,6 +237,23 @@ async def test_with_comments_never_connects_where_the_host_header_says(app: App,
     assert [c["id"] for c in r.json()["comments"]] == ["c1", "c2"]  # from this very server
 
 
+async def _with_comments(
+    tmp_path: Path, upstream: Listener, post: str, cap: RecordCapture | None = None
+) -> httpx.Response:
+    """GET ``/blogs/posts/{post}/with-comments`` from the served demo, whose comments
+    come from ``upstream``; ``cap``, if given, records the demo's requests."""
+    async with upstream.serving() as port:
+        app = create_app(
+            settings=load_settings(
+                {}, db_path=str(tmp_path / "demo.sqlite3"), demo_base_url=f"http://127.0.0.1:{port}"
+            )
+        )
+        if cap is not None:
+            app.subscribe(cap)
+        async with served(app) as url, httpx.AsyncClient(timeout=5) as client:
+            return await client.get(f"{url}/blogs/posts/{post}/with-comments")
+
+
 BAD_REPLIES = [
     _http_reply("200 OK", "text/html", b"<html>not json</html>"),
     _http_reply("200 OK", "application/json", b"{truncated"),
@@ -265,16 +269,8 @@ BAD_REPLIES = [
 @pytest.mark.parametrize("reply", BAD_REPLIES, ids=lambda r: r.split(b"\r\n\r\n")[-1].decode())
 async def test_with_comments_answers_502_for_a_bad_reply(tmp_path: Path, reply: bytes) -> None:
     upstream = Listener(reply)
-    async with upstream.serving() as port:
-        app = create_app(
-            settings=load_settings(
-                {}, db_path=str(tmp_path / "demo.sqlite3"), demo_base_url=f"http://127.0.0.1:{port}"
-            )
-        )
-        cap = RecordCapture()
-        app.subscribe(cap)
-        async with served(app) as url, httpx.AsyncClient(timeout=5) as client:
-            r = await client.get(f"{url}/blogs/posts/1/with-comments")
+    cap = RecordCapture()
+    r = await _with_comments(tmp_path, upstream, "1", cap)
     assert upstream.heads[0].startswith(b"GET /blogs/posts/1/comments HTTP/1.1\r\n")
     assert r.status_code == 502
     assert r.json() == {
@@ -286,28 +282,14 @@ async def test_with_comments_answers_502_for_a_bad_reply(tmp_path: Path, reply: 
 
 async def test_with_comments_reads_404_as_no_comments(tmp_path: Path) -> None:
     upstream = Listener(_http_reply("404 Not Found", "application/json", b'{"error":"x"}'))
-    async with upstream.serving() as port:
-        app = create_app(
-            settings=load_settings(
-                {}, db_path=str(tmp_path / "demo.sqlite3"), demo_base_url=f"http://127.0.0.1:{port}"
-            )
-        )
-        async with served(app) as url, httpx.AsyncClient(timeout=5) as client:
-            r = await client.get(f"{url}/blogs/posts/2/with-comments")
+    r = await _with_comments(tmp_path, upstream, "2")
     assert r.status_code == 200
     assert r.json() == {"post": SEED_POSTS["2"], "comments": []}
 
 
 async def test_with_comments_answers_502_when_the_fetch_fails(tmp_path: Path) -> None:
     upstream = Listener(_http_reply("503 Service Unavailable", "text/plain", b"busy"))
-    async with upstream.serving() as port:
-        app = create_app(
-            settings=load_settings(
-                {}, db_path=str(tmp_path / "demo.sqlite3"), demo_base_url=f"http://127.0.0.1:{port}"
-            )
-        )
-        async with served(app) as url, httpx.AsyncClient(timeout=5) as client:
-            r = await client.get(f"{url}/blogs/posts/1/with-comments")
+    r = await _with_comments(tmp_path, upstream, "1")
     assert r.status_code == 502
     assert r.json()["key"] == "http.get comments"
 

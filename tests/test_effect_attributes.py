@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pytest
+from support import NothingToOpen, receiver_env
 
 from zerver import (
     App,
@@ -93,16 +94,10 @@ class Broken(Effect):
         raise LookupError("no such attribute")
 
 
-class PricingInterpreter:
+class PricingInterpreter(NothingToOpen):
     """Answers quotes at once and reports the price it found."""
 
     span_attributes: ClassVar[dict[str, str]] = {"pricing.system": "in_memory"}
-
-    async def start(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
     async def perform(self, effect: Effect, job: JobContext) -> Any:
         if isinstance(effect, Quote):
@@ -111,14 +106,8 @@ class PricingInterpreter:
         return None
 
 
-class Outbox:
+class Outbox(NothingToOpen):
     """Takes ``Notify`` effects."""
-
-    async def start(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
     async def perform(self, effect: Effect, job: JobContext) -> Any:
         return "sent"
@@ -154,12 +143,7 @@ async def test_custom_effect_attributes_reach_the_receiver_through_the_exporter_
 ) -> None:
     with OtlpReceiver() as receiver:
         app = _app(tmp_path)
-        sub = app.trace_in_process(
-            {
-                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
-                "OTEL_BSP_SCHEDULE_DELAY": "20",
-            }
-        )
+        sub = app.trace_in_process(receiver_env(receiver, OTEL_BSP_SCHEDULE_DELAY="20"))
         assert isinstance(sub, ProcessTraceSubscriber)
         async with AppClient(app) as c:
             r = await c.get("/price/tea-42")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import NothingToOpen, receiver_env
 
 from zerver import App, Context, DbGet, Done, JobContext, Need, Slot, load_settings, step
 from zerver._offload import ProcessTraceSubscriber
@@ -19,14 +20,8 @@ pytestmark = pytest.mark.anyio
 ROW: Slot[Any] = Slot("row")
 
 
-class BrokenDb:
+class BrokenDb(NothingToOpen):
     """A database interpreter with a bug: it raises something that is not an EffectError."""
-
-    async def start(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
     async def perform(self, effect: Any, job: JobContext) -> Any:
         raise KeyError("no column 'titel'")
@@ -68,11 +63,9 @@ async def test_exception_events_survive_the_exporter_process(tmp_path: Path) -> 
     with OtlpReceiver() as receiver:
         app = _app({"db_path": str(tmp_path / "x.sqlite3")})
         sub = app.trace_in_process(
-            {
-                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
-                "OTEL_BSP_SCHEDULE_DELAY": "20",
-                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            }
+            receiver_env(
+                receiver, OTEL_BSP_SCHEDULE_DELAY="20", OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf"
+            )
         )
         assert isinstance(sub, ProcessTraceSubscriber)
         async with AppClient(app) as c:

@@ -8,12 +8,14 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from support import NothingToOpen
 
 from zerver import (
     App,
     CacheGet,
     Context,
     Done,
+    Effect,
     Need,
     Response,
     Slot,
@@ -109,7 +111,12 @@ async def test_a_continuation_runs_on_the_request_task_with_its_lifecycle_record
         assert cont.worker == conts.workers - 1  # the warm, last idle worker
 
 
-class _Peek:
+class Peek(Effect):
+    system = "peek"
+    operation = "get"
+
+
+class _Peek(NothingToOpen):
     """Remembers which OpenTelemetry span is current while it performs."""
 
     system = "peek"
@@ -117,12 +124,6 @@ class _Peek:
     def __init__(self, otel_spans: bool) -> None:
         self.otel_spans = otel_spans
         self.seen: list[int] = []
-
-    async def start(self) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
 
     async def perform(self, effect: Any, job: Any) -> Any:
         from opentelemetry import trace
@@ -135,12 +136,6 @@ class _Peek:
 async def test_an_interpreter_that_makes_no_otel_spans_is_spared_the_context(
     otel_spans: bool,
 ) -> None:
-    from zerver import Effect
-
-    class Peek(Effect):
-        system = "peek"
-        operation = "get"
-
     @step(writes=[A])
     def peek(ctx: Context) -> Need:
         return Need(Peek(slot=A), then=render)
@@ -157,7 +152,7 @@ async def test_an_interpreter_that_makes_no_otel_spans_is_spared_the_context(
     assert interp.seen == [effect_job.span_id if otel_spans else 0]
 
 
-class _SaysSynchronous:
+class _SaysSynchronous(NothingToOpen):
     """Declares ``synchronous`` but waits (a misdeclared interpreter): the wait still
     runs under the effect's timeout."""
 
@@ -166,12 +161,6 @@ class _SaysSynchronous:
 
     def __init__(self, wait: bool) -> None:
         self.wait = wait
-
-    async def start(self) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
 
     async def perform(self, effect: Any, job: Any) -> Any:
         if self.wait:
@@ -183,11 +172,7 @@ class _SaysSynchronous:
 async def test_a_synchronous_interpreter_runs_without_a_scope_and_still_times_out(
     wait: bool,
 ) -> None:
-    from zerver import Effect, RetryPolicy
-
-    class Peek(Effect):
-        system = "peek"
-        operation = "get"
+    from zerver import RetryPolicy
 
     @step(writes=[A])
     def peek(ctx: Context) -> Need:
@@ -246,6 +231,11 @@ async def test_a_synchronous_effect_runs_on_the_request_task_with_its_lifecycle_
             assert j.start_ts is not None and j.end_ts is not None and j.end_ts >= j.start_ts
 
 
+class Wait(Effect):
+    system = "waiter"
+    operation = "get"
+
+
 class _Gate:
     """One event shared by two interpreters: "waiter" (says it is synchronous, but
     waits for the gate) and "opener" (an ordinary one, opens it)."""
@@ -254,18 +244,12 @@ class _Gate:
         self.event = anyio.Event()
 
 
-class _Waiter:
+class _Waiter(NothingToOpen):
     system = "waiter"
     synchronous = True
 
     def __init__(self, gate: _Gate) -> None:
         self.gate = gate
-
-    async def start(self) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
 
     async def perform(self, effect: Any, job: Any) -> Any:
         await self.gate.event.wait()
@@ -285,11 +269,6 @@ async def test_a_held_effect_that_waits_lets_the_others_run_and_joins_with_them(
     """The held effect runs on the request's task; when it waits after all, the
     task yields, the other effect runs on its worker meanwhile, and the join sees
     both (no deadlock, the wait under the effect's timeout)."""
-    from zerver import Effect
-
-    class Wait(Effect):
-        system = "waiter"
-        operation = "get"
 
     class Open(Effect):
         system = "opener"
@@ -316,11 +295,6 @@ async def test_a_held_effect_that_waits_lets_the_others_run_and_joins_with_them(
 async def test_cancelling_an_attempt_under_the_native_timeout_stops_it_at_once() -> None:
     """A join resolved by a failed required effect cancels a running attempt: on
     asyncio that fires its timeout now, and the job ends cancelled, not timed out."""
-    from zerver import Effect
-
-    class Wait(Effect):
-        system = "waiter"
-        operation = "get"
 
     class Fails(Effect):
         system = "opener"

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from demo_process import operator_env, zerver_process
 
 from zerver import (
     App,
@@ -176,40 +175,9 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]
     modules.mkdir()
     cwd.mkdir()
     (modules / "lazy_app.py").write_text(textwrap.dedent(APP_MODULE).lstrip())
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ZER_VER_")}
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(modules), *filter(None, [env.get("PYTHONPATH")])]),
-        OTEL_TRACES_EXPORTER="none",
-        ZER_VER_LOG_FORMAT="json",
-        XDG_STATE_HOME=str(tmp_path / "state"),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zerver", "run", "lazy_app:app", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=cwd,
-    )
-    try:
-        assert proc.stdout is not None
-        port = 0
-        for _ in range(50):  # bounded: start-up logs a handful of lines
-            line = proc.stdout.readline()
-            if not line:
-                break
-            event = orjson.loads(line)
-            if event.get("event") == "server started":
-                port = int(event["port"])
-                break
-        assert port, proc.stderr.read() if proc.stderr else "no start-up line"
+    env = operator_env(modules, tmp_path / "state")
+    with zerver_process(["run", "lazy_app:app"], env, cwd) as (proc, port, _lines):
         yield proc, port, cwd
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 def test_a_served_app_without_db_effects_creates_no_database_file(

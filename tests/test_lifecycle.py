@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 import pytest
+from support import app_with_fake_db
 
 from zerver import (
     App,
@@ -20,7 +21,6 @@ from zerver import (
     Request,
     Response,
     Slot,
-    VirtualClock,
     load_settings,
     step,
 )
@@ -105,12 +105,9 @@ async def test_db_effect_behind_full_pool_parks_with_backpressure(tmp_path: Path
 
 
 async def test_queue_wait_and_depth_recorded_on_virtual_clock() -> None:
-    clock = VirtualClock()
-    app = App("q", clock=clock, settings=load_settings({}, workers_effects=1))
-    fake = FakeInterpreter(clock)
+    app, _clock, fake = app_with_fake_db("q", load_settings({}, workers_effects=1))
     fake.on("db.get a", result=1, work_ms=7)
     fake.on("db.get b", result=2, work_ms=3)
-    app.interpreter("db", fake)
     cap = RecordCapture()
     app.subscribe(cap)
 
@@ -135,13 +132,10 @@ async def test_queue_wait_and_depth_recorded_on_virtual_clock() -> None:
 
 
 async def test_full_queue_fails_fast_with_429() -> None:
-    clock = VirtualClock()
     settings = load_settings({}, workers_effects=1, queue_capacity_effects=1)
-    app = App("full", clock=clock, settings=settings)
+    app, _clock, fake = app_with_fake_db("full", settings)
     gate = anyio.Event()
-    fake = FakeInterpreter(clock)
     fake.on("db.get t", result=1, gate=gate)
-    app.interpreter("db", fake)
     cap = RecordCapture()
     app.subscribe(cap)
 
@@ -182,11 +176,8 @@ async def test_effect_timeout_fails_the_job_with_504() -> None:
 
 
 async def test_cancelled_request_cancels_its_jobs() -> None:
-    clock = VirtualClock()
-    app = App("cancel", clock=clock, settings=load_settings({}, workers_effects=1))
-    fake = FakeInterpreter(clock)
+    app, _clock, fake = app_with_fake_db("cancel", load_settings({}, workers_effects=1))
     fake.on("db.get t", result=1, gate=anyio.Event())
-    app.interpreter("db", fake)
     cap = RecordCapture()
     app.subscribe(cap)
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import anyio
 import pytest
+from support import app_with_fake_db
 
 from zerver import (
     App,
@@ -19,7 +20,6 @@ from zerver import (
     Response,
     RetryPolicy,
     Slot,
-    VirtualClock,
     load_settings,
     step,
 )
@@ -31,12 +31,9 @@ pytestmark = pytest.mark.anyio
 MID: Slot[str] = Slot("message_id")
 
 
-def make_app(**kw: Any) -> tuple[App, InMemorySpanSink, FakeInterpreter]:
-    clock = VirtualClock()
-    app = App("msg", clock=clock, settings=load_settings({}), **kw)
-    fake = FakeInterpreter(clock)
+def make_app(broker: MemoryBroker | None = None) -> tuple[App, InMemorySpanSink, FakeInterpreter]:
+    app, _clock, fake = app_with_fake_db("msg", load_settings({}), broker=broker)
     fake.on("db.put audit", result=None, work_ms=1)
-    app.interpreter("db", fake)
     sink = InMemorySpanSink()
     app.trace_to(sink)
     return app, sink, fake

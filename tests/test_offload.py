@@ -14,6 +14,7 @@ import pytest
 import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import receiver_env
 
 from zerver import App, RequestRecord, SpanData, TraceEngine, load_settings
 from zerver._offload import ProcessTraceSubscriber, pack_record, unpack_record
@@ -79,10 +80,7 @@ def _engine_like(engine: TraceEngine) -> TraceEngine:
 
 async def test_exporter_process_delivers_every_trace(tmp_path: Path) -> None:
     with OtlpReceiver() as receiver:
-        env = {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
-            "OTEL_BSP_SCHEDULE_DELAY": "20",
-        }
+        env = receiver_env(receiver, OTEL_BSP_SCHEDULE_DELAY="20")
         app = create_app(settings=load_settings({}, db_path=str(tmp_path / "p.sqlite3")))
         sub = app.trace_in_process(env)
         assert isinstance(sub, ProcessTraceSubscriber)
@@ -103,7 +101,7 @@ async def test_exporter_process_delivers_every_trace(tmp_path: Path) -> None:
 
 async def test_full_buffer_drops_and_counts(tmp_path: Path) -> None:
     with OtlpReceiver() as receiver:
-        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}"}
+        env = receiver_env(receiver)
         app = create_app(settings=load_settings({}, db_path=str(tmp_path / "d.sqlite3")))
         sub = app.trace_in_process(env)
         sub.max_pending = 0  # every record finds the buffer full
@@ -124,13 +122,13 @@ async def test_an_exporter_that_falls_behind_spools_records_and_delivers_them(
 ) -> None:
     # A slow backend and a small pipeline: the exporter process cannot keep up.
     with OtlpReceiver(delay_s=0.02) as receiver:
-        env = {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
-            "OTEL_BSP_SCHEDULE_DELAY": "20",
-            "OTEL_BSP_MAX_QUEUE_SIZE": "128",
-            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "64",
-            "ZER_VER_EXPORT_SPOOL_DIR": str(tmp_path / "spool"),
-        }
+        env = receiver_env(
+            receiver,
+            OTEL_BSP_SCHEDULE_DELAY="20",
+            OTEL_BSP_MAX_QUEUE_SIZE="128",
+            OTEL_BSP_MAX_EXPORT_BATCH_SIZE="64",
+            ZER_VER_EXPORT_SPOOL_DIR=str(tmp_path / "spool"),
+        )
         app = create_app(settings=load_settings({}, db_path=str(tmp_path / "b.sqlite3")))
         sub = app.trace_in_process(env)
         async with AppClient(app) as c:
@@ -148,11 +146,9 @@ async def test_an_exporter_that_keeps_dying_leaves_building_to_the_server(
     tmp_path: Path,
 ) -> None:
     with OtlpReceiver() as receiver:
-        env = {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
-            "OTEL_BSP_SCHEDULE_DELAY": "20",
-            "ZER_VER_EXPORT_SPOOL_DIR": str(tmp_path / "spool"),
-        }
+        env = receiver_env(
+            receiver, OTEL_BSP_SCHEDULE_DELAY="20", ZER_VER_EXPORT_SPOOL_DIR=str(tmp_path / "spool")
+        )
         app = create_app(settings=load_settings({}, db_path=str(tmp_path / "k.sqlite3")))
         sub = app.trace_in_process(env)
         sub.max_restarts = 0  # the first death within 10 s of starting is one too many

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +12,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from support import NothingToOpen, served
 
 from zerver import (
     App,
@@ -24,10 +22,8 @@ from zerver import (
     JobContext,
     Need,
     Response,
-    ServerConfig,
     Slot,
     load_settings,
-    serve,
     step,
 )
 from zerver._spans import SpanData, SpanKind
@@ -37,19 +33,6 @@ from zerver.testing import AppClient, InMemorySpanSink
 pytestmark = pytest.mark.anyio
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-
-
-@contextlib.asynccontextmanager
-async def server(app: App) -> AsyncIterator[str]:
-    shutdown = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        port = await tg.start(
-            functools.partial(serve, app, ServerConfig(port=0), shutdown=shutdown)
-        )
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            shutdown.set()
 
 
 def named(spans: list[SpanData], name: str) -> SpanData:
@@ -71,12 +54,12 @@ async def test_one_trace_across_two_servers(tmp_path: Path) -> None:
         return Continue
 
     b.before(spy)
-    async with server(b) as b_url:
+    async with served(b) as b_url:
         a = create_app(
             settings=load_settings({}, db_path=str(tmp_path / "a.sqlite3"), demo_base_url=b_url)
         )
         a.trace_to(sink)
-        async with server(a) as a_url, httpx.AsyncClient(timeout=5) as client:
+        async with served(a) as a_url, httpx.AsyncClient(timeout=5) as client:
             r = await client.get(
                 f"{a_url}/blogs/posts/1/with-comments",
                 headers={
@@ -172,17 +155,11 @@ class _Compute(Effect):
     operation = "run"
 
 
-class ThreadedInterpreter:
+class ThreadedInterpreter(NothingToOpen):
     """Makes one user span on the event loop and one in a worker thread."""
 
     def __init__(self, tracer: Any) -> None:
         self.tracer = tracer
-
-    async def start(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
     async def perform(self, effect: Effect, job: JobContext) -> Any:
         with self.tracer.start_as_current_span("user.interpreter"):

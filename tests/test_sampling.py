@@ -3,14 +3,10 @@ tail trigger, the rolling percentiles, and the variables that choose them."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 from hypothesis import given, settings
@@ -27,6 +23,7 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
+from support import app_with_fake_db, served
 
 from zerver import (
     App,
@@ -39,11 +36,9 @@ from zerver import (
     HttpGet,
     Need,
     Response,
-    ServerConfig,
     Slot,
     VirtualClock,
     load_settings,
-    serve,
     step,
 )
 from zerver._config import Window, parse_sampler
@@ -174,19 +169,6 @@ INVALID = f"00-{TRACE.upper()}-00f067aa0ba902b7-01"
 DOWN: Slot[Any] = Slot("down")
 
 
-@contextlib.asynccontextmanager
-async def server(app: App) -> AsyncIterator[str]:
-    shutdown = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        port = await tg.start(
-            functools.partial(serve, app, ServerConfig(host="127.0.0.1", port=0), shutdown=shutdown)
-        )
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            shutdown.set()
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     "env",
@@ -211,7 +193,7 @@ async def test_outbound_traceparent_carries_the_decision(env: dict[str, str]) ->
     b = App("b", settings=load_settings({}))
     b.get("/down", downstream)
     sampler = head_sampler(load_settings(env).sampler_spec)
-    async with server(b) as b_url:
+    async with served(b) as b_url:
 
         @step
         def call(ctx: Context) -> Need:
@@ -221,7 +203,7 @@ async def test_outbound_traceparent_carries_the_decision(env: dict[str, str]) ->
         capture = RecordCapture()
         a.subscribe(capture)
         a.get("/call", call)
-        async with server(a) as a_url, httpx.AsyncClient(timeout=10) as client:
+        async with served(a) as a_url, httpx.AsyncClient(timeout=10) as client:
             for incoming, parent in [
                 (None, None),
                 (SAMPLED, True),
@@ -251,15 +233,9 @@ async def test_outbound_traceparent_carries_the_decision(env: dict[str, str]) ->
 
 
 def tail_app(sampler: str) -> tuple[App, VirtualClock, FakeInterpreter, RecordCapture]:
-    clock = VirtualClock()
-    app = App(
-        "t",
-        clock=clock,
-        settings=load_settings({"ZER_VER_SAMPLER": sampler}),
-        rng=random.Random(1),
+    app, clock, fake = app_with_fake_db(
+        "t", load_settings({"ZER_VER_SAMPLER": sampler}), rng=random.Random(1)
     )
-    fake = FakeInterpreter(clock)
-    app.interpreter("db", fake)
     capture = RecordCapture()
     app.subscribe(capture)
     return app, clock, fake, capture
@@ -273,6 +249,11 @@ def sampler_for(app: App) -> TailSampler:
 @step
 def ok(ctx: Context) -> Done:
     return Done(Response.text("ok"))
+
+
+@step
+def ask(ctx: Context) -> Need:
+    return Need(DbGet(table="t", key="k", slot=DOWN), then=ok)
 
 
 @pytest.mark.anyio
@@ -335,10 +316,6 @@ async def test_latency_bar_is_inclusive() -> None:
     app, _clock, fake, capture = tail_app("head:0,tail:latency:250")
     work = fake.on("db.get t", result=1)
 
-    @step
-    def ask(ctx: Context) -> Need:
-        return Need(DbGet(table="t", key="k", slot=DOWN), then=ok)
-
     app.get("/t", ask)
     async with AppClient(app) as c:
         for ms in (10.0, 249.0, 250.0, 900.0):
@@ -358,10 +335,6 @@ async def test_latency_bar_is_inclusive() -> None:
 async def test_percentile_triggers_fire_at_or_above_the_route_percentile(trigger: str) -> None:
     app, _clock, fake, capture = tail_app(f"head:0,tail:{trigger}")
     work = fake.on("db.get t", result=1)
-
-    @step
-    def ask(ctx: Context) -> Need:
-        return Need(DbGet(table="t", key="k", slot=DOWN), then=ok)
 
     app.get("/t", ask)
     app.get("/other", ok)
@@ -403,10 +376,6 @@ async def test_percentile_triggers_fire_at_or_above_the_route_percentile(trigger
 async def test_slow_queue_fires_on_a_park_at_or_above_the_route_p95() -> None:
     app, _clock, fake, capture = tail_app("head:0,tail:slow_queue")
     rule = fake.on("db.get t", result=1)
-
-    @step
-    def ask(ctx: Context) -> Need:
-        return Need(DbGet(table="t", key="k", slot=DOWN), then=ok)
 
     app.get("/t", ask)
     async with AppClient(app) as c:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support import receiver_env
 
 from zerver import App, Context, Decision, Done, Response, SpanData, load_settings, step
 from zerver._offload import ProcessTraceSubscriber
@@ -88,11 +89,9 @@ async def test_the_exporter_process_gets_every_record_and_keeps_the_matching_one
     tmp_path: Path,
 ) -> None:
     with OtlpReceiver() as receiver:
-        env = {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
-            "OTEL_BSP_SCHEDULE_DELAY": "20",
-            "ZER_VER_EXPORT_SPOOL_DIR": str(tmp_path / "spool"),
-        }
+        env = receiver_env(
+            receiver, OTEL_BSP_SCHEDULE_DELAY="20", ZER_VER_EXPORT_SPOOL_DIR=str(tmp_path / "spool")
+        )
         app = _app("head:0,tail:error")
         sub = app.trace_in_process(env)
         assert isinstance(sub, ProcessTraceSubscriber)
@@ -111,10 +110,7 @@ async def test_the_exporter_process_is_not_sent_head_dropped_records_without_tri
     tmp_path: Path,
 ) -> None:
     with OtlpReceiver() as receiver:
-        env = {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
-            "ZER_VER_EXPORT_SPOOL_DIR": str(tmp_path / "spool"),
-        }
+        env = receiver_env(receiver, ZER_VER_EXPORT_SPOOL_DIR=str(tmp_path / "spool"))
         app = _app("head:0")
         sub = app.trace_in_process(env)
         await _traffic(app, oks=6, fails=1)

@@ -6,6 +6,7 @@ import random
 from typing import Any
 
 import pytest
+from support import app_with_fake_db
 
 from zerver import (
     App,
@@ -35,10 +36,7 @@ A: Slot[Any] = Slot("a")
 
 
 def build_app(**settings: Any) -> tuple[App, FakeInterpreter, InMemorySpanSink]:
-    clock = VirtualClock()
-    app = App("svc", clock=clock, settings=load_settings({}, **settings), rng=random.Random(3))
-    fake = FakeInterpreter(clock)
-    app.interpreter("db", fake)
+    app, _clock, fake = app_with_fake_db("svc", load_settings({}, **settings), rng=random.Random(3))
     app.interpreter("cache", fake)
     sink = InMemorySpanSink()
     app.trace_to(sink)
