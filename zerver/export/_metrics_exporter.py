@@ -67,8 +67,8 @@ from zerver.export._base import (
 )
 from zerver.export._config import DEFAULT_METRICS_ENDPOINT, ExportConfig, MetricsExportConfig
 from zerver.export._log import RateLimitedLog
-from zerver.export._pipeline import _Counters
-from zerver.export._protobuf import _attributes
+from zerver.export._pipeline import Counters
+from zerver.export._protobuf import key_values
 from zerver.export._resilience import ResilienceBuilder
 from zerver.export._transport import OtlpHttpExporter
 
@@ -117,7 +117,7 @@ def _exemplars(exemplars: Sequence[SdkExemplar]) -> list[pb.Exemplar]:
     out = []
     for e in exemplars:
         ex = pb.Exemplar(
-            filtered_attributes=_attributes(e.filtered_attributes or {}),
+            filtered_attributes=key_values(e.filtered_attributes or {}),
             time_unix_nano=e.time_unix_nano,
         )
         _set_value(ex, e.value)
@@ -132,7 +132,7 @@ def _number_points(points: Iterable[Any]) -> list[pb.NumberDataPoint]:
     out = []
     for p in points:
         pt = pb.NumberDataPoint(
-            attributes=_attributes(p.attributes or {}),
+            attributes=key_values(p.attributes or {}),
             start_time_unix_nano=p.start_time_unix_nano or 0,
             time_unix_nano=p.time_unix_nano,
             exemplars=_exemplars(p.exemplars),
@@ -150,7 +150,7 @@ _HistogramPoint = TypeVar(
 def _histogram_point(cls: type[_HistogramPoint], p: Any, **buckets: Any) -> _HistogramPoint:
     """A histogram point of either kind: the fields both have, and the kind's ``buckets``."""
     point = cls(
-        attributes=_attributes(p.attributes or {}),
+        attributes=key_values(p.attributes or {}),
         start_time_unix_nano=p.start_time_unix_nano,
         time_unix_nano=p.time_unix_nano,
         count=p.count,
@@ -222,7 +222,7 @@ def encode_metrics(data: MetricsData) -> tuple[ExportMetricsServiceRequest, int]
     points = 0
     for rm in data.resource_metrics:
         out = request.resource_metrics.add(
-            resource=PbResource(attributes=_attributes(rm.resource.attributes)),
+            resource=PbResource(attributes=key_values(rm.resource.attributes)),
             schema_url=rm.schema_url or "",
         )
         for sm in rm.scope_metrics:
@@ -348,7 +348,7 @@ class OtlpMetricExporter(MetricExporter):
         else:
             self._chain = ResilienceBuilder(sender).retry().build()
         self._timer = timer or RealTimer()
-        self._counts = _Counters()
+        self._counts = Counters()
 
     @classmethod
     def from_config(

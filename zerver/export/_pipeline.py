@@ -85,7 +85,7 @@ from zerver.export._resilience import EXPORT_RETRY, find_breaker, find_rate_limi
 if TYPE_CHECKING:
     from zerver.export._spool import Spool, SpoolItem, SpoolStats
 
-__all__ = ["ExportPipeline", "ExportStats", "ShutdownReport"]
+__all__ = ["Counters", "ExportPipeline", "ExportStats", "ShutdownReport"]
 
 INVALID = "invalid"
 _DROP_REASONS = frozenset((*DropReason.ALL, INVALID))
@@ -185,7 +185,7 @@ class ShutdownReport:
     stats: ExportStats = field(repr=False)
 
 
-class _Counters:
+class Counters:
     """Worker- and layer-side counters; the lock keeps cross-thread adds exact."""
 
     __slots__ = ("_lock", "values")
@@ -275,7 +275,7 @@ class ExportPipeline:
         self._submit_lock = threading.Lock()
         self._submit_drops: dict[str, int] = {}
 
-        self._counters = _Counters()
+        self._counters = Counters()
         self._taken = 0  # written by the encoder (or the single worker) only
         self._done = 0  # written under _done_lock: sender and encoder both settle spans
         self._done_lock = threading.Lock()

@@ -27,7 +27,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from zerver._spans import AttrValue, SpanData
 from zerver.export._json import group_by_resource_scope
 
-__all__ = ["ProtobufEncoder", "to_proto"]
+__all__ = ["ProtobufEncoder", "key_values", "to_proto"]
 
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
@@ -57,7 +57,7 @@ def _any_value(v: object) -> AnyValue | None:
     if isinstance(v, (bytes, bytearray)):
         return AnyValue(bytes_value=bytes(v))
     if isinstance(v, Mapping):
-        return AnyValue(kvlist_value=KeyValueList(values=_attributes(v)))
+        return AnyValue(kvlist_value=KeyValueList(values=key_values(v)))
     if isinstance(v, Sequence):
         values = []
         for x in v:
@@ -67,7 +67,9 @@ def _any_value(v: object) -> AnyValue | None:
     return AnyValue(string_value=_clean(str(v)))
 
 
-def _attributes(attrs: Mapping[str, AttrValue] | Mapping[str, object]) -> list[KeyValue]:
+def key_values(attrs: Mapping[str, AttrValue] | Mapping[str, object]) -> list[KeyValue]:
+    """Attributes as OTLP ``KeyValue`` messages (values with no encoding left out);
+    the metrics encoder uses it too."""
     out = []
     for k, v in attrs.items():
         value = _any_value(v)
@@ -85,7 +87,7 @@ def _span(s: SpanData) -> PbSpan:
         kind=s.kind,  # type: ignore[arg-type]
         start_time_unix_nano=s.start_ns,
         end_time_unix_nano=s.end_ns,
-        attributes=_attributes(s.attributes),
+        attributes=key_values(s.attributes),
         dropped_attributes_count=s.dropped_attributes_count,
         dropped_events_count=s.dropped_events_count,
         dropped_links_count=s.dropped_links_count,
@@ -99,7 +101,7 @@ def _span(s: SpanData) -> PbSpan:
             PbSpan.Event(
                 time_unix_nano=time_ns,
                 name=_clean(name),
-                attributes=_attributes(attributes),
+                attributes=key_values(attributes),
                 dropped_attributes_count=dropped,
             )
         )
@@ -109,7 +111,7 @@ def _span(s: SpanData) -> PbSpan:
                 trace_id=link.trace_id.to_bytes(16, "big"),
                 span_id=link.span_id.to_bytes(8, "big"),
                 trace_state=_clean(link.trace_state),
-                attributes=_attributes(link.attributes),
+                attributes=key_values(link.attributes),
                 dropped_attributes_count=link.dropped_attributes_count,
                 flags=link.flags,
             )
@@ -129,7 +131,7 @@ def to_proto(
     for res, scopes in group_by_resource_scope(spans):
         rs = ResourceSpans(
             resource=PbResource(
-                attributes=_attributes(res.attributes),
+                attributes=key_values(res.attributes),
                 dropped_attributes_count=res.dropped_attributes_count,
             ),
             schema_url=res.schema_url,
@@ -139,7 +141,7 @@ def to_proto(
                 scope=PbScope(
                     name=scope.name,
                     version=scope.version,
-                    attributes=_attributes(scope.attributes),
+                    attributes=key_values(scope.attributes),
                 ),
                 schema_url=scope.schema_url,
             )
