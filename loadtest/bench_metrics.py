@@ -7,6 +7,8 @@ hit, a DB ``io_wait`` park; as ``bench_trace.py`` does), then, in the same run:
   (``unpack_record(pack_record(r))``), with an SDK ``MeterProvider`` whose reader
   collects on demand (no export cost), in ``new`` and ``dup`` semconv modes, half
   of the records sampled so half the measurements offer exemplars;
+- the same through zerver's own :class:`~zerver._aggregate.Aggregator` (what the
+  server uses), collected into the same ``MetricsData``;
 - ``TraceEngine.build`` of the same records (``bench_trace.py``'s figure).
 
 Each record gives 22 measurements in ``new`` mode (HTTP duration and two sizes,
@@ -27,16 +29,21 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from loadtest.bench_trace import bench_build, record_happy_paths
 from zerver import RecordMetrics, RequestRecord
+from zerver._aggregate import Aggregator
 from zerver._offload import pack_record, unpack_record
 
 RECORDS = 64
 
 
-def bench_metrics(records: list[RequestRecord], mode: str, n: int) -> tuple[float, int]:
-    """Mean µs per ``record`` call, and the points one collection gives."""
+def bench_metrics(
+    records: list[RequestRecord], mode: str, n: int, own: bool = False
+) -> tuple[float, int]:
+    """Mean µs per ``record`` call, and the points one collection gives; ``own``:
+    zerver's :class:`~zerver._aggregate.Aggregator` instead of the SDK's provider."""
     reader = InMemoryMetricReader()
     provider = MeterProvider([reader], exemplar_filter=TraceBasedExemplarFilter())
-    metrics = RecordMetrics(provider, mode)
+    agg = Aggregator()
+    metrics = RecordMetrics(agg if own else provider, mode)
     k = len(records)
     for i in range(2000):
         metrics.record(records[i % k])
@@ -44,7 +51,7 @@ def bench_metrics(records: list[RequestRecord], mode: str, n: int) -> tuple[floa
     for i in range(n):
         metrics.record(records[i % k])
     us = (time.perf_counter() - t0) / n * 1e6
-    data = reader.get_metrics_data()
+    data = agg.collect() if own else reader.get_metrics_data()
     points = 0
     if data is not None:
         for rm in data.resource_metrics:
@@ -64,11 +71,12 @@ def main() -> None:
         r.trace_flags = 0x01 if i % 2 == 0 else 0x00
     trace_us = min(bench_build(records, engine, args.n)[0] for _ in range(3))
     for mode in ("new", "dup"):
-        us, points = min(bench_metrics(unpacked, mode, args.n) for _ in range(3))
-        print(
-            f"RecordMetrics.record ({mode}): {us:7.2f} µs/record "
-            f"({points} points per collection; {us / trace_us:.2f}x the trace build)"
-        )
+        for own, what in ((False, "SDK MeterProvider"), (True, "zerver Aggregator")):
+            us, points = min(bench_metrics(unpacked, mode, args.n, own) for _ in range(3))
+            print(
+                f"RecordMetrics.record ({mode}, {what}): {us:7.2f} µs/record "
+                f"({points} points per collection; {us / trace_us:.2f}x the trace build)"
+            )
     print(f"TraceEngine.build, same records: {trace_us:7.2f} µs/record")
 
 

@@ -33,6 +33,7 @@ from zerver import (
     StepRecord,
     VirtualClock,
 )
+from zerver._aggregate import Aggregator
 from zerver._metrics import (
     HTTP_DURATION_BUCKETS,
     HTTP_DURATION_BUCKETS_MS,
@@ -607,3 +608,72 @@ def test_meter_provider_per_exporter_choice() -> None:
     assert len(ids) == 2  # each process (provider) its own
     one.shutdown()
     two.shutdown()
+
+
+# -- zerver's own aggregation against the SDK's ----------------------------------------------
+
+
+def _summary(data: MetricsData) -> dict[str, Any]:
+    """Everything a backend gets, by metric then attribute set; exemplars of
+    histograms only (the SDK picks a sum's or a gauge's exemplar at random)."""
+    out: dict[str, Any] = {}
+    for name, m in by_name(data).items():
+        pts = {}
+        for p in m.data.data_points:
+            row: dict[str, Any] = {"value": getattr(p, "value", None)}
+            if hasattr(p, "bucket_counts"):
+                row.update(
+                    count=p.count,
+                    sum=round(p.sum, 9),
+                    buckets=list(p.bucket_counts),
+                    bounds=list(p.explicit_bounds),
+                    min=p.min,
+                    max=p.max,
+                    exemplars=sorted((e.value, e.trace_id, e.span_id) for e in p.exemplars),
+                )
+            pts[tuple(sorted(p.attributes.items()))] = row
+        data_type = type(m.data).__name__
+        temporality = getattr(m.data, "aggregation_temporality", None)
+        monotonic = getattr(m.data, "is_monotonic", None)
+        out[name] = (m.unit, m.description, data_type, temporality, monotonic, pts)
+    return out
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(),
+            st.sampled_from([200, 404, 500]),
+            st.floats(min_value=0.1, max_value=12_000.0),
+            st.sampled_from([True, False, None]),
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+    st.sampled_from(["old", "new", "dup"]),
+)
+def test_zervers_aggregator_gives_the_sdks_points(
+    shapes: list[tuple[bool, int, float, bool | None]], mode: str
+) -> None:
+    records = [
+        make_record(i, sampled=s, status=status, duration_ms=ms, cache_hit=hit)
+        for i, (s, status, ms, hit) in enumerate(shapes)
+    ]
+    agg = Aggregator()
+    metrics = RecordMetrics(agg, mode)
+    for rec in records:
+        metrics.record(rec)
+    metrics.request_started("GET")
+    own = agg.collect()
+    assert own is not None
+    reader = InMemoryMetricReader()
+    provider = MeterProvider([reader], exemplar_filter=TraceBasedExemplarFilter())
+    sdk_metrics = RecordMetrics(provider, mode)
+    for rec in records:
+        sdk_metrics.record(rec)
+    sdk_metrics.request_started("GET")
+    sdk = reader.get_metrics_data()
+    provider.shutdown()
+    assert sdk is not None
+    assert _summary(own) == _summary(sdk)

@@ -3,8 +3,11 @@
 :class:`RecordMetrics` is fed each finished :class:`~zerver.RequestRecord` where
 traces are built (the exporter process when it runs, else the server process),
 for every request, sampled or not, and records RED and job-phase measurements on
-instruments of a ``MeterProvider``. It performs no I/O: the provider's readers
-decide when and where the points go (see :func:`zerver.export.meter_provider`).
+instruments of an OpenTelemetry SDK ``MeterProvider`` (whose readers decide when
+and where the points go, see :func:`zerver.export.meter_provider`) or of zerver's
+own :class:`~zerver._aggregate.Aggregator` (what the server uses: the same
+points, collected into the SDK's ``MetricsData`` at a fraction of the cost per
+measurement). It performs no I/O.
 
 Rules of this module:
 
@@ -16,9 +19,10 @@ Rules of this module:
   methods outside the standard set as ``_OTHER``; never a raw path, id or query.
 * A phase is measured only when both of its ends happened (a job refused by a
   full queue has no ``dispatch``); a missing phase is not recorded as 0.
-* Exemplars: each measurement is recorded with a context whose current span is a
-  ``NonRecordingSpan`` of the span the measurement belongs to (root, step, job),
-  carrying the record's sampled flag, and the provider uses the SDK's
+* Exemplars: a measurement of a sampled request carries the trace id and the id
+  of the span it belongs to (root, step, job); one of an unsampled request
+  carries none. On an SDK provider it is recorded with a context whose current
+  span is a ``NonRecordingSpan`` of that span, and the provider uses the SDK's
   ``TraceBasedExemplarFilter``: a sampled request may become an exemplar, an
   unsampled one never does. The flag is read when :meth:`RecordMetrics.record`
   runs, so call it after the tail-sampling decision.
@@ -40,6 +44,7 @@ from opentelemetry.context import Context
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
+from ._aggregate import Aggregator
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -48,8 +53,9 @@ if TYPE_CHECKING:
 
 #: An attribute set as this module builds it (str and int values only).
 Attrs: TypeAlias = Mapping[str, str | int]
-#: A bound ``Histogram.record`` / ``Counter.add`` / ``Gauge.set``.
-Measure: TypeAlias = Callable[[float, Attrs, Context], None]
+#: Records one measurement: ``(value, attributes, trace_id, span_id)``; a span id
+#: (0: none) makes the measurement an exemplar candidate.
+Measure: TypeAlias = Callable[[float, Attrs, int, int], None]
 
 __all__ = [
     "BODY_SIZE_BUCKETS",
@@ -115,7 +121,7 @@ _K = TypeVar("_K", bound=Hashable)
 _V = TypeVar("_V")
 
 
-def _skip(amount: float, attributes: Attrs, context: Context) -> None:
+def _skip(amount: float, attributes: Attrs, trace_id: int, span_id: int) -> None:
     """Stands in for an instrument the semconv mode does not have."""
 
 
@@ -139,7 +145,63 @@ def _effect_attrs(effect: Effect, job: JobState) -> dict[str, str | int]:
 
 def _span_context(trace_id: int, span_id: int) -> Context:
     """A context whose current span is the (sampled) span ``span_id`` of ``trace_id``."""
+    if not span_id:
+        return _NO_SPAN
     return set_span_in_context(NonRecordingSpan(SpanContext(trace_id, span_id, False, _SAMPLED)))
+
+
+def _sdk_measure(bound: Callable[[float, Attrs, Context], None]) -> Measure:
+    """An SDK instrument's ``record``/``add``/``set`` as a :data:`Measure`."""
+
+    def measure(value: float, attributes: Attrs, trace_id: int, span_id: int) -> None:
+        bound(value, attributes, _span_context(trace_id, span_id))
+
+    return measure
+
+
+class _Instruments:
+    """Makes :data:`Measure` functions on an SDK ``MeterProvider`` or an
+    :class:`~zerver._aggregate.Aggregator` (zerver's own, for high rates)."""
+
+    def __init__(self, target: MeterProvider | Aggregator) -> None:
+        self._agg: Aggregator | None = None
+        self._meter = None
+        if isinstance(target, Aggregator):
+            self._agg = target
+        else:
+            self._meter = target.get_meter("zerver", __version__)
+
+    def histogram(self, name: str, description: str, buckets: Sequence[float]) -> Measure:
+        unit = INSTRUMENTS[name][0]
+        if self._agg is not None:
+            return self._agg.histogram(name, unit, description, buckets).record
+        assert self._meter is not None
+        return _sdk_measure(
+            self._meter.create_histogram(
+                name, unit, description, explicit_bucket_boundaries_advisory=buckets
+            ).record
+        )
+
+    def counter(self, name: str, description: str) -> Measure:
+        unit = INSTRUMENTS[name][0]
+        if self._agg is not None:
+            return self._agg.counter(name, unit, description).add
+        assert self._meter is not None
+        return _sdk_measure(self._meter.create_counter(name, unit, description).add)
+
+    def up_down_counter(self, name: str, description: str) -> Measure:
+        unit = INSTRUMENTS[name][0]
+        if self._agg is not None:
+            return self._agg.up_down_counter(name, unit, description).add
+        assert self._meter is not None
+        return _sdk_measure(self._meter.create_up_down_counter(name, unit, description).add)
+
+    def gauge(self, name: str, description: str) -> Measure:
+        unit = INSTRUMENTS[name][0]
+        if self._agg is not None:
+            return self._agg.gauge(name, unit, description).set
+        assert self._meter is not None
+        return _sdk_measure(self._meter.create_gauge(name, unit, description).set)
 
 
 def _job_span_id(rec: RequestRecord, job: JobState) -> int:
@@ -191,20 +253,19 @@ class RecordMetrics:
         "mode",
     )
 
-    def __init__(self, meter_provider: MeterProvider, semconv_mode: str = "dup") -> None:
+    def __init__(
+        self, meter_provider: MeterProvider | Aggregator, semconv_mode: str = "dup"
+    ) -> None:
         if semconv_mode not in _MODES:
             raise ValueError(f"semconv mode must be one of {_MODES}, got {semconv_mode!r}")
         self.mode = semconv_mode
-        meter = meter_provider.get_meter("zerver", __version__)
+        make = _Instruments(meter_provider)
 
         def histogram(name: str, description: str, buckets: Sequence[float]) -> Measure:
-            """The bound ``record`` method, picked once; _skip where the mode has none."""
-            unit, _, modes = INSTRUMENTS[name]
-            if semconv_mode not in modes:
+            """The instrument's measure function; _skip where the mode has none."""
+            if semconv_mode not in INSTRUMENTS[name][2]:
                 return _skip
-            return meter.create_histogram(
-                name, unit, description, explicit_bucket_boundaries_advisory=buckets
-            ).record
+            return make.histogram(name, description, buckets)
 
         self._request_duration = histogram(
             "http.server.request.duration",
@@ -236,11 +297,9 @@ class RecordMetrics:
             "Size of HTTP server response bodies (old conventions).",
             BODY_SIZE_BUCKETS,
         )
-        self._active = meter.create_up_down_counter(
-            "http.server.active_requests",
-            "{request}",
-            "Number of HTTP server requests in flight.",
-        ).add
+        self._active = make.up_down_counter(
+            "http.server.active_requests", "Number of HTTP server requests in flight."
+        )
         self._step = histogram("zerver.step.duration", "Duration of one step run.", PHASE_BUCKETS)
         self._effect = histogram(
             "zerver.effect.duration",
@@ -260,18 +319,12 @@ class RecordMetrics:
             "zerver.job.run_active", "Time a job worked: started to end, parks excluded.",
             PHASE_BUCKETS,
         )  # fmt: skip
-        self._retries = meter.create_counter(
-            "zerver.job.retries", "{retry}", "Retries of failed job attempts."
-        ).add
-        self._depth = meter.create_gauge(
-            "zerver.job.depth", "{job}", "Queue depth seen by the last job enqueued."
-        ).set
-        self._cache_hits = meter.create_counter(
-            "zerver.cache.hits", "{operation}", "Cache reads that found their key."
-        ).add
-        self._cache_misses = meter.create_counter(
-            "zerver.cache.misses", "{operation}", "Cache reads that did not find their key."
-        ).add
+        self._retries = make.counter("zerver.job.retries", "Retries of failed job attempts.")
+        self._depth = make.gauge("zerver.job.depth", "Queue depth seen by the last job enqueued.")
+        self._cache_hits = make.counter("zerver.cache.hits", "Cache reads that found their key.")
+        self._cache_misses = make.counter(
+            "zerver.cache.misses", "Cache reads that did not find their key."
+        )
         self._attrs: dict[tuple[object, ...], Attrs] = {}
         self._http_attrs: dict[tuple[object, ...], tuple[Attrs, Attrs]] = {}
 
@@ -294,11 +347,11 @@ class RecordMetrics:
 
     def request_started(self, method: str, scheme: str = "http") -> None:
         """One more request in flight (``http.server.active_requests`` +1)."""
-        self._active(1, self._active_attrs(method, scheme))
+        self._active(1, self._active_attrs(method, scheme), 0, 0)
 
     def request_ended(self, method: str, scheme: str = "http") -> None:
         """One request fewer in flight; call once for each :meth:`request_started`."""
-        self._active(-1, self._active_attrs(method, scheme))
+        self._active(-1, self._active_attrs(method, scheme), 0, 0)
 
     # -- finished records --------------------------------------------------------------
 
@@ -310,11 +363,11 @@ class RecordMetrics:
         """Record every measurement ``rec`` (a finished request record) gives."""
         trace_id = rec.trace_id
         sampled = bool(rec.trace_flags & 0x01) and trace_id != 0
-        root = rec.span_id
-        ctx = _span_context(trace_id, root) if sampled and root else _NO_SPAN
+        # Span ids only for a sampled request: only those may become exemplars.
+        root = rec.span_id if sampled else 0
         end = rec.end_ts if rec.end_ts is not None else rec.start_ts
         if rec.kind == "http":
-            self._http(rec, end - rec.start_ts, ctx)
+            self._http(rec, end - rec.start_ts, trace_id, root)
         route = rec.route
         for sr in rec.steps:
             step_end = sr.end_ts if sr.end_ts is not None else end
@@ -329,19 +382,13 @@ class RecordMetrics:
                 if route is not None:
                     out["http.route"] = route
                 attrs = _remember(self._attrs, key, out)
-            step_ctx = ctx
-            if sampled and sr.span_id:
-                step_ctx = _span_context(trace_id, sr.span_id)
-            self._step((step_end - sr.start_ts) / 1e9, attrs, step_ctx)
+            span = (sr.span_id or root) if sampled else 0
+            self._step((step_end - sr.start_ts) / 1e9, attrs, trace_id, span)
         for job in rec.jobs:
-            job_ctx = ctx
-            if sampled:
-                span_id = _job_span_id(rec, job)
-                if span_id:
-                    job_ctx = _span_context(trace_id, span_id)
-            self._job(job, job_ctx)
+            span = (_job_span_id(rec, job) or root) if sampled else 0
+            self._job(job, trace_id, span)
 
-    def _http(self, rec: RequestRecord, duration_ns: int, ctx: Context) -> None:
+    def _http(self, rec: RequestRecord, duration_ns: int, trace_id: int, span: int) -> None:
         status = rec.status
         error: str | None = None
         if rec.system_fault or status >= 500:
@@ -351,12 +398,12 @@ class RecordMetrics:
         if pair is None:
             pair = _remember(self._http_attrs, key, self._http_attr_sets(rec, error))
         new, old = pair
-        self._request_duration(duration_ns / 1e9, new, ctx)
-        self._request_size(rec.request_body_size, new, ctx)
-        self._response_size(rec.response_body_size, new, ctx)
-        self._old_duration(duration_ns / 1e6, old, ctx)
-        self._old_request_size(rec.request_body_size, old, ctx)
-        self._old_response_size(rec.response_body_size, old, ctx)
+        self._request_duration(duration_ns / 1e9, new, trace_id, span)
+        self._request_size(rec.request_body_size, new, trace_id, span)
+        self._response_size(rec.response_body_size, new, trace_id, span)
+        self._old_duration(duration_ns / 1e6, old, trace_id, span)
+        self._old_request_size(rec.request_body_size, old, trace_id, span)
+        self._old_response_size(rec.response_body_size, old, trace_id, span)
 
     @staticmethod
     def _http_attr_sets(rec: RequestRecord, error: str | None) -> tuple[Attrs, Attrs]:
@@ -380,7 +427,7 @@ class RecordMetrics:
             new["error.type"] = error
         return new, old
 
-    def _job(self, job: JobState, ctx: Context) -> None:
+    def _job(self, job: JobState, trace_id: int, span: int) -> None:
         # Attribute sets are never empty: ``get(key) or _remember(...)`` builds one on a miss.
         cache = self._attrs
         enqueue, take, start, end = job.enqueue_ts, job.take_ts, job.start_ts, job.end_ts
@@ -388,9 +435,9 @@ class RecordMetrics:
         key: tuple[object, ...] = ("job", queue, job.kind)
         attrs = cache.get(key) or _remember(cache, key, {"job.queue": queue, "job.kind": job.kind})
         if enqueue is not None and take is not None:
-            self._queue_wait((take - enqueue) / 1e9, attrs, ctx)
+            self._queue_wait((take - enqueue) / 1e9, attrs, trace_id, span)
         if take is not None and start is not None:
-            self._dispatch((start - take) / 1e9, attrs, ctx)
+            self._dispatch((start - take) / 1e9, attrs, trace_id, span)
         parked = 0
         for ep in job.park_episodes:
             resume = ep.resume_ts
@@ -401,19 +448,19 @@ class RecordMetrics:
             pattrs = cache.get(key) or _remember(
                 cache, key, {"job.queue": queue, "job.park.cause": ep.cause}
             )
-            self._park_wait((resume - ep.park_ts) / 1e9, pattrs, ctx)
+            self._park_wait((resume - ep.park_ts) / 1e9, pattrs, trace_id, span)
         if start is not None and end is not None:
-            self._run_active(max(0, end - start - parked) / 1e9, attrs, ctx)
+            self._run_active(max(0, end - start - parked) / 1e9, attrs, trace_id, span)
         if job.depth_enqueue is not None:
             key = ("queue", queue)
             qattrs = cache.get(key) or _remember(cache, key, {"job.queue": queue})
-            self._depth(job.depth_enqueue, qattrs, ctx)
+            self._depth(job.depth_enqueue, qattrs, trace_id, span)
         if job.retries:
             key = ("retry", queue, job.name)
             rattrs = cache.get(key) or _remember(
                 cache, key, {"job.queue": queue, "job.name": job.name}
             )
-            self._retries(len(job.retries), rattrs, ctx)
+            self._retries(len(job.retries), rattrs, trace_id, span)
         effect = job.effect
         if effect is None:
             return
@@ -423,9 +470,9 @@ class RecordMetrics:
             cache, key, {**_effect_attrs(effect, job), "effect.outcome": outcome}
         )
         if enqueue is not None and end is not None:
-            self._effect((end - enqueue) / 1e9, eattrs, ctx)
+            self._effect((end - enqueue) / 1e9, eattrs, trace_id, span)
         hit = job.result_meta.get("cache.hit") if job.result_meta else None
         if hit is not None:
             key = ("cache", job.name)
             cattrs = cache.get(key) or _remember(cache, key, _effect_attrs(effect, job))
-            (self._cache_hits if hit else self._cache_misses)(1, cattrs, ctx)
+            (self._cache_hits if hit else self._cache_misses)(1, cattrs, trace_id, span)
