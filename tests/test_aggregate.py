@@ -45,7 +45,7 @@ def _points(data: MetricsData | None, name: str) -> dict[tuple[Any, ...], Any]:
             for m in sm.metrics:
                 if m.name == name:
                     for p in m.data.data_points:
-                        out[tuple(sorted(p.attributes.items()))] = p
+                        out[tuple(sorted((p.attributes or {}).items()))] = p
     return out
 
 
