@@ -264,19 +264,33 @@ def test_unknown_variables_are_warned_once_each_with_the_closest_name(
     assert stderr == ""
 
 
-def test_metrics_variables_are_reported_as_not_used_by_the_server(
+def test_metrics_variables_without_a_metrics_exporter_are_reported(
     tree: tuple[Path, Path],
 ) -> None:
     lines, _ = _startup_lines(
         tree,
         "run",
         "good:app",
-        OTEL_METRICS_EXPORTER="otlp",
         OTEL_METRIC_EXPORT_INTERVAL="1000",
+        OTEL_EXPORTER_OTLP_METRICS_TIMEOUT="500",
     )
     (warning,) = [x for x in lines if x["event"].startswith("metrics variables ignored")]
-    assert warning["variables"] == ["OTEL_METRICS_EXPORTER", "OTEL_METRIC_EXPORT_INTERVAL"]
-    lines, _ = _startup_lines(tree, "run", "good:app", OTEL_METRICS_EXPORTER="none")
+    assert warning["variables"] == [
+        "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
+        "OTEL_METRIC_EXPORT_INTERVAL",
+    ]
+    lines, _ = _startup_lines(
+        tree, "run", "good:app", OTEL_METRICS_EXPORTER="none", OTEL_METRIC_EXPORT_INTERVAL="1000"
+    )
+    assert [x for x in lines if x["event"].startswith("metrics variables ignored")]
+    lines, _ = _startup_lines(
+        tree,
+        "run",
+        "good:app",
+        OTEL_TRACES_EXPORTER="console",
+        OTEL_METRICS_EXPORTER="console",
+        OTEL_METRIC_EXPORT_INTERVAL="1000",
+    )
     assert not [x for x in lines if x["event"].startswith("metrics variables ignored")]
 
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from ._park import Interpreter
     from ._spans import Resource
     from ._tracing import SpanSink, TraceEngine
+    from .export._config import MetricsExportConfig
 
 __all__ = ["App"]
 
@@ -221,12 +222,18 @@ class App:
         return engine
 
     def trace_in_process(
-        self, environ: Mapping[str, str], *, default_spool_dir: str | None = None
+        self,
+        environ: Mapping[str, str],
+        *,
+        default_spool_dir: str | None = None,
+        metrics: MetricsExportConfig | None = None,
     ) -> ProcessTraceSubscriber:
         """Build and export traces in a separate exporter process (see ``_offload``).
 
         ``environ`` supplies the exporter variables (see :class:`~zerver.export.ExportConfig`);
-        ``default_spool_dir`` the spool directory when ``ZER_VER_EXPORT_SPOOL_DIR`` is unset.
+        ``default_spool_dir`` the spool directory when ``ZER_VER_EXPORT_SPOOL_DIR`` is unset;
+        ``metrics``, when given, has the exporter process record and export the
+        request metrics too.
         """
         from ._offload import EngineSpec, ProcessTraceSubscriber
         from .export._config import ExportConfig
@@ -241,6 +248,7 @@ class App:
                 if isinstance(attrs := getattr(interp, "span_attributes", None), Mapping)
             },
             parent_cpus=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
+            metrics=metrics,
         )
         sub = ProcessTraceSubscriber(spec)
         self.subscribe(sub)

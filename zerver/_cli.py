@@ -162,23 +162,20 @@ _METRICS_PREFIXES = ("OTEL_EXPORTER_OTLP_METRICS_", "OTEL_METRIC_EXPORT_")
 
 
 def warn_unwired_variables(environ: Mapping[str, str]) -> list[str]:
-    """Log a warning for each metrics variable set for ``zerver run``; return their names.
+    """Log a warning when metrics variables are set but metrics are off; return their names.
 
-    The server does not export metrics on its own yet (see docs/metrics.md:
-    ``RecordMetrics`` and ``zerver.export.meter_provider`` are used from code),
-    so these variables would do nothing here: say so rather than ignore them.
-    ``OTEL_METRICS_EXPORTER=none`` asks for nothing and is not reported.
+    The server exports metrics only when ``OTEL_METRICS_EXPORTER`` names an
+    exporter (docs/metrics.md); ``OTEL_EXPORTER_OTLP_METRICS_*`` or
+    ``OTEL_METRIC_EXPORT_*`` without it would do nothing: say so rather than
+    ignore them.
     """
-    names = sorted(
-        name
-        for name, value in environ.items()
-        if name.upper().startswith(_METRICS_PREFIXES)
-        or (name.upper() == "OTEL_METRICS_EXPORTER" and value.strip().lower() != "none")
-    )
+    if environ.get("OTEL_METRICS_EXPORTER", "none").strip().lower() != "none":
+        return []
+    names = sorted(name for name in environ if name.upper().startswith(_METRICS_PREFIXES))
     if names:
         structlog.get_logger("zerver.config").warning(
-            "metrics variables ignored: the server does not export metrics by itself yet; "
-            "see docs/metrics.md for recording them from code",
+            "metrics variables ignored: OTEL_METRICS_EXPORTER is unset or none, so the "
+            "server exports no metrics; set it to otlp or console (see docs/metrics.md)",
             variables=names,
         )
     return names

@@ -79,12 +79,13 @@ from ._config import Settings
 from ._effects import SPAN_FACTS, Effect, effect_span_attributes
 from ._errors import ConfigError
 from ._records import RECORD_CLASSES, Record, RequestRecord
-from .export._config import ExportConfig
+from .export._config import ExportConfig, MetricsExportConfig
 from .export._log import DropReporter
 
 if TYPE_CHECKING:
     from ._tracing import TraceEngine
     from .export import ExportPipeline
+    from .export._metrics_worker import MetricsWorker
     from .export._spool import Spool, SpoolItem
 
 _log = structlog.get_logger("zerver.export")
@@ -390,10 +391,14 @@ class _Builder:
     """Builds batches of packed records into a pipeline and tells when each batch
     has settled there. Used by one thread."""
 
-    def __init__(self, engine: TraceEngine, sink: _CountingSink) -> None:
+    def __init__(
+        self, engine: TraceEngine, sink: _CountingSink, metrics: MetricsWorker | None = None
+    ) -> None:
         self.engine = engine
         self.sink = sink
         self.pipeline = sink.pipeline
+        self.metrics = metrics
+        """Given every record after its sampling decision, when metrics are exported."""
         self.waiting_hook: Callable[[], None] = _nothing
         """Run while waiting for room: what settled meanwhile is acknowledged then,
         not only once the batch being built is done."""
@@ -407,6 +412,7 @@ class _Builder:
         """Build ``blobs`` until the monotonic time ``until``; returns those not built
         (the caller spools them). ``on_settled`` runs once the built ones settled."""
         engine = self.engine
+        offer = self.metrics.offer if self.metrics is not None else None
         for i, blob in enumerate(blobs):
             while not self.pipeline.wait_for_room(_ROOM_PER_RECORD, 0.1):
                 self.settle()
@@ -415,11 +421,20 @@ class _Builder:
                     self._waiting.append((self.sink.count, on_settled))
                     return blobs[i:]
             try:
-                engine.on_request_end(unpack_record(marshal.loads(blob), self._ids))
+                record = unpack_record(marshal.loads(blob), self._ids)
+                engine.on_request_end(record)
             except Exception:
                 engine.errors += 1
+                continue
+            if offer is not None:
+                offer(record)
         self._waiting.append((self.sink.count, on_settled))
         return []
+
+    def close_metrics(self, timeout_s: float) -> None:
+        """Export the last metrics and stop their worker (when there is one)."""
+        if self.metrics is not None:
+            self.metrics.close(timeout_s)
 
     def settle(self) -> None:
         """Run the callbacks of every batch whose spans have all settled."""
@@ -451,7 +466,8 @@ class EngineSpec:
 
     ``settings`` are the app's (promotion, semantic conventions, logging, the drain
     deadline); ``export`` the resolved exporter configuration (endpoint, spool...);
-    ``resource`` and ``static_attributes`` what the app computed from them.
+    ``resource`` and ``static_attributes`` what the app computed from them;
+    ``metrics`` the metrics export, when the server exports metrics.
     """
 
     settings: Settings
@@ -459,6 +475,7 @@ class EngineSpec:
     resource: dict[str, Any]
     static_attributes: dict[str, dict[str, Any]]
     parent_cpus: list[int] = dataclasses.field(default_factory=list)
+    metrics: MetricsExportConfig | None = None
 
     @property
     def drain_timeout_s(self) -> float:
@@ -521,7 +538,17 @@ def _build_pipeline(spec: EngineSpec, *, child: bool) -> _Builder:
         config = dataclasses.replace(config, spool_dir=None)
         pipeline = ExportPipeline.from_config(config, rebuild=rebuild)
     sink = _CountingSink(pipeline)
-    return _Builder(engine(sink), sink)
+    metrics = None
+    if spec.metrics is not None:
+        from .export._metrics_worker import MetricsWorker
+
+        metrics = MetricsWorker.from_config(
+            spec.metrics,
+            spec.resource,
+            semconv_mode=spec.settings.semconv_mode,
+            export=spec.export,
+        )
+    return _Builder(engine(sink), sink, metrics)
 
 
 class _Static:
@@ -661,7 +688,7 @@ class _Exporter:
 
     def counters(self) -> dict[str, Any]:
         engine = self.builder.engine
-        return {
+        out = {
             "built": engine.built,
             "errors": engine.errors,
             "unsampled": engine.unsampled,
@@ -669,6 +696,9 @@ class _Exporter:
             "records_lost": self.intake.lost,
             "export": asdict(self.pipeline.stats()),
         }
+        if self.builder.metrics is not None:
+            out["metrics"] = self.builder.metrics.counts()
+        return out
 
     def _read(self) -> None:
         """The reader thread: batches into the intake until STOP or EOF."""
@@ -767,6 +797,9 @@ class _Exporter:
                 self.intake.lost += len(blobs)
             self.ack_now([seq])
         left = max(0.1, self.intake.stop_at - time.monotonic()) if self.intake.stopped else 1.0
+        # Metrics first: a few points, where the traces' pipeline may spend all it is given.
+        self.builder.close_metrics(min(left / 2, 5.0))
+        left = max(0.1, self.intake.stop_at - time.monotonic()) if self.intake.stopped else 1.0
         self.pipeline.shutdown(left, close_spool=False)
         self.builder.settle()
         with self._acks_lock:
@@ -856,7 +889,8 @@ class ProcessTraceSubscriber:
         self.max_restarts = max_restarts
         # With tail triggers a head-dropped record may still be kept: the exporter
         # process decides, so it gets every record.
-        self._keep_unsampled = bool(spec.settings.sampler_spec.tail)
+        # So do metrics, which count every request.
+        self._keep_unsampled = bool(spec.settings.sampler_spec.tail) or spec.metrics is not None
         self.records_submitted = 0
         self.records_dropped = 0
         self.records_sent = 0
@@ -1122,6 +1156,11 @@ class ProcessTraceSubscriber:
                         "errors": builder.engine.errors,
                         "unsampled": builder.engine.unsampled,
                         "export": asdict(pipeline.stats()),
+                        **(
+                            {"metrics": builder.metrics.counts()}
+                            if builder.metrics is not None
+                            else {}
+                        ),
                     },
                 ]
             )
@@ -1151,6 +1190,7 @@ class ProcessTraceSubscriber:
             self._child.process.kill()
             self._thread.join(5.0)
         if self._fallback is not None:
+            self._fallback.close_metrics(min(5.0, max(0.1, self._stop_at - time.monotonic())))
             self._fallback.pipeline.shutdown(max(0.1, self._stop_at - time.monotonic()))
         if self._spool is not None:
             self._spool.close()

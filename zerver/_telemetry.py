@@ -5,7 +5,9 @@ comma-separated list) and the ``OTEL_EXPORTER_OTLP_*`` / ``OTEL_BSP_*`` /
 ``ZER_VER_EXPORT_*`` variables choose where spans go; one export pipeline
 carries both zerver's spans and the spans user code makes through the
 OpenTelemetry API (an SDK ``TracerProvider`` is installed for them unless the
-application installed its own).
+application installed its own). ``OTEL_METRICS_EXPORTER`` (``otlp`` or
+``console``; unset is none) adds the request metrics, recorded from the same
+records where the traces are built.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import TYPE_CHECKING, cast
 
 import structlog
 
+from ._errors import ConfigError
+
 # The export pipeline, the exporter process and the OpenTelemetry SDK load when
 # tracing starts (in setup_tracing), not when zerver is imported.
 if TYPE_CHECKING:
@@ -27,8 +31,9 @@ if TYPE_CHECKING:
     from ._spans import SpanData
     from ._tracing import TraceEngine
     from .export import ExportPipeline
+    from .export._config import MetricsExportConfig
 
-__all__ = ["PipelineSink", "default_spool_dir", "setup_tracing"]
+__all__ = ["PipelineSink", "default_spool_dir", "metrics_config", "setup_tracing"]
 
 _log = structlog.get_logger("zerver.export")
 
@@ -115,7 +120,14 @@ def setup_tracing(
 
     env = os.environ if environ is None else environ
     config = ExportConfig.from_env(env, default_spool_dir=default_spool_dir)
+    metrics = metrics_config(env)
     if not config.exporters or config.exporters == ("none",):
+        if metrics is not None:
+            raise ConfigError(
+                "OTEL_METRICS_EXPORTER: metrics are recorded where traces are built, and "
+                "OTEL_TRACES_EXPORTER=none builds none; for metrics without traces keep a "
+                "traces exporter and set OTEL_TRACES_SAMPLER=always_off"
+            )
         return None
     mode = app.settings.export_process
     in_child = mode == "on" or (mode == "auto" and (os.cpu_count() or 1) > 1)
@@ -128,9 +140,17 @@ def setup_tracing(
         spool=config.spool_dir if spooling else "off",
         spool_max_mb=config.spool_max_bytes // 2**20 if spooling else None,
     )
+    if metrics is not None:
+        _log.info(
+            "metrics export",
+            exporter=metrics.exporter,
+            endpoint=metrics.endpoint if metrics.exporter == "otlp" else None,
+            interval_s=metrics.interval_s,
+            temporality=metrics.temporality,
+        )
     if in_child:
         # The exporter process may use any core, even if this one is pinned.
-        sub = app.trace_in_process(env, default_spool_dir=default_spool_dir)
+        sub = app.trace_in_process(env, default_spool_dir=default_spool_dir, metrics=metrics)
         # User spans (rare) then use a pipeline of their own in this process; the
         # exporter process replays what it spools.
         _install_user_span_provider(
@@ -156,9 +176,35 @@ def setup_tracing(
             interpreters=app.interpreters,
         )
     )
+    if metrics is not None:
+        from .export._metrics_worker import MetricsWorker
+
+        # Subscribed after the engine: it sees each record's final sampling decision.
+        app.subscribe(
+            MetricsWorker.from_config(
+                metrics,
+                engine.resource.attributes,
+                semconv_mode=app.settings.semconv_mode,
+                export=config,
+            )
+        )
     # User spans leave through the same pipeline, which the sink shuts down.
     _install_user_span_provider(app, engine.resource.attributes, lambda: pipeline, owns=False)
     return engine
+
+
+def metrics_config(environ: Mapping[str, str]) -> MetricsExportConfig | None:
+    """The server's metrics export, or ``None``: metrics are exported when
+    ``OTEL_METRICS_EXPORTER`` names an exporter (``otlp`` or ``console``).
+
+    Unset means none, unlike the OpenTelemetry SDKs' ``otlp`` default: a server
+    started without a collector in mind does not send metrics to one.
+    """
+    from .export._config import MetricsExportConfig
+
+    if environ.get("OTEL_METRICS_EXPORTER", "none").strip().lower() == "none":
+        return None
+    return MetricsExportConfig.from_env(environ)
 
 
 def _install_user_span_provider(

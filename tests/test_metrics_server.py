@@ -1,0 +1,143 @@
+"""The server's own metrics: a real `zerver demo` process, real OTLP/HTTP receivers."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from demo_process import operator_env, zerver_process
+from test_metrics import parse
+
+from zerver.export import OtlpReceiver
+
+ROUTE = "/blogs/posts/{id}"
+
+
+@pytest.fixture
+def receivers() -> Iterator[tuple[OtlpReceiver, OtlpReceiver]]:
+    with (
+        OtlpReceiver() as traces,
+        OtlpReceiver(path="/v1/metrics") as metrics,
+    ):
+        yield traces, metrics
+
+
+def _env(
+    tmp_path: Path, traces: OtlpReceiver, metrics: OtlpReceiver, **extra: str
+) -> dict[str, str]:
+    env = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": traces.endpoint,
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{metrics.port}/v1/metrics",
+        # Only the export at shutdown, unless a test says otherwise.
+        "OTEL_METRIC_EXPORT_INTERVAL": "3600000",
+        "ZER_VER_DB_PATH": str(tmp_path / "blog.sqlite3"),
+    }
+    return operator_env(tmp_path, tmp_path / "state", **{**env, **extra})
+
+
+def _serve(env: dict[str, str], tmp_path: Path, posts: int, missing: int) -> list[str]:
+    """Run the demo, make the requests, stop it with SIGTERM; its log lines."""
+    with zerver_process(["demo"], env, tmp_path) as (proc, port, lines):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for _ in range(posts):
+                assert client.get("/blogs/posts/1").status_code == 200
+            for _ in range(missing):
+                assert client.get("/nothing/here").status_code == 404
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+    return [str(line) for line in lines]
+
+
+def _points(metrics: OtlpReceiver, name: str) -> list[Any]:
+    out = []
+    for req in metrics.requests:
+        request = parse(req.headers | {"Content-Type": req.content_type}, req.body)
+        for rm in request.resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name == name:
+                        out.extend(getattr(m, m.WhichOneof("data")).data_points)
+    return out
+
+
+def _route(point: Any) -> str | None:
+    for kv in point.attributes:
+        if kv.key == "http.route":
+            return str(kv.value.string_value)
+    return None
+
+
+@pytest.mark.parametrize("process", ["on", "off"])
+def test_every_request_is_counted_and_exemplars_name_exported_traces(
+    tmp_path: Path, receivers: tuple[OtlpReceiver, OtlpReceiver], process: str
+) -> None:
+    traces, metrics = receivers
+    env = _env(tmp_path, traces, metrics, ZER_VER_EXPORT_PROCESS=process)
+    _serve(env, tmp_path, posts=12, missing=3)
+    points = _points(metrics, "http.server.request.duration")
+    # Cumulative: the last collection (at shutdown) holds every request.
+    by_route: dict[str | None, int] = {}
+    for p in points:
+        by_route[_route(p)] = max(by_route.get(_route(p), 0), p.count)
+    assert by_route == {ROUTE: 12, None: 3}
+    trace_ids = {bytes.fromhex(s["traceId"]) for s in traces.spans()}
+    exemplars = [e for p in points for e in p.exemplars]
+    assert exemplars and all(e.trace_id in trace_ids for e in exemplars)
+    # The job phases are there too, named as documented.
+    assert _points(metrics, "zerver.job.queue_wait")
+    assert _points(metrics, "zerver.effect.duration")
+
+
+def test_sampled_out_requests_are_counted_without_exemplars(
+    tmp_path: Path, receivers: tuple[OtlpReceiver, OtlpReceiver]
+) -> None:
+    traces, metrics = receivers
+    env = _env(
+        tmp_path, traces, metrics, ZER_VER_EXPORT_PROCESS="on", OTEL_TRACES_SAMPLER="always_off"
+    )
+    _serve(env, tmp_path, posts=8, missing=0)
+    points = _points(metrics, "http.server.request.duration")
+    assert max(p.count for p in points if _route(p) == ROUTE) == 8
+    assert not [e for p in points for e in p.exemplars]
+    assert traces.spans() == []
+
+
+def test_metrics_are_exported_every_interval_while_serving(
+    tmp_path: Path, receivers: tuple[OtlpReceiver, OtlpReceiver]
+) -> None:
+    traces, metrics = receivers
+    env = _env(
+        tmp_path, traces, metrics, ZER_VER_EXPORT_PROCESS="on", OTEL_METRIC_EXPORT_INTERVAL="200"
+    )
+    with zerver_process(["demo"], env, tmp_path) as (proc, port, _lines):
+        assert httpx.get(f"http://127.0.0.1:{port}/blogs/posts/1").status_code == 200
+        # Bounded wait for the periodic exports (every 200 ms) while the server runs.
+        assert metrics.wait_for_requests(2, timeout=20)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
+def test_metrics_without_traces_built_is_a_start_up_error(tmp_path: Path) -> None:
+    env = operator_env(
+        tmp_path, tmp_path / "state", OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="otlp"
+    )
+    done = subprocess.run(  # noqa: PLW1510 (the exit code is the assertion)
+        [sys.executable, "-m", "zerver", "demo", "--port", "0"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    err = done.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and "OTEL_METRICS_EXPORTER" in err[0] and "always_off" in err[0]
