@@ -41,6 +41,9 @@ class Contender:
     traced: bool = False
     check_spans: bool = False
     """A failure unless every completed request's root SERVER span reached the receiver."""
+    metrics: bool = False
+    """Exports metrics to ``{metrics}`` (a metrics receiver's URL); a failure unless
+    its server-duration histogram counts every completed request."""
 
 
 _PY = sys.executable
@@ -61,21 +64,44 @@ _UVICORN = (
 _ZERVER = (_PY, "-m", "zerver", "run", "loadtest.apps.zerver_app:create_app")
 _ZERVER_ENV = {"ZER_VER_ACCESS_LOG": "0"}
 _OTLP_ENV = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "{receiver}"}
+# Metrics to the metrics receiver, every 5 s (and at shutdown), cumulative.
+_METRICS_ENV = {
+    "OTEL_METRICS_EXPORTER": "otlp",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "{metrics}",
+    "OTEL_METRIC_EXPORT_INTERVAL": "5000",
+}
+_STARLETTE_OTEL_ENV = {"OTEL_EXPORTER_OTLP_ENDPOINT": "{receiver}", "OTEL_SERVICE_NAME": "loadtest"}
 
 
 def _zerver_traced(
-    name: str, what: str, env: dict[str, str], *, every_trace: bool = False
+    name: str, what: str, env: dict[str, str], *, every_trace: bool = False, metrics: bool = False
 ) -> Contender:
     """zerver exporting OTLP/HTTP JSON to the receiver, with ``env`` on top;
-    ``every_trace``: a lost root span fails the run."""
+    ``every_trace``: a lost root span fails the run; ``metrics``: metrics too."""
     return Contender(
         name=name,
         title=f"zerver, {what}, OTLP/HTTP JSON",
         argv=_ZERVER,
-        env={**_ZERVER_ENV, **_OTLP_ENV, **env},
+        env={**_ZERVER_ENV, **_OTLP_ENV, **(_METRICS_ENV if metrics else {}), **env},
         workloads=(ITEMS, BLOG),
         traced=True,
         check_spans=every_trace,
+        metrics=metrics,
+    )
+
+
+def _starlette_otel(name: str, what: str, env: dict[str, str], *, metrics: bool) -> Contender:
+    """Starlette with the OpenTelemetry SDK (ASGI middleware, BatchSpanProcessor,
+    OTLP/HTTP protobuf), ``env`` on top; ``metrics``: the middleware's metrics too,
+    through the SDK's MeterProvider and OTLP metric exporter."""
+    return Contender(
+        name=name,
+        title=f"uvicorn (h11) + Starlette + OTel ASGI, {what}, OTLP/HTTP protobuf",
+        argv=(*_UVICORN, "--factory", "loadtest.apps.starlette_app:create_traced_app"),
+        env={**_STARLETTE_OTEL_ENV, **(_METRICS_ENV if metrics else {}), **env},
+        workloads=(ITEMS, BLOG),
+        traced=True,
+        metrics=metrics,
     )
 
 
@@ -86,13 +112,13 @@ CONTENDERS: tuple[Contender, ...] = (
         argv=(*_UVICORN, "loadtest.apps.starlette_app:app"),
         workloads=(ITEMS, BLOG),
     ),
-    Contender(
-        name="starlette-otel",
-        title="uvicorn (h11) + Starlette + OTel ASGI, BatchSpanProcessor, OTLP/HTTP protobuf",
-        argv=(*_UVICORN, "--factory", "loadtest.apps.starlette_app:create_traced_app"),
-        env={"OTEL_EXPORTER_OTLP_ENDPOINT": "{receiver}", "OTEL_SERVICE_NAME": "loadtest"},
-        workloads=(ITEMS, BLOG),
-        traced=True,
+    _starlette_otel("starlette-otel", "BatchSpanProcessor", {}, metrics=False),
+    _starlette_otel("starlette-otel-metrics", "every trace, SDK metrics", {}, metrics=True),
+    _starlette_otel(
+        "starlette-otel-0.1-metrics",
+        "traceidratio 0.1, SDK metrics",
+        {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+        metrics=True,
     ),
     Contender(
         name="zerver",
@@ -106,6 +132,13 @@ CONTENDERS: tuple[Contender, ...] = (
         "zerver-head-0.1",
         "ZER_VER_SAMPLER=head:0.1 (a tenth of new traces)",
         {"ZER_VER_SAMPLER": "head:0.1"},
+    ),
+    _zerver_traced("zerver-metrics", "default telemetry + metrics", {}, metrics=True),
+    _zerver_traced(
+        "zerver-head-0.1-metrics",
+        "ZER_VER_SAMPLER=head:0.1 + metrics",
+        {"ZER_VER_SAMPLER": "head:0.1"},
+        metrics=True,
     ),
     _zerver_traced(
         "zerver-head-0",

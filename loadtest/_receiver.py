@@ -9,6 +9,7 @@ path and drops, so a long run holds counters, not payloads.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import gc
 import queue
@@ -19,12 +20,16 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from google.protobuf import json_format  # type: ignore[import-untyped]
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from zerver import SpanKind
 from zerver.export import OtlpReceiver, ReceivedRequest, Reply
 
-__all__ = ["RouteTally", "SpanReceiver", "SpanTally", "TallySnapshot"]
+__all__ = ["MetricsReceiver", "RouteTally", "SpanReceiver", "SpanTally", "TallySnapshot"]
 
 _ROUTE_KEYS = ("http.route", "url.path", "http.target")
 _STOP = object()
@@ -254,6 +259,87 @@ class SpanReceiver:
             rejected_requests=len(rejected),
             rejected_detail=tuple(f"{r.status} {r.path} {r.error}"[:200] for r in rejected[:3]),
         )
+
+
+#: The server-duration histograms whose counts are the requests a server reports.
+_DURATIONS = ("http.server.request.duration", "http.server.duration")
+
+
+class MetricsReceiver:
+    """An OTLP/HTTP metrics receiver on 127.0.0.1 (``/v1/metrics``) that keeps, per
+    export request, how many requests its server-duration histogram counts.
+
+    With cumulative temporality each export holds every request so far: the
+    largest count is what the server reported in all. Bodies parse with the
+    official message types (protobuf, or JSON through ``json_format``), so a
+    malformed export is an error here as it would be in a collector.
+    """
+
+    def __init__(self) -> None:
+        self._receiver = OtlpReceiver(path="/v1/metrics", responder=self._on_request)
+        self._lock = threading.Lock()
+        self.export_requests = 0
+        self.errors = 0
+        self.requests_counted = 0
+        """The largest server-duration count of one export (one instrument, all series)."""
+
+    def _on_request(self, req: ReceivedRequest) -> Reply | None:
+        try:
+            doc = req.document
+            if not isinstance(doc, ExportMetricsServiceRequest):
+                doc = json_format.ParseDict(_hex_ids_to_base64(doc), ExportMetricsServiceRequest())
+            counts = dict.fromkeys(_DURATIONS, 0)
+            for rm in doc.resource_metrics:
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        if m.name in counts:
+                            counts[m.name] += sum(p.count for p in m.histogram.data_points)
+        except Exception:
+            with self._lock:
+                self.errors += 1
+            return Reply(400)
+        with self._lock:
+            self.export_requests += 1
+            self.requests_counted = max(self.requests_counted, *counts.values())
+        req.body = b""
+        return None
+
+    def start(self) -> MetricsReceiver:
+        self._receiver.start()
+        return self
+
+    def stop(self) -> None:
+        self._receiver.stop()
+
+    def __enter__(self) -> MetricsReceiver:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def endpoint(self) -> str:
+        """The full metrics URL (``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``)."""
+        return self._receiver.endpoint
+
+
+def _hex_ids_to_base64(doc: Any) -> Any:
+    """OTLP/JSON's hex exemplar ids as the base64 ``json_format`` expects."""
+    for rm in doc.get("resourceMetrics", ()):
+        for sm in rm.get("scopeMetrics", ()):
+            for m in sm.get("metrics", ()):
+                for kind in ("sum", "gauge", "histogram"):
+                    for p in m.get(kind, {}).get("dataPoints", ()):
+                        for e in p.get("exemplars", ()):
+                            for key in ("traceId", "spanId"):
+                                if key in e:
+                                    e[key] = base64.b64encode(bytes.fromhex(e[key])).decode()
+    return doc
 
 
 def _ticks(deadline: float, step_s: float = 0.05) -> Iterator[None]:

@@ -36,7 +36,7 @@ from typing import IO
 
 from ._contenders import Contender, Workload
 from ._loadgen import LoadResult, LoadSpec, available_tool, run_load
-from ._receiver import SpanReceiver, TallySnapshot
+from ._receiver import MetricsReceiver, SpanReceiver, TallySnapshot
 
 __all__ = [
     "ContenderResult",
@@ -130,6 +130,10 @@ class ContenderResult:
     export_requests: int = 0
     decode_errors: int = 0
     rejected_requests: int = 0
+    metrics_exports: int = 0
+    """Metrics export requests received (contenders exporting metrics)."""
+    metrics_requests: int = 0
+    """Requests the server's duration histogram counted, in its largest export."""
     exit_code: int | None = None
     killed: bool = False
     log: str = ""
@@ -234,6 +238,7 @@ def start_server(
     data_dir: str,
     log: IO[bytes],
     prefix: Sequence[str] = (),
+    metrics: str = "",
 ) -> subprocess.Popen[bytes]:
     """Start ``contender`` on 127.0.0.1:``port`` in its clean environment (its data
     under ``data_dir``, its spans to ``receiver``), output to ``log``; ``prefix``
@@ -241,7 +246,7 @@ def start_server(
     return subprocess.Popen(
         [*prefix, *contender.argv, "--host", "127.0.0.1", "--port", str(port)],
         cwd=_ROOT,
-        env=_server_env(contender, receiver, data_dir),
+        env=_server_env(contender, receiver, data_dir, metrics),
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -249,14 +254,16 @@ def start_server(
     )
 
 
-def _server_env(contender: Contender, receiver: str, db_dir: str) -> dict[str, str]:
+def _server_env(
+    contender: Contender, receiver: str, db_dir: str, metrics: str = ""
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ZER_VER_"))}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
     env["ZER_VER_DB_PATH"] = str(Path(db_dir) / "loadtest.sqlite3")
     # A spool of the run's own: nothing left by an earlier run is replayed into this one.
     env["ZER_VER_EXPORT_SPOOL_DIR"] = str(Path(db_dir) / "spool")
     for key, value in contender.env.items():
-        env[key] = value.replace("{receiver}", receiver)
+        env[key] = value.replace("{receiver}", receiver).replace("{metrics}", metrics)
     return env
 
 
@@ -328,12 +335,21 @@ def run_contender(
     result.log = str(log_path)
     with (
         SpanReceiver() as receiver,
+        MetricsReceiver() as metrics,
         tempfile.TemporaryDirectory(prefix="loadtest-db-") as db_dir,
         log_path.open("wb") as log,
     ):
         port = free_port()
         progress.update(f"{prefix}{contender.name}: starting")
-        proc = start_server(contender, port, receiver.endpoint, db_dir, log, _taskset(server_cpu))
+        proc = start_server(
+            contender,
+            port,
+            receiver.endpoint,
+            db_dir,
+            log,
+            _taskset(server_cpu),
+            metrics=metrics.endpoint,
+        )
         try:
             wait_ready(port, proc, cfg.ready_timeout_s)
             for workload in contender.workloads:
@@ -354,6 +370,10 @@ def run_contender(
         if not receiver.wait_quiet(quiet_s=0.3, timeout_s=10.0):
             result.notes.append("receiver still busy 10 s after the server stopped")
         snapshot = receiver.snapshot()
+        result.metrics_exports = metrics.export_requests
+        result.metrics_requests = metrics.requests_counted
+        if metrics.errors:
+            result.problems.append(f"{contender.name}: {metrics.errors} unreadable metrics exports")
     _account(result, contender, snapshot)
     result.log_problems = _log_problems(log_path)
     progress.done(prefix + _summary_line(result))
@@ -435,6 +455,17 @@ def _account(result: ContenderResult, contender: Contender, snapshot: TallySnaps
         result.notes.append(
             f"{result.root_server_spans} root SERVER spans for {served} requests "
             f"({lost} missing; not checked for peers)"
+        )
+    if contender.metrics and served and result.metrics_requests < served:
+        # The warm-up's requests count too, so a complete report counts more than served.
+        result.problems.append(
+            f"{contender.name}: lost metrics: the server's duration histogram counted "
+            f"{result.metrics_requests} requests in {result.metrics_exports} exports, "
+            f"{served} were served"
+        )
+    elif contender.metrics:
+        result.notes.append(
+            f"metrics: {result.metrics_exports} exports, {result.metrics_requests} requests counted"
         )
     if not contender.traced and result.spans:
         result.notes.append(f"untraced but {result.spans} spans arrived")

@@ -314,8 +314,13 @@ app = create_app()
 def create_traced_app() -> ASGIApp:
     """Starlette wrapped in ``OpenTelemetryMiddleware``, exporting to ``OTEL_EXPORTER_OTLP_*``.
 
-    The tracer provider is shut down (its batch processor drained) when the
-    server's lifespan ends, so a SIGTERM'd server delivers what it buffered.
+    The sampler is the SDK's from ``OTEL_TRACES_SAMPLER`` / ``_ARG`` (parent-based
+    always-on when unset). With ``OTEL_METRICS_EXPORTER=otlp`` the middleware also
+    records its HTTP server metrics through an SDK ``MeterProvider`` exporting
+    every ``OTEL_METRIC_EXPORT_INTERVAL`` with the SDK's OTLP/HTTP metric exporter.
+    The providers are shut down (the batch processor drained, the last metrics
+    exported) when the server's lifespan ends, so a SIGTERM'd server delivers
+    what it buffered.
     """
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
@@ -323,7 +328,24 @@ def create_traced_app() -> ASGIApp:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({"service.name": "loadtest-starlette"}))
+    resource = Resource.create({"service.name": "loadtest-starlette"})
+    provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    inner = create_app(tracer=provider.get_tracer(__name__), on_shutdown=provider.shutdown)
-    return OpenTelemetryMiddleware(inner, tracer_provider=provider)
+    shutdowns: list[Callable[[], object]] = [provider.shutdown]
+    meter_provider = None
+    if os.environ.get("OTEL_METRICS_EXPORTER", "none") == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        meter_provider = MeterProvider(
+            [PeriodicExportingMetricReader(OTLPMetricExporter())], resource=resource
+        )
+        shutdowns.append(meter_provider.shutdown)
+
+    def shutdown() -> None:
+        for close in shutdowns:
+            close()
+
+    inner = create_app(tracer=provider.get_tracer(__name__), on_shutdown=shutdown)
+    return OpenTelemetryMiddleware(inner, tracer_provider=provider, meter_provider=meter_provider)

@@ -1,11 +1,13 @@
-"""A small real OTLP/HTTP traces receiver, for tests and load tests.
+"""A small real OTLP/HTTP receiver, for tests and load tests.
 
 Decodes JSON and protobuf (gzip too), counts spans, and answers what a
 ``responder`` says, so tests can script 503s with ``Retry-After``, 400s,
 partial successes and slow answers. Runs a stdlib threaded HTTP server on
 127.0.0.1 (an ephemeral port by default), over TLS when given an
 ``ssl.SSLContext``; :meth:`stop` closes open keep-alive connections too, so
-every thread ends.
+every thread ends. It receives traces on ``/v1/traces`` by default; given
+``path="/v1/metrics"`` it receives metrics (protobuf bodies decode as
+``ExportMetricsServiceRequest``; no spans to count).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from typing import Any
 
 import orjson
 from google.protobuf import json_format  # type: ignore[import-untyped]
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 __all__ = ["OtlpReceiver", "ReceivedRequest", "Reply", "attributes_of"]
@@ -58,6 +63,8 @@ class ReceivedRequest:
     error: str = ""
     status: int = 0
     received_at: float = 0.0
+    metrics: bool = False
+    """Received on a metrics path: a protobuf body is an ``ExportMetricsServiceRequest``."""
 
     def decode(self) -> Any:
         """The request decoded again from :attr:`body`: a JSON dict or an
@@ -70,6 +77,8 @@ class ReceivedRequest:
             return None
         try:
             if "protobuf" in self.content_type:
+                if self.metrics:
+                    return ExportMetricsServiceRequest.FromString(self.body)
                 return ExportTraceServiceRequest.FromString(self.body)
             return orjson.loads(self.body)
         except Exception:
@@ -334,10 +343,17 @@ class OtlpReceiver:
             headers=dict(h.headers.items()),
             body=b"",
             received_at=self._clock(),
+            metrics=self.path.endswith("/v1/metrics"),
         )
         try:
             body = gzip.decompress(raw) if encoding == "gzip" else raw
-            if "protobuf" in ctype:
+            if req.metrics:
+                req.document = (
+                    ExportMetricsServiceRequest.FromString(body)
+                    if "protobuf" in ctype
+                    else orjson.loads(body)
+                )
+            elif "protobuf" in ctype:
                 message = ExportTraceServiceRequest.FromString(body)
                 req.document = message
                 req.span_count = sum(
