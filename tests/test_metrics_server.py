@@ -14,7 +14,9 @@ import pytest
 from demo_process import operator_env, zerver_process
 from test_metrics import parse
 
-from zerver.export import OtlpReceiver
+from zerver._aggregate import Aggregator
+from zerver.export import ExportStats, OtlpReceiver
+from zerver.export._metrics_worker import PipelineObserver
 
 ROUTE = "/blogs/posts/{id}"
 
@@ -141,3 +143,98 @@ def test_metrics_without_traces_built_is_a_start_up_error(tmp_path: Path) -> Non
     assert done.returncode == 2
     err = done.stderr.decode().strip().splitlines()
     assert len(err) == 1 and "OTEL_METRICS_EXPORTER" in err[0] and "always_off" in err[0]
+
+
+def _value(metrics: OtlpReceiver, name: str, **attrs: str) -> float:
+    """The last exported value of the ``name`` series whose attributes include ``attrs``."""
+    value = 0.0
+    for p in _points(metrics, name):
+        have = {kv.key: kv.value.string_value for kv in p.attributes}
+        if all(have.get(k) == v for k, v in attrs.items()) and (
+            "error.type" in attrs or "error.type" not in have
+        ):
+            value = p.as_int or p.as_double
+    return value
+
+
+@pytest.mark.parametrize("process", ["on", "off"])
+def test_the_pipelines_own_counters_match_what_the_backend_received(
+    tmp_path: Path, receivers: tuple[OtlpReceiver, OtlpReceiver], process: str
+) -> None:
+    traces, metrics = receivers
+    env = _env(tmp_path, traces, metrics, ZER_VER_EXPORT_PROCESS=process)
+    _serve(env, tmp_path, posts=10, missing=2)
+    received = len(traces.spans())
+    kind = "otlp_http_json_span_exporter"
+    assert _value(metrics, "otel.sdk.exporter.span.exported", **{"otel.component.type": kind}) == (
+        received
+    )
+    assert _value(metrics, "otel.sdk.processor.span.queue.capacity") > 0
+    assert _value(metrics, "zerver.export.breaker.state") == 0  # closed
+
+
+def _stats(**changes: Any) -> ExportStats:
+    base: dict[str, Any] = {
+        "submitted": 0,
+        "exported": 0,
+        "dropped": {},
+        "queue_depth": 0,
+        "queue_capacity": 2048,
+        "in_flight": 0,
+        "batches_exported": 0,
+        "batches_failed": 0,
+        "permanent_failures": 0,
+        "retries": 0,
+        "partial_rejections": 0,
+        "rate_limited": 0,
+        "breaker_state": "closed",
+        "breaker_openings": 0,
+        "bytes_sent": 0,
+        "export_latency_last_ms": 0.0,
+        "export_latency_avg_ms": 0.0,
+        "export_latency_max_ms": 0.0,
+    }
+    return ExportStats(**{**base, **changes})
+
+
+def test_the_pipeline_observer_adds_what_changed_between_collections() -> None:
+    agg = Aggregator()
+    observer = PipelineObserver(agg, "http/protobuf")
+    observer.observe(_stats(exported=10, queue_depth=5, dropped={"queue_full": 2}, retries=1))
+    agg.collect()
+    observer.observe(
+        _stats(
+            exported=25,
+            replayed=5,
+            queue_depth=1,
+            dropped={"queue_full": 2, "export_failed": 3},
+            retries=4,
+            spooled=7,
+            breaker_state="open",
+        )
+    )
+    data = agg.collect()
+    assert data is not None
+    got: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {
+        (m.name, tuple(sorted((p.attributes or {}).items()))): getattr(p, "value", None)
+        for m in data.resource_metrics[0].scope_metrics[0].metrics
+        for p in m.data.data_points
+    }
+    exporter = (
+        ("otel.component.name", "otlp_http_span_exporter/0"),
+        ("otel.component.type", "otlp_http_span_exporter"),
+    )
+    processor = (
+        ("otel.component.name", "batching_span_processor/0"),
+        ("otel.component.type", "batching_span_processor"),
+    )
+    assert got == {
+        ("otel.sdk.exporter.span.exported", exporter): 30,
+        ("otel.sdk.exporter.span.exported", (("error.type", "export_failed"), *exporter)): 3,
+        ("otel.sdk.exporter.span.exported", (("error.type", "queue_full"), *exporter)): 2,
+        ("otel.sdk.processor.span.queue.size", processor): 1,
+        ("otel.sdk.processor.span.queue.capacity", processor): 2048,
+        ("zerver.export.retries", ()): 4,
+        ("zerver.export.spooled", ()): 7,
+        ("zerver.export.breaker.state", ()): 2,
+    }

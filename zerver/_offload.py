@@ -547,6 +547,7 @@ def _build_pipeline(spec: EngineSpec, *, child: bool) -> _Builder:
             spec.resource,
             semconv_mode=spec.settings.semconv_mode,
             export=spec.export,
+            pipeline_stats=pipeline.stats,
         )
     return _Builder(engine(sink), sink, metrics)
 
@@ -797,10 +798,13 @@ class _Exporter:
                 self.intake.lost += len(blobs)
             self.ack_now([seq])
         left = max(0.1, self.intake.stop_at - time.monotonic()) if self.intake.stopped else 1.0
-        # Metrics first: a few points, where the traces' pipeline may spend all it is given.
-        self.builder.close_metrics(min(left / 2, 5.0))
-        left = max(0.1, self.intake.stop_at - time.monotonic()) if self.intake.stopped else 1.0
-        self.pipeline.shutdown(left, close_spool=False)
+        # The metrics' last export comes after the spans' (it counts them), with a
+        # reserve of the time left so a slow span drain cannot take all of it.
+        reserve = min(2.0, left / 4) if self.builder.metrics is not None else 0.0
+        self.pipeline.shutdown(max(0.1, left - reserve), close_spool=False)
+        self.builder.close_metrics(
+            max(0.1, self.intake.stop_at - time.monotonic()) if self.intake.stopped else reserve
+        )
         self.builder.settle()
         with self._acks_lock:
             acks, self._acks = self._acks, []
@@ -1190,8 +1194,8 @@ class ProcessTraceSubscriber:
             self._child.process.kill()
             self._thread.join(5.0)
         if self._fallback is not None:
-            self._fallback.close_metrics(min(5.0, max(0.1, self._stop_at - time.monotonic())))
-            self._fallback.pipeline.shutdown(max(0.1, self._stop_at - time.monotonic()))
+            self._fallback.pipeline.shutdown(max(0.1, self._stop_at - time.monotonic() - 1.0))
+            self._fallback.close_metrics(max(0.1, self._stop_at - time.monotonic()))
         if self._spool is not None:
             self._spool.close()
         self._drops.close()

@@ -186,6 +186,7 @@ def setup_tracing(
                 engine.resource.attributes,
                 semconv_mode=app.settings.semconv_mode,
                 export=config,
+                pipeline_stats=pipeline.stats,
             )
         )
     # User spans leave through the same pipeline, which the sink shuts down.

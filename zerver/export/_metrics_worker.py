@@ -21,6 +21,9 @@ Rules:
   again in the next collection's totals.
 * :meth:`close` records what is buffered, collects and exports once more within
   its timeout, and shuts the exporter down.
+* The trace export pipeline's own counters are observed just before each
+  collection (:class:`PipelineObserver`), under the OpenTelemetry SDK's
+  self-observability names where they exist.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricExporter
@@ -43,9 +46,107 @@ from zerver.export._config import ExportConfig, MetricsExportConfig
 from zerver.export._log import DropReporter
 from zerver.export._metrics_exporter import OtlpMetricExporter, temporality_preference
 
-__all__ = ["MetricsWorker"]
+if TYPE_CHECKING:
+    from zerver.export._pipeline import ExportStats
+
+__all__ = ["MetricsWorker", "PipelineObserver"]
 
 _log = structlog.get_logger("zerver.export")
+
+
+#: ``zerver.export.breaker.state``'s values.
+BREAKER_STATES = {"disabled": -1, "closed": 0, "half_open": 1, "open": 2}
+
+
+class PipelineObserver:
+    """The trace export pipeline's counters as instruments of ``aggregator``.
+
+    Called before each collection with the pipeline's :class:`ExportStats` (cumulative
+    totals and current levels); it adds what changed since the previous call:
+
+    * ``otel.sdk.exporter.span.exported`` ({span}, counter): spans the backend
+      accepted (sent or replayed from the spool), and, with ``error.type`` set to
+      the drop reason (``queue_full``, ``export_failed``, ``rejected``...), the
+      spans dropped; ``otel.component.type`` names the exporter
+      (``otlp_http_json_span_exporter`` or ``otlp_http_span_exporter``);
+    * ``otel.sdk.processor.span.queue.size`` and ``.queue.capacity`` ({span},
+      up-down counters): the pipeline's buffer, as the batching processor's;
+    * ``zerver.export.spooled`` ({span}, counter): spans written to the disk spool;
+    * ``zerver.export.retries`` ({retry}, counter): export attempts retried;
+    * ``zerver.export.breaker.state`` ({state}, gauge): the circuit breaker,
+      -1 disabled, 0 closed, 1 half-open, 2 open.
+    """
+
+    def __init__(self, aggregator: Aggregator, protocol: str = "http/json") -> None:
+        kind = (
+            "otlp_http_json_span_exporter" if protocol == "http/json" else "otlp_http_span_exporter"
+        )
+        self._exporter_attrs = {"otel.component.type": kind, "otel.component.name": f"{kind}/0"}
+        self._dropped_attrs: dict[str, dict[str, str]] = {}
+        processor = "batching_span_processor"
+        self._queue_attrs = {
+            "otel.component.type": processor,
+            "otel.component.name": f"{processor}/0",
+        }
+        self._empty: dict[str, str] = {}
+        self._exported = aggregator.counter(
+            "otel.sdk.exporter.span.exported",
+            "{span}",
+            "Spans the exporter handled: accepted, or dropped for the reason in error.type.",
+        )
+        self._queue_size = aggregator.up_down_counter(
+            "otel.sdk.processor.span.queue.size", "{span}", "Spans waiting in the export buffer."
+        )
+        self._queue_capacity = aggregator.up_down_counter(
+            "otel.sdk.processor.span.queue.capacity", "{span}", "The export buffer's capacity."
+        )
+        self._spooled = aggregator.counter(
+            "zerver.export.spooled", "{span}", "Spans written to the disk spool."
+        )
+        self._retries = aggregator.counter(
+            "zerver.export.retries", "{retry}", "Export attempts retried."
+        )
+        self._breaker = aggregator.gauge(
+            "zerver.export.breaker.state",
+            "{state}",
+            "The export circuit breaker: -1 disabled, 0 closed, 1 half-open, 2 open.",
+        )
+        self._last: dict[str, int] = {}
+
+    def _delta(self, key: str, total: int) -> int:
+        """``total`` (a cumulative counter or a level) minus its value at the last call."""
+        change = total - self._last.get(key, 0)
+        self._last[key] = total
+        return change
+
+    def observe(self, stats: ExportStats) -> None:
+        exported = self._delta("exported", stats.exported + stats.replayed)
+        if exported:
+            self._exported.add(exported, self._exporter_attrs)
+        for reason, total in stats.dropped.items():
+            change = self._delta(f"dropped:{reason}", total)
+            if change:
+                attrs = self._dropped_attrs.get(reason)
+                if attrs is None:
+                    attrs = self._dropped_attrs[reason] = {
+                        **self._exporter_attrs,
+                        "error.type": reason,
+                    }
+                self._exported.add(change, attrs)
+        for key, table, value in (
+            ("queue_size", self._queue_size, stats.queue_depth),
+            ("queue_capacity", self._queue_capacity, stats.queue_capacity),
+        ):
+            change = self._delta(key, value)
+            if change:
+                table.add(change, self._queue_attrs)
+        spooled = self._delta("spooled", stats.spooled)
+        if spooled:
+            self._spooled.add(spooled, self._empty)
+        retries = self._delta("retries", stats.retries)
+        if retries:
+            self._retries.add(retries, self._empty)
+        self._breaker.set(BREAKER_STATES.get(stats.breaker_state, -1), self._empty)
 
 
 class MetricsWorker:
@@ -67,8 +168,11 @@ class MetricsWorker:
         interval_s: float = 60.0,
         export_timeout_s: float = 30.0,
         max_pending: int = 16_384,
+        observe: Callable[[], None] | None = None,
     ) -> None:
         self.aggregator = aggregator
+        self.observe = observe
+        """Called on the worker's thread before each collection (see :class:`PipelineObserver`)."""
         self.metrics = metrics
         self.exporter = exporter
         self.interval_s = interval_s
@@ -99,12 +203,14 @@ class MetricsWorker:
         *,
         semconv_mode: str = "dup",
         export: ExportConfig | None = None,
+        pipeline_stats: Callable[[], ExportStats] | None = None,
     ) -> MetricsWorker:
         """The worker ``config`` describes (``config.exporter`` is ``otlp`` or ``console``).
 
         ``resource``: the attributes the process's traces carry (a
         ``service.instance.id`` among them, so each process reports its own
-        series); ``export`` lends the traces' breaker, rate limits and TLS files.
+        series); ``export`` lends the traces' breaker, rate limits and TLS files;
+        ``pipeline_stats`` (the trace pipeline's ``stats``) adds its counters.
         """
         if config.exporter == "console":
             exporter: MetricExporter = ConsoleMetricExporter(
@@ -119,12 +225,23 @@ class MetricsWorker:
             scope=InstrumentationScope("zerver", __version__),
             temporality=config.temporality,
         )
+        observe = None
+        if pipeline_stats is not None:
+            observer = PipelineObserver(
+                aggregator, export.protocol if export is not None else "http/json"
+            )
+            stats = pipeline_stats
+
+            def observe() -> None:
+                observer.observe(stats())
+
         return cls(
             aggregator,
             RecordMetrics(aggregator, semconv_mode),
             exporter,
             interval_s=config.interval_s,
             export_timeout_s=config.export_timeout_s,
+            observe=observe,
         )
 
     # -- any thread ---------------------------------------------------------------------
@@ -212,6 +329,8 @@ class MetricsWorker:
 
     def _export(self, timeout_s: float) -> None:
         try:
+            if self.observe is not None:
+                self.observe()
             data = self.aggregator.collect()
         except Exception:
             self.errors += 1
