@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from typing import Any
 
 import orjson
@@ -85,3 +86,71 @@ def test_json_and_console_renderers() -> None:
     finally:
         structlog.configure(**old)
         structlog.reset_defaults()
+        _remove_root_handler()
+
+
+def _remove_root_handler() -> None:
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if type(h).__name__ == "_StdlibHandler"]:
+        root.removeHandler(h)
+    root.setLevel(logging.WARNING)
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_standard_library_lines_come_out_in_the_same_format(fmt: str) -> None:
+    out = io.StringIO()
+    old = structlog.get_config()
+    try:
+        configure_logging(fmt, "info", stream=out)
+        structlog.get_logger("zerver").info("from structlog", n=1)
+        logging.getLogger("asyncio").error("Task exception was never retrieved %s", "x")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("some.library").exception("library failed")
+        # httpx logs each request at INFO: kept at WARNING unless the level is debug.
+        logging.getLogger("httpx").info("HTTP Request: GET http://example/ 200")
+        logging.getLogger("httpx").warning("httpx warned")
+        text = out.getvalue()
+        if fmt == "json":
+            lines = [orjson.loads(line) for line in text.splitlines()]
+            by_event = {line["event"]: line for line in lines}
+            assert by_event["from structlog"]["level"] == "info"
+            line = by_event["Task exception was never retrieved x"]
+            assert (line["level"], line["logger"]) == ("error", "asyncio")
+            assert "timestamp" in line
+            failed = by_event["library failed"]
+            assert failed["logger"] == "some.library" and "ValueError: boom" in failed["exception"]
+            assert "httpx warned" in by_event
+            assert not [x for x in lines if x["event"].startswith("HTTP Request")]
+        else:
+            assert "Task exception was never retrieved x" in text and "[error" in text
+            assert "ValueError: boom" in text and "httpx warned" in text
+            assert "HTTP Request" not in text
+    finally:
+        structlog.configure(**old)
+        structlog.reset_defaults()
+        _remove_root_handler()
+
+
+async def test_lines_logged_by_the_standard_library_inside_a_request_carry_its_span() -> None:
+    out = io.StringIO()
+    old = structlog.get_config()
+    app = App("logs", settings=load_settings({}))
+
+    @step
+    def speak(ctx: Context) -> Done:
+        logging.getLogger("some.library").warning("inside")
+        return Done(Response.text("ok"))
+
+    app.get("/s", speak)
+    try:
+        configure_logging("json", "info", stream=out)
+        async with AppClient(app) as c:
+            await c.get("/s", headers=[("x-request-id", "req-7")])
+        (line,) = [orjson.loads(x) for x in out.getvalue().splitlines() if "inside" in x]
+        assert line["request_id"] == "req-7" and len(line["trace_id"]) == 32
+    finally:
+        structlog.configure(**old)
+        structlog.reset_defaults()
+        _remove_root_handler()

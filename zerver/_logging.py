@@ -1,5 +1,11 @@
 """Logging through structlog: a console renderer on a TTY, JSON lines otherwise.
 
+zerver and app code log through structlog; the standard library's ``logging``
+(httpx, asyncio, any library) is routed through structlog's stdlib integration
+(``structlog.stdlib.ProcessorFormatter`` on the root logger), so its lines come
+out in the same format, with the same trace context. httpx and httpcore log
+every request at INFO: they are kept at WARNING unless the level is ``debug``.
+
 The access log is a :class:`~zerver.Subscriber`: one line per finished
 request with method, route, status, duration and request id.
 """
@@ -48,8 +54,17 @@ def _orjson_dumps(obj: object, default: object = None) -> str:
     return orjson.dumps(obj, default=str).decode()
 
 
+# Libraries that log each request at INFO: quiet unless the level is debug.
+_CHATTY = ("httpx", "httpcore")
+
+
+class _StdlibHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The root logger's handler :func:`configure_logging` installs (found again by type)."""
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Configure structlog for zerver and the app.
+    """Configure structlog for zerver and the app, and the standard library's
+    ``logging`` to render through it.
 
     ``fmt`` is ``console``, ``json`` or ``auto`` (console on a TTY, JSON
     otherwise); ``level`` is ``debug|info|warning|error``.
@@ -57,28 +72,54 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     out = stream if stream is not None else sys.stdout
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
-    processors: list[structlog.types.Processor] = [
+    shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         add_trace_context,
         structlog.processors.add_log_level,
     ]
+    renderer: structlog.types.Processor
     if fmt == "console":
-        processors += [
-            structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-            structlog.dev.ConsoleRenderer(colors=out.isatty()),
-        ]
+        shared.append(structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False))
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        tail: list[structlog.types.Processor] = []
     else:
-        processors += [
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=_orjson_dumps),
-        ]
+        shared.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        tail = [structlog.processors.format_exc_info]
     structlog.configure(
-        processors=processors,
+        processors=[*shared, *tail, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
+    _route_stdlib(out, level, shared, tail, renderer)
+
+
+def _route_stdlib(
+    out: TextIO,
+    level: str,
+    shared: list[structlog.types.Processor],
+    tail: list[structlog.types.Processor],
+    renderer: structlog.types.Processor,
+) -> None:
+    """One root handler rendering stdlib records with structlog's processors."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *tail,
+            renderer,
+        ],
+    )
+    handler = _StdlibHandler(out)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(_LEVELS[level])
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
 class AccessLog:
