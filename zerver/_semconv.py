@@ -20,6 +20,21 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
+# The keys, from the semantic conventions package: the stable attributes, and the
+# incubating module for those not yet stable (the body sizes) and for the pre-1.21
+# names the ``old`` and ``dup`` modes emit (deprecated there, which is the point).
+import opentelemetry.semconv._incubating.attributes.http_attributes as incubating_http
+import opentelemetry.semconv._incubating.attributes.net_attributes as incubating_net
+from opentelemetry.semconv.attributes import (
+    client_attributes,
+    error_attributes,
+    http_attributes,
+    network_attributes,
+    server_attributes,
+    url_attributes,
+    user_agent_attributes,
+)
+
 if TYPE_CHECKING:
     from ._config import Settings
     from ._records import RequestRecord
@@ -198,32 +213,37 @@ def strip_userinfo(host: str) -> str:
 
 # fact name -> (new key, old key or None)
 SERVER_ROWS: dict[str, tuple[str, str | None]] = {
-    "method": ("http.request.method", "http.method"),
-    "route": ("http.route", "http.route"),
-    "scheme": ("url.scheme", "http.scheme"),
-    "path": ("url.path", None),
-    "query": ("url.query", None),
-    "target": ("", "http.target"),
-    "host": ("", "http.host"),
-    "server_address": ("server.address", "net.host.name"),
-    "server_port": ("server.port", "net.host.port"),
-    "client_address": ("client.address", "http.client_ip"),
-    "client_port": ("client.port", "net.peer.port"),
-    "user_agent": ("user_agent.original", "http.user_agent"),
-    "transport": ("network.transport", None),
-    "protocol_version": ("network.protocol.version", "http.flavor"),
-    "status": ("http.response.status_code", "http.status_code"),
-    "request_size": ("http.request.body.size", "http.request_content_length"),
-    "response_size": ("http.response.body.size", "http.response_content_length"),
-    "error_type": ("error.type", None),
+    "method": (http_attributes.HTTP_REQUEST_METHOD, incubating_http.HTTP_METHOD),
+    "route": (http_attributes.HTTP_ROUTE, http_attributes.HTTP_ROUTE),
+    "scheme": (url_attributes.URL_SCHEME, incubating_http.HTTP_SCHEME),
+    "path": (url_attributes.URL_PATH, None),
+    "query": (url_attributes.URL_QUERY, None),
+    "target": ("", incubating_http.HTTP_TARGET),
+    "host": ("", incubating_http.HTTP_HOST),
+    "server_address": (server_attributes.SERVER_ADDRESS, incubating_net.NET_HOST_NAME),
+    "server_port": (server_attributes.SERVER_PORT, incubating_net.NET_HOST_PORT),
+    "client_address": (client_attributes.CLIENT_ADDRESS, incubating_http.HTTP_CLIENT_IP),
+    "client_port": (client_attributes.CLIENT_PORT, incubating_net.NET_PEER_PORT),
+    "user_agent": (user_agent_attributes.USER_AGENT_ORIGINAL, incubating_http.HTTP_USER_AGENT),
+    "transport": (network_attributes.NETWORK_TRANSPORT, None),
+    "protocol_version": (network_attributes.NETWORK_PROTOCOL_VERSION, incubating_http.HTTP_FLAVOR),
+    "status": (http_attributes.HTTP_RESPONSE_STATUS_CODE, incubating_http.HTTP_STATUS_CODE),
+    "request_size": (
+        incubating_http.HTTP_REQUEST_BODY_SIZE,
+        incubating_http.HTTP_REQUEST_CONTENT_LENGTH,
+    ),
+    "response_size": (
+        incubating_http.HTTP_RESPONSE_BODY_SIZE,
+        incubating_http.HTTP_RESPONSE_CONTENT_LENGTH,
+    ),
+    "error_type": (error_attributes.ERROR_TYPE, None),
 }
-
 CLIENT_ROWS: dict[str, tuple[str, str | None]] = {
-    "method": ("http.request.method", "http.method"),
-    "url": ("url.full", "http.url"),
-    "server_address": ("server.address", "net.peer.name"),
-    "server_port": ("server.port", "net.peer.port"),
-    "status": ("http.response.status_code", "http.status_code"),
+    "method": (http_attributes.HTTP_REQUEST_METHOD, incubating_http.HTTP_METHOD),
+    "url": (url_attributes.URL_FULL, incubating_http.HTTP_URL),
+    "server_address": (server_attributes.SERVER_ADDRESS, incubating_net.NET_PEER_NAME),
+    "server_port": (server_attributes.SERVER_PORT, incubating_net.NET_PEER_PORT),
+    "status": (http_attributes.HTTP_RESPONSE_STATUS_CODE, incubating_http.HTTP_STATUS_CODE),
 }
 
 MODES = ("old", "new", "dup")
