@@ -28,8 +28,20 @@ CASES: dict[str, tuple[str, object, str, object, str | None, str | None]] = {
     "ZER_VER_TRANSPORT": ("transport", "auto", "Streams", "streams", "udp", "'auto', 'streams'"),
     "ZER_VER_DB_PATH": ("db_path", "zerver.sqlite3", "/tmp/x.db", "/tmp/x.db", None, None),
     "ZER_VER_DB_POOL_SIZE": ("db_pool_size", 4, "8", 8, "0", ">= 1"),
+    "ZER_VER_DB_URL": ("db_url", None, "postgres://h/d", "postgres://h/d", "mysql://h/d", "ql://"),
     "ZER_VER_CACHE_MAX_ENTRIES": ("cache_max_entries", 10000, "5", 5, "0", ">= 1"),
     "ZER_VER_CACHE_TTL_MS": ("cache_ttl_ms", 60000, "5", 5, "0", ">= 1"),
+    # The Redis URLs are checked (password masked) by the app: tests/test_redis.py.
+    "ZER_VER_CACHE_URL": ("cache_url", None, "redis://h:1/0", "redis://h:1/0", None, None),
+    "ZER_VER_BROKER_URL": ("broker_url", None, "redis://h:1/0", "redis://h:1/0", None, None),
+    "ZER_VER_BROKER_VISIBILITY_TIMEOUT_MS": (
+        "broker_visibility_timeout_ms",
+        30000,
+        "5",
+        5,
+        "0",
+        ">= 1",
+    ),
     "ZER_VER_EXPORT_PROCESS": (
         "export_process",
         "auto",
@@ -156,6 +168,18 @@ CASES: dict[str, tuple[str, object, str, object, str | None, str | None]] = {
     "OTEL_SPAN_LINK_COUNT_LIMIT": ("span_link_count_limit", 128, "8", 8, "-1", ">= 0"),
     "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT": ("event_attribute_count_limit", None, "8", 8, "-1", ">= 0"),
     "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT": ("link_attribute_count_limit", None, "8", 8, "-1", ">= 0"),
+    "ZER_VER_ZPAGES": ("zpages", False, "on", True, "yes", "on, off"),
+    "ZER_VER_ZPAGES_PATH": ("zpages_path", "/debug", "/_z/x", "/_z/x", "debug", "/debug"),
+    "ZER_VER_ZPAGES_ALLOW": ("zpages_allow", "", "10.0.0.0/8", "10.0.0.0/8", "10.0.0/x", "10.0"),
+    "ZER_VER_TRACE_RESPONSE_HEADER": (
+        "trace_response_header",
+        True,
+        "off",
+        False,
+        "yes",
+        "on, off, 1, 0",
+    ),
+    "ZER_VER_CONSOLE_FORMAT": ("console_format", "tree", "JSONL", "jsonl", "json", "'tree'"),
 }
 
 

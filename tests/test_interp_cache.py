@@ -1,17 +1,22 @@
-"""CacheInterpreter: TTL on a virtual clock, LRU bounds, notes and counters."""
+"""The cache interpreters: one effect-level suite for the in-process cache and Redis,
+then the in-process cache's own rules (TTL on a virtual clock, LRU bounds, counters)."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from redis_server import RedisServer, redis_server  # noqa: F401 (a fixture)
 
 from zerver._clock import VirtualClock
 from zerver._effects import CacheDel, CacheGet, CacheSet, DbGet, Effect
 from zerver._errors import EffectError
-from zerver._interpreters import CacheInterpreter, CacheStats
+from zerver._interpreters import CacheInterpreter, CacheStats, RedisCacheInterpreter
 from zerver._park import JobContext
 from zerver._records import JobState
 
@@ -35,15 +40,42 @@ def make_job(effect: Effect, clock: VirtualClock) -> JobContext:
     return JobContext(state, clock)
 
 
-async def run(cache: CacheInterpreter, effect: Effect, clock: VirtualClock) -> tuple[Any, JobState]:
+async def run(
+    cache: CacheInterpreter | RedisCacheInterpreter, effect: Effect, clock: VirtualClock
+) -> tuple[Any, JobState]:
     job = make_job(effect, clock)
     return await cache.perform(effect, job), job.state
 
 
-async def test_get_set_del_and_hit_notes(clock: VirtualClock) -> None:
-    cache = CacheInterpreter(clock=clock)
-    await cache.start()
+AnyCache = CacheInterpreter | RedisCacheInterpreter
 
+
+@pytest.fixture(params=["in_process", "redis"])
+async def cache(request: pytest.FixtureRequest, clock: VirtualClock) -> AsyncIterator[AnyCache]:
+    """A started cache of each kind; the Redis one keeps its keys apart from other tests'."""
+    interp: AnyCache
+    if request.param == "in_process":
+        interp = CacheInterpreter(clock=clock)
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        interp = RedisCacheInterpreter(server.url, key_prefix=f"test-{uuid.uuid4().hex[:12]}:")
+    await interp.start()
+    try:
+        yield interp
+    finally:
+        await interp.aclose()
+
+
+def hits_and_misses(cache: AnyCache) -> tuple[int, int]:
+    if isinstance(cache, CacheInterpreter):
+        return cache.stats.hits, cache.stats.misses
+    return cache.hits, cache.misses
+
+
+# -- the effects, on every cache ------------------------------------------------
+
+
+async def test_get_set_del_and_hit_notes(cache: AnyCache, clock: VirtualClock) -> None:
     value, state = await run(cache, CacheGet(namespace="author", key="7"), clock)
     assert value is None
     assert state.result_meta == {"cache.hit": False}
@@ -57,24 +89,63 @@ async def test_get_set_del_and_hit_notes(clock: VirtualClock) -> None:
     value, state = await run(cache, CacheGet(namespace="author", key="7"), clock)
     assert value == {"name": "Ann"}
     assert state.result_meta == {"cache.hit": True}
-    # Pure in-memory: nothing ever parks.
-    assert state.park_episodes == []
+    if isinstance(cache, CacheInterpreter):
+        assert state.park_episodes == []  # pure in-memory: nothing ever parks
+    else:
+        assert [(p.cause, p.token) for p in state.park_episodes] == [("io_wait", "redis")]
 
     assert (await run(cache, CacheDel(namespace="author", key="7"), clock))[0] is True
     assert (await run(cache, CacheDel(namespace="author", key="7"), clock))[0] is False
     assert (await run(cache, CacheGet(namespace="author", key="7"), clock))[0] is None
+    assert hits_and_misses(cache) == (1, 2)
 
+
+async def test_in_process_counters(clock: VirtualClock) -> None:
+    cache = CacheInterpreter(clock=clock)
+    await run(cache, CacheGet(namespace="author", key="7"), clock)
+    await run(cache, CacheSet(namespace="author", key="7", value=1), clock)
+    await run(cache, CacheGet(namespace="author", key="7"), clock)
+    await run(cache, CacheDel(namespace="author", key="7"), clock)
+    await run(cache, CacheGet(namespace="author", key="7"), clock)
     assert cache.stats == CacheStats(entries=0, hits=1, misses=2, evictions=0, expirations=0)
     assert cache.stats.hit_ratio == pytest.approx(1 / 3)
-    await cache.aclose()
 
 
-async def test_namespaces_are_separate(clock: VirtualClock) -> None:
-    cache = CacheInterpreter(clock=clock)
+async def test_namespaces_are_separate(cache: AnyCache, clock: VirtualClock) -> None:
     await run(cache, CacheSet(namespace="a", key="k", value=1), clock)
     await run(cache, CacheSet(namespace="b", key="k", value=2), clock)
+    # A namespace and key that would join to the same text stay apart too.
+    await run(cache, CacheSet(namespace="a:k", key="x", value=3), clock)
+    await run(cache, CacheSet(namespace="a", key="k:x", value=4), clock)
     assert (await run(cache, CacheGet(namespace="a", key="k"), clock))[0] == 1
     assert (await run(cache, CacheGet(namespace="b", key="k"), clock))[0] == 2
+    assert (await run(cache, CacheGet(namespace="a:k", key="x"), clock))[0] == 3
+    assert (await run(cache, CacheGet(namespace="a", key="k:x"), clock))[0] == 4
+
+
+VALUES = [
+    {"name": "Ann", "tags": ["a", "b"], "age": 41, "score": 0.5, "admin": False, "boss": None},
+    [1, "two", 3.0],
+    "text with ünïcode",
+    0,
+    None,
+    True,
+]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=lambda v: type(v).__name__)
+async def test_values_read_back_equal(cache: AnyCache, clock: VirtualClock, value: Any) -> None:
+    await run(cache, CacheSet(namespace="v", key="k", value=value), clock)
+    got, state = await run(cache, CacheGet(namespace="v", key="k"), clock)
+    assert got == value and type(got) is type(value)
+    # A cached None is a hit, not a miss.
+    assert state.result_meta == {"cache.hit": True}
+
+
+async def test_set_overwrites(cache: AnyCache, clock: VirtualClock) -> None:
+    await run(cache, CacheSet(namespace="n", key="k", value="old"), clock)
+    await run(cache, CacheSet(namespace="n", key="k", value="new"), clock)
+    assert (await run(cache, CacheGet(namespace="n", key="k"), clock))[0] == "new"
 
 
 async def test_ttl_expiry_on_virtual_clock(clock: VirtualClock) -> None:
@@ -139,20 +210,60 @@ def test_expired_victims_count_as_expirations(clock: VirtualClock) -> None:
     assert cache.get("n", "live") == (True, 2)
 
 
-@pytest.mark.parametrize("ttl_ms", [0, -5])
-async def test_invalid_ttl(clock: VirtualClock, ttl_ms: int) -> None:
-    cache = CacheInterpreter(clock=clock)
+@pytest.mark.parametrize("ttl_ms", [0, -5, True, "10"])
+async def test_invalid_ttl(cache: AnyCache, clock: VirtualClock, ttl_ms: Any) -> None:
     with pytest.raises(EffectError) as info:
         await run(cache, CacheSet(namespace="n", key="k", value=1, ttl_ms=ttl_ms), clock)
     assert info.value.kind == "invalid_ttl"
-    assert str(ttl_ms) in str(info.value)
-    assert len(cache) == 0
+    assert repr(ttl_ms) in str(info.value)
+    assert (await run(cache, CacheGet(namespace="n", key="k"), clock))[0] is None
 
 
-async def test_unsupported_effect(clock: VirtualClock) -> None:
+async def test_unsupported_effect(cache: AnyCache, clock: VirtualClock) -> None:
     with pytest.raises(EffectError) as info:
-        await run(CacheInterpreter(clock=clock), DbGet(table="t", key="k"), clock)
+        await run(cache, DbGet(table="t", key="k"), clock)
     assert info.value.kind == "unsupported_effect"
+
+
+# -- time to live ----------------------------------------------------------------
+
+
+async def test_redis_ttl_is_set_on_the_server(redis_server: RedisServer) -> None:  # noqa: F811
+    """Redis keeps the TTL (``PX``): the default, an explicit one, a fraction rounded up."""
+    import redis.asyncio
+
+    clock = VirtualClock()
+    cache = RedisCacheInterpreter(
+        redis_server.url, default_ttl_ms=5000, key_prefix=f"test-{uuid.uuid4().hex[:12]}:"
+    )
+    raw = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await run(cache, CacheSet(namespace="n", key="default", value=1), clock)
+        await run(cache, CacheSet(namespace="n", key="given", value=1, ttl_ms=700), clock)
+        await run(cache, CacheSet(namespace="n", key="fraction", value=1, ttl_ms=0.2), clock)  # type: ignore[arg-type]
+        assert 0 < await raw.pttl(cache.redis_key("n", "default")) <= 5000
+        assert 0 < await raw.pttl(cache.redis_key("n", "given")) <= 700
+        assert await raw.pttl(cache.redis_key("n", "fraction")) in (-2, 0, 1)  # 1 ms, rounded up
+    finally:
+        await raw.aclose()
+        await cache.aclose()
+
+
+async def test_redis_entry_expires(redis_server: RedisServer) -> None:  # noqa: F811
+    """An entry set for 1 ms reads as a miss once Redis has dropped it (bounded wait)."""
+    clock = VirtualClock()
+    cache = RedisCacheInterpreter(redis_server.url, key_prefix=f"test-{uuid.uuid4().hex[:12]}:")
+    try:
+        await run(cache, CacheSet(namespace="n", key="k", value="v", ttl_ms=1), clock)
+        with anyio.fail_after(5):
+            for _ in range(500):
+                value, state = await run(cache, CacheGet(namespace="n", key="k"), clock)
+                if value is None:
+                    break
+                await anyio.sleep(0.01)
+        assert value is None and state.result_meta == {"cache.hit": False}
+    finally:
+        await cache.aclose()
 
 
 def test_constructor_validates() -> None:
@@ -231,3 +342,26 @@ def test_cache_agrees_with_dict_model(max_entries: int, operations: list[tuple[A
             assert cache.get(ns, key) == (True, value)
             hits += 1
     assert cache.stats.hits == hits
+
+
+async def test_redis_pool_wait_parks_backpressure(redis_server: RedisServer) -> None:  # noqa: F811
+    """With every connection busy, an effect parks ``backpressure`` / ``cache_pool``
+    with the pool's current and maximum, then ``io_wait`` / ``redis`` for its command."""
+    clock = VirtualClock()
+    cache = RedisCacheInterpreter(
+        redis_server.url, pool_size=1, key_prefix=f"test-{uuid.uuid4().hex[:12]}:"
+    )
+    await cache.start()
+    effect = CacheGet(namespace="n", key="k")
+    job = make_job(effect, clock)
+    try:
+        await cache.limiter.acquire()  # the one connection is busy
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cache.perform, effect, job)
+            await anyio.wait_all_tasks_blocked()
+            assert cache.limiter.waiting == 1
+            cache.limiter.release()
+    finally:
+        await cache.aclose()
+    episodes = [(p.cause, p.token, p.limit_current, p.limit_max) for p in job.state.park_episodes]
+    assert episodes == [("backpressure", "cache_pool", 1, 1), ("io_wait", "redis", None, None)]

@@ -1,15 +1,21 @@
-"""Publish → consume through the embedded broker: spans, retries, dead letters, bounds."""
+"""Publish → consume through each broker (the embedded one and Redis Streams):
+spans, retries, dead letters, bounds."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import anyio
+import orjson
 import pytest
+from redis_server import RedisServer, redis_server  # noqa: F401 (a fixture)
 from support import app_with_fake_db
 
 from zerver import (
     App,
+    Broker,
     Context,
     DbPut,
     Done,
@@ -23,6 +29,7 @@ from zerver import (
     load_settings,
     step,
 )
+from zerver._messaging_redis import RedisStreamsBroker
 from zerver._spans import SpanKind, StatusCode
 from zerver.testing import AppClient, FakeInterpreter, InMemorySpanSink
 
@@ -31,7 +38,42 @@ pytestmark = pytest.mark.anyio
 MID: Slot[str] = Slot("message_id")
 
 
-def make_app(broker: MemoryBroker | None = None) -> tuple[App, InMemorySpanSink, FakeInterpreter]:
+BrokerFactory = Callable[..., Broker]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def new_broker(request: pytest.FixtureRequest) -> BrokerFactory:
+    """Makes a broker of the kind under test: ``new_broker(capacity=...)``."""
+    if request.param == "memory":
+        return MemoryBroker
+    server: RedisServer = request.getfixturevalue("redis_server")
+    prefix = f"test-{uuid.uuid4().hex[:12]}:"  # streams of this test alone
+
+    def make(capacity: int = 10_000) -> Broker:
+        return RedisStreamsBroker(server.url, capacity=capacity, key_prefix=prefix, block_ms=50)
+
+    return make
+
+
+async def depth(broker: Broker, topic: str) -> int:
+    """Messages on ``topic`` not yet finished."""
+    if isinstance(broker, MemoryBroker):
+        return broker.depth(topic)
+    assert isinstance(broker, RedisStreamsBroker)
+    return await broker.backlog(topic)
+
+
+async def drain(broker: Broker, topic: str) -> list[Any]:
+    if isinstance(broker, MemoryBroker):
+        return broker.drain(topic)
+    assert isinstance(broker, RedisStreamsBroker)
+    try:
+        return await broker.drain(topic)
+    finally:
+        await broker.aclose()  # the app has stopped: close what draining opened
+
+
+def make_app(broker: Broker) -> tuple[App, InMemorySpanSink, FakeInterpreter]:
     app, _clock, fake = app_with_fake_db("msg", load_settings({}), broker=broker)
     fake.on("db.put audit", result=None, work_ms=1)
     sink = InMemorySpanSink()
@@ -52,19 +94,26 @@ def accepted(ctx: Context) -> Done:
 
 
 async def settle(app: App) -> None:
-    """Let consumers run until every message in flight is done (bounded)."""
-    with anyio.fail_after(5):
-        for _ in range(200):
-            await anyio.wait_all_tasks_blocked()
+    """Let consumers run until every message in flight is done (bounded).
+
+    The embedded broker is done when every task waits; Redis answers over a
+    socket, so there the loop looks again after a short pause, for at most 10 s.
+    """
+    local = isinstance(app.broker, MemoryBroker)
+    with anyio.fail_after(10):
+        for _ in range(2000):
+            if local:
+                await anyio.wait_all_tasks_blocked()
+            else:
+                await anyio.sleep(0.005)
             if all(c.stats.in_flight == 0 for c in app.consumers) and all(
-                app.broker.depth(c.topic) == 0  # type: ignore[attr-defined]
-                for c in app.consumers
+                [await depth(app.broker, c.topic) == 0 for c in app.consumers]
             ):
                 return
 
 
-async def test_producer_and_consumer_spans_in_one_trace() -> None:
-    app, sink, _fake = make_app()
+async def test_producer_and_consumer_spans_in_one_trace(new_broker: BrokerFactory) -> None:
+    app, sink, _fake = make_app(new_broker())
     seen: list[Any] = []
 
     @step
@@ -82,7 +131,10 @@ async def test_producer_and_consumer_spans_in_one_trace() -> None:
     async with AppClient(app) as c:
         r = await c.post("/orders/7")
         await settle(app)
-    assert r.status == 202 and r.body == b'{"message_id":"m1"}'
+    assert r.status == 202
+    mid = orjson.loads(r.body)["message_id"]
+    if isinstance(app.broker, MemoryBroker):
+        assert mid == "m1"
     assert seen == [({"order": "7"}, 1, {"order": "7"})]
     assert consumer.stats.received == consumer.stats.processed == 1
     http_trace, consumer_trace = sink.traces
@@ -91,8 +143,8 @@ async def test_producer_and_consumer_spans_in_one_trace() -> None:
     assert producer.kind == SpanKind.PRODUCER
     assert producer.attributes["messaging.destination.name"] == "orders"
     assert producer.attributes["messaging.operation.type"] == "send"
-    assert producer.attributes["messaging.system"] == "zerver"
-    assert producer.attributes["messaging.message.id"] == "m1"
+    assert producer.attributes["messaging.system"] == app.broker.system
+    assert producer.attributes["messaging.message.id"] == mid
     assert producer.attributes["messaging.message.body.size"] == len(b'{"order":"7"}')
     assert root.name == "queue.process orders" and root.kind == SpanKind.CONSUMER
     assert root.trace_id == producer.trace_id and root.parent_span_id == producer.span_id
@@ -100,14 +152,14 @@ async def test_producer_and_consumer_spans_in_one_trace() -> None:
         (producer.trace_id, producer.span_id)
     ]
     assert root.attributes["messaging.operation.type"] == "process"
-    assert root.attributes["messaging.message.id"] == "m1"
+    assert root.attributes["messaging.message.id"] == mid
     assert root.status_code == StatusCode.UNSET
     names = {s.name for s in consumer_trace}
     assert {"step.record_order", "db.put audit", "step.done.resume"} <= names
 
 
-async def test_link_only_when_not_continuing() -> None:
-    app, sink, _fake = make_app()
+async def test_link_only_when_not_continuing(new_broker: BrokerFactory) -> None:
+    app, sink, _fake = make_app(new_broker())
 
     @step
     def ok(ctx: Context) -> Done:
@@ -124,8 +176,8 @@ async def test_link_only_when_not_continuing() -> None:
     assert root.links[0].span_id == producer.span_id
 
 
-async def test_failing_consumer_is_retried_then_dead_lettered() -> None:
-    app, sink, _fake = make_app()
+async def test_failing_consumer_is_retried_then_dead_lettered(new_broker: BrokerFactory) -> None:
+    app, sink, _fake = make_app(new_broker())
     attempts: list[int] = []
 
     @step
@@ -150,9 +202,7 @@ async def test_failing_consumer_is_retried_then_dead_lettered() -> None:
     assert stats.processed == 1 and stats.dead_lettered == 1 and stats.retried == 3
     assert stats.received == stats.processed + stats.retried + stats.dead_lettered
     assert sorted(attempts) == [1, 1, 2, 2, 3]
-    broker = app.broker
-    assert isinstance(broker, MemoryBroker)
-    dead = broker.drain("orders.dead")
+    dead = await drain(app.broker, "orders.dead")
     assert [m.json() for m in dead] == [{"order": "boom"}]
     assert dead[0].attempt == 3 and "handler broke" in dead[0].headers["x-zerver-dead-reason"]
     assert dead[0].headers["x-zerver-original-topic"] == "orders"
@@ -162,8 +212,8 @@ async def test_failing_consumer_is_retried_then_dead_lettered() -> None:
     assert {r.attributes["zerver.message.attempt"] for r in failed_roots} == {1, 2, 3}
 
 
-async def test_full_topic_fails_the_publish_and_never_hangs() -> None:
-    app, _sink, _fake = make_app(broker=MemoryBroker(capacity=1))
+async def test_full_topic_fails_the_publish_and_never_hangs(new_broker: BrokerFactory) -> None:
+    app, _sink, _fake = make_app(new_broker(capacity=1))
     app.post("/orders/{id}", publish_order)
     async with AppClient(app) as c:
         first = await c.post("/orders/1")
@@ -173,8 +223,10 @@ async def test_full_topic_fails_the_publish_and_never_hangs() -> None:
     assert app.broker.refused == 1  # type: ignore[attr-defined]
 
 
-async def test_publish_of_unserialisable_message_is_a_clear_failure() -> None:
-    app, _sink, _fake = make_app()
+async def test_publish_of_unserialisable_message_is_a_clear_failure(
+    new_broker: BrokerFactory,
+) -> None:
+    app, _sink, _fake = make_app(new_broker())
 
     @step
     def bad(ctx: Context) -> Need:
@@ -186,8 +238,8 @@ async def test_publish_of_unserialisable_message_is_a_clear_failure() -> None:
     assert r.status == 500 and b"invalid_message" in r.body
 
 
-async def test_shutdown_finishes_message_in_hand() -> None:
-    app, _sink, _fake = make_app()
+async def test_shutdown_finishes_message_in_hand(new_broker: BrokerFactory) -> None:
+    app, _sink, _fake = make_app(new_broker())
     started = anyio.Event()
     gate = anyio.Event()
 
@@ -222,8 +274,10 @@ async def _release(gate: anyio.Event) -> None:
     gate.set()
 
 
-async def test_4xx_is_dead_lettered_at_once_and_continue_counts_as_handled() -> None:
-    app, _sink, _fake = make_app()
+async def test_4xx_is_dead_lettered_at_once_and_continue_counts_as_handled(
+    new_broker: BrokerFactory,
+) -> None:
+    app, _sink, _fake = make_app(new_broker())
 
     @step
     def judge(ctx: Context) -> Any:
@@ -242,12 +296,12 @@ async def test_4xx_is_dead_lettered_at_once_and_continue_counts_as_handled() -> 
         await settle(app)
     s = consumer.stats
     assert (s.received, s.processed, s.retried, s.dead_lettered, s.lost) == (2, 1, 0, 1, 0)
-    dead = app.broker.drain("orders.dead")  # type: ignore[attr-defined]
+    dead = await drain(app.broker, "orders.dead")
     assert dead[0].attempt == 1 and "Fail 422" in dead[0].headers["x-zerver-dead-reason"]
 
 
-async def test_a_refused_dead_letter_is_counted_as_lost() -> None:
-    app, _sink, _fake = make_app(broker=MemoryBroker(capacity=1))
+async def test_a_refused_dead_letter_is_counted_as_lost(new_broker: BrokerFactory) -> None:
+    app, _sink, _fake = make_app(new_broker(capacity=1))
 
     @step
     def reject(ctx: Context) -> Fail:

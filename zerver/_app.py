@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ._spans import Resource
     from ._tracing import SpanSink, TraceEngine
     from .export._config import MetricsExportConfig
+    from .zpages import ZPages
 
 __all__ = ["App"]
 
@@ -96,12 +97,22 @@ class App:
         # Trace, span, request and error ids; seed it for reproducible ids in tests.
         self._rng = rng if rng is not None else random.Random()
         #: Where ``Publish`` effects go and consumers read from.
+        if broker is None and self.settings.broker_url:
+            from ._messaging_redis import RedisStreamsBroker
+
+            broker = RedisStreamsBroker(
+                self.settings.broker_url,
+                visibility_timeout_ms=self.settings.broker_visibility_timeout_ms,
+                variable="ZER_VER_BROKER_URL",
+            )
         self.broker: Broker = broker if broker is not None else MemoryBroker()
         self._started = False
         # Secrets never enter a record: query values redacted, userinfo dropped, headers
         # captured only when asked for (docs/security.md).
         self._redaction = Redaction.parse(self.settings.redact_query_params)
         self._captures = HeaderCaptures.from_settings(self.settings)
+        # W3C Trace Context Level 2 ``traceresponse``: which trace a caller can look up.
+        self._trace_response = self.settings.trace_response_header
         self._default_interpreters()
         self._otel_context = self.settings.otel_context
         # The head sampling decision, made once per request in _start_record; None
@@ -111,6 +122,12 @@ class App:
         self._prop_fields = propagation_fields()
         self._on_startup: list[Callable[[App], Awaitable[None]]] = []
         self._consumers: list[Consumer] = []
+        # The trace pages (docs/tracez.md); None when off, so a request pays one test.
+        self._zpages: ZPages | None = None
+        if self.settings.zpages:
+            from .zpages import ZPages
+
+            self._zpages = ZPages(self)
 
     # -- building -----------------------------------------------------------------
 
@@ -271,15 +288,28 @@ class App:
         s = self.settings
         # The SQLite pool opens (and creates its file) with the first db effect, in
         # SqliteInterpreter._run, not when the app starts.
-        db = SqliteInterpreter(s.db_path, pool_size=s.db_pool_size, clock=self.clock)
+        db: Interpreter
+        backend, target = s.db_backend  # ZER_VER_DB_URL, else ZER_VER_DB_PATH
+        if backend == "postgresql":
+            from ._interpreters import PostgresInterpreter
+
+            db = PostgresInterpreter(target, pool_size=s.db_pool_size, clock=self.clock)
+        else:
+            db = SqliteInterpreter(target, pool_size=s.db_pool_size, clock=self.clock)
         self._open_on_use = (db,)
         self._interpreters.setdefault("db", db)
-        self._interpreters.setdefault(
-            "cache",
-            CacheInterpreter(
+        cache: Interpreter
+        if s.cache_url:
+            from ._interpreters import RedisCacheInterpreter
+
+            cache = RedisCacheInterpreter(
+                s.cache_url, default_ttl_ms=s.cache_ttl_ms, variable="ZER_VER_CACHE_URL"
+            )
+        else:
+            cache = CacheInterpreter(
                 max_entries=s.cache_max_entries, default_ttl_ms=s.cache_ttl_ms, clock=self.clock
-            ),
-        )
+            )
+        self._interpreters.setdefault("cache", cache)
         self._interpreters.setdefault("http", HttpInterpreter(capture_headers=self._captures))
         self._interpreters.setdefault("queue", BrokerInterpreter(self.broker))
 
@@ -416,7 +446,12 @@ class App:
         executor = self._executor
         if executor is None:
             raise UsageError("the app is not running; use `async with app.lifespan():`")
+        zpages = self._zpages
+        if zpages is not None and zpages.claims(request):
+            return zpages.serve(request)  # neither traced nor counted
         record = self._start_record(request)
+        if zpages is not None:
+            zpages.aggregator.started(record)
         response: Response | None = None
         active = active_span.set((record, record.span_id))
         try:
@@ -433,6 +468,14 @@ class App:
                 record.finish(499, 0)
             else:
                 response.headers.append(("x-request-id", record.request_id))
+                if self._trace_response:
+                    response.headers.append(
+                        (
+                            "traceresponse",
+                            f"00-{record.trace_id:032x}-{record.span_id:016x}-"
+                            f"{record.trace_flags & 0xFF:02x}",
+                        )
+                    )
                 capture = self._captures.server_response.capture
                 if capture is not None:
                     captured = capture(response.headers)

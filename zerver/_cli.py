@@ -6,6 +6,10 @@ naming the cause and exit status 2: for the app's own code, its exception
 and the app's innermost frame, never zerver's traceback. A ``ZER_VER_*``
 variable zerver does not read is logged as a warning naming the closest
 known one.
+
+Before binding, one line says where traces go (:func:`announce_traces`); with
+OTLP, a check on a thread of its own warns at once, and once, when nothing
+answers at the endpoint (:func:`check_collector_soon`).
 """
 
 from __future__ import annotations
@@ -16,10 +20,14 @@ import gc
 import importlib.util
 import os
 import site
+import socket
 import sys
 import sysconfig
+import threading
 import traceback
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -27,6 +35,9 @@ from ._app import App
 from ._config import Settings, known_variables, load_settings
 from ._errors import ConfigError, UsageError, ZerverError
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from .export import ExportConfig
 
 __all__ = ["main", "serving_app"]
 
@@ -309,6 +320,127 @@ def worker_failure_line(exc: BaseException) -> str | None:
     return _failure_line(f"serving {target}", _leaf(exc), _AppCode(target))
 
 
+# -- what a new user is told at start ------------------------------------------------
+
+
+def _export_config() -> ExportConfig:
+    from .export import ExportConfig
+
+    return ExportConfig.from_env()
+
+
+def trace_destination(settings: Settings, config: ExportConfig) -> str:
+    """Where this server's traces go, in words: the OTLP endpoint and protocol (and
+    whether an exporter process builds them), the console and its format, or nowhere."""
+    parts: list[str] = []
+    for name in config.exporters:
+        if name == "otlp":
+            mode = settings.export_process
+            child = mode == "on" or (mode == "auto" and (os.cpu_count() or 1) > 1)
+            where = "an exporter process" if child else "this process"
+            parts.append(f"OTLP {config.protocol} at {config.endpoint} (built in {where})")
+        elif name == "console":
+            form = "trees" if settings.console_format == "tree" else "JSON lines"
+            parts.append(f"standard output as {form} (console)")
+    if not parts:
+        return "traces go nowhere (OTEL_TRACES_EXPORTER=none)"
+    return "traces go to " + " and ".join(parts)
+
+
+def tracez_text(settings: Settings) -> str | None:
+    """``tracez at http://host:port/debug/tracez`` when the trace pages are on, else None.
+
+    A server bound to every address is reached on loopback, where the pages answer;
+    with ``--port 0`` the port is the one the ``server started`` line names.
+    """
+    if not settings.zpages:
+        return None
+    host = settings.host
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    path = settings.zpages_path.rstrip("/") + "/tracez"
+    if settings.port == 0:
+        return f"tracez at {path} on this server"
+    return f"tracez at http://{host}:{settings.port}{path}"
+
+
+def announce_traces(settings: Settings, config: ExportConfig, extra: Sequence[str] = ()) -> str:
+    """Log, once and on one line, where traces go, followed by ``extra`` (each a short
+    phrase such as where to browse them); returns the line."""
+    line = "; ".join([trace_destination(settings, config), *extra])
+    structlog.get_logger("zerver").info(
+        line,
+        exporters=",".join(config.exporters) or "none",
+        endpoint=config.endpoint if "otlp" in config.exporters else None,
+    )
+    return line
+
+
+def collector_problem(endpoint: str, timeout_s: float = 2.0) -> str | None:
+    """Why nothing takes a connection at ``endpoint``'s host and port, or None when
+    something does (a TCP connect, nothing sent: it says a collector could answer)."""
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        return "its port is not a number"
+    host = url.hostname or "localhost"
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except TimeoutError:
+        return f"no answer within {timeout_s:g}s"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    except ValueError as exc:  # a host name that cannot be encoded
+        return f"{type(exc).__name__}: {exc}"
+
+
+def no_collector_message(endpoint: str, problem: str, *, spooling: bool) -> str:
+    """The one warning a server gives when no collector answers at ``endpoint``:
+    what happens to traces meanwhile and the two ways to see them."""
+    port = urllib.parse.urlsplit(endpoint).port or 4318
+    kept = (
+        "traces wait in the spool until it answers"
+        if spooling
+        else "traces are dropped after retries"
+    )
+    return (
+        f"no trace collector answers at {endpoint} ({problem}); {kept}. "
+        f"To see them: start a collector or Jaeger there "
+        f"(docker run --rm -p {port}:4318 -p 16686:16686 jaegertracing/all-in-one, "
+        f"then http://localhost:16686), or set OTEL_TRACES_EXPORTER=console to print them "
+        f"(none: no export). Serving goes on."
+    )
+
+
+def check_collector_soon(
+    config: ExportConfig, environ: Mapping[str, str]
+) -> threading.Thread | None:
+    """Check once, on a thread of its own (start-up does not wait), that something
+    answers at the OTLP endpoint; warn at once if not. None when OTLP is not used."""
+    if "otlp" not in config.exporters:
+        return None
+    spool = environ.get("ZER_VER_EXPORT_SPOOL_DIR", "").strip().lower()
+    spooling = config.exporters == ("otlp",) and spool not in ("off", "none")
+    log = structlog.get_logger("zerver.export")
+
+    def check() -> None:
+        problem = collector_problem(config.endpoint)
+        if problem is not None:
+            log.warning(
+                no_collector_message(config.endpoint, problem, spooling=spooling),
+                endpoint=config.endpoint,
+                error=problem,
+            )
+
+    thread = threading.Thread(target=check, name="zerver-collector-check", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zerver`` console script."""
     from ._logging import configure_logging
@@ -322,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = "zerver.demo:create_app" if args.command == "demo" else args.app
 
     try:
+        if args.command == "demo" and not os.environ.get("ZER_VER_ZPAGES", "").strip():
+            os.environ["ZER_VER_ZPAGES"] = "on"  # the demo shows its traces at /debug/tracez
         settings = _settings(args)
         if args.workers < 1:
             raise ConfigError(f"--workers={args.workers} is invalid: accepted: 1 or more")
@@ -329,15 +463,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         warn_unknown_variables(os.environ)
         warn_unwired_variables(os.environ)
         # Every worker process builds the app itself from the environment.
-        os.environ["ZER_VER_DB_PATH"] = settings.db_path
+        if settings.db_url is None:
+            os.environ["ZER_VER_DB_PATH"] = settings.db_path
         os.environ[_APP_ENV] = target
         serving_app(check_only=True)  # fail fast, before binding, on a bad value
+        backend, db_target = settings.db_backend
+        if backend == "postgresql":  # an unreachable server: one line, exit 2
+            from ._interpreters._postgres import probe_postgres
+
+            probe_postgres(db_target)
+        export = _export_config()
     except Exception as exc:  # a bad value, or the app's module or factory raised
         line = _failure_line(f"loading {target}", exc, _AppCode(target))
         if line is None:
             raise
         print(line, file=sys.stderr)
         return 2
+    announce_traces(settings, export, [t for t in (tracez_text(settings),) if t])
+    check_collector_soon(export, os.environ)
     try:
         return serve_from_settings("zerver._cli:serving_app", settings, workers=args.workers)
     except Exception as exc:  # raised inside the server's task group, so often a group

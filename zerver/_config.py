@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -69,8 +69,14 @@ class Settings(BaseSettings):
     # Embedded interpreters.
     db_path: str = "zerver.sqlite3"
     db_pool_size: int = Field(4, ge=1, le=1000)
+    # postgresql://... or sqlite:///path (docs/backends.md); the path alone is db_path.
+    db_url: str | None = None
     cache_max_entries: int = Field(10_000, ge=1)
     cache_ttl_ms: int = Field(60_000, ge=1)
+    # Shared Redis backends (docs/backends.md); checked, password masked, by the app.
+    cache_url: str | None = None
+    broker_url: str | None = None
+    broker_visibility_timeout_ms: int = Field(30_000, ge=1)
 
     # Demo service.
     demo_base_url: str | None = None
@@ -163,6 +169,46 @@ class Settings(BaseSettings):
                 ) from None
         return v
 
+    # In-process trace pages (docs/tracez.md).
+    zpages: bool = False
+    zpages_path: str = "/debug"
+    zpages_allow: str = ""
+
+    @field_validator("zpages", "trace_response_header", mode="before")
+    @classmethod
+    def _switch(cls, v: Any) -> Any:
+        """A switch: ``on``/``off`` as well as a boolean's 1/0/true/false."""
+        if isinstance(v, str) and v.strip().lower() in ("on", "off"):
+            return v.strip().lower() == "on"
+        try:
+            return parse_bool(v)
+        except ValueError:
+            raise ValueError("accepted: on, off, 1, 0, true, false") from None
+
+    @field_validator("zpages_path")
+    @classmethod
+    def _zpages_path(cls, v: str) -> str:
+        from .zpages import check_path
+
+        return check_path(v)
+
+    @field_validator("zpages_allow")
+    @classmethod
+    def _zpages_allow(cls, v: str) -> str:
+        from .zpages import parse_networks
+
+        parse_networks(v)
+        return v
+
+    # What a new user sees of traces (docs/getting-started.md, docs/exporting.md).
+    trace_response_header: bool = True
+    console_format: Literal["tree", "jsonl"] = "tree"
+
+    @field_validator("console_format", mode="before")
+    @classmethod
+    def _console_format(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
+
     # Logging.
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -192,6 +238,20 @@ class Settings(BaseSettings):
         if v is not None and not _BASE_URL.match(v):
             raise ValueError("accepted: an http:// or https:// URL such as http://127.0.0.1:8080")
         return v
+
+    @field_validator("db_url")
+    @classmethod
+    def _db_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_db_url(v)
+        return v
+
+    @property
+    def db_backend(self) -> tuple[Literal["sqlite", "postgresql"], str]:
+        """The database of the ``db`` effects: ``("postgresql", url)`` or ``("sqlite", path)``."""
+        if self.db_url is None:
+            return "sqlite", self.db_path
+        return parse_db_url(self.db_url)
 
     @field_validator("metrics_view_route_p95_window")
     @classmethod
@@ -385,6 +445,61 @@ def parse_sampler(text: str) -> SamplerSpec:
     return SamplerSpec(head_ratio=ratio, tail=tail)
 
 
+_DB_URL_ACCEPTED = (
+    "accepted: postgresql://user:password@host:port/dbname, or sqlite:///path "
+    "(sqlite:////absolute/path, sqlite:///:memory:)"
+)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (in the userinfo or a ``password=`` query
+    parameter) replaced by ``***``, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<a URL that cannot be parsed>"
+    netloc = parts.netloc
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    query = re.sub(r"(?i)(^|&)(password|sslpassword)=[^&]*", r"\1\2=***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def parse_db_url(url: str) -> tuple[Literal["sqlite", "postgresql"], str]:
+    """``("postgresql", url)`` or ``("sqlite", path)`` for ``ZER_VER_DB_URL``; ValueError else."""
+    scheme = url.partition(":")[0].lower()
+    if scheme == "sqlite":
+        path = url[len("sqlite:///") :] if url.lower().startswith("sqlite:///") else ""
+        if not path:
+            raise ValueError(_DB_URL_ACCEPTED)
+        return "sqlite", unquote(path)
+    if scheme in ("postgresql", "postgres"):
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError(_DB_URL_ACCEPTED) from None
+        if not parts.netloc and not parts.path.strip("/") and not parts.query:
+            raise ValueError(_DB_URL_ACCEPTED)
+        return "postgresql", url
+    raise ValueError(_DB_URL_ACCEPTED)
+
+
+def check_db_settings(settings: Settings, given: set[str]) -> None:
+    """ConfigError when ``ZER_VER_DB_URL`` and ``ZER_VER_DB_PATH`` (both in ``given``)
+    name different databases."""
+    if settings.db_url is None or "db_path" not in given:
+        return
+    kind, target = settings.db_backend
+    if kind == "sqlite" and target == settings.db_path:
+        return
+    raise ConfigError(
+        f"ZER_VER_DB_URL={mask_url(settings.db_url)!r} and ZER_VER_DB_PATH="
+        f"{settings.db_path!r} name different databases: set only one of them"
+    )
+
+
 def parse_resource_attributes(text: str) -> dict[str, str]:
     """``key=value,key2=value2`` (values URL-decoded), as ``OTEL_RESOURCE_ATTRIBUTES``."""
     out: dict[str, str] = {}
@@ -471,12 +586,16 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
             info = Settings.model_fields[name]
             alias = info.validation_alias
             values[alias if isinstance(alias, str) else name] = value
-        return Settings.model_validate(values)
+        settings = Settings.model_validate(values)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
         var = env_name(field) if field in Settings.model_fields else field
-        raise ConfigError(f"{var}={err.get('input')!r} is invalid: {_accepted(err)}") from None
+        value = err.get("input")
+        shown = mask_url(value) if isinstance(value, str) and "://" in value else value
+        raise ConfigError(f"{var}={shown!r} is invalid: {_accepted(err)}") from None
+    check_db_settings(settings, set(values))
+    return settings
 
 
 # A variable name as code reads it: a whole string literal such as "ZER_VER_EXPORT_OVERFLOW".

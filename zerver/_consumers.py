@@ -131,6 +131,10 @@ class ConsumerRunner:
             stats.processed += 1
         else:
             await self._retry_or_dead_letter(consumer, msg, failure, permanent=permanent)
+        try:
+            await self.app.broker.ack(msg)
+        except Exception:  # the broker redelivers it later: at least once, never lost
+            _log.exception("acknowledging failed", topic=consumer.topic, message_id=msg.id)
         stats.in_flight -= 1
 
     async def _retry_or_dead_letter(

@@ -192,6 +192,10 @@ def effect_span_attributes(
         return {"zerver.effect.attributes_error": type(exc).__qualname__}
 
 
+#: Facts a ``db`` interpreter may note (``job.note``) that go on the span as they are.
+_DB_STATEMENT_FACTS = ("db.collection.name", "db.operation.name", "db.query.text")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _DbEffect(Effect):
     system: ClassVar[str] = "db"
@@ -214,6 +218,10 @@ class _DbEffect(Effect):
             rows = result.get("db.rows")
             if isinstance(rows, int):
                 attrs["db.response.returned_rows"] = rows
+            # The statement, as an interpreter that runs SQL text reports it (PostgreSQL).
+            for fact in _DB_STATEMENT_FACTS:
+                if (value := result.get(fact)).__class__ is str:
+                    attrs[fact] = value
         return attrs
 
 

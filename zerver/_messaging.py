@@ -125,6 +125,11 @@ class Broker(Protocol):
 
     async def receive(self, topic: str) -> Message: ...
 
+    async def ack(self, message: Message) -> None:
+        """``message`` (from :meth:`receive`) is finished: processed, published
+        again for a retry, or dead-lettered. A broker that redelivers unfinished
+        messages forgets it now; the in-process broker has nothing to do."""
+
     async def aclose(self) -> None: ...
 
 
@@ -204,6 +209,10 @@ class MemoryBroker:
                     t.waiters.remove(ev)
         t.delivered += 1
         return t.queue.popleft()
+
+    async def ack(self, message: Message) -> None:
+        """Nothing to do: a message leaves the in-process queue when received."""
+        return None
 
     def depth(self, topic: str) -> int:
         """Messages waiting on ``topic``."""

@@ -316,10 +316,10 @@ def healthz(ctx: Context) -> Decision:
 
 
 async def _seed(app: App) -> None:
-    from .._interpreters import SqliteInterpreter
+    from .._interpreters import PostgresInterpreter, SqliteInterpreter
 
     db = app.interpreters.get("db")
-    if not isinstance(db, SqliteInterpreter):
+    if not isinstance(db, SqliteInterpreter | PostgresInterpreter):
         return  # another database (or a fake in tests): seeding is its business
     if await db.get("blog_post", "1") is None:
         await db.put_many("author", SEED_AUTHORS)
@@ -333,7 +333,7 @@ def create_app(
     clock: Clock | None = None,
     rng: random.Random | None = None,
 ) -> App:
-    """Build the demo blog app (seeded on first start when it runs on SQLite)."""
+    """Build the demo blog app (seeded on first start, on SQLite or PostgreSQL)."""
     app = App("zerver-demo", settings=settings, clock=clock, version="0.1.0", rng=rng)
     app.get("/blogs/posts/{id}", load_blog_post_page)
     app.get("/blogs/posts/{id}/comments", load_comments)

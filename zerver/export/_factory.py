@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
-from zerver._sinks import ConsoleSpanSink
 from zerver.export._base import BatchExporter
 from zerver.export._config import ExportConfig
 from zerver.export._resilience import ResilienceBuilder
-from zerver.export._simple import FanOutExporter, NoopExporter
+from zerver.export._simple import (
+    ConsoleFormat,
+    ConsoleTraceExporter,
+    FanOutExporter,
+    NoopExporter,
+    console_format_from_env,
+)
 from zerver.export._transport import OtlpHttpExporter
 
 __all__ = ["build_exporter"]
 
 
-def build_exporter(config: ExportConfig, *, retry: bool = True) -> BatchExporter:
-    """``otlp`` → resilient OTLP/HTTP; ``console`` → :class:`~zerver.ConsoleSpanSink`
-    (``layout="lines"``); none → no-op.
+def build_exporter(
+    config: ExportConfig, *, retry: bool = True, console_format: ConsoleFormat | None = None
+) -> BatchExporter:
+    """``otlp`` → resilient OTLP/HTTP; ``console`` → :class:`ConsoleTraceExporter`
+    on standard output; none → no-op.
 
+    ``console_format``: ``tree`` (each trace as an indented tree) or ``jsonl``
+    (one JSON object per span); ``None`` reads ``ZER_VER_CONSOLE_FORMAT``.
     ``retry=False`` leaves the retry layer out (a pipeline with a spool retries by
     replaying what it spooled).
     """
@@ -26,7 +35,8 @@ def build_exporter(config: ExportConfig, *, retry: bool = True) -> BatchExporter
             builder = ResilienceBuilder.from_config(transport, config, retry=retry)
             exporters.append(builder.build())
         else:
-            exporters.append(ConsoleSpanSink(layout="lines"))
+            fmt = console_format if console_format is not None else console_format_from_env()
+            exporters.append(ConsoleTraceExporter(format=fmt))
     if not exporters:
         return NoopExporter()
     if len(exporters) == 1:

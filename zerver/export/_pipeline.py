@@ -50,6 +50,7 @@ releases the GIL during network I/O, and yields it between batches.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -60,6 +61,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
+import structlog
 from opentelemetry.sdk.trace import ReadableSpan
 
 from zerver._effects import RetryPolicy
@@ -81,6 +83,7 @@ from zerver.export._handover import Handover
 from zerver.export._log import DropReporter, RateLimitedLog
 from zerver.export._otel import span_from_readable
 from zerver.export._resilience import EXPORT_RETRY, find_breaker, find_rate_limiter
+from zerver.export._simple import describe_destination
 
 if TYPE_CHECKING:
     from zerver.export._spool import Spool, SpoolItem, SpoolStats
@@ -210,6 +213,10 @@ class ExportPipeline:
     and the sender thread (default 1: batch N+1 is encoded while batch N is
     sent). 0 = a single worker that encodes and sends in turn.
 
+    ``announce_after_s``: when ``shutdown`` has not settled every span after this
+    long, it logs what it still waits for (``flushing N spans to <endpoint>, up to
+    Ns``).
+
     Example::
 
         pipeline = ExportPipeline.from_config(ExportConfig.from_env())
@@ -236,6 +243,7 @@ class ExportPipeline:
         rebuild: Callable[[SpoolItem], Sequence[SpanData]] | None = None,
         retry_policy: RetryPolicy | None = None,
         replay: bool = True,
+        announce_after_s: float = 0.25,
     ) -> None:
         if max_queue_size < 1 or max_export_batch_size < 1:
             raise ValueError("max_queue_size and max_export_batch_size must be >= 1")
@@ -262,6 +270,7 @@ class ExportPipeline:
         self._wake_at = max_export_batch_size if schedule_delay_s > 0 else 1
         self._schedule_delay_s = schedule_delay_s
         self._export_timeout_s = export_timeout_s
+        self._announce_after_s = announce_after_s
         self._block_timeout_s = block_timeout_s
         self._overflow = overflow
         self._timer: Timer = timer if timer is not None else RealTimer()
@@ -1010,8 +1019,10 @@ class ExportPipeline:
             with self._room:
                 self._room.notify_all()
         join_until = time.monotonic() + timeout + 1.0
+        if not already:
+            self._announce_flush(timeout)
         if self._encode_thread is not None:
-            self._encode_thread.join(timeout + 1.0)
+            self._encode_thread.join(max(0.0, join_until - time.monotonic()))
         self._thread.join(max(0.0, join_until - time.monotonic()))
         completed = not self._thread.is_alive()
         try:
@@ -1036,6 +1047,29 @@ class ExportPipeline:
             if close_spool and self._owns_spool and self._spool is not None:
                 self._spool.close()
         return report
+
+    def _announce_flush(self, timeout: float) -> None:
+        """Say what shutdown waits for, when it waits: if the last spans are not
+        settled within ``announce_after_s`` (a backend that answers takes them in
+        that time, and a program that exports from code is not told of it), how
+        many, where they go and the longest it may still take."""
+        started = time.monotonic()
+        self._thread.join(min(self._announce_after_s, timeout))
+        if not self._thread.is_alive():
+            return
+        waiting = len(self._q) + max(0, self._taken - self._done)
+        if not waiting:
+            return
+        timeout = max(0.0, timeout - (time.monotonic() - started))
+        where = describe_destination(self._exporter)
+        with contextlib.suppress(Exception):  # a broken log pipeline must not stop shutdown
+            structlog.get_logger("zerver.export").info(
+                f"flushing {waiting} spans to {where}, up to {timeout:.3g}s",
+                spans=waiting,
+                destination=where,
+                timeout_s=round(timeout, 3),
+                spool=self._spool.path if self._spool is not None else None,
+            )
 
     def abandon(self) -> int:
         """Stop at once (the process is about to exit): what is still buffered or in

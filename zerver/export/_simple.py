@@ -1,23 +1,75 @@
-"""Exporters that need no network: no-op and fan-out, and the former names of the
-console and in-memory sinks (now :mod:`zerver._sinks`, one of each)."""
+"""Exporters that need no network: no-op, fan-out and ``OTEL_TRACES_EXPORTER=console``,
+and the former names of the console and in-memory sinks (now :mod:`zerver._sinks`)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from typing import TextIO
+import os
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal, TextIO, get_args
 
+import orjson
+
+from zerver._errors import ConfigError
 from zerver._sinks import ConsoleSpanSink, _SpanStore, format_span
-from zerver._spans import SpanData
-from zerver.export._base import SUCCESS, BatchExporter, ExportContext, ExportResult
+from zerver._spans import KIND_NAMES, STATUS_NAMES, AttrValue, SpanData, StatusCode, span_tree
+from zerver.export._base import (
+    SUCCESS,
+    BatchExporter,
+    ExportContext,
+    ExportResult,
+    ExportStatus,
+    layers,
+)
 
 __all__ = [
+    "CONSOLE_FORMAT_VARIABLE",
     "ConsoleExporter",
+    "ConsoleFormat",
+    "ConsoleTraceExporter",
     "FanOutExporter",
     "InMemoryExporter",
     "NoopExporter",
+    "console_format_from_env",
+    "describe_destination",
     "format_span",
+    "format_trace",
+    "span_json",
 ]
+
+ConsoleFormat = Literal["tree", "jsonl"]
+CONSOLE_FORMAT_VARIABLE = "ZER_VER_CONSOLE_FORMAT"
+_CONSOLE_FORMATS: tuple[str, ...] = get_args(ConsoleFormat)
+
+# The attributes a tree line shows, in this order, when the span has them: what
+# tells one request or effect from another at a glance. When a key and the older
+# name of the same thing are both present, the first wins (``_SAME``).
+_KEY_ATTRIBUTES = (
+    "http.response.status_code",
+    "http.status_code",
+    "url.path",
+    "http.target",
+    "url.full",
+    "http.url",
+    "zerver.step.decision",
+    "db.key",
+    "cache.hit",
+    "messaging.destination.name",
+    "error.type",
+    "job.queue_wait_ms",
+    "job.park_wait_ms_total",
+    "job.attempt",
+    "zerver.sampling.reason",
+)
+_SAME = {
+    "http.status_code": "http.response.status_code",
+    "http.target": "url.path",
+    "http.url": "url.full",
+}
+# Values that say nothing on a tree line: no wait, a first attempt.
+_QUIET = {"job.queue_wait_ms": (0, 0.0), "job.park_wait_ms_total": (0, 0.0), "job.attempt": (1,)}
 
 
 class InMemoryExporter(_SpanStore):
@@ -62,6 +114,11 @@ class FanOutExporter:
         self._primary = primary
         self._others = others
 
+    @property
+    def exporters(self) -> tuple[BatchExporter, ...]:
+        """The primary exporter, then the others."""
+        return (self._primary, *self._others)
+
     def export(self, spans: Sequence[SpanData], ctx: ExportContext) -> ExportResult:
         for other in self._others:
             with contextlib.suppress(Exception):  # a side channel never fails the batch
@@ -71,3 +128,182 @@ class FanOutExporter:
     def shutdown(self) -> None:
         for exporter in (self._primary, *self._others):
             exporter.shutdown()
+
+
+def _key_attributes(attributes: Mapping[str, AttrValue]) -> str:
+    shown: list[str] = []
+    for key in _KEY_ATTRIBUTES:
+        if key not in attributes:
+            continue
+        same = _SAME.get(key)
+        if same is not None and same in attributes:
+            continue
+        value = attributes[key]
+        if value in _QUIET.get(key, ()):
+            continue
+        if isinstance(value, str):
+            text = value
+        elif isinstance(value, float):
+            text = f"{value:.3f}"
+        else:
+            text = repr(value)
+        shown.append(f"{key}={text}")
+    return " ".join(shown)
+
+
+def format_trace(spans: Sequence[SpanData]) -> str:
+    """One trace as an indented tree: a header with the trace id, then per span its
+    name, duration, kind, ``ERROR`` (and why) when it failed, and the attributes that
+    tell it apart.
+
+    Children are indented under their parent in start order; a span whose parent
+    is not among ``spans`` is shown at the top level. Lines end without newline
+    on the last one.
+    """
+    roots, children = span_tree(spans)
+    trace_id = spans[0].trace_id if spans else 0
+    noun = "span" if len(spans) == 1 else "spans"
+    lines = [f"trace {trace_id:032x} ({len(spans)} {noun})"]
+
+    def walk(span: SpanData, depth: int) -> None:
+        ms = (span.end_ns - span.start_ns) / 1e6
+        parts = [f"{'  ' * depth}{span.name}", f"{ms:.3f} ms", KIND_NAMES.get(span.kind, "?")]
+        if span.status_code == StatusCode.ERROR:
+            parts.append(f"ERROR: {span.status_message}" if span.status_message else "ERROR")
+        attrs = _key_attributes(span.attributes)
+        if attrs:
+            parts.append(attrs)
+        lines.append("  ".join(parts))
+        for child in sorted(children.get(span.span_id, ()), key=lambda c: c.start_ns):
+            walk(child, depth + 1)
+
+    for root in sorted(roots, key=lambda r: r.start_ns):
+        walk(root, 1)
+    return "\n".join(lines)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def span_json(span: SpanData) -> bytes:
+    """One span as one line of JSON (no newline): hex ids as in OTLP/JSON, times in
+    Unix nanoseconds, kind and status by name, attributes and events as they are."""
+    doc = {
+        "trace_id": f"{span.trace_id:032x}",
+        "span_id": f"{span.span_id:016x}",
+        "parent_span_id": f"{span.parent_span_id:016x}" if span.parent_span_id else None,
+        "name": span.name,
+        "kind": KIND_NAMES.get(span.kind, str(span.kind)),
+        "start_time_unix_nano": span.start_ns,
+        "end_time_unix_nano": span.end_ns,
+        "duration_ms": (span.end_ns - span.start_ns) / 1e6,
+        "status": {
+            "code": STATUS_NAMES.get(span.status_code, str(span.status_code)),
+            "message": span.status_message,
+        },
+        "attributes": dict(span.attributes),
+        "events": [
+            {"name": name, "time_unix_nano": at, "attributes": dict(attrs)}
+            for name, at, attrs, *_ in span.events
+        ],
+        "resource": dict(span.resource.attributes),
+    }
+    return orjson.dumps(doc, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _by_trace(spans: Sequence[SpanData]) -> list[list[SpanData]]:
+    groups: dict[int, list[SpanData]] = {}
+    for span in spans:
+        groups.setdefault(span.trace_id, []).append(span)
+    return list(groups.values())
+
+
+def _tree_text(spans: Sequence[SpanData]) -> str:
+    return "".join(format_trace(trace) + "\n\n" for trace in _by_trace(spans))
+
+
+def _jsonl_text(spans: Sequence[SpanData]) -> str:
+    return "".join(span_json(span).decode() + "\n" for span in spans)
+
+
+def console_format_from_env(environ: Mapping[str, str] | None = None) -> ConsoleFormat:
+    """``ZER_VER_CONSOLE_FORMAT``: ``tree`` (the default) or ``jsonl``, any case.
+
+    Raises :class:`~zerver.ConfigError` naming the variable for anything else
+    (start-up has checked it already, through the settings).
+    """
+    env = os.environ if environ is None else environ
+    raw = next((v for k, v in env.items() if k.upper() == CONSOLE_FORMAT_VARIABLE), "")
+    value = raw.strip().lower() or "tree"
+    for known in ("tree", "jsonl"):
+        if value == known:
+            return known
+    raise ConfigError(
+        f"{CONSOLE_FORMAT_VARIABLE}={raw!r} is invalid: accepted: {', '.join(_CONSOLE_FORMATS)}"
+    )
+
+
+class ConsoleTraceExporter:
+    """``OTEL_TRACES_EXPORTER=console``: finished traces on standard output (this is I/O,
+    done on the export pipeline's thread, never on the request path).
+
+    ``format="tree"`` writes each trace of a batch as an indented tree, one trace
+    after the other (:func:`format_trace`), for a person at a terminal;
+    ``format="jsonl"`` writes one JSON object per span and line (:func:`span_json`),
+    for programs. The batch is written in one piece, so traces from two
+    exporters sharing the stream do not interleave. A failed write is reported
+    (``PERMANENT``), not raised.
+    """
+
+    __slots__ = ("_lock", "_render", "_stream", "format")
+
+    def __init__(self, stream: TextIO | None = None, *, format: ConsoleFormat = "tree") -> None:
+        if format not in _CONSOLE_FORMATS:
+            raise ValueError(f"format must be one of {_CONSOLE_FORMATS}, got {format!r}")
+        self._stream = stream
+        self.format = format
+        self._render: Callable[[Sequence[SpanData]], str] = (
+            _tree_text if format == "tree" else _jsonl_text
+        )
+        self._lock = threading.Lock()
+
+    @property
+    def stream(self) -> TextIO:
+        """Where it writes (``sys.stdout`` unless given, looked up at each write)."""
+        return self._stream if self._stream is not None else sys.stdout
+
+    def export(self, spans: Sequence[SpanData], ctx: ExportContext | None = None) -> ExportResult:
+        if not spans:
+            return SUCCESS
+        text = self._render(spans)
+        stream = self.stream
+        with self._lock:
+            try:
+                stream.write(text)
+                stream.flush()
+            except (OSError, ValueError) as exc:
+                return ExportResult(ExportStatus.PERMANENT, detail=f"console write failed: {exc!r}")
+        return ExportResult(ExportStatus.SUCCESS, bytes_sent=len(text))
+
+    def shutdown(self) -> None:
+        return None
+
+
+def describe_destination(exporter: object) -> str:
+    """Where ``exporter`` sends spans, in words for a log line: the OTLP endpoint,
+    ``standard output`` for the console, ``nowhere`` for the no-op exporter; the
+    exporters of a fan-out joined by ``and``."""
+    if isinstance(exporter, FanOutExporter):
+        return " and ".join(describe_destination(e) for e in exporter.exporters)
+    for layer in layers(exporter):
+        endpoint = getattr(layer, "endpoint", None)
+        if isinstance(endpoint, str):
+            return endpoint
+        if isinstance(layer, ConsoleTraceExporter | ConsoleSpanSink):
+            return "standard output"
+        if isinstance(layer, NoopExporter):
+            return "nowhere"
+    return type(exporter).__name__

@@ -1,0 +1,351 @@
+"""The tracez aggregator: running, errored and finished spans by name and latency.
+
+Sans-I/O and synchronous, fed from the event loop thread that serves requests:
+
+* :meth:`TracezAggregator.started` registers a request as running (called as
+  its record is made); :meth:`~TracezAggregator.on_request_end` (it is a
+  :class:`~zerver.Subscriber`) takes it out again and appends the finished
+  record to a pending batch. A cancelled request ends there too (the app
+  notifies subscribers in a ``finally``), so the running registry never leaks.
+* The pending batch is folded into the counts when a page asks
+  (:meth:`~TracezAggregator.summary` and friends), or by the request that
+  fills it (``fold_every`` records, 16), so it stays small and the records
+  not kept as samples die young.
+* Folding names each request's spans as the trace engine would (the server
+  span, one per job) and keeps, per name: the error count, a count per
+  latency bucket, and the last few records per bucket and per error. Samples
+  are records, not spans: a page builds the span tree when it shows one.
+* A bucket (and the error list) takes a new sample at most once per
+  ``sample_interval_ns`` of record time (10 ms; the OpenCensus zPages keep one
+  a second). A person clicking through an app is far slower, so every request
+  they make is kept; under load most records are not, and die with their
+  request instead of living on into the garbage collector's old generation,
+  whose full passes would otherwise cost every request.
+* Every store is bounded; what a bound turns away is counted in
+  :attr:`~TracezAggregator.evicted`.
+
+The nine latency buckets are those of the OpenCensus zPages tracez page:
+``[0, 10µs) [10µs, 100µs) [100µs, 1ms) [1ms, 10ms) [10ms, 100ms) [100ms, 1s)
+[1s, 10s) [10s, 100s) [100s, ∞)``; a duration exactly on an edge belongs to the
+bucket that edge opens.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .._records import CANCEL, COMPLETE, JobState, RequestRecord
+
+__all__ = [
+    "BUCKET_LABELS",
+    "BUCKET_LOWER_NS",
+    "NameSummary",
+    "Sample",
+    "TracezAggregator",
+    "latency_bucket",
+    "span_names",
+]
+
+#: The lower edge of each latency bucket, in nanoseconds.
+BUCKET_LOWER_NS: tuple[int, ...] = (0, *(10**e for e in range(4, 12)))
+_UPPER = BUCKET_LOWER_NS[1:]
+BUCKET_LABELS: tuple[str, ...] = (
+    "[0, 10µs)",
+    "[10µs, 100µs)",
+    "[100µs, 1ms)",
+    "[1ms, 10ms)",
+    "[10ms, 100ms)",
+    "[100ms, 1s)",
+    "[1s, 10s)",
+    "[10s, 100s)",
+    "[100s, ∞)",
+)
+
+
+def latency_bucket(duration_ns: int) -> int:
+    """The index (0-8) of the bucket ``duration_ns`` falls in."""
+    return bisect_right(_UPPER, duration_ns)
+
+
+class Sample:
+    """One span of a kept request: the record, which span of it, and its facts."""
+
+    __slots__ = ("duration_ns", "error", "job_index", "name", "record")
+
+    def __init__(
+        self,
+        record: RequestRecord,
+        name: str,
+        job_index: int | None,
+        duration_ns: int,
+        error: bool,
+    ) -> None:
+        self.record = record
+        self.name = name
+        self.job_index = job_index  # None: the request's root span
+        self.duration_ns = duration_ns
+        self.error = error
+
+
+def root_name(rec: RequestRecord) -> str:
+    """The root span's name, as the trace engine gives it."""
+    if rec.kind == "consumer":
+        return f"queue.process {rec.route or ''}"
+    return f"http.server: {rec.method} {rec.route}" if rec.route else f"http.server: {rec.method}"
+
+
+def _root_error(rec: RequestRecord) -> bool:
+    if rec.kind == "consumer":
+        return rec.system_fault or rec.status >= 400
+    return rec.system_fault or rec.status >= 500
+
+
+def _job_error(job: JobState) -> bool:
+    """Whether the job's span is ERROR (the trace engine's rule)."""
+    outcome = job.outcome
+    if outcome is None:
+        return True
+    if outcome in (COMPLETE, CANCEL):
+        return False
+    return job.required
+
+
+def span_names(rec: RequestRecord) -> Iterator[Sample]:
+    """The spans tracez counts for a finished record: the root, then one per job."""
+    end = rec.end_ts if rec.end_ts is not None else rec.start_ts
+    yield Sample(rec, root_name(rec), None, end - rec.start_ts, _root_error(rec))
+    for job in rec.jobs:
+        start = job.enqueue_ts if job.enqueue_ts is not None else end
+        stop = job.end_ts if job.end_ts is not None else end
+        yield Sample(rec, job.name, job.index, stop - start, _job_error(job))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NameSummary:
+    """One row of the summary: a span name's counts."""
+
+    name: str
+    running: int
+    errors: int
+    latency: tuple[int, ...]
+
+
+_NEVER = -(1 << 62)
+
+#: A kept span: its request's record and the job's index (None: the root span).
+_Kept = tuple[RequestRecord, int | None]
+
+
+def _sample(kept: _Kept) -> Sample:
+    rec, index = kept
+    end = rec.end_ts if rec.end_ts is not None else rec.start_ts
+    if index is None:
+        return Sample(rec, root_name(rec), None, end - rec.start_ts, _root_error(rec))
+    job = rec.jobs[index]
+    start = job.enqueue_ts if job.enqueue_ts is not None else end
+    stop = job.end_ts if job.end_ts is not None else end
+    return Sample(rec, job.name, index, stop - start, _job_error(job))
+
+
+class _Name:
+    """What the aggregator keeps for one span name."""
+
+    __slots__ = ("counts", "error_samples", "errors", "last_error", "last_kept", "samples")
+
+    def __init__(self, per_bucket: int, per_error: int) -> None:
+        self.counts = [0] * len(BUCKET_LOWER_NS)
+        self.errors = 0
+        # When (record time) each bucket, and the error list, last took a sample.
+        self.last_kept = [_NEVER] * len(BUCKET_LOWER_NS)
+        self.last_error = _NEVER
+        self.samples = tuple(deque[_Kept](maxlen=per_bucket) for _ in BUCKET_LOWER_NS)
+        self.error_samples = deque[_Kept](maxlen=per_error)
+
+
+class TracezAggregator:
+    """Counts finished spans per name and latency bucket; registers running requests.
+
+    ``samples_per_bucket``, ``error_samples`` and ``running_samples`` bound the
+    records kept per name; ``max_names`` the names tracked (later names are
+    counted in ``evicted["names"]``); ``max_running`` the running registry;
+    ``fold_every`` the pending batch; ``sample_interval_ns`` how often (in record
+    time) a bucket or the error list may take a new sample.
+    """
+
+    def __init__(
+        self,
+        *,
+        samples_per_bucket: int = 8,
+        error_samples: int = 16,
+        running_samples: int = 16,
+        max_names: int = 256,
+        max_running: int = 4096,
+        fold_every: int = 16,
+        sample_interval_ns: int = 10_000_000,
+    ) -> None:
+        self.samples_per_bucket = samples_per_bucket
+        self.error_samples = error_samples
+        self.running_samples = running_samples
+        self.max_names = max_names
+        self.max_running = max_running
+        self.fold_every = fold_every
+        self.sample_interval_ns = sample_interval_ns
+        self._running: dict[int, RequestRecord] = {}
+        self._pending: list[RequestRecord] = []
+        self._names: dict[str, _Name] = {}
+        #: Requests folded in so far.
+        self.requests = 0
+        #: What the bounds turned away: ``samples`` (latency samples replaced by newer
+        #: ones), ``error_samples``, ``names`` (spans of names past ``max_names``) and
+        #: ``running`` (requests not registered as running: the registry was full) and
+        #: ``interval`` (spans not kept as a latency sample: their bucket took one less
+        #: than ``sample_interval_ns`` before).
+        self.evicted = {"samples": 0, "error_samples": 0, "names": 0, "running": 0, "interval": 0}
+
+    # -- the request path -------------------------------------------------------------
+
+    def started(self, record: RequestRecord) -> None:
+        """``record``'s request is running (until :meth:`on_request_end`)."""
+        running = self._running
+        if len(running) < self.max_running:
+            running[id(record)] = record
+        else:
+            self.evicted["running"] += 1
+
+    def on_request_end(self, record: RequestRecord) -> None:
+        self._running.pop(id(record), None)
+        pending = self._pending
+        pending.append(record)
+        if len(pending) >= self.fold_every:
+            self.fold()
+
+    # -- pages --------------------------------------------------------------------------
+
+    def fold(self) -> None:
+        """Count the pending records (pages call this before reading).
+
+        One loop, locals only: it runs for every request (``span_names`` says the
+        same in a form meant for reading)."""
+        pending, self._pending = self._pending, []
+        self.requests += len(pending)
+        names = self._names
+        interval = self.sample_interval_ns
+        skipped = 0
+        for rec in pending:
+            end = rec.end_ts if rec.end_ts is not None else rec.start_ts
+            jobs = rec.jobs
+            for index in range(-1, len(jobs)):
+                if index < 0:
+                    name = root_name(rec)
+                    duration = end - rec.start_ts
+                    error = _root_error(rec)
+                    job_index: int | None = None
+                else:
+                    job = jobs[index]
+                    name = job.name
+                    start = job.enqueue_ts if job.enqueue_ts is not None else end
+                    duration = (job.end_ts if job.end_ts is not None else end) - start
+                    outcome = job.outcome
+                    error = outcome is None or (outcome not in (COMPLETE, CANCEL) and job.required)
+                    job_index = index
+                entry = names.get(name)
+                if entry is None:
+                    entry = self._new_name(name)
+                    if entry is None:
+                        continue
+                bucket = bisect_right(_UPPER, duration)
+                entry.counts[bucket] += 1
+                if end - entry.last_kept[bucket] >= interval:
+                    entry.last_kept[bucket] = end
+                    kept = entry.samples[bucket]
+                    if len(kept) == kept.maxlen:
+                        self.evicted["samples"] += 1
+                    kept.append((rec, job_index))
+                else:
+                    skipped += 1
+                if error:
+                    entry.errors += 1
+                    if end - entry.last_error >= interval:
+                        entry.last_error = end
+                        errors = entry.error_samples
+                        if len(errors) == errors.maxlen:
+                            self.evicted["error_samples"] += 1
+                        errors.append((rec, job_index))
+        self.evicted["interval"] += skipped
+
+    def _new_name(self, name: str) -> _Name | None:
+        """A new name's entry, or None (counted) when ``max_names`` are tracked."""
+        if len(self._names) >= self.max_names:
+            self.evicted["names"] += 1
+            return None
+        entry = self._names[name] = _Name(self.samples_per_bucket, self.error_samples)
+        return entry
+
+    def running_samples_by_name(self) -> dict[str, list[Sample]]:
+        """Every running span by name (the root, and each job started and not ended),
+        derived from the running records now."""
+        out: dict[str, list[Sample]] = {}
+        for rec in list(self._running.values()):
+            now = rec.clock.now_ns()
+            out.setdefault(root_name(rec), []).append(
+                Sample(rec, root_name(rec), None, now - rec.start_ts, False)
+            )
+            for job in list(rec.jobs):
+                if job.enqueue_ts is not None and job.end_ts is None:
+                    out.setdefault(job.name, []).append(
+                        Sample(rec, job.name, job.index, now - job.enqueue_ts, False)
+                    )
+        return out
+
+    @property
+    def running(self) -> int:
+        """Requests running now (registered ones)."""
+        return len(self._running)
+
+    def summary(self) -> list[NameSummary]:
+        """One row per span name (finished or running), sorted by name."""
+        self.fold()
+        running = self.running_samples_by_name()
+        rows = []
+        for name in sorted({*self._names, *running}):
+            entry = self._names.get(name)
+            rows.append(
+                NameSummary(
+                    name=name,
+                    running=len(running.get(name, ())),
+                    errors=entry.errors if entry else 0,
+                    latency=tuple(entry.counts) if entry else (0,) * len(BUCKET_LOWER_NS),
+                )
+            )
+        return rows
+
+    def samples(self, name: str, kind: str, bucket: int | None = None) -> list[Sample]:
+        """The kept samples of ``name``, newest first: ``kind`` is ``latency`` (with a
+        ``bucket`` 0-8), ``error`` or ``running``."""
+        self.fold()
+        if kind == "running":
+            return self.running_samples_by_name().get(name, [])[: self.running_samples]
+        entry = self._names.get(name)
+        if entry is None:
+            return []
+        if kind == "error":
+            return [_sample(k) for k in reversed(entry.error_samples)]
+        if kind == "latency" and bucket is not None and 0 <= bucket < len(BUCKET_LOWER_NS):
+            return [_sample(k) for k in reversed(entry.samples[bucket])]
+        return []
+
+    def find_trace(self, trace_id: int) -> RequestRecord | None:
+        """A kept or running record of ``trace_id`` (the newest if several)."""
+        self.fold()
+        for entry in self._names.values():
+            for kept in (entry.error_samples, *entry.samples):
+                for rec, _job in reversed(kept):
+                    if rec.trace_id == trace_id:
+                        return rec
+        for rec in list(self._running.values()):
+            if rec.trace_id == trace_id:
+                return rec
+        return None
