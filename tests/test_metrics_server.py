@@ -94,6 +94,9 @@ def test_every_request_is_counted_and_exemplars_name_exported_traces(
     trace_ids = {bytes.fromhex(s["traceId"]) for s in traces.spans()}
     exemplars = [e for p in points for e in p.exemplars]
     assert exemplars and all(e.trace_id in trace_ids for e in exemplars)
+    # Requests in flight, counted by the server: none once it stopped.
+    active = _points(metrics, "http.server.active_requests")
+    assert active and active[-1].as_int == 0
     # The job phases are there too, named as documented.
     assert _points(metrics, "zerver.job.queue_wait")
     assert _points(metrics, "zerver.effect.duration")
@@ -238,3 +241,56 @@ def test_the_pipeline_observer_adds_what_changed_between_collections() -> None:
         ("zerver.export.spooled", ()): 7,
         ("zerver.export.breaker.state", ()): 2,
     }
+
+
+@pytest.mark.anyio
+async def test_requests_in_flight_are_counted_and_become_the_active_requests_metric() -> None:
+    import anyio
+
+    from zerver import App, Context, DbGet, Done, Need, RecordMetrics, Response, load_settings
+    from zerver import step as make_step
+    from zerver.testing import AppClient, FakeInterpreter
+
+    app = App("active", settings=load_settings({}))
+    fake = FakeInterpreter(app.clock)
+    gate = anyio.Event()
+    fake.on("db.get t", result=1, gate=gate)
+    app.interpreter("db", fake)
+
+    @make_step
+    def answer(ctx: Context) -> Done:
+        return Done(Response.text("ok"))
+
+    @make_step
+    def ask(ctx: Context) -> Need:
+        return Need(DbGet(table="t", key="k"), then=answer)
+
+    app.get("/held", ask)
+    app.get("/quick", answer)
+    active = app.count_active_requests()
+    agg = Aggregator()
+    metrics = RecordMetrics(agg, "new")
+
+    def in_flight_metric() -> int:
+        metrics.set_active(dict(active))
+        data = agg.collect()
+        assert data is not None
+        (m,) = [
+            m
+            for m in data.resource_metrics[0].scope_metrics[0].metrics
+            if m.name == "http.server.active_requests"
+        ]
+        return sum(int(getattr(p, "value", 0)) for p in m.data.data_points)
+
+    async with AppClient(app) as client, anyio.create_task_group() as tg:
+        tg.start_soon(client.get, "/held")
+        tg.start_soon(client.get, "/held")
+        with anyio.fail_after(5):  # bounded: both requests reach the gate
+            while active.get(("GET", "http"), 0) < 2:
+                await anyio.sleep(0)
+        await client.get("/quick")  # in and out: leaves the count as it was
+        assert active == {("GET", "http"): 2}
+        assert in_flight_metric() == 2
+        gate.set()
+    assert active == {("GET", "http"): 0}
+    assert in_flight_metric() == 0

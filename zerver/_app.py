@@ -25,7 +25,7 @@ from ._propagation import extract_into, propagation_fields
 from ._records import RequestRecord, StepRecord, Subscriber, active_span
 from ._routing import Match, NotAllowed, Route, Router
 from ._sampling import head_sampler
-from ._semconv import HeaderCaptures, Redaction, strip_userinfo
+from ._semconv import KNOWN_METHODS, HeaderCaptures, Redaction, strip_userinfo
 from ._slots import Context
 from ._steps import Step
 from ._version import __version__
@@ -121,6 +121,10 @@ class App:
         self._head_decide = None if head.follows_parent_or_samples else head.decide
         self._prop_fields = propagation_fields()
         self._on_startup: list[Callable[[App], Awaitable[None]]] = []
+        self.active_requests: dict[tuple[str, str], int] | None = None
+        """Requests in flight by (method, scheme), methods outside the standard set
+        as ``_OTHER``; counted only once :meth:`count_active_requests` asked for it
+        (the server's metrics do)."""
         self._consumers: list[Consumer] = []
         # The trace pages (docs/tracez.md); None when off, so a request pays one test.
         self._zpages: ZPages | None = None
@@ -267,9 +271,17 @@ class App:
             parent_cpus=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
             metrics=metrics,
         )
-        sub = ProcessTraceSubscriber(spec)
+        sub = ProcessTraceSubscriber(
+            spec, active=self.count_active_requests() if metrics is not None else None
+        )
         self.subscribe(sub)
         return sub
+
+    def count_active_requests(self) -> dict[tuple[str, str], int]:
+        """Count the requests in flight from now on (:attr:`active_requests`)."""
+        if self.active_requests is None:
+            self.active_requests = {}
+        return self.active_requests
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """Give every finished :class:`RequestRecord` to ``subscriber``."""
@@ -450,6 +462,11 @@ class App:
         if zpages is not None and zpages.claims(request):
             return zpages.serve(request)  # neither traced nor counted
         record = self._start_record(request)
+        in_flight = self.active_requests
+        if in_flight is not None:
+            method = record.method if record.method in KNOWN_METHODS else "_OTHER"
+            key = (method, record.scheme)
+            in_flight[key] = in_flight.get(key, 0) + 1
         if zpages is not None:
             zpages.aggregator.started(record)
         response: Response | None = None
@@ -485,6 +502,8 @@ class App:
                 record.finish(response.status, size)
             self._notify(record)
             active_span.reset(active)
+            if in_flight is not None:
+                in_flight[key] -= 1
         return response
 
     async def _handle(

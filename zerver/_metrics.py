@@ -45,6 +45,7 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
 from ._aggregate import Aggregator
+from ._semconv import KNOWN_METHODS
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -104,11 +105,6 @@ INSTRUMENTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "zerver.cache.misses": ("{operation}", "counter", ("old", "new", "dup")),
 }
 
-# The methods the semantic conventions name; any other is reported as ``_OTHER``
-# (a client inventing methods must not grow the metric's series).
-_KNOWN_METHODS = frozenset(
-    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"}
-)
 _MODES = ("old", "new", "dup")
 # Attribute sets kept per RecordMetrics; past this the cache starts over (the
 # SDK keeps its own series; this only saves building the dicts again).
@@ -232,6 +228,7 @@ class RecordMetrics:
 
     __slots__ = (
         "_active",
+        "_active_last",
         "_attrs",
         "_cache_hits",
         "_cache_misses",
@@ -327,6 +324,7 @@ class RecordMetrics:
         )
         self._attrs: dict[tuple[object, ...], Attrs] = {}
         self._http_attrs: dict[tuple[object, ...], tuple[Attrs, Attrs]] = {}
+        self._active_last: dict[tuple[str, str], int] = {}
 
     # -- active requests (the server calls these; finished records cannot) --------
 
@@ -334,7 +332,7 @@ class RecordMetrics:
         key = ("active", method, scheme)
         attrs = self._attrs.get(key)
         if attrs is None:
-            m = method if method in _KNOWN_METHODS else "_OTHER"
+            m = method if method in KNOWN_METHODS else "_OTHER"
             out: dict[str, str | int] = {}
             if self.mode != "old":
                 out["http.request.method"] = m
@@ -348,6 +346,17 @@ class RecordMetrics:
     def request_started(self, method: str, scheme: str = "http") -> None:
         """One more request in flight (``http.server.active_requests`` +1)."""
         self._active(1, self._active_attrs(method, scheme), 0, 0)
+
+    def set_active(self, active: Mapping[tuple[str, str], int]) -> None:
+        """Requests in flight now, by (method, scheme), as counted where they run
+        (``App.active_requests``): the up-down counter moves by what changed since
+        the last call."""
+        last = self._active_last
+        for key in set(last) | set(active):
+            change = active.get(key, 0) - last.get(key, 0)
+            if change or key not in last:  # a series from the first sight, at 0 too
+                self._active(change, self._active_attrs(*key), 0, 0)
+        self._active_last = dict(active)
 
     def request_ended(self, method: str, scheme: str = "http") -> None:
         """One request fewer in flight; call once for each :meth:`request_started`."""
@@ -408,7 +417,7 @@ class RecordMetrics:
     @staticmethod
     def _http_attr_sets(rec: RequestRecord, error: str | None) -> tuple[Attrs, Attrs]:
         """The stable and the old attribute sets of the HTTP server instruments."""
-        method = rec.method if rec.method in _KNOWN_METHODS else "_OTHER"
+        method = rec.method if rec.method in KNOWN_METHODS else "_OTHER"
         new: dict[str, str | int] = {
             "http.request.method": method,
             "url.scheme": rec.scheme,

@@ -111,8 +111,10 @@ whenever the layout changes, so an older spool is reported rather than misread."
 # the feeder thread's malloc arena holding more and more memory (RSS growing
 # about 1 MB per 50 000 requests, none of it in use). Exporter → server, few and
 # small, marshalled tuples: (_READY,), (_ACK, [seqs], counters or None) and
-# (_FINAL, [seqs], counters).
-_BATCH, _STOP, _READY, _ACK, _FINAL = "b", "s", "r", "a", "f"
+# (_FINAL, [seqs], counters). With metrics on, the server also sends the requests
+# it has in flight when that changed (``_frame_active``, at most once per wake of
+# the feeder): finished records cannot tell.
+_BATCH, _STOP, _READY, _ACK, _FINAL, _ACTIVE = "b", "s", "r", "a", "f", "i"
 _SEQ = struct.Struct("<Q")
 _LEN = struct.Struct("<I")
 _SECONDS = struct.Struct("<d")
@@ -131,11 +133,18 @@ def _frame_stop(seconds: float) -> bytes:
     return b"s" + _SECONDS.pack(seconds)
 
 
+def _frame_active(active: Mapping[tuple[str, str], int]) -> bytes:
+    return b"i" + marshal.dumps([(m, s, n) for (m, s), n in active.items()])
+
+
 def _unframe(data: bytes) -> tuple[str, Any, Any]:
-    """A server message back into (kind, ...): (_BATCH, seq, blobs) or (_STOP, seconds, None)."""
+    """A server message back into (kind, ...): (_BATCH, seq, blobs), (_STOP, seconds,
+    None) or (_ACTIVE, {(method, scheme): in flight}, None)."""
     kind = data[:1]
     if kind == b"s":
         return _STOP, _SECONDS.unpack_from(data, 1)[0], None
+    if kind == b"i":
+        return _ACTIVE, {(m, s): n for m, s, n in marshal.loads(data[1:])}, None
     if kind != b"b":
         raise ValueError(f"unknown message {kind!r}")
     (seq,) = _SEQ.unpack_from(data, 1)
@@ -711,6 +720,9 @@ class _Exporter:
                 return
             if msg[0] == _BATCH:
                 self.intake.offer(msg[1], msg[2], self.ack_now)
+            elif msg[0] == _ACTIVE:
+                if self.builder.metrics is not None:
+                    self.builder.metrics.active = msg[1]
             elif msg[0] == _STOP:
                 # The server has stopped serving: its cores are free for the drain.
                 _use_other_cores([])
@@ -884,6 +896,7 @@ class ProcessTraceSubscriber:
         flush_interval_s: float = 0.05,
         window: int = 64,
         max_restarts: int = 5,
+        active: dict[tuple[str, str], int] | None = None,
     ) -> None:
         self.spec = spec
         self.max_pending = max_pending
@@ -921,6 +934,10 @@ class ProcessTraceSubscriber:
         self._spool: Spool | None = None
         self._fallback: _Builder | None = None
         self._drops = DropReporter("trace records dropped", self._drop_totals)
+        self.active = active
+        """The app's requests in flight (``App.active_requests``), sent to the
+        exporter's metrics; None without metrics."""
+        self._active_sent: dict[tuple[str, str], int] | None = None
         self._child: _Child | None = _Child(spec)
         self._thread = threading.Thread(target=self._feed, name="zerver-trace-feeder", daemon=True)
         self._thread.start()
@@ -952,6 +969,7 @@ class ProcessTraceSubscriber:
                     return
                 self._poll_child()
                 self._hand_over()
+                self._send_active()
                 if self._closed and not self._pending and not self._resend:
                     break
                 if self._closed and time.monotonic() >= self._stop_at:
@@ -1070,7 +1088,26 @@ class ProcessTraceSubscriber:
             restart_in_s=delay,
         )
 
+    def _send_active(self) -> None:
+        """The requests in flight, to the exporter's metrics, when they changed."""
+        if self.active is None:
+            return
+        child = self._child
+        if child is None or not child.ready:
+            if self._fallback is not None and self._fallback.metrics is not None:
+                self._fallback.metrics.active = self.active
+            return
+        now = self.active.copy()  # one C call: the event loop's thread may be adding keys
+        if now == self._active_sent:
+            return
+        try:
+            child.conn.send_bytes(_frame_active(now))
+        except (OSError, ValueError):
+            return  # the exporter is going; its successor gets the next snapshot
+        self._active_sent = now
+
     def _start_child(self) -> None:
+        self._active_sent = None
         try:
             self._child = _Child(self.spec)
             self.restarts += 1

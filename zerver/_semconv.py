@@ -58,6 +58,11 @@ __all__ = [
 #: Query parameters whose values the semantic conventions redact by default
 #: (``url.query``, ``url.full``): signed-URL credentials.
 DEFAULT_REDACTED_PARAMS = ("AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature")
+#: The request methods the semantic conventions name; metrics report any other as
+#: ``_OTHER`` (a client inventing methods must not grow a metric's series).
+KNOWN_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"}
+)
 REDACTED = "REDACTED"
 _SEPARATORS = re.compile(r"([&;])")
 # What a parameter name may not contain (ZER_VER_REDACT_QUERY_PARAMS is checked with it).

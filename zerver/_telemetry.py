@@ -179,16 +179,16 @@ def setup_tracing(
     if metrics is not None:
         from .export._metrics_worker import MetricsWorker
 
-        # Subscribed after the engine: it sees each record's final sampling decision.
-        app.subscribe(
-            MetricsWorker.from_config(
-                metrics,
-                engine.resource.attributes,
-                semconv_mode=app.settings.semconv_mode,
-                export=config,
-                pipeline_stats=pipeline.stats,
-            )
+        worker = MetricsWorker.from_config(
+            metrics,
+            engine.resource.attributes,
+            semconv_mode=app.settings.semconv_mode,
+            export=config,
+            pipeline_stats=pipeline.stats,
         )
+        worker.active = app.count_active_requests()
+        # Subscribed after the engine: it sees each record's final sampling decision.
+        app.subscribe(worker)
     # User spans leave through the same pipeline, which the sink shuts down.
     _install_user_span_provider(app, engine.resource.attributes, lambda: pipeline, owns=False)
     return engine

@@ -172,6 +172,10 @@ class MetricsWorker:
     ) -> None:
         self.aggregator = aggregator
         self.observe = observe
+        self.active: Mapping[tuple[str, str], int] | None = None
+        """Requests in flight by (method, scheme), read at each collection for
+        ``http.server.active_requests``: the app's own count in the server process,
+        or the last one the server sent to the exporter process."""
         """Called on the worker's thread before each collection (see :class:`PipelineObserver`)."""
         self.metrics = metrics
         self.exporter = exporter
@@ -331,6 +335,9 @@ class MetricsWorker:
         try:
             if self.observe is not None:
                 self.observe()
+            active = self.active
+            if active is not None:
+                self.metrics.set_active(dict(active))  # one C call: a consistent copy
             data = self.aggregator.collect()
         except Exception:
             self.errors += 1
