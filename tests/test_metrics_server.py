@@ -294,3 +294,36 @@ async def test_requests_in_flight_are_counted_and_become_the_active_requests_met
         gate.set()
     assert active == {("GET", "http"): 0}
     assert in_flight_metric() == 0
+
+
+def test_each_worker_reports_with_its_own_instance_id_and_the_counts_add_up(
+    tmp_path: Path, receivers: tuple[OtlpReceiver, OtlpReceiver]
+) -> None:
+    traces, metrics = receivers
+    env = _env(tmp_path, traces, metrics, ZER_VER_EXPORT_PROCESS="on")
+    served = 0
+    with zerver_process(["demo", "--workers", "2"], env, tmp_path) as (proc, port, _lines):
+        for _ in range(16):  # a fresh connection each time, so either worker may answer
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                assert client.get("/blogs/posts/1").status_code == 200
+                served += 1
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=90)
+    # The last export of each process holds its totals (cumulative).
+    last: dict[str, int] = {}
+    for req in metrics.requests:
+        request = parse(req.headers | {"Content-Type": req.content_type}, req.body)
+        for rm in request.resource_metrics:
+            ids = [kv.value.string_value for kv in rm.resource.attributes]
+            keys = [kv.key for kv in rm.resource.attributes]
+            instance = ids[keys.index("service.instance.id")]
+            count = sum(
+                p.count
+                for sm in rm.scope_metrics
+                for m in sm.metrics
+                if m.name == "http.server.request.duration"
+                for p in m.histogram.data_points
+            )
+            last[instance] = max(last.get(instance, 0), count)
+    assert len(last) == 2  # one series set per worker process
+    assert sum(last.values()) == served
