@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import orjson
@@ -31,7 +31,7 @@ from zerver import (
 )
 from zerver._messaging_redis import RedisStreamsBroker
 from zerver._spans import SpanKind, StatusCode
-from zerver.testing import AppClient, FakeInterpreter, InMemorySpanSink
+from zerver.testing import AppClient, FakeInterpreter, InMemorySpanSink, capture_logs
 
 pytestmark = pytest.mark.anyio
 
@@ -315,3 +315,31 @@ async def test_a_refused_dead_letter_is_counted_as_lost(new_broker: BrokerFactor
         await settle(app)
     s = app.consumers[0].stats
     assert (s.received, s.dead_lettered, s.lost) == (1, 0, 1)
+
+
+class _NoAck(MemoryBroker):
+    """A broker of the shape the protocol had before ``ack``: the embedded one
+    without it."""
+
+    ack = None  # type: ignore[assignment]
+
+
+async def test_a_broker_without_ack_is_still_served_without_errors() -> None:
+    # Typed as the protocol is now; at run time the missing ack is tolerated.
+    app, _sink, _fake = make_app(cast(Broker, _NoAck()))
+    handled: list[str] = []
+
+    @step
+    def ok(ctx: Context) -> Done:
+        assert ctx.message is not None
+        handled.append(ctx.message.id)
+        return Done(Response.text("ok"))
+
+    app.post("/orders/{id}", publish_order)
+    consumer = app.consumer("orders", ok)
+    with capture_logs() as lines:
+        async with AppClient(app) as c:
+            await c.post("/orders/1")
+            await settle(app)
+    assert len(handled) == 1 and consumer.stats.processed == 1
+    assert not [x for x in lines if x["event"] == "acknowledging failed"]

@@ -93,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve an app: zerver run module:app")
     run.add_argument("app", help="module:attribute naming an App or a factory returning one")
     _server_args(run)
-    demo = sub.add_parser("demo", help="serve the demo blog on SQLite")
+    demo = sub.add_parser(
+        "demo", help="serve the demo blog (SQLite by default; ZER_VER_DB_URL for PostgreSQL)"
+    )
     demo.add_argument("--db", help="SQLite file (default: ZER_VER_DB_PATH or zerver.sqlite3)")
     _server_args(demo)
     golden = sub.add_parser("golden", help="check or re-record golden traces")

@@ -131,10 +131,14 @@ class ConsumerRunner:
             stats.processed += 1
         else:
             await self._retry_or_dead_letter(consumer, msg, failure, permanent=permanent)
-        try:
-            await self.app.broker.ack(msg)
-        except Exception:  # the broker redelivers it later: at least once, never lost
-            _log.exception("acknowledging failed", topic=consumer.topic, message_id=msg.id)
+        # A broker written before ``ack`` joined the protocol has none: it acknowledges
+        # in ``receive``, as the protocol then said.
+        ack = getattr(self.app.broker, "ack", None)
+        if ack is not None:
+            try:
+                await ack(msg)
+            except Exception:  # the broker redelivers it later: at least once, never lost
+                _log.exception("acknowledging failed", topic=consumer.topic, message_id=msg.id)
         stats.in_flight -= 1
 
     async def _retry_or_dead_letter(
