@@ -9,7 +9,6 @@ path and drops, so a long run holds counters, not payloads.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import gc
 import queue
@@ -20,7 +19,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from google.protobuf import json_format  # type: ignore[import-untyped]
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
@@ -28,6 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from zerver import SpanKind
 from zerver.export import OtlpReceiver, ReceivedRequest, Reply
+from zerver.export._metrics_exporter import metrics_from_json
 
 __all__ = ["MetricsReceiver", "RouteTally", "SpanReceiver", "SpanTally", "TallySnapshot"]
 
@@ -271,7 +270,7 @@ class MetricsReceiver:
 
     With cumulative temporality each export holds every request so far: the
     largest count is what the server reported in all. Bodies parse with the
-    official message types (protobuf, or JSON through ``json_format``), so a
+    official message types (protobuf, or JSON through ``metrics_from_json``), so a
     malformed export is an error here as it would be in a collector.
     """
 
@@ -287,7 +286,7 @@ class MetricsReceiver:
         try:
             doc = req.document
             if not isinstance(doc, ExportMetricsServiceRequest):
-                doc = json_format.ParseDict(_hex_ids_to_base64(doc), ExportMetricsServiceRequest())
+                doc = metrics_from_json(doc)
             counts = dict.fromkeys(_DURATIONS, 0)
             for rm in doc.resource_metrics:
                 for sm in rm.scope_metrics:
@@ -326,20 +325,6 @@ class MetricsReceiver:
     def endpoint(self) -> str:
         """The full metrics URL (``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``)."""
         return self._receiver.endpoint
-
-
-def _hex_ids_to_base64(doc: Any) -> Any:
-    """OTLP/JSON's hex exemplar ids as the base64 ``json_format`` expects."""
-    for rm in doc.get("resourceMetrics", ()):
-        for sm in rm.get("scopeMetrics", ()):
-            for m in sm.get("metrics", ()):
-                for kind in ("sum", "gauge", "histogram"):
-                    for p in m.get(kind, {}).get("dataPoints", ()):
-                        for e in p.get("exemplars", ()):
-                            for key in ("traceId", "spanId"):
-                                if key in e:
-                                    e[key] = base64.b64encode(bytes.fromhex(e[key])).decode()
-    return doc
 
 
 def _ticks(deadline: float, step_s: float = 0.05) -> Iterator[None]:

@@ -21,7 +21,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import free_port, require
 
 __all__ = ["PgServer", "find_bindir", "pg_server", "require_postgres"]
 
@@ -73,18 +73,9 @@ def require_postgres() -> Path:
             pwd.getpwnam(_RUN_AS)
         except KeyError:
             missing = f"running as root needs the {_RUN_AS!r} system user to run the server"
-    if missing is not None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{missing}, and CI=true requires it")
-        pytest.skip(missing)
+    require(missing)
     assert bindir is not None
     return bindir
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PgServer:
@@ -100,7 +91,7 @@ class PgServer:
         self.data = directory / "data"
         self.log = directory / "server.log"
         self.host = "127.0.0.1"
-        self.port = _free_port()
+        self.port = free_port()
         self._as_root = os.geteuid() == 0
         self._schemas = itertools.count(1)
         self.running = False

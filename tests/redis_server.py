@@ -9,7 +9,6 @@ client library) the tests that need one are skipped, saying why; under
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import free_port, require
 
 __all__ = ["RedisServer", "own_redis_server", "redis_server", "require_redis"]
 
@@ -39,18 +39,9 @@ def require_redis() -> str:
             import redis.asyncio  # noqa: F401
         except ImportError:
             missing = "the redis client library is not installed (extra 'redis')"
-    if missing is not None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{missing}, and CI=true requires it")
-        pytest.skip(missing)
+    require(missing)
     assert binary is not None
     return binary
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:
@@ -61,7 +52,7 @@ class RedisServer:
         self.directory = directory
         self.persistent = persistent
         self.host = "127.0.0.1"
-        self.port = _free_port()
+        self.port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property

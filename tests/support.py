@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import random
+import socket
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import anyio
+import pytest
 
 from zerver import App, Broker, ServerConfig, Settings, VirtualClock, serve
 from zerver.testing import FakeInterpreter
@@ -61,3 +64,20 @@ class NothingToOpen:
 
     async def aclose(self) -> None:
         return None
+
+
+def require(missing: str | None) -> None:
+    """Skip the test when something it needs is ``missing`` (a reason), except under
+    ``CI=true``, where CI installs everything and a missing piece is a failure."""
+    if missing is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{missing}, and CI=true requires it")
+    pytest.skip(missing)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

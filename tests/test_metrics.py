@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import gzip
 import random
 import threading
@@ -12,7 +11,6 @@ from typing import Any
 
 import orjson
 import pytest
-from google.protobuf import json_format  # type: ignore[import-untyped]
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -42,7 +40,7 @@ from zerver._metrics import (
 )
 from zerver._offload import pack_record, unpack_record
 from zerver.export import MetricsExportConfig, OtlpMetricExporter, meter_provider
-from zerver.export._metrics_exporter import encode_metrics, metrics_json
+from zerver.export._metrics_exporter import encode_metrics, metrics_from_json, metrics_json
 
 MS = 1_000_000  # ns
 
@@ -411,19 +409,7 @@ def parse(headers: dict[str, str], body: bytes) -> ExportMetricsServiceRequest:
         message: ExportMetricsServiceRequest = ExportMetricsServiceRequest.FromString(body)
         return message
     assert headers["Content-Type"] == "application/json"
-    doc = orjson.loads(body)
-    for rm in doc["resourceMetrics"]:
-        for sm in rm["scopeMetrics"]:
-            for m in sm["metrics"]:
-                for kind in ("sum", "gauge", "histogram"):
-                    for p in m.get(kind, {}).get("dataPoints", ()):
-                        for e in p.get("exemplars", ()):
-                            for key in ("traceId", "spanId"):
-                                if key in e:
-                                    raw = bytes.fromhex(e[key])
-                                    e[key] = base64.b64encode(raw).decode()
-    parsed: ExportMetricsServiceRequest = json_format.ParseDict(doc, ExportMetricsServiceRequest())
-    return parsed
+    return metrics_from_json(body)
 
 
 @pytest.mark.parametrize("protocol", ["http/json", "http/protobuf"])

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from demo_process import operator_env, zerver_process
+from support import require
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -45,11 +46,7 @@ def _missing() -> str | None:
 
 @pytest.fixture
 def browser_context(tmp_path: Path) -> Iterator[Any]:
-    missing = _missing()
-    if missing is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser test cannot run in CI: {missing}")
-        pytest.skip(missing)
+    require(_missing())
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:

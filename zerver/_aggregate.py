@@ -161,6 +161,19 @@ class _Table:
         s.exemplars = [None] * len(s.exemplars)
         return out
 
+    def _number_points(self, series: list[_Series], now_ns: int) -> list[NumberDataPoint]:
+        """Sums' and gauges' points: each series' value (kept in ``sum``)."""
+        return [
+            NumberDataPoint(
+                attributes=s.attrs,
+                start_time_unix_nano=s.start_ns,
+                time_unix_nano=now_ns,
+                value=s.sum,
+                exemplars=self._exemplars(s),
+            )
+            for s in series
+        ]
+
     def collect(self, now_ns: int) -> Metric | None:
         raise NotImplementedError
 
@@ -257,16 +270,7 @@ class SumTable(_Table):
         series = self._collected()
         if not series:
             return None
-        points = [
-            NumberDataPoint(
-                attributes=s.attrs,
-                start_time_unix_nano=s.start_ns,
-                time_unix_nano=now_ns,
-                value=s.sum,
-                exemplars=self._exemplars(s),
-            )
-            for s in series
-        ]
+        points = self._number_points(series, now_ns)
         temporality = _DELTA if self.delta else _CUMULATIVE
         return Metric(
             self.name, self.description, self.unit, Sum(points, temporality, self.monotonic)
@@ -289,16 +293,7 @@ class GaugeTable(_Table):
         series = self._collected()
         if not series:
             return None
-        points = [
-            NumberDataPoint(
-                attributes=s.attrs,
-                start_time_unix_nano=s.start_ns,
-                time_unix_nano=now_ns,
-                value=s.sum,
-                exemplars=self._exemplars(s),
-            )
-            for s in series
-        ]
+        points = self._number_points(series, now_ns)
         return Metric(self.name, self.description, self.unit, Gauge(points))
 
 

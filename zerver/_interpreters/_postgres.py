@@ -53,10 +53,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from .._config import mask_url
-from .._effects import DbDel, DbGet, DbPut, DbQuery, Effect
-from .._errors import ConfigError, EffectError, UnsupportedEffectError
+from .._effects import Effect
+from .._errors import ConfigError, EffectError
 from .._park import ConcurrencyLimiter, JobContext
-from ._sqlite import _check_table, _decode, _encode, _json_path
+from ._sqlite import _check_table, _decode, _encode, _json_path, perform_db
 
 if TYPE_CHECKING:
     import psycopg
@@ -440,29 +440,7 @@ class PostgresInterpreter:
 
     async def perform(self, effect: Effect, job: JobContext) -> Any:
         """Perform one ``db`` effect and return its result (see the effect classes)."""
-        if isinstance(effect, DbGet):
-            value = await self.get(effect.table, effect.key, job)
-            job.note("db.rows", 0 if value is None else 1)
-            return value
-        if isinstance(effect, DbPut):
-            await self.put(effect.table, effect.key, effect.value, job)
-            job.note("db.rows", 1)
-            return None
-        if isinstance(effect, DbDel):
-            deleted = await self.delete(effect.table, effect.key, job)
-            job.note("db.rows", int(deleted))
-            return deleted
-        if isinstance(effect, DbQuery):
-            rows = await self.query(
-                effect.table,
-                effect.where,
-                order_by=effect.order_by,
-                limit=effect.limit,
-                job=job,
-            )
-            job.note("db.rows", len(rows))
-            return rows
-        raise UnsupportedEffectError("PostgresInterpreter", effect)
+        return await perform_db(self, effect, job)
 
     async def get(self, table: str, key: str, job: JobContext | None = None) -> Any:
         """The value stored under ``key`` in ``table``, or ``None``."""

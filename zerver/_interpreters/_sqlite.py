@@ -37,7 +37,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -391,29 +391,7 @@ class SqliteInterpreter:
 
     async def perform(self, effect: Effect, job: JobContext) -> Any:
         """Perform one ``db`` effect and return its result (see the effect classes)."""
-        if isinstance(effect, DbGet):
-            value = await self.get(effect.table, effect.key, job)
-            job.note("db.rows", 0 if value is None else 1)
-            return value
-        if isinstance(effect, DbPut):
-            await self.put(effect.table, effect.key, effect.value, job)
-            job.note("db.rows", 1)
-            return None
-        if isinstance(effect, DbDel):
-            deleted = await self.delete(effect.table, effect.key, job)
-            job.note("db.rows", int(deleted))
-            return deleted
-        if isinstance(effect, DbQuery):
-            rows = await self.query(
-                effect.table,
-                effect.where,
-                order_by=effect.order_by,
-                limit=effect.limit,
-                job=job,
-            )
-            job.note("db.rows", len(rows))
-            return rows
-        raise UnsupportedEffectError("SqliteInterpreter", effect)
+        return await perform_db(self, effect, job)
 
     async def get(self, table: str, key: str, job: JobContext | None = None) -> Any:
         """The value stored under ``key`` in ``table``, or ``None``."""
@@ -525,3 +503,49 @@ class SqliteInterpreter:
 
         texts = await self._run(job, f"query {name!r}", run)
         return [_decode(name, text) for text in texts]
+
+
+class DbStore(Protocol):
+    """What :func:`perform_db` needs of a database interpreter (SQLite's, PostgreSQL's)."""
+
+    async def get(self, table: str, key: str, job: JobContext | None = None) -> Any: ...
+
+    async def put(
+        self, table: str, key: str, value: object, job: JobContext | None = None
+    ) -> None: ...
+
+    async def delete(self, table: str, key: str, job: JobContext | None = None) -> bool: ...
+
+    async def query(
+        self,
+        table: str,
+        where: Mapping[str, object] | None = None,
+        *,
+        order_by: str | None = None,
+        limit: int | None = None,
+        job: JobContext | None = None,
+    ) -> list[Any]: ...
+
+
+async def perform_db(store: DbStore, effect: Effect, job: JobContext) -> Any:
+    """Perform one ``db`` effect on ``store`` and note the rows it touched (``db.rows``):
+    the one dispatch of the ``db`` effects, whichever database runs them."""
+    if isinstance(effect, DbGet):
+        value = await store.get(effect.table, effect.key, job)
+        job.note("db.rows", 0 if value is None else 1)
+        return value
+    if isinstance(effect, DbPut):
+        await store.put(effect.table, effect.key, effect.value, job)
+        job.note("db.rows", 1)
+        return None
+    if isinstance(effect, DbDel):
+        deleted = await store.delete(effect.table, effect.key, job)
+        job.note("db.rows", int(deleted))
+        return deleted
+    if isinstance(effect, DbQuery):
+        rows = await store.query(
+            effect.table, effect.where, order_by=effect.order_by, limit=effect.limit, job=job
+        )
+        job.note("db.rows", len(rows))
+        return rows
+    raise UnsupportedEffectError(type(store).__name__, effect)

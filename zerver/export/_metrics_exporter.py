@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import gzip
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import orjson
@@ -76,6 +76,7 @@ __all__ = [
     "OtlpMetricExporter",
     "encode_metrics",
     "meter_provider",
+    "metrics_from_json",
     "metrics_json",
     "temporality_preference",
 ]
@@ -240,10 +241,9 @@ def encode_metrics(data: MetricsData) -> tuple[ExportMetricsServiceRequest, int]
 _POINT_KINDS = ("sum", "gauge", "histogram", "exponentialHistogram")
 
 
-def metrics_json(request: ExportMetricsServiceRequest) -> bytes:
-    """``request`` as an OTLP/JSON body: protobuf's JSON mapping with integer enums, and
-    trace and span ids as hex (OTLP/JSON's one departure from that mapping)."""
-    doc = json_format.MessageToDict(request, use_integers_for_enums=True)
+def _exemplar_ids(doc: dict[str, Any], convert: Callable[[str], str]) -> dict[str, Any]:
+    """``doc`` (a metrics request in JSON form) with each exemplar's trace and span id
+    passed through ``convert``, in place."""
     metrics = (
         m
         for rm in doc.get("resourceMetrics", ())
@@ -256,8 +256,25 @@ def metrics_json(request: ExportMetricsServiceRequest) -> bytes:
                 for e in p.get("exemplars", ()):
                     for key in ("traceId", "spanId"):
                         if key in e:
-                            e[key] = base64.b64decode(e[key]).hex()
-    return orjson.dumps(doc)
+                            e[key] = convert(e[key])
+    return doc
+
+
+def metrics_json(request: ExportMetricsServiceRequest) -> bytes:
+    """``request`` as an OTLP/JSON body: protobuf's JSON mapping with integer enums, and
+    trace and span ids as hex (OTLP/JSON's one departure from that mapping)."""
+    doc = json_format.MessageToDict(request, use_integers_for_enums=True)
+    return orjson.dumps(_exemplar_ids(doc, lambda b64: base64.b64decode(b64).hex()))
+
+
+def metrics_from_json(body: bytes | dict[str, Any]) -> ExportMetricsServiceRequest:
+    """An OTLP/JSON metrics body (or the document it decodes to, which is changed in
+    place) as the official message: :func:`metrics_json`'s inverse. Raises on a body
+    the schema does not accept."""
+    doc = orjson.loads(body) if isinstance(body, bytes) else body
+    doc = _exemplar_ids(doc, lambda h: base64.b64encode(bytes.fromhex(h)).decode())
+    request: ExportMetricsServiceRequest = json_format.ParseDict(doc, ExportMetricsServiceRequest())
+    return request
 
 
 # -- the exporter ---------------------------------------------------------------------------
