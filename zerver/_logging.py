@@ -89,7 +89,10 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     structlog.configure(
         processors=[*shared, *tail, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write per line (message and newline together): with PYTHONUNBUFFERED a
+        # print() is two writes, and the lines of several worker processes sharing
+        # one stdout could run into each other.
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
     _route_stdlib(out, level, shared, tail, renderer)
