@@ -57,11 +57,11 @@ from zerver import (
     load_settings,
     step,
 )
-from zerver._interpreters import SqliteInterpreter
-from zerver._offload import handover_bytes
-from zerver._records import RequestRecord
 from zerver.demo import create_app
+from zerver.runtime.interpreters import SqliteInterpreter
 from zerver.testing import FakeInterpreter, FakeRule
+from zerver.trace._offload import handover_bytes
+from zerver.trace._records import RequestRecord
 
 CASES = ("plain", "need", "sqlite", "blog", "blog-traced")
 POST: Slot[Any] = Slot("post")

@@ -50,7 +50,6 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope as SdkScope
 
-from zerver._spans import InstrumentationScope, Resource, SpanData, SpanEvent, SpanKind
 from zerver.export import (
     ExportPipeline,
     JsonEncoder,
@@ -62,6 +61,7 @@ from zerver.export import (
     ResilienceBuilder,
     span_to_readable,
 )
+from zerver.export._spans import InstrumentationScope, Resource, SpanData, SpanEvent, SpanKind
 
 T0 = 1_700_000_000_000_000_000
 RES = Resource(attributes={"service.name": "blog", "host.name": "box-1", "service.version": "1.0"})

@@ -7,7 +7,7 @@ hit, a DB ``io_wait`` park; as ``bench_trace.py`` does), then, in the same run:
   (``unpack_record(pack_record(r))``), with an SDK ``MeterProvider`` whose reader
   collects on demand (no export cost), in ``new`` and ``dup`` semconv modes, half
   of the records sampled so half the measurements offer exemplars;
-- the same through zerver's own :class:`~zerver._aggregate.Aggregator` (what the
+- the same through zerver's own :class:`~zerver.trace._aggregate.Aggregator` (what the
   server uses), collected into the same ``MetricsData``;
 - ``TraceEngine.build`` of the same records (``bench_trace.py``'s figure).
 
@@ -29,8 +29,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from loadtest.bench_trace import bench_build, record_happy_paths
 from zerver import RecordMetrics, RequestRecord
-from zerver._aggregate import Aggregator
-from zerver._offload import pack_record, unpack_record
+from zerver.trace._aggregate import Aggregator
+from zerver.trace._offload import pack_record, unpack_record
 
 RECORDS = 64
 
@@ -39,7 +39,7 @@ def bench_metrics(
     records: list[RequestRecord], mode: str, n: int, own: bool = False
 ) -> tuple[float, int]:
     """Mean µs per ``record`` call, and the points one collection gives; ``own``:
-    zerver's :class:`~zerver._aggregate.Aggregator` instead of the SDK's provider."""
+    zerver's :class:`~zerver.trace._aggregate.Aggregator` instead of the SDK's provider."""
     reader = InMemoryMetricReader()
     provider = MeterProvider([reader], exemplar_filter=TraceBasedExemplarFilter())
     agg = Aggregator()

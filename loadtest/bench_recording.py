@@ -42,8 +42,8 @@ from zerver import (
     load_settings,
     step,
 )
-from zerver._records import RECORD_CLASSES
 from zerver.testing import FakeInterpreter, RecordCapture
+from zerver.trace._records import RECORD_CLASSES
 
 POST: Slot[Any] = Slot("post")
 AUTHOR: Slot[Any] = Slot("author")

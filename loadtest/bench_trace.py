@@ -32,11 +32,11 @@ import anyio
 from opentelemetry.sdk.trace import TracerProvider
 
 from zerver import RequestRecord, VirtualClock, load_settings
-from zerver._sinks import InMemorySpanSink
-from zerver._spans import SpanData
-from zerver._tracing import TraceEngine
 from zerver.demo import SEED_AUTHORS, SEED_POSTS, create_app
+from zerver.export._sinks import InMemorySpanSink
+from zerver.export._spans import SpanData
 from zerver.testing import AppClient, FakeInterpreter, RecordCapture
+from zerver.trace._tracing import TraceEngine
 
 IO_WAIT_MS = 1.2
 RECORDS = 64
@@ -81,7 +81,7 @@ def bench_build(records: list[RequestRecord], engine: TraceEngine, n: int) -> tu
 
 def bench_pack(record: RequestRecord, n: int) -> float:
     """What the request path pays when an exporter process builds the spans."""
-    from zerver._offload import pack_record
+    from zerver.trace._offload import pack_record
 
     for _ in range(1000):
         pack_record(record)

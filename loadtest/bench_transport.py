@@ -6,7 +6,7 @@ wrk pinned to CPU 1 (a bounded Python keep-alive client when wrk is missing):
 
 * ``floor``: ``loadtest.apps.h11_floor --transport protocol`` (h11 on an
   asyncio Protocol, no framework);
-* ``streams`` / ``protocol``: zerver's server (``zerver._server.serve``) on
+* ``streams`` / ``protocol``: zerver's server (``zerver.http._server.serve``) on
   each transport, with a constant ``ServerApp`` (``--app bare``) or a zerver
   ``App`` with one ``@step`` route and default telemetry (``--app zerver``).
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from zerver import App, Context, Decision, Done, Request, Response, step
-from zerver._server import ServerApp, ServerConfig
+from zerver.http._server import ServerApp, ServerConfig
 
 __all__ = ["main"]
 
@@ -101,7 +101,7 @@ def _zerver_app() -> App:
 
 
 def _serve(transport: Literal["streams", "protocol"], app_kind: str, port: int) -> int:
-    from zerver._server import run
+    from zerver.http._server import run
 
     app: ServerApp = _BareApp() if app_kind == "bare" else _zerver_app()
     run(app, ServerConfig(host="127.0.0.1", port=port, transport=transport))

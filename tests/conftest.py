@@ -5,7 +5,7 @@ import functools
 import pytest
 from server_apps import TRANSPORTS, ConfigFactory
 
-from zerver._server import ServerConfig
+from zerver.http._server import ServerConfig
 
 
 @pytest.fixture

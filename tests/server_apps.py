@@ -24,8 +24,8 @@ import anyio.abc
 import orjson
 import structlog
 
-from zerver._http import Request, Response
-from zerver._server import ServerConfig, Transport, run
+from zerver.core._http import Request, Response
+from zerver.http._server import ServerConfig, Transport, run
 
 PORT_MARKER = "ZT-PORT "
 STARTED_MARKER = "ZT-STARTED "

@@ -12,7 +12,7 @@ from opentelemetry.sdk.metrics import MeterProvider, TraceBasedExemplarFilter
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
-from zerver._aggregate import OVERFLOW_ATTRIBUTES, Aggregator
+from zerver.trace._aggregate import OVERFLOW_ATTRIBUTES, Aggregator
 
 BOUNDS = (0.001, 0.01, 0.1, 1.0)
 ATTR_SETS: list[dict[str, str | int]] = [

@@ -29,12 +29,12 @@ from zerver import (
     load_settings,
     step,
 )
-from zerver._offload import ProcessTraceSubscriber
-from zerver._semconv import SemConv
-from zerver._spans import AttrValue, SpanData, SpanKind
-from zerver._tracing import TraceEngine
 from zerver.export import OtlpReceiver, attributes_of
+from zerver.export._spans import AttrValue, SpanData, SpanKind
 from zerver.testing import AppClient, InMemorySpanSink
+from zerver.trace._offload import ProcessTraceSubscriber
+from zerver.trace._semconv import SemConv
+from zerver.trace._tracing import TraceEngine
 
 pytestmark = pytest.mark.anyio
 
@@ -235,7 +235,7 @@ def test_the_built_in_effects_use_the_protocol() -> None:
 def test_the_engine_names_no_system() -> None:
     import inspect
 
-    import zerver._tracing as tracing
+    import zerver.trace._tracing as tracing
 
     source = inspect.getsource(tracing.TraceEngine._effect_span)
     for word in ('"db"', '"cache"', '"http"', '"queue"', "table", "topic", "url"):

@@ -10,10 +10,10 @@ import pytest
 from support import NothingToOpen, receiver_env
 
 from zerver import App, Context, DbGet, Done, JobContext, Need, Slot, load_settings, step
-from zerver._offload import ProcessTraceSubscriber
-from zerver._records import MAX_STACKTRACE
 from zerver.export import OtlpReceiver, attributes_of
 from zerver.testing import AppClient, InMemorySpanSink
+from zerver.trace._offload import ProcessTraceSubscriber
+from zerver.trace._records import MAX_STACKTRACE
 
 pytestmark = pytest.mark.anyio
 

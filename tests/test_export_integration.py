@@ -11,9 +11,10 @@ import pytest
 from demo_process import demo_process
 
 from zerver import ConfigError, Context, Done, Response, TraceEngine, load_settings, step
-from zerver._telemetry import PipelineSink, setup_tracing
+from zerver._telemetry import setup_tracing
 from zerver.demo import create_app
 from zerver.export import OtlpReceiver
+from zerver.export._sinks import PipelineSink
 from zerver.testing import AppClient
 
 pytestmark = pytest.mark.anyio
@@ -108,7 +109,7 @@ async def test_user_otel_spans_leave_through_the_same_pipeline(tmp_path: Path) -
 
 
 async def test_setup_picks_the_exporter_process_when_asked(tmp_path: Path) -> None:
-    from zerver._offload import ProcessTraceSubscriber
+    from zerver.trace._offload import ProcessTraceSubscriber
 
     with OtlpReceiver() as receiver:
         app = create_app(

@@ -42,7 +42,6 @@ from zerver._cli import (
     tracez_text,
 )
 from zerver._config import load_settings
-from zerver._spans import InstrumentationScope, Resource, SpanData, SpanKind, StatusCode
 from zerver.export import ExportConfig, ExportPipeline, OtlpReceiver, build_exporter
 from zerver.export._simple import (
     ConsoleTraceExporter,
@@ -53,6 +52,7 @@ from zerver.export._simple import (
     format_trace,
     span_json,
 )
+from zerver.export._spans import InstrumentationScope, Resource, SpanData, SpanKind, StatusCode
 from zerver.testing import AppClient, InMemorySpanSink, capture_logs
 
 TRACERESPONSE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")

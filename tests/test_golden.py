@@ -10,8 +10,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from zerver._spans import SpanData
 from zerver.demo.golden import SCENARIOS
+from zerver.export._spans import SpanData
 from zerver.testing import (
     GoldenMismatchError,
     Scenario,

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from server_apps import TRANSPORTS, WAIT_S, StandInApp
 from test_server_wire import parse_all, running
 
-from zerver._server import ServerConfig, Transport
+from zerver.http._server import ServerConfig, Transport
 
 pytestmark = pytest.mark.anyio
 

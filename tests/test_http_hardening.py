@@ -19,9 +19,9 @@ from test_server_wire import (
     running,
 )
 
-from zerver._connection import AcceptFailures, ConnectionContext, RejectedError, check_head
-from zerver._http import Request, Response
-from zerver._server import ServerConfig
+from zerver.core._http import Request, Response
+from zerver.http._connection import AcceptFailures, ConnectionContext, RejectedError, check_head
+from zerver.http._server import ServerConfig
 
 pytestmark = pytest.mark.anyio
 

@@ -25,8 +25,8 @@ import structlog
 from server_apps import PORT_MARKER, TRANSPORTS, WAIT_S, ConfigFactory, StandInApp
 from test_server_wire import GET, exchange, parse_all, read_response, running
 
-from zerver._http import Request, Response
-from zerver._server import Transport
+from zerver.core._http import Request, Response
+from zerver.http._server import Transport
 
 pytestmark = pytest.mark.anyio
 
@@ -224,8 +224,8 @@ CLIENTS = 90
 FD_SCRIPT = f"""
 import resource, sys
 import server_apps
-import zerver._server
-zerver._server._ACCEPT_BACKOFF_S = 0.01
+import zerver.http._server
+zerver.http._server._ACCEPT_BACKOFF_S = 0.01
 _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, ({FD_LIMIT}, hard))
 raise SystemExit(server_apps.main(sys.argv[1:]))

@@ -26,7 +26,7 @@ HEAVY = (
     "httpx",
     "zerver.export._pipeline",
     "zerver.export._transport",
-    "zerver._offload",
+    "zerver.trace._offload",
 )
 
 

@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis_server import RedisServer, redis_server  # noqa: F401 (a fixture)
 
-from zerver._clock import VirtualClock
-from zerver._effects import CacheDel, CacheGet, CacheSet, DbGet, Effect
-from zerver._errors import EffectError
-from zerver._interpreters import CacheInterpreter, CacheStats, RedisCacheInterpreter
-from zerver._park import JobContext
-from zerver._records import JobState
+from zerver.core._clock import VirtualClock
+from zerver.core._effects import CacheDel, CacheGet, CacheSet, DbGet, Effect
+from zerver.core._errors import EffectError
+from zerver.runtime._park import JobContext
+from zerver.runtime.interpreters import CacheInterpreter, CacheStats, RedisCacheInterpreter
+from zerver.trace._records import JobState
 
 pytestmark = pytest.mark.anyio
 

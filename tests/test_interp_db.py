@@ -19,12 +19,12 @@ import anyio
 import pytest
 from pg_server import PgServer, pg_server  # noqa: F401 - the session fixture
 
-from zerver._clock import MonotonicClock
-from zerver._effects import CacheGet, DbDel, DbGet, DbPut, DbQuery, Effect
-from zerver._errors import EffectError
-from zerver._interpreters import PostgresInterpreter, SqliteInterpreter
-from zerver._park import JobContext
-from zerver._records import JobState
+from zerver.core._clock import MonotonicClock
+from zerver.core._effects import CacheGet, DbDel, DbGet, DbPut, DbQuery, Effect
+from zerver.core._errors import EffectError
+from zerver.runtime._park import JobContext
+from zerver.runtime.interpreters import PostgresInterpreter, SqliteInterpreter
+from zerver.trace._records import JobState
 
 pytestmark = pytest.mark.anyio
 

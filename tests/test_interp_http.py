@@ -15,8 +15,8 @@ import orjson
 import pytest
 from anyio import wait_all_tasks_blocked
 
-from zerver._clock import MonotonicClock
-from zerver._effects import (
+from zerver.core._clock import MonotonicClock
+from zerver.core._effects import (
     CacheGet,
     Effect,
     HttpDelete,
@@ -25,10 +25,10 @@ from zerver._effects import (
     HttpPut,
     HttpResult,
 )
-from zerver._errors import EffectError
-from zerver._interpreters import HttpInterpreter
-from zerver._park import JobContext
-from zerver._records import JobState
+from zerver.core._errors import EffectError
+from zerver.runtime._park import JobContext
+from zerver.runtime.interpreters import HttpInterpreter
+from zerver.trace._records import JobState
 
 pytestmark = pytest.mark.anyio
 
@@ -290,7 +290,7 @@ async def test_propagation_replaces_the_effects_own_trace_headers(base: str) -> 
     """An effect that sets ``traceparent`` / ``tracestate`` itself does not send two of
     each (the receiver would then start a new trace): zerver's, naming the effect's
     span as the parent, replace them; other headers go as given."""
-    from zerver._records import RequestRecord
+    from zerver.trace._records import RequestRecord
 
     interp = HttpInterpreter(trust_env=False)
     stale = f"00-{'a' * 32}-{'b' * 16}-01"

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from zerver._clock import MonotonicClock
-from zerver._effects import DbGet, DbPut, Effect
-from zerver._errors import EffectError
-from zerver._interpreters import SqliteInterpreter
-from zerver._park import JobContext
-from zerver._records import JobState
+from zerver.core._clock import MonotonicClock
+from zerver.core._effects import DbGet, DbPut, Effect
+from zerver.core._errors import EffectError
+from zerver.runtime._park import JobContext
+from zerver.runtime.interpreters import SqliteInterpreter
+from zerver.trace._records import JobState
 
 pytestmark = pytest.mark.anyio
 

@@ -162,7 +162,7 @@ def test_a_long_never_taken_wait_is_queue_wait_and_is_promoted() -> None:
     """One rule (docs/jobs.md): a job cancelled while queued waited on the queue
     until it ended, and that wait is promoted like any other."""
     from zerver import RequestRecord, TraceEngine, VirtualClock, durations
-    from zerver._records import JobState, StepRecord
+    from zerver.trace._records import JobState, StepRecord
 
     clock = VirtualClock()
     rec = RequestRecord(clock)

@@ -23,9 +23,9 @@ from zerver import (
     load_settings,
     step,
 )
-from zerver._jobs import Job, JobQueue
-from zerver._records import COMPLETE, JobState, RequestRecord
+from zerver.runtime._jobs import Job, JobQueue
 from zerver.testing import AppClient, FakeInterpreter, FakeRule, RecordCapture
+from zerver.trace._records import COMPLETE, JobState, RequestRecord
 
 pytestmark = pytest.mark.anyio
 

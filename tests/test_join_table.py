@@ -17,7 +17,7 @@ from zerver import (
     load_settings,
     step,
 )
-from zerver._join import JoinState
+from zerver.core._join import JoinState
 from zerver.testing import AppClient, FakeInterpreter, RecordCapture
 
 REQ, OPT = True, False

@@ -24,7 +24,7 @@ from zerver import (
     load_settings,
     step,
 )
-from zerver._interpreters import SqliteInterpreter
+from zerver.runtime.interpreters import SqliteInterpreter
 from zerver.testing import AppClient, FakeInterpreter, RecordCapture
 
 pytestmark = pytest.mark.anyio

@@ -11,8 +11,8 @@ import pytest
 import structlog
 
 from zerver import App, Context, DbGet, Done, JobContext, Need, Response, load_settings, step
-from zerver._logging import AccessLog, configure_logging
 from zerver.testing import AppClient, FakeInterpreter, InMemorySpanSink, capture_logs
+from zerver.trace._logging import AccessLog, configure_logging
 
 pytestmark = pytest.mark.anyio
 

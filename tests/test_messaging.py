@@ -29,8 +29,8 @@ from zerver import (
     load_settings,
     step,
 )
-from zerver._messaging_redis import RedisStreamsBroker
-from zerver._spans import SpanKind, StatusCode
+from zerver.export._spans import SpanKind, StatusCode
+from zerver.runtime._messaging_redis import RedisStreamsBroker
 from zerver.testing import AppClient, FakeInterpreter, InMemorySpanSink, capture_logs
 
 pytestmark = pytest.mark.anyio

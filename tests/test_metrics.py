@@ -31,16 +31,16 @@ from zerver import (
     StepRecord,
     VirtualClock,
 )
-from zerver._aggregate import Aggregator
-from zerver._metrics import (
+from zerver.export import MetricsExportConfig, OtlpMetricExporter, meter_provider
+from zerver.export._metrics_exporter import encode_metrics, metrics_from_json, metrics_json
+from zerver.trace._aggregate import Aggregator
+from zerver.trace._metrics import (
     HTTP_DURATION_BUCKETS,
     HTTP_DURATION_BUCKETS_MS,
     INSTRUMENTS,
     PHASE_BUCKETS,
 )
-from zerver._offload import pack_record, unpack_record
-from zerver.export import MetricsExportConfig, OtlpMetricExporter, meter_provider
-from zerver.export._metrics_exporter import encode_metrics, metrics_from_json, metrics_json
+from zerver.trace._offload import pack_record, unpack_record
 
 MS = 1_000_000  # ns
 

@@ -14,9 +14,9 @@ import pytest
 from demo_process import operator_env, zerver_process
 from test_metrics import parse
 
-from zerver._aggregate import Aggregator
 from zerver.export import ExportStats, OtlpReceiver
-from zerver.export._metrics_worker import PipelineObserver
+from zerver.trace._aggregate import Aggregator
+from zerver.trace._metrics_worker import PipelineObserver
 
 ROUTE = "/blogs/posts/{id}"
 

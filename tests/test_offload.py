@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from support import receiver_env
 
 from zerver import App, RequestRecord, SpanData, TraceEngine, load_settings
-from zerver._offload import ProcessTraceSubscriber, pack_record, unpack_record
 from zerver.demo import create_app
 from zerver.demo._scenarios import SCENARIOS
 from zerver.export import OtlpReceiver
 from zerver.testing import AppClient, InMemorySpanSink, RecordCapture, normalise
+from zerver.trace._offload import ProcessTraceSubscriber, pack_record, unpack_record
 
 pytestmark = pytest.mark.anyio
 
@@ -41,7 +41,7 @@ async def _records_of(
         app.subscribe(cap)
         spans = await trace_requests(app, requests, **kw)
         captured.extend(cap.records)
-        engines.extend(s for s in app._subscribers if isinstance(s, TraceEngine))
+        engines.extend(s for s in app.runtime.subscribers if isinstance(s, TraceEngine))
         return spans
 
     monkeypatch.setattr(demo, "trace_requests", spy)
@@ -183,14 +183,14 @@ async def test_an_exporter_that_keeps_dying_leaves_building_to_the_server(
 def test_server_messages_frame_and_unframe_exactly(
     seq: int, blobs: list[bytes], seconds: float
 ) -> None:
-    from zerver._offload import _BATCH, _STOP, _frame_batch, _frame_stop, _unframe
+    from zerver.trace._offload import _BATCH, _STOP, _frame_batch, _frame_stop, _unframe
 
     assert _unframe(_frame_batch(seq, blobs)) == (_BATCH, seq, blobs)
     assert _unframe(_frame_stop(seconds)) == (_STOP, seconds, None)
 
 
 def test_a_damaged_message_is_an_error_not_a_wrong_batch() -> None:
-    from zerver._offload import _frame_batch, _unframe
+    from zerver.trace._offload import _frame_batch, _unframe
 
     framed = _frame_batch(7, [b"abc", b"defg"])
     with pytest.raises(ValueError, match="truncated"):

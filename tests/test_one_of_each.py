@@ -28,8 +28,7 @@ from zerver import (
     SpanSink,
     VirtualClock,
 )
-from zerver._clock import TokenBucket
-from zerver._sinks import _SpanStore, format_tree
+from zerver.core._clock import TokenBucket
 from zerver.export import (
     ExportContext,
     ExportPipeline,
@@ -37,6 +36,7 @@ from zerver.export import (
     RetryingExporter,
 )
 from zerver.export._resilience import EXPORT_RETRY
+from zerver.export._sinks import _SpanStore, format_tree
 
 pytestmark = pytest.mark.anyio
 

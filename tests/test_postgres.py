@@ -30,13 +30,13 @@ from zerver import (
     load_settings,
     step,
 )
-from zerver._clock import MonotonicClock
-from zerver._effects import Effect
-from zerver._errors import EffectError
-from zerver._interpreters import PostgresInterpreter, SqliteInterpreter
-from zerver._park import JobContext
-from zerver._records import JobState
+from zerver.core._clock import MonotonicClock
+from zerver.core._effects import Effect
+from zerver.core._errors import EffectError
+from zerver.runtime._park import JobContext
+from zerver.runtime.interpreters import PostgresInterpreter, SqliteInterpreter
 from zerver.testing import AppClient, InMemorySpanSink, RecordCapture, capture_logs
+from zerver.trace._records import JobState
 
 pytestmark = pytest.mark.anyio
 

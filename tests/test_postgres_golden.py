@@ -18,11 +18,11 @@ import anyio
 import pytest
 
 from zerver import VirtualClock, load_settings
-from zerver._errors import EffectError
-from zerver._interpreters import PostgresInterpreter
-from zerver._interpreters._postgres import get_statement, query_statement
-from zerver._spans import SpanData
+from zerver.core._errors import EffectError
 from zerver.demo import SEED_AUTHORS, SEED_COMMENTS, SEED_POSTS, create_app
+from zerver.export._spans import SpanData
+from zerver.runtime.interpreters import PostgresInterpreter
+from zerver.runtime.interpreters._postgres import get_statement, query_statement
 from zerver.testing import FakeInterpreter, Scenario, assert_golden
 from zerver.testing._scenarios import trace_requests
 

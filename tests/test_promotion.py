@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from zerver import JobState, ParkEpisode
 from zerver._config import Window
-from zerver._promotion import MIN_SAMPLES, Promoter, RollingPercentile, durations
-from zerver._tracing import _lifecycle_events
+from zerver.trace._promotion import MIN_SAMPLES, Promoter, RollingPercentile, durations
+from zerver.trace._tracing import _lifecycle_events
 
 NS = st.integers(min_value=0, max_value=10_000_000_000)
 

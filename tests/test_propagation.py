@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.to_thread
@@ -26,9 +26,10 @@ from zerver import (
     load_settings,
     step,
 )
-from zerver._spans import SpanData, SpanKind
 from zerver.demo import create_app
+from zerver.export._spans import SpanData, SpanKind
 from zerver.testing import AppClient, InMemorySpanSink
+from zerver.trace._records import RequestRecord
 
 pytestmark = pytest.mark.anyio
 
@@ -50,7 +51,7 @@ async def test_one_trace_across_two_servers(tmp_path: Path) -> None:
         from zerver import Continue
 
         seen["baggage"] = dict(ctx.baggage)
-        seen["tracestate"] = ctx.record.tracestate
+        seen["tracestate"] = cast(RequestRecord, ctx.record).tracestate
         return Continue
 
     b.before(spy)

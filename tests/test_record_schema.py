@@ -29,9 +29,9 @@ from zerver import (
     RequestRecord,
     VirtualClock,
 )
-from zerver._offload import PACK_SCHEMA, codec_source, pack_record, unpack_record
-from zerver._records import RECORD_CLASSES, JobState, Record
-from zerver._spans import AttrValue
+from zerver.export._spans import AttrValue
+from zerver.trace._offload import PACK_SCHEMA, codec_source, pack_record, unpack_record
+from zerver.trace._records import RECORD_CLASSES, JobState, Record
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

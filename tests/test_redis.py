@@ -33,9 +33,9 @@ from zerver import (
     step,
 )
 from zerver._config import mask_url
-from zerver._interpreters import RedisCacheInterpreter
-from zerver._interpreters._redis import RedisTarget
-from zerver._messaging_redis import RedisStreamsBroker
+from zerver.runtime._messaging_redis import RedisStreamsBroker
+from zerver.runtime.interpreters import RedisCacheInterpreter
+from zerver.runtime.interpreters._redis import RedisTarget
 from zerver.testing import AppClient, InMemorySpanSink
 
 pytestmark = pytest.mark.anyio
@@ -258,7 +258,7 @@ CONSUMER = textwrap.dedent(
     from pathlib import Path
     import anyio
     from zerver import App, Context, Done, Response, load_settings, step
-    from zerver._messaging_redis import RedisStreamsBroker
+    from zerver.runtime._messaging_redis import RedisStreamsBroker
 
     url, prefix, name, out = sys.argv[1:]
     broker = RedisStreamsBroker(

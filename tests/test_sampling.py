@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -42,8 +42,9 @@ from zerver import (
     step,
 )
 from zerver._config import Window, parse_sampler
-from zerver._records import ParkEpisode, RequestRecord
-from zerver._sampling import (
+from zerver.testing import AppClient, FakeInterpreter, RecordCapture
+from zerver.trace._records import ParkEpisode, RequestRecord
+from zerver.trace._sampling import (
     MIN_SAMPLES,
     RELATIVE_ERROR,
     HeadSampler,
@@ -51,7 +52,6 @@ from zerver._sampling import (
     TailSampler,
     head_sampler,
 )
-from zerver.testing import AppClient, FakeInterpreter, RecordCapture
 
 TRACE_IDS = st.integers(min_value=1, max_value=(1 << 128) - 1)
 RATIOS = st.one_of(st.sampled_from([0.0, 1.0, 0.5, 0.25, 1e-9]), st.floats(0.0, 1.0))
@@ -187,7 +187,7 @@ async def test_outbound_traceparent_carries_the_decision(env: dict[str, str]) ->
 
     @step
     def downstream(ctx: Context) -> Done:
-        seen.append(ctx.record.traceparent)
+        seen.append(cast(RequestRecord, ctx.record).traceparent)
         return Done(Response.text("down"))
 
     b = App("b", settings=load_settings({}))
@@ -403,7 +403,7 @@ def record_with(
     start: int = 0,
 ) -> RequestRecord:
     """A finished, head-dropped record built by hand (times from a virtual clock)."""
-    from zerver._records import JobState
+    from zerver.trace._records import JobState
 
     clock = VirtualClock(start)
     record = RequestRecord(clock, random.Random(0))

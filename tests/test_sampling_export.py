@@ -13,9 +13,9 @@ import pytest
 from support import receiver_env
 
 from zerver import App, Context, Decision, Done, Response, SpanData, load_settings, step
-from zerver._offload import ProcessTraceSubscriber
 from zerver.export import OtlpReceiver
 from zerver.testing import AppClient, InMemorySpanSink
+from zerver.trace._offload import ProcessTraceSubscriber
 
 pytestmark = pytest.mark.anyio
 

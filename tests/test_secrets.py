@@ -16,12 +16,13 @@ from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from zerver import App, Context, Done, HttpGet, Need, Response, Slot, load_settings, step
-from zerver._connection import split_target
-from zerver._interpreters import HttpInterpreter
-from zerver._logging import AccessLog
-from zerver._semconv import DEFAULT_REDACTED_PARAMS, HeaderCapture, HeaderCaptures, Redaction
+from zerver.core._attributes import DEFAULT_REDACTED_PARAMS, Redaction
 from zerver.export import JsonEncoder, ProtobufWireEncoder
+from zerver.http._connection import split_target
+from zerver.runtime.interpreters import HttpInterpreter
 from zerver.testing import AppClient, InMemorySpanSink, capture_logs
+from zerver.trace._logging import AccessLog
+from zerver.trace._semconv import HeaderCapture, HeaderCaptures
 
 pytestmark = pytest.mark.anyio
 

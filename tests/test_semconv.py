@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zerver import RequestRecord, VirtualClock
-from zerver._semconv import MODES, SERVER_ROWS, SemConv
+from zerver.trace._semconv import MODES, SERVER_ROWS, SemConv
 
 # Few values per shape fact, so records often share a shape (and a template);
 # any values for the per-request facts.

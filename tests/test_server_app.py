@@ -18,8 +18,8 @@ import pytest
 from demo_process import demo_process
 
 from zerver import App, Context, Done, load_settings, step
-from zerver._server import ServerConfig, serve
 from zerver.demo import SEED_AUTHORS, SEED_POSTS, create_app
+from zerver.http._server import ServerConfig, serve
 from zerver.testing import InMemorySpanSink, RecordCapture
 
 pytestmark = pytest.mark.anyio

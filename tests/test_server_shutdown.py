@@ -27,8 +27,8 @@ from server_apps import (
     read_until_eof,
 )
 
-from zerver._errors import ConfigError, UsageError
-from zerver._server import ServerConfig, Transport, load_app, run, serve
+from zerver.core._errors import ConfigError, UsageError
+from zerver.http._server import ServerConfig, Transport, load_app, run, serve
 
 pytestmark = pytest.mark.anyio
 

@@ -27,9 +27,9 @@ from server_apps import (
     read_until_eof,
 )
 
-from zerver._connection import split_target
-from zerver._errors import ConfigError
-from zerver._server import ServerConfig, _use_protocol, serve
+from zerver.core._errors import ConfigError
+from zerver.http._connection import split_target
+from zerver.http._server import ServerConfig, _use_protocol, serve
 
 pytestmark = pytest.mark.anyio
 

@@ -9,8 +9,8 @@ from google.protobuf import json_format  # type: ignore[import-untyped]
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from zerver import App, Context, DbGet, Done, Need, Response, Slot, load_settings, step
-from zerver._spans import InstrumentationScope, Resource, SpanData, SpanLimits, SpanLink
 from zerver.export import JsonEncoder, ProtobufEncoder, ProtobufWireEncoder
+from zerver.export._spans import InstrumentationScope, Resource, SpanData, SpanLimits, SpanLink
 from zerver.testing import AppClient, FakeInterpreter, InMemorySpanSink
 
 pytestmark = pytest.mark.anyio

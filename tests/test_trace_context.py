@@ -46,7 +46,9 @@ from zerver import (
     serve,
     step,
 )
-from zerver._propagation import (
+from zerver.http._server import Transport
+from zerver.testing import AppClient, InMemorySpanSink
+from zerver.trace._propagation import (
     TRACESTATE_MAX_CHARS,
     W3CTraceContextPropagator,
     _textmap,
@@ -54,8 +56,6 @@ from zerver._propagation import (
     parse_traceparent,
     parse_tracestate,
 )
-from zerver._server import Transport
-from zerver.testing import AppClient, InMemorySpanSink
 
 pytestmark = pytest.mark.anyio
 

@@ -24,7 +24,7 @@ from zerver import (
     load_settings,
     step,
 )
-from zerver._records import JobState, RequestRecord
+from zerver.trace._records import JobState, RequestRecord
 from zerver.zpages import (
     BUCKET_LABELS,
     BUCKET_LOWER_NS,

@@ -26,9 +26,9 @@ from zerver import (
     load_settings,
     step,
 )
-from zerver._spans import SpanData, SpanEvent, SpanKind, StatusCode
-from zerver._tracing import TraceEngine, default_resource
+from zerver.export._spans import SpanData, SpanEvent, SpanKind, StatusCode
 from zerver.testing import AppClient, FakeInterpreter, InMemorySpanSink
+from zerver.trace._tracing import TraceEngine, default_resource
 
 pytestmark = pytest.mark.anyio
 
@@ -298,7 +298,7 @@ async def test_route_p95_promotes_outliers_without_threshold() -> None:
     def ask(ctx: Context) -> Need:
         return Need(DbGet(table="t", key="k"), then=show)
 
-    from zerver._park import JobContext
+    from zerver.runtime._park import JobContext
 
     original = fake.perform
 

@@ -13,8 +13,8 @@ import pytest
 from support import served
 
 from zerver import App, load_settings
-from zerver._sinks import InMemorySpanSink
 from zerver.demo import create_app
+from zerver.export._sinks import InMemorySpanSink
 
 pytestmark = pytest.mark.anyio
 
@@ -178,8 +178,8 @@ async def test_pipeline_page_shows_what_this_process_exports(tmp_path: Path) -> 
     async with served(app) as base, httpx.AsyncClient() as c:
         off = (await c.get(f"{base}/debug/tracez/api/pipeline")).json()
         assert off["exporting"] is False and "tracez still shows" in off["note"]
-    from zerver._telemetry import PipelineSink
     from zerver.export import ExportPipeline
+    from zerver.export._sinks import PipelineSink
 
     app = demo(tmp_path)
     exported = InMemorySpanSink()

@@ -14,94 +14,95 @@ from ._lazy import install as _install
 from ._version import __version__
 
 if _TYPE_CHECKING:
+    from zerver.core._clock import Clock as Clock
+    from zerver.core._clock import MonotonicClock as MonotonicClock
+    from zerver.core._clock import VirtualClock as VirtualClock
+    from zerver.core._decisions import Continue as Continue
+    from zerver.core._decisions import Decision as Decision
+    from zerver.core._decisions import Done as Done
+    from zerver.core._decisions import Fail as Fail
+    from zerver.core._decisions import Join as Join
+    from zerver.core._decisions import Mode as Mode
+    from zerver.core._decisions import Need as Need
+    from zerver.core._effects import CacheDel as CacheDel
+    from zerver.core._effects import CacheGet as CacheGet
+    from zerver.core._effects import CacheSet as CacheSet
+    from zerver.core._effects import DbDel as DbDel
+    from zerver.core._effects import DbGet as DbGet
+    from zerver.core._effects import DbPut as DbPut
+    from zerver.core._effects import DbQuery as DbQuery
+    from zerver.core._effects import Effect as Effect
+    from zerver.core._effects import HttpDelete as HttpDelete
+    from zerver.core._effects import HttpGet as HttpGet
+    from zerver.core._effects import HttpPost as HttpPost
+    from zerver.core._effects import HttpPut as HttpPut
+    from zerver.core._effects import HttpResult as HttpResult
+    from zerver.core._effects import RetryPolicy as RetryPolicy
+    from zerver.core._errors import ConfigError as ConfigError
+    from zerver.core._errors import EffectError as EffectError
+    from zerver.core._errors import MissingSlotError as MissingSlotError
+    from zerver.core._errors import PeerError as PeerError
+    from zerver.core._errors import QueueFullError as QueueFullError
+    from zerver.core._errors import UnsupportedEffectError as UnsupportedEffectError
+    from zerver.core._errors import UsageError as UsageError
+    from zerver.core._errors import ZerverError as ZerverError
+    from zerver.core._http import Request as Request
+    from zerver.core._http import Response as Response
+    from zerver.core._message import Message as Message
+    from zerver.core._slots import Context as Context
+    from zerver.core._slots import Slot as Slot
+    from zerver.core._steps import Step as Step
+    from zerver.core._steps import step as step
+    from zerver.export._sinks import ConsoleSpanSink as ConsoleSpanSink
+    from zerver.export._sinks import InMemorySpanSink as InMemorySpanSink
+    from zerver.export._sinks import PipelineSink as PipelineSink
+    from zerver.export._spans import InstrumentationScope as InstrumentationScope
+    from zerver.export._spans import Resource as Resource
+    from zerver.export._spans import SpanData as SpanData
+    from zerver.export._spans import SpanEvent as SpanEvent
+    from zerver.export._spans import SpanKind as SpanKind
+    from zerver.export._spans import SpanLink as SpanLink
+    from zerver.export._spans import StatusCode as StatusCode
+    from zerver.http._server import ServerApp as ServerApp
+    from zerver.http._server import ServerConfig as ServerConfig
+    from zerver.http._server import run as run
+    from zerver.http._server import serve as serve
+    from zerver.runtime._messaging import Broker as Broker
+    from zerver.runtime._messaging import BrokerInterpreter as BrokerInterpreter
+    from zerver.runtime._messaging import Consumer as Consumer
+    from zerver.runtime._messaging import ConsumerStats as ConsumerStats
+    from zerver.runtime._messaging import MemoryBroker as MemoryBroker
+    from zerver.runtime._messaging import Publish as Publish
+    from zerver.runtime._park import ConcurrencyLimiter as ConcurrencyLimiter
+    from zerver.runtime._park import Interpreter as Interpreter
+    from zerver.runtime._park import JobContext as JobContext
+    from zerver.runtime._park import RateLimiter as RateLimiter
+    from zerver.runtime.interpreters import CacheInterpreter as CacheInterpreter
+    from zerver.runtime.interpreters import CacheStats as CacheStats
+    from zerver.runtime.interpreters import HttpInterpreter as HttpInterpreter
+    from zerver.runtime.interpreters import SqliteInterpreter as SqliteInterpreter
+    from zerver.trace._logging import AccessLog as AccessLog
+    from zerver.trace._logging import add_trace_context as add_trace_context
+    from zerver.trace._logging import configure_logging as configure_logging
+    from zerver.trace._metrics import RecordMetrics as RecordMetrics
+    from zerver.trace._offload import ProcessTraceSubscriber as ProcessTraceSubscriber
+    from zerver.trace._promotion import JobDurations as JobDurations
+    from zerver.trace._promotion import durations as durations
+    from zerver.trace._records import JobState as JobState
+    from zerver.trace._records import NeedRecord as NeedRecord
+    from zerver.trace._records import ParkEpisode as ParkEpisode
+    from zerver.trace._records import RequestRecord as RequestRecord
+    from zerver.trace._records import RetryRecord as RetryRecord
+    from zerver.trace._records import SlotWrite as SlotWrite
+    from zerver.trace._records import StepRecord as StepRecord
+    from zerver.trace._records import Subscriber as Subscriber
+    from zerver.trace._tracing import SpanSink as SpanSink
+    from zerver.trace._tracing import TraceEngine as TraceEngine
+
     from ._app import App as App
-    from ._clock import Clock as Clock
-    from ._clock import MonotonicClock as MonotonicClock
-    from ._clock import VirtualClock as VirtualClock
     from ._config import Settings as Settings
     from ._config import load_settings as load_settings
-    from ._decisions import Continue as Continue
-    from ._decisions import Decision as Decision
-    from ._decisions import Done as Done
-    from ._decisions import Fail as Fail
-    from ._decisions import Join as Join
-    from ._decisions import Mode as Mode
-    from ._decisions import Need as Need
-    from ._effects import CacheDel as CacheDel
-    from ._effects import CacheGet as CacheGet
-    from ._effects import CacheSet as CacheSet
-    from ._effects import DbDel as DbDel
-    from ._effects import DbGet as DbGet
-    from ._effects import DbPut as DbPut
-    from ._effects import DbQuery as DbQuery
-    from ._effects import Effect as Effect
-    from ._effects import HttpDelete as HttpDelete
-    from ._effects import HttpGet as HttpGet
-    from ._effects import HttpPost as HttpPost
-    from ._effects import HttpPut as HttpPut
-    from ._effects import HttpResult as HttpResult
-    from ._effects import RetryPolicy as RetryPolicy
-    from ._errors import ConfigError as ConfigError
-    from ._errors import EffectError as EffectError
-    from ._errors import MissingSlotError as MissingSlotError
-    from ._errors import PeerError as PeerError
-    from ._errors import QueueFullError as QueueFullError
-    from ._errors import UnsupportedEffectError as UnsupportedEffectError
-    from ._errors import UsageError as UsageError
-    from ._errors import ZerverError as ZerverError
-    from ._http import Request as Request
-    from ._http import Response as Response
-    from ._interpreters import CacheInterpreter as CacheInterpreter
-    from ._interpreters import CacheStats as CacheStats
-    from ._interpreters import HttpInterpreter as HttpInterpreter
-    from ._interpreters import SqliteInterpreter as SqliteInterpreter
-    from ._logging import AccessLog as AccessLog
-    from ._logging import add_trace_context as add_trace_context
-    from ._logging import configure_logging as configure_logging
-    from ._messaging import Broker as Broker
-    from ._messaging import BrokerInterpreter as BrokerInterpreter
-    from ._messaging import Consumer as Consumer
-    from ._messaging import ConsumerStats as ConsumerStats
-    from ._messaging import MemoryBroker as MemoryBroker
-    from ._messaging import Message as Message
-    from ._messaging import Publish as Publish
-    from ._metrics import RecordMetrics as RecordMetrics
-    from ._offload import ProcessTraceSubscriber as ProcessTraceSubscriber
-    from ._park import ConcurrencyLimiter as ConcurrencyLimiter
-    from ._park import Interpreter as Interpreter
-    from ._park import JobContext as JobContext
-    from ._park import RateLimiter as RateLimiter
-    from ._promotion import JobDurations as JobDurations
-    from ._promotion import durations as durations
-    from ._records import JobState as JobState
-    from ._records import NeedRecord as NeedRecord
-    from ._records import ParkEpisode as ParkEpisode
-    from ._records import RequestRecord as RequestRecord
-    from ._records import RetryRecord as RetryRecord
-    from ._records import SlotWrite as SlotWrite
-    from ._records import StepRecord as StepRecord
-    from ._records import Subscriber as Subscriber
-    from ._server import ServerApp as ServerApp
-    from ._server import ServerConfig as ServerConfig
-    from ._server import run as run
-    from ._server import serve as serve
-    from ._sinks import ConsoleSpanSink as ConsoleSpanSink
-    from ._sinks import InMemorySpanSink as InMemorySpanSink
-    from ._slots import Context as Context
-    from ._slots import Slot as Slot
-    from ._spans import InstrumentationScope as InstrumentationScope
-    from ._spans import Resource as Resource
-    from ._spans import SpanData as SpanData
-    from ._spans import SpanEvent as SpanEvent
-    from ._spans import SpanKind as SpanKind
-    from ._spans import SpanLink as SpanLink
-    from ._spans import StatusCode as StatusCode
-    from ._steps import Step as Step
-    from ._steps import step as step
-    from ._telemetry import PipelineSink as PipelineSink
     from ._telemetry import setup_tracing as setup_tracing
-    from ._tracing import SpanSink as SpanSink
-    from ._tracing import TraceEngine as TraceEngine
 
 __all__ = [
     "AccessLog",
@@ -196,94 +197,94 @@ __all__ = [
 ]
 
 _LAZY = {
-    "AccessLog": "._logging",
+    "AccessLog": ".trace._logging",
     "App": "._app",
-    "Broker": "._messaging",
-    "BrokerInterpreter": "._messaging",
-    "CacheDel": "._effects",
-    "CacheGet": "._effects",
-    "CacheInterpreter": "._interpreters",
-    "CacheSet": "._effects",
-    "CacheStats": "._interpreters",
-    "Clock": "._clock",
-    "ConcurrencyLimiter": "._park",
-    "ConfigError": "._errors",
-    "ConsoleSpanSink": "._sinks",
-    "Consumer": "._messaging",
-    "ConsumerStats": "._messaging",
-    "Context": "._slots",
-    "Continue": "._decisions",
-    "DbDel": "._effects",
-    "DbGet": "._effects",
-    "DbPut": "._effects",
-    "DbQuery": "._effects",
-    "Decision": "._decisions",
-    "Done": "._decisions",
-    "Effect": "._effects",
-    "EffectError": "._errors",
-    "Fail": "._decisions",
-    "HttpDelete": "._effects",
-    "HttpGet": "._effects",
-    "HttpInterpreter": "._interpreters",
-    "HttpPost": "._effects",
-    "HttpPut": "._effects",
-    "HttpResult": "._effects",
-    "InMemorySpanSink": "._sinks",
-    "InstrumentationScope": "._spans",
-    "Interpreter": "._park",
-    "JobContext": "._park",
-    "JobDurations": "._promotion",
-    "JobState": "._records",
-    "Join": "._decisions",
-    "MemoryBroker": "._messaging",
-    "Message": "._messaging",
-    "MissingSlotError": "._errors",
-    "Mode": "._decisions",
-    "MonotonicClock": "._clock",
-    "Need": "._decisions",
-    "NeedRecord": "._records",
-    "ParkEpisode": "._records",
-    "PeerError": "._errors",
-    "PipelineSink": "._telemetry",
-    "ProcessTraceSubscriber": "._offload",
-    "RecordMetrics": "._metrics",
-    "Publish": "._messaging",
-    "QueueFullError": "._errors",
-    "RateLimiter": "._park",
-    "Request": "._http",
-    "RequestRecord": "._records",
-    "Resource": "._spans",
-    "Response": "._http",
-    "RetryPolicy": "._effects",
-    "RetryRecord": "._records",
-    "ServerApp": "._server",
-    "ServerConfig": "._server",
+    "Broker": ".runtime._messaging",
+    "BrokerInterpreter": ".runtime._messaging",
+    "CacheDel": ".core._effects",
+    "CacheGet": ".core._effects",
+    "CacheInterpreter": ".runtime.interpreters",
+    "CacheSet": ".core._effects",
+    "CacheStats": ".runtime.interpreters",
+    "Clock": ".core._clock",
+    "ConcurrencyLimiter": ".runtime._park",
+    "ConfigError": ".core._errors",
+    "ConsoleSpanSink": ".export._sinks",
+    "Consumer": ".runtime._messaging",
+    "ConsumerStats": ".runtime._messaging",
+    "Context": ".core._slots",
+    "Continue": ".core._decisions",
+    "DbDel": ".core._effects",
+    "DbGet": ".core._effects",
+    "DbPut": ".core._effects",
+    "DbQuery": ".core._effects",
+    "Decision": ".core._decisions",
+    "Done": ".core._decisions",
+    "Effect": ".core._effects",
+    "EffectError": ".core._errors",
+    "Fail": ".core._decisions",
+    "HttpDelete": ".core._effects",
+    "HttpGet": ".core._effects",
+    "HttpInterpreter": ".runtime.interpreters",
+    "HttpPost": ".core._effects",
+    "HttpPut": ".core._effects",
+    "HttpResult": ".core._effects",
+    "InMemorySpanSink": ".export._sinks",
+    "InstrumentationScope": ".export._spans",
+    "Interpreter": ".runtime._park",
+    "JobContext": ".runtime._park",
+    "JobDurations": ".trace._promotion",
+    "JobState": ".trace._records",
+    "Join": ".core._decisions",
+    "MemoryBroker": ".runtime._messaging",
+    "Message": ".core._message",
+    "MissingSlotError": ".core._errors",
+    "Mode": ".core._decisions",
+    "MonotonicClock": ".core._clock",
+    "Need": ".core._decisions",
+    "NeedRecord": ".trace._records",
+    "ParkEpisode": ".trace._records",
+    "PeerError": ".core._errors",
+    "PipelineSink": ".export._sinks",
+    "ProcessTraceSubscriber": ".trace._offload",
+    "RecordMetrics": ".trace._metrics",
+    "Publish": ".runtime._messaging",
+    "QueueFullError": ".core._errors",
+    "RateLimiter": ".runtime._park",
+    "Request": ".core._http",
+    "RequestRecord": ".trace._records",
+    "Resource": ".export._spans",
+    "Response": ".core._http",
+    "RetryPolicy": ".core._effects",
+    "RetryRecord": ".trace._records",
+    "ServerApp": ".http._server",
+    "ServerConfig": ".http._server",
     "Settings": "._config",
-    "Slot": "._slots",
-    "SlotWrite": "._records",
-    "SpanData": "._spans",
-    "SpanEvent": "._spans",
-    "SpanKind": "._spans",
-    "SpanLink": "._spans",
-    "SpanSink": "._tracing",
-    "SqliteInterpreter": "._interpreters",
-    "StatusCode": "._spans",
-    "Step": "._steps",
-    "StepRecord": "._records",
-    "Subscriber": "._records",
-    "TraceEngine": "._tracing",
-    "UnsupportedEffectError": "._errors",
-    "UsageError": "._errors",
-    "VirtualClock": "._clock",
-    "ZerverError": "._errors",
-    "add_trace_context": "._logging",
-    "configure_logging": "._logging",
-    "durations": "._promotion",
+    "Slot": ".core._slots",
+    "SlotWrite": ".trace._records",
+    "SpanData": ".export._spans",
+    "SpanEvent": ".export._spans",
+    "SpanKind": ".export._spans",
+    "SpanLink": ".export._spans",
+    "SpanSink": ".trace._tracing",
+    "SqliteInterpreter": ".runtime.interpreters",
+    "StatusCode": ".export._spans",
+    "Step": ".core._steps",
+    "StepRecord": ".trace._records",
+    "Subscriber": ".trace._records",
+    "TraceEngine": ".trace._tracing",
+    "UnsupportedEffectError": ".core._errors",
+    "UsageError": ".core._errors",
+    "VirtualClock": ".core._clock",
+    "ZerverError": ".core._errors",
+    "add_trace_context": ".trace._logging",
+    "configure_logging": ".trace._logging",
+    "durations": ".trace._promotion",
     "load_settings": "._config",
-    "run": "._server",
-    "serve": "._server",
+    "run": ".http._server",
+    "serve": ".http._server",
     "setup_tracing": "._telemetry",
-    "step": "._steps",
+    "step": ".core._steps",
 }
 
 if not _TYPE_CHECKING:

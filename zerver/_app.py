@@ -13,32 +13,36 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from ._clock import Clock, MonotonicClock
-from ._decisions import Done, Fail
-from ._effects import RetryPolicy
-from ._errors import UsageError
-from ._executor import Executor, PipelineError
-from ._http import Request, Response
-from ._jobs import JobSystem
-from ._messaging import Broker, BrokerInterpreter, Consumer, MemoryBroker
-from ._propagation import extract_into, propagation_fields
-from ._records import RequestRecord, StepRecord, Subscriber, active_span
-from ._routing import Match, NotAllowed, Route, Router
-from ._sampling import head_sampler
-from ._semconv import KNOWN_METHODS, HeaderCaptures, Redaction, strip_userinfo
-from ._slots import Context
-from ._steps import Step
+from zerver.core._attributes import Redaction, strip_userinfo
+from zerver.core._clock import Clock, MonotonicClock
+from zerver.core._decisions import Done, Fail
+from zerver.core._effects import RetryPolicy
+from zerver.core._errors import UsageError
+from zerver.core._http import Request, Response
+from zerver.core._slots import Context
+from zerver.core._steps import Step
+from zerver.http._routing import Match, NotAllowed, Route, Router
+from zerver.runtime._executor import Executor, PipelineError
+from zerver.runtime._jobs import JobSystem
+from zerver.runtime._messaging import Broker, BrokerInterpreter, Consumer, MemoryBroker
+from zerver.runtime._runtime import Runtime
+from zerver.trace._propagation import extract_into
+from zerver.trace._records import RequestRecord, StepRecord, Subscriber, active_span
+from zerver.trace._sampling import head_sampler
+from zerver.trace._semconv import KNOWN_METHODS, HeaderCaptures
+
 from ._version import __version__
 
 # Tracing, the exporter process and settings are imported where they are first
 # used, so an app that does not trace never loads them (docs/performance.md).
 if TYPE_CHECKING:
+    from zerver.export._config import MetricsExportConfig
+    from zerver.export._spans import Resource
+    from zerver.runtime._park import Interpreter
+    from zerver.trace._offload import ProcessTraceSubscriber
+    from zerver.trace._tracing import SpanSink, TraceEngine
+
     from ._config import Settings
-    from ._offload import ProcessTraceSubscriber
-    from ._park import Interpreter
-    from ._spans import Resource
-    from ._tracing import SpanSink, TraceEngine
-    from .export._config import MetricsExportConfig
     from .zpages import ZPages
 
 __all__ = ["App"]
@@ -83,29 +87,32 @@ class App:
 
             settings = load_settings()
         self.settings = settings
-        self.clock: Clock = clock if clock is not None else MonotonicClock()
         self.router = Router()
         self._before: list[Step] = []
-        self._interpreters: dict[str, Interpreter] = {}
         # The default interpreters that open themselves on first use.
         self._open_on_use: tuple[Interpreter, ...] = ()
-        self._subscribers: list[Subscriber] = []
-        self._subscriber_fn: list[Any] = []
-        self.subscriber_errors = 0
-        self._jobs: JobSystem | None = None
-        self._executor: Executor | None = None
-        # Trace, span, request and error ids; seed it for reproducible ids in tests.
-        self._rng = rng if rng is not None else random.Random()
-        #: Where ``Publish`` effects go and consumers read from.
         if broker is None and self.settings.broker_url:
-            from ._messaging_redis import RedisStreamsBroker
+            from zerver.runtime._messaging_redis import RedisStreamsBroker
 
             broker = RedisStreamsBroker(
                 self.settings.broker_url,
                 visibility_timeout_ms=self.settings.broker_visibility_timeout_ms,
                 variable="ZER_VER_BROKER_URL",
             )
-        self.broker: Broker = broker if broker is not None else MemoryBroker()
+        #: What requests and consumers run on: clock, ids (seed ``rng`` for
+        #: reproducible ids in tests), broker, interpreters, job system, subscribers.
+        self.runtime = Runtime(
+            clock if clock is not None else MonotonicClock(),
+            rng if rng is not None else random.Random(),
+            broker if broker is not None else MemoryBroker(),
+            otel_context=self.settings.otel_context,
+        )
+        self.clock: Clock = self.runtime.clock
+        #: Where ``Publish`` effects go and consumers read from.
+        self.broker: Broker = self.runtime.broker
+        self._rng = self.runtime.rng
+        self._interpreters = self.runtime.interpreters
+        self._notify = self.runtime.notify
         self._started = False
         # Secrets never enter a record: query values redacted, userinfo dropped, headers
         # captured only when asked for (docs/security.md).
@@ -114,12 +121,10 @@ class App:
         # W3C Trace Context Level 2 ``traceresponse``: which trace a caller can look up.
         self._trace_response = self.settings.trace_response_header
         self._default_interpreters()
-        self._otel_context = self.settings.otel_context
         # The head sampling decision, made once per request in _start_record; None
         # with the default (head:1), where the flags extraction set are the decision.
         head = head_sampler(self.settings.sampler_spec)
         self._head_decide = None if head.follows_parent_or_samples else head.decide
-        self._prop_fields = propagation_fields()
         self._on_startup: list[Callable[[App], Awaitable[None]]] = []
         self.active_requests: dict[tuple[str, str], int] | None = None
         """Requests in flight by (method, scheme), methods outside the standard set
@@ -131,7 +136,7 @@ class App:
         if self.settings.zpages:
             from .zpages import ZPages
 
-            self._zpages = ZPages(self)
+            self._zpages = ZPages(self.settings, self.runtime, self._resource)
 
     # -- building -----------------------------------------------------------------
 
@@ -219,7 +224,7 @@ class App:
         self._on_startup.append(hook)
 
     def _resource(self) -> Resource:
-        from ._tracing import default_resource
+        from zerver.trace._tracing import default_resource
 
         s = self.settings
         return default_resource(
@@ -234,7 +239,7 @@ class App:
 
         Returns the :class:`TraceEngine` (already subscribed).
         """
-        from ._tracing import engine_from_settings
+        from zerver.trace._tracing import engine_from_settings
 
         engine = engine_from_settings(
             self.settings, sink, resource=self._resource(), interpreters=self._interpreters
@@ -256,8 +261,8 @@ class App:
         ``metrics``, when given, has the exporter process record and export the
         request metrics too.
         """
-        from ._offload import EngineSpec, ProcessTraceSubscriber
-        from .export._config import ExportConfig
+        from zerver.export._config import ExportConfig
+        from zerver.trace._offload import EngineSpec, ProcessTraceSubscriber
 
         spec = EngineSpec(
             settings=self.settings,
@@ -285,8 +290,12 @@ class App:
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """Give every finished :class:`RequestRecord` to ``subscriber``."""
-        self._subscribers.append(subscriber)
-        self._subscriber_fn.append(subscriber.on_request_end)
+        self.runtime.subscribe(subscriber)
+
+    @property
+    def subscriber_errors(self) -> int:
+        """Subscriber calls that raised (counted and logged, never raised into a request)."""
+        return self.runtime.subscriber_errors
 
     @property
     def interpreters(self) -> dict[str, Interpreter]:
@@ -295,7 +304,7 @@ class App:
     # -- running ------------------------------------------------------------------
 
     def _default_interpreters(self) -> None:
-        from ._interpreters import CacheInterpreter, HttpInterpreter, SqliteInterpreter
+        from zerver.runtime.interpreters import CacheInterpreter, HttpInterpreter, SqliteInterpreter
 
         s = self.settings
         # The SQLite pool opens (and creates its file) with the first db effect, in
@@ -303,7 +312,7 @@ class App:
         db: Interpreter
         backend, target = s.db_backend  # ZER_VER_DB_URL, else ZER_VER_DB_PATH
         if backend == "postgresql":
-            from ._interpreters import PostgresInterpreter
+            from zerver.runtime.interpreters import PostgresInterpreter
 
             db = PostgresInterpreter(target, pool_size=s.db_pool_size, clock=self.clock)
         else:
@@ -312,7 +321,7 @@ class App:
         self._interpreters.setdefault("db", db)
         cache: Interpreter
         if s.cache_url:
-            from ._interpreters import RedisCacheInterpreter
+            from zerver.runtime.interpreters import RedisCacheInterpreter
 
             cache = RedisCacheInterpreter(
                 s.cache_url, default_ttl_ms=s.cache_ttl_ms, variable="ZER_VER_CACHE_URL"
@@ -352,32 +361,26 @@ class App:
             )
             for hook in self._on_startup:
                 await hook(self)
-            async with jobs:
-                self._jobs = jobs
-                self._executor = Executor(self.clock, jobs, max_depth=s.max_need_depth)
-                try:
-                    from ._consumers import ConsumerRunner
+            async with self.runtime.running(jobs, max_need_depth=s.max_need_depth):
+                from zerver.runtime._consumers import ConsumerRunner
 
-                    runner = ConsumerRunner(self)
-                    async with anyio.create_task_group() as tg:
-                        stop = anyio.Event()
-                        for c in self._consumers:
-                            for _ in range(c.concurrency):
-                                tg.start_soon(runner.consume_loop, c, stop)
-                        try:
-                            yield
-                        finally:
-                            stop.set()
-                finally:
-                    self._executor = None
-                    self._jobs = None
+                runner = ConsumerRunner(self.runtime)
+                async with anyio.create_task_group() as tg:
+                    stop = anyio.Event()
+                    for c in self._consumers:
+                        for _ in range(c.concurrency):
+                            tg.start_soon(runner.consume_loop, c, stop)
+                    try:
+                        yield
+                    finally:
+                        stop.set()
         finally:
             for interp in reversed(started):
                 try:
                     await interp.aclose()
                 except Exception:
                     _log.exception("interpreter close failed", interpreter=type(interp).__name__)
-            for sub in self._subscribers:
+            for sub in self.runtime.subscribers:
                 close = getattr(sub, "shutdown", None)
                 if close is not None:
                     try:
@@ -390,7 +393,7 @@ class App:
     def abandon(self) -> None:
         """Stop telemetry at once (the process is about to exit on a second signal):
         each subscriber that can spools or counts what it still holds."""
-        for sub in self._subscribers:
+        for sub in self.runtime.subscribers:
             abandon = getattr(sub, "abandon", None)
             if abandon is not None:
                 try:
@@ -401,14 +404,14 @@ class App:
     @property
     def jobs(self) -> JobSystem:
         """The running job system (only while :meth:`lifespan` is active)."""
-        if self._jobs is None:
+        jobs = self.runtime.jobs
+        if jobs is None:
             raise UsageError("the app is not running; use `async with app.lifespan():`")
-        return self._jobs
+        return jobs
 
     def _start_record(self, request: Request) -> RequestRecord:
         rng = self._rng
-        record = RequestRecord(self.clock, rng)
-        record.otel_context = self._otel_context
+        record = self.runtime.new_record()
         record.method = request.method
         record.path = request.path
         record.query = self._redaction.query(request.query)
@@ -420,7 +423,7 @@ class App:
         if request.server is not None:
             record.server_address, record.server_port = request.server
         request_id: str | None = None
-        fields = self._prop_fields
+        fields = self.runtime.prop_fields
         carrier: dict[str, list[str]] | None = None
         for k, v in request.headers:
             if k == b"host":
@@ -455,7 +458,7 @@ class App:
 
     async def dispatch(self, request: Request) -> Response:
         """Handle one request through routing and the pipeline. Never raises for app errors."""
-        executor = self._executor
+        executor = self.runtime.executor
         if executor is None:
             raise UsageError("the app is not running; use `async with app.lifespan():`")
         zpages = self._zpages
@@ -574,17 +577,6 @@ class App:
             exc_info=err.__cause__ or err,
         )
         return Response.json({"error": "internal server error", "error_id": error_id}, 500)
-
-    def _notify(self, record: RequestRecord) -> None:
-        for fn in self._subscriber_fn:
-            try:
-                fn(record)
-            except Exception:
-                # Telemetry never breaks a request: count, log (rate-limited by the
-                # logging setup), carry on.
-                self.subscriber_errors += 1
-                if self.subscriber_errors & (self.subscriber_errors - 1) == 0:
-                    _log.exception("subscriber failed", count=self.subscriber_errors)
 
     def __repr__(self) -> str:
         return f"<App {self.name!r} {len(self.router.routes)} routes>"

@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from zerver.core._errors import ConfigError, UsageError, ZerverError
+
 from ._app import App
 from ._config import Settings, known_variables, load_settings
-from ._errors import ConfigError, UsageError, ZerverError
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -54,8 +55,9 @@ def serving_app(*, check_only: bool = False) -> App:
     app import) and starts nothing: the CLI calls it so a bad value stops
     start-up before the port is bound.
     """
-    from ._logging import AccessLog, configure_logging
-    from ._server import load_app
+    from zerver.http._server import load_app
+    from zerver.trace._logging import AccessLog, configure_logging
+
     from ._telemetry import default_spool_dir, setup_tracing
     from .export import ExportConfig
 
@@ -111,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _golden(args: argparse.Namespace) -> int:
-    from ._server import import_target
+    from zerver.http._server import import_target
+
     from .testing import Scenario, check_scenarios
 
     try:
@@ -445,12 +448,12 @@ def check_collector_soon(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zerver`` console script."""
-    from ._logging import configure_logging
+    from zerver.trace._logging import configure_logging
 
     args = _parser().parse_args(argv)
     if args.command == "golden":
         return _golden(args)
-    from ._server import catch_early_signals, serve_from_settings
+    from zerver.http._server import catch_early_signals, serve_from_settings
 
     catch_early_signals()
     target = "zerver.demo:create_app" if args.command == "demo" else args.app
@@ -471,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serving_app(check_only=True)  # fail fast, before binding, on a bad value
         backend, db_target = settings.db_backend
         if backend == "postgresql":  # an unreachable server: one line, exit 2
-            from ._interpreters._postgres import probe_postgres
+            from zerver.runtime.interpreters._postgres import probe_postgres
 
             probe_postgres(db_target)
         export = _export_config()
@@ -484,7 +487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     announce_traces(settings, export, [t for t in (tracez_text(settings),) if t])
     check_collector_soon(export, os.environ)
     try:
-        return serve_from_settings("zerver._cli:serving_app", settings, workers=args.workers)
+        return serve_from_settings(
+            "zerver._cli:serving_app",
+            settings,
+            workers=args.workers,
+            describe_failure=worker_failure_line,
+        )
     except Exception as exc:  # raised inside the server's task group, so often a group
         line = _failure_line(f"serving {target}", _leaf(exc), _AppCode(target))
         if line is None:

@@ -7,6 +7,7 @@ docs/configuration.md lists every variable with its default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -17,11 +18,40 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from ._errors import ConfigError
+from zerver.core._errors import ConfigError
 
 __all__ = ["Settings", "load_settings"]
 
 _PREFIX = "ZER_VER_"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+
+
+def check_path(text: str) -> str:
+    """The pages' path prefix (``/debug``); raises ``ValueError`` saying what is accepted."""
+    if not _PATH.match(text):
+        raise ValueError(
+            "accepted: a path such as /debug (segments of letters, digits, '.', '_', '~' "
+            "or '-', no trailing slash)"
+        )
+    return text
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """``10.0.0.0/8, 192.168.1.7, fd00::/8`` parsed; raises ``ValueError`` on a bad entry."""
+    nets: list[Network] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"accepted: comma-separated addresses or networks such as 10.0.0.0/8 (not {item!r})"
+            ) from None
+    return tuple(nets)
 
 
 class Settings(BaseSettings):
@@ -143,7 +173,7 @@ class Settings(BaseSettings):
     @field_validator("redact_query_params")
     @classmethod
     def _query_params(cls, v: str) -> str:
-        from ._semconv import Redaction
+        from zerver.core._attributes import Redaction
 
         try:
             Redaction.parse(v)
@@ -188,15 +218,11 @@ class Settings(BaseSettings):
     @field_validator("zpages_path")
     @classmethod
     def _zpages_path(cls, v: str) -> str:
-        from .zpages import check_path
-
         return check_path(v)
 
     @field_validator("zpages_allow")
     @classmethod
     def _zpages_allow(cls, v: str) -> str:
-        from .zpages import parse_networks
-
         parse_networks(v)
         return v
 

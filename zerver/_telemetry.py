@@ -19,63 +19,22 @@ from typing import TYPE_CHECKING, cast
 
 import structlog
 
-from ._errors import ConfigError
+from zerver.core._errors import ConfigError
 
 # The export pipeline, the exporter process and the OpenTelemetry SDK load when
 # tracing starts (in setup_tracing), not when zerver is imported.
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
-    from ._app import App
-    from ._offload import ProcessTraceSubscriber
-    from ._spans import SpanData
-    from ._tracing import TraceEngine
-    from .export import ExportPipeline
-    from .export._config import MetricsExportConfig
+    from zerver._app import App
+    from zerver.export import ExportPipeline
+    from zerver.export._config import MetricsExportConfig
+    from zerver.trace._offload import ProcessTraceSubscriber
+    from zerver.trace._tracing import TraceEngine
 
-__all__ = ["PipelineSink", "default_spool_dir", "metrics_config", "setup_tracing"]
+__all__ = ["default_spool_dir", "metrics_config", "setup_tracing"]
 
 _log = structlog.get_logger("zerver.export")
-
-
-class PipelineSink:
-    """A :class:`~zerver.SpanSink` that hands spans to an export pipeline.
-
-    ``export`` is a bounded-buffer append per span (no I/O); ``shutdown``
-    drains the pipeline within ``drain_timeout_s``.
-    """
-
-    def __init__(self, pipeline: ExportPipeline, *, drain_timeout_s: float = 10.0) -> None:
-        self.pipeline = pipeline
-        self._submit = pipeline.submit
-        self.drain_timeout_s = drain_timeout_s
-
-    def export(self, spans: list[SpanData]) -> None:
-        submit = self._submit
-        for span in spans:
-            submit(span)
-
-    def shutdown(self) -> None:
-        report = self.pipeline.shutdown(self.drain_timeout_s)
-        self._log_totals("trace export stopped", report.not_sent)
-
-    def abandon(self) -> None:
-        """Stop at once: what is buffered or in flight is counted as abandoned."""
-        self._log_totals("trace export abandoned", self.pipeline.abandon())
-
-    def _log_totals(self, event: str, not_sent: int) -> None:
-        stats = self.pipeline.stats()
-        dropped = {k: v for k, v in stats.dropped.items() if v}
-        (_log.warning if dropped or not_sent else _log.info)(
-            event,
-            spans_exported=stats.exported,
-            spans_replayed=stats.replayed,
-            spans_spooled=stats.spooled,
-            spans_dropped=dropped,
-            not_sent=not_sent,
-            spool=os.path.dirname(stats.spool.path) if stats.spool is not None else None,
-            spool_items=stats.spool.items if stats.spool is not None else 0,
-        )
 
 
 def default_spool_dir(service: str, environ: Mapping[str, str] | None = None) -> str | None:
@@ -113,10 +72,10 @@ def setup_tracing(
     says otherwise. Raises :class:`~zerver.ConfigError` naming the first invalid
     variable.
     """
-    from ._offload import records_item_spans
-    from ._sinks import InMemorySpanSink
-    from ._tracing import engine_from_settings
-    from .export import ExportConfig, ExportPipeline
+    from zerver.export import ExportConfig, ExportPipeline
+    from zerver.export._sinks import InMemorySpanSink, PipelineSink
+    from zerver.trace._offload import records_item_spans
+    from zerver.trace._tracing import engine_from_settings
 
     env = os.environ if environ is None else environ
     config = ExportConfig.from_env(env, default_spool_dir=default_spool_dir)
@@ -177,7 +136,7 @@ def setup_tracing(
         )
     )
     if metrics is not None:
-        from .export._metrics_worker import MetricsWorker
+        from zerver.trace._metrics_worker import MetricsWorker
 
         worker = MetricsWorker.from_config(
             metrics,
@@ -201,7 +160,7 @@ def metrics_config(environ: Mapping[str, str]) -> MetricsExportConfig | None:
     Unset means none, unlike the OpenTelemetry SDKs' ``otlp`` default: a server
     started without a collector in mind does not send metrics to one.
     """
-    from .export._config import MetricsExportConfig
+    from zerver.export._config import MetricsExportConfig
 
     if environ.get("OTEL_METRICS_EXPORTER", "none").strip().lower() == "none":
         return None
@@ -226,7 +185,7 @@ def _install_user_span_provider(
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.util.types import AttributeValue
 
-    from .export import ZerverSpanProcessor
+    from zerver.export import ZerverSpanProcessor
 
     attrs = cast(Mapping[str, AttributeValue], resource)
     provider = TracerProvider(resource=OtelResource.create(dict(attrs)))

@@ -12,7 +12,9 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from zerver._spans import (
+from zerver.export import BatchExporter, ExportContext, ExportPipeline, ExportResult, ExportStatus
+from zerver.export._base import SUCCESS
+from zerver.export._spans import (
     AttrValue,
     InstrumentationScope,
     Resource,
@@ -22,8 +24,6 @@ from zerver._spans import (
     SpanLink,
     StatusCode,
 )
-from zerver.export import BatchExporter, ExportContext, ExportPipeline, ExportResult, ExportStatus
-from zerver.export._base import SUCCESS
 
 RES = Resource(attributes={"service.name": "blog", "host.name": "box-1"})
 SCOPE = InstrumentationScope(name="zerver", version="0.1.0")

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import pytest
 from export_helpers import RES, SCOPE, T0, FakeTimer, wait_until
 
-from zerver._spans import SpanData, SpanKind
 from zerver.export import (
     DropReason,
     ExportConfig,
@@ -22,6 +21,7 @@ from zerver.export import (
     ResilienceBuilder,
     RetryPolicy,
 )
+from zerver.export._spans import SpanData, SpanKind
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from zerver._errors import ConfigError
+from zerver.core._errors import ConfigError
 from zerver.export import ExportConfig, Overflow
 
 

@@ -13,7 +13,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource as SdkResource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope as SdkScope
 
-from zerver._spans import InstrumentationScope, Resource, SpanData, SpanLink
 from zerver.export import (
     JsonEncoder,
     ProtobufEncoder,
@@ -22,6 +21,7 @@ from zerver.export import (
     span_to_readable,
 )
 from zerver.export._protobuf import to_proto
+from zerver.export._spans import InstrumentationScope, Resource, SpanData, SpanLink
 
 
 def parse_json(body: bytes) -> ExportTraceServiceRequest:

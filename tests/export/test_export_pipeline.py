@@ -19,7 +19,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 
 import zerver.export as export_api
-from zerver._spans import SpanData
 from zerver.export import (
     ConsoleExporter,
     DropReason,
@@ -37,6 +36,7 @@ from zerver.export import (
     ZerverSpanProcessor,
     span_to_readable,
 )
+from zerver.export._spans import SpanData
 
 
 def full_blocking_pipeline(size: int, block_timeout_s: float) -> tuple[Gated, ExportPipeline]:

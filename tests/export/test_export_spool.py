@@ -17,7 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from zerver._errors import ConfigError
+from zerver.core._errors import ConfigError
 from zerver.export._log import RateLimitedLog
 from zerver.export._spool import Spool, SpoolItem
 

@@ -18,7 +18,6 @@ import pytest
 import structlog
 from export_helpers import make_span, wait_until
 
-from zerver._spans import SpanData
 from zerver.export import (
     CircuitBreaker,
     CircuitBreakerExporter,
@@ -34,6 +33,7 @@ from zerver.export import (
 )
 from zerver.export._base import SUCCESS
 from zerver.export._log import DropReporter
+from zerver.export._spans import SpanData
 
 FAST = RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.2, jitter=0.0)
 

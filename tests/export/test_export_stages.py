@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 import pytest
 from export_helpers import QUIET, RETRY, FakeTimer, make_span, pipeline, wait_until
 
-from zerver._spans import SpanData
 from zerver.export import (
     DropReason,
     ExportContext,
@@ -26,6 +25,7 @@ from zerver.export import (
 )
 from zerver.export._base import SUCCESS, PreEncoder
 from zerver.export._pipeline import find_pre_encoder
+from zerver.export._spans import SpanData
 from zerver.export._transport import EncodedBatch
 
 

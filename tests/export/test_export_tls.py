@@ -16,7 +16,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from export_helpers import export_once, make_span
 
-from zerver._errors import ConfigError
+from zerver.core._errors import ConfigError
 from zerver.export import (
     ExportConfig,
     ExportPipeline,

@@ -16,7 +16,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from zerver._spans import SpanData
 from zerver.export import (
     ExportConfig,
     ExportContext,
@@ -29,6 +28,7 @@ from zerver.export import (
     parse_partial_success,
     parse_retry_after,
 )
+from zerver.export._spans import SpanData
 
 BATCH = [make_span(i) for i in range(5)]
 

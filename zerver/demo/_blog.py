@@ -28,14 +28,14 @@ import secrets
 from typing import Any
 from urllib.parse import quote
 
-from .._app import App
-from .._clock import Clock
-from .._config import Settings
-from .._decisions import Continue, Decision, Done, Fail, Join, Mode, Need
-from .._effects import CacheGet, CacheSet, DbGet, DbPut, DbQuery, HttpGet, HttpResult
-from .._http import Request, Response
-from .._slots import Context, Slot
-from .._steps import Step, step
+from zerver._app import App
+from zerver._config import Settings
+from zerver.core._clock import Clock
+from zerver.core._decisions import Continue, Decision, Done, Fail, Join, Mode, Need
+from zerver.core._effects import CacheGet, CacheSet, DbGet, DbPut, DbQuery, HttpGet, HttpResult
+from zerver.core._http import Request, Response
+from zerver.core._slots import Context, Slot
+from zerver.core._steps import Step, step
 
 __all__ = ["SEED_AUTHORS", "SEED_COMMENTS", "SEED_POSTS", "create_app"]
 
@@ -316,7 +316,7 @@ def healthz(ctx: Context) -> Decision:
 
 
 async def _seed(app: App) -> None:
-    from .._interpreters import PostgresInterpreter, SqliteInterpreter
+    from zerver.runtime.interpreters import PostgresInterpreter, SqliteInterpreter
 
     db = app.interpreters.get("db")
     if not isinstance(db, SqliteInterpreter | PostgresInterpreter):

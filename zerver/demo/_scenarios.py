@@ -10,12 +10,13 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from .._clock import VirtualClock
-from .._config import load_settings
-from .._errors import EffectError
-from .._spans import SpanData
-from ..testing._client import FakeInterpreter
-from ..testing._scenarios import Scenario, trace_requests
+from zerver._config import load_settings
+from zerver.core._clock import VirtualClock
+from zerver.core._errors import EffectError
+from zerver.export._spans import SpanData
+from zerver.testing._client import FakeInterpreter
+from zerver.testing._scenarios import Scenario, trace_requests
+
 from ._blog import SEED_AUTHORS, SEED_COMMENTS, SEED_POSTS, create_app
 
 __all__ = ["SCENARIOS"]

@@ -10,6 +10,10 @@ Typical use::
     pipeline.shutdown(5.0)      # drain within 5 s
 
 See docs/exporting.md.
+
+This package also owns the span model (``_spans``: what the trace engine
+produces) and the one span-sink protocol (``_sinks``). It may import
+:mod:`zerver.core` and ``zerver._config``, nothing above (docs/architecture.md).
 """
 
 from typing import TYPE_CHECKING as _TYPE_CHECKING

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from zerver._spans import SpanData
+from ._spans import SpanData
 
 __all__ = [
     "BatchExporter",

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from zerver._errors import ConfigError
+from zerver.core._errors import ConfigError
 
 __all__ = ["ExportConfig", "MetricsExportConfig", "Overflow", "tls_context"]
 

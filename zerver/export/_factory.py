@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from zerver.export._base import BatchExporter
-from zerver.export._config import ExportConfig
-from zerver.export._resilience import ResilienceBuilder
-from zerver.export._simple import (
+from ._base import BatchExporter
+from ._config import ExportConfig
+from ._resilience import ResilienceBuilder
+from ._simple import (
     ConsoleFormat,
     ConsoleTraceExporter,
     FanOutExporter,
     NoopExporter,
     console_format_from_env,
 )
-from zerver.export._transport import OtlpHttpExporter
+from ._transport import OtlpHttpExporter
 
 __all__ = ["build_exporter"]
 

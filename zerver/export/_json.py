@@ -1,4 +1,4 @@
-"""OTLP/HTTP JSON encoder for :class:`~zerver._spans.SpanData` batches.
+"""OTLP/HTTP JSON encoder for :class:`~zerver.export._spans.SpanData` batches.
 
 Written by hand because encoding is the pipeline's hot spot and no library
 produces OTLP/JSON directly: the official route (build protobuf messages, then
@@ -40,7 +40,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Generic, TypeVar
 
-from zerver._spans import AttrValue, InstrumentationScope, Resource, SpanData
+from ._spans import AttrValue, InstrumentationScope, Resource, SpanData
 
 __all__ = ["IdentityCache", "JsonEncoder", "group_by_resource_scope", "remember"]
 

@@ -56,8 +56,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.metrics.view import View
 from opentelemetry.sdk.resources import Resource
 
-from zerver._spans import AttrValue, SpanData
-from zerver.export._base import (
+from ._base import (
     BatchExporter,
     ExportContext,
     ExportResult,
@@ -65,12 +64,13 @@ from zerver.export._base import (
     RealTimer,
     Timer,
 )
-from zerver.export._config import DEFAULT_METRICS_ENDPOINT, ExportConfig, MetricsExportConfig
-from zerver.export._log import RateLimitedLog
-from zerver.export._pipeline import Counters
-from zerver.export._protobuf import key_values
-from zerver.export._resilience import ResilienceBuilder
-from zerver.export._transport import OtlpHttpExporter
+from ._config import DEFAULT_METRICS_ENDPOINT, ExportConfig, MetricsExportConfig
+from ._log import RateLimitedLog
+from ._pipeline import Counters
+from ._protobuf import key_values
+from ._resilience import ResilienceBuilder
+from ._spans import AttrValue, SpanData
+from ._transport import OtlpHttpExporter
 
 __all__ = [
     "OtlpMetricExporter",

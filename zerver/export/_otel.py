@@ -25,7 +25,9 @@ from opentelemetry.trace import SpanKind as SdkSpanKind
 from opentelemetry.trace import Status as SdkStatus
 from opentelemetry.trace import StatusCode as SdkStatusCode
 
-from zerver._spans import (
+from ._base import BatchExporter, ExportContext, ExportStatus
+from ._json import IdentityCache
+from ._spans import (
     FLAG_HAS_REMOTE,
     FLAG_IS_REMOTE,
     AttrValue,
@@ -35,8 +37,6 @@ from zerver._spans import (
     SpanEvent,
     SpanLink,
 )
-from zerver.export._base import BatchExporter, ExportContext, ExportStatus
-from zerver.export._json import IdentityCache
 
 __all__ = [
     "ZerverSpanExporter",

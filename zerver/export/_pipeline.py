@@ -64,9 +64,9 @@ import anyio.to_thread
 import structlog
 from opentelemetry.sdk.trace import ReadableSpan
 
-from zerver._effects import RetryPolicy
-from zerver._spans import SpanData
-from zerver.export._base import (
+from zerver.core._effects import RetryPolicy
+
+from ._base import (
     BatchExporter,
     BodyTransport,
     DropReason,
@@ -78,15 +78,16 @@ from zerver.export._base import (
     Timer,
     layers,
 )
-from zerver.export._config import ExportConfig, Overflow
-from zerver.export._handover import Handover
-from zerver.export._log import DropReporter, RateLimitedLog
-from zerver.export._otel import span_from_readable
-from zerver.export._resilience import EXPORT_RETRY, find_breaker, find_rate_limiter
-from zerver.export._simple import describe_destination
+from ._config import ExportConfig, Overflow
+from ._handover import Handover
+from ._log import DropReporter, RateLimitedLog
+from ._otel import span_from_readable
+from ._resilience import EXPORT_RETRY, find_breaker, find_rate_limiter
+from ._simple import describe_destination
+from ._spans import SpanData
 
 if TYPE_CHECKING:
-    from zerver.export._spool import Spool, SpoolItem, SpoolStats
+    from ._spool import Spool, SpoolItem, SpoolStats
 
 __all__ = ["Counters", "ExportPipeline", "ExportStats", "ShutdownReport"]
 
@@ -206,7 +207,7 @@ class ExportPipeline:
     """Buffers finished spans and exports them in batches on a worker thread
     (an encoder and a sender thread when the transport can encode ahead).
 
-    Accepts :class:`~zerver._spans.SpanData` and OpenTelemetry SDK
+    Accepts :class:`~zerver.export._spans.SpanData` and OpenTelemetry SDK
     ``ReadableSpan`` objects (converted on the worker).
 
     ``encode_ahead``: how many encoded batches may wait between the encoder
@@ -365,10 +366,10 @@ class ExportPipeline:
         """
         spool = None
         if exporter is None:
-            from zerver.export._factory import build_exporter
+            from ._factory import build_exporter
 
             if config.spool_dir is not None and config.exporters == ("otlp",):
-                from zerver.export._spool import Spool
+                from ._spool import Spool
 
                 spool = Spool(config.spool_dir, max_bytes=config.spool_max_bytes)
             # With a spool, failed batches are retried by replaying them from disk.

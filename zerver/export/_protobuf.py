@@ -24,8 +24,8 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Status
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
-from zerver._spans import AttrValue, SpanData
-from zerver.export._json import group_by_resource_scope
+from ._json import group_by_resource_scope
+from ._spans import AttrValue, SpanData
 
 __all__ = ["ProtobufEncoder", "key_values", "to_proto"]
 

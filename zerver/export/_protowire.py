@@ -24,9 +24,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Mapping, Sequence
 
-from zerver._spans import AttrValue, InstrumentationScope, Resource, SpanData
-from zerver.export._json import PAUSE_EVERY as _PAUSE_EVERY
-from zerver.export._json import IdentityCache, group_by_resource_scope, remember
+from ._json import PAUSE_EVERY as _PAUSE_EVERY
+from ._json import IdentityCache, group_by_resource_scope, remember
+from ._spans import AttrValue, InstrumentationScope, Resource, SpanData
 
 __all__ = ["ProtobufWireEncoder"]
 

@@ -34,11 +34,12 @@ import random
 import threading
 from collections.abc import Callable, Sequence
 
-from zerver._clock import TokenBucket
-from zerver._effects import RetryPolicy as _RetryPolicy
-from zerver._spans import SpanData
-from zerver.export._base import BatchExporter, ExportContext, ExportResult, ExportStatus, layers
-from zerver.export._config import ExportConfig
+from zerver.core._clock import TokenBucket
+from zerver.core._effects import RetryPolicy as _RetryPolicy
+
+from ._base import BatchExporter, ExportContext, ExportResult, ExportStatus, layers
+from ._config import ExportConfig
+from ._spans import SpanData
 
 __all__ = [
     "EXPORT_RETRY",

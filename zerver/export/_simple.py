@@ -1,5 +1,5 @@
 """Exporters that need no network: no-op, fan-out and ``OTEL_TRACES_EXPORTER=console``,
-and the former names of the console and in-memory sinks (now :mod:`zerver._sinks`)."""
+and the former names of the console and in-memory sinks (now :mod:`zerver.export._sinks`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from typing import Literal, TextIO, get_args
 
 import orjson
 
-from zerver._errors import ConfigError
-from zerver._sinks import ConsoleSpanSink, _SpanStore, format_span
-from zerver._spans import KIND_NAMES, STATUS_NAMES, AttrValue, SpanData, StatusCode, span_tree
-from zerver.export._base import (
+from zerver.core._errors import ConfigError
+
+from ._base import (
     SUCCESS,
     BatchExporter,
     ExportContext,
@@ -23,6 +22,8 @@ from zerver.export._base import (
     ExportStatus,
     layers,
 )
+from ._sinks import ConsoleSpanSink, _SpanStore, format_span
+from ._spans import KIND_NAMES, STATUS_NAMES, AttrValue, SpanData, StatusCode, span_tree
 
 __all__ = [
     "CONSOLE_FORMAT_VARIABLE",

@@ -77,8 +77,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 
-from zerver._errors import ConfigError
-from zerver.export._log import RateLimitedLog
+from zerver.core._errors import ConfigError
+
+from ._log import RateLimitedLog
 
 __all__ = ["Spool", "SpoolItem", "SpoolStats"]
 

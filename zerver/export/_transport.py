@@ -45,19 +45,19 @@ import orjson
 from opentelemetry import context as otel_context
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from zerver._spans import SpanData
-from zerver.export._base import (
+from ._base import (
     ExportContext,
     ExportResult,
     ExportStatus,
     SpanEncoder,
 )
-from zerver.export._config import DEFAULT_ENDPOINT, ExportConfig
-from zerver.export._handover import Handover
-from zerver.export._json import JsonEncoder
-from zerver.export._log import RateLimitedLog
-from zerver.export._protobuf import ProtobufEncoder
-from zerver.export._protowire import ProtobufWireEncoder
+from ._config import DEFAULT_ENDPOINT, ExportConfig
+from ._handover import Handover
+from ._json import JsonEncoder
+from ._log import RateLimitedLog
+from ._protobuf import ProtobufEncoder
+from ._protowire import ProtobufWireEncoder
+from ._spans import SpanData
 
 __all__ = [
     "RETRYABLE_STATUSES",

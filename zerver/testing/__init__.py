@@ -5,7 +5,8 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 from zerver._lazy import install as _install
 
 if _TYPE_CHECKING:
-    from .._sinks import InMemorySpanSink as InMemorySpanSink
+    from zerver.export._sinks import InMemorySpanSink as InMemorySpanSink
+
     from ._client import AppClient as AppClient
     from ._client import FakeInterpreter as FakeInterpreter
     from ._client import FakeRule as FakeRule
@@ -47,7 +48,7 @@ _LAZY = {
     "FakeInterpreter": "._client",
     "FakeRule": "._client",
     "GoldenMismatchError": "._golden",
-    "InMemorySpanSink": ".._sinks",
+    "InMemorySpanSink": "zerver.export._sinks",
     "RecordCapture": "._client",
     "Scenario": "._scenarios",
     "assert_golden": "._golden",

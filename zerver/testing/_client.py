@@ -13,13 +13,13 @@ import anyio
 import anyio.lowlevel
 import orjson
 
-from .._app import App
-from .._clock import Clock, VirtualClock
-from .._effects import Effect
-from .._errors import EffectError
-from .._http import Request, Response
-from .._park import JobContext
-from .._records import RequestRecord
+from zerver._app import App
+from zerver.core._clock import Clock, VirtualClock
+from zerver.core._effects import Effect
+from zerver.core._errors import EffectError
+from zerver.core._http import Request, Response
+from zerver.runtime._park import JobContext
+from zerver.trace._records import RequestRecord
 
 __all__ = ["AppClient", "FakeInterpreter", "FakeRule", "RecordCapture", "capture_logs"]
 
@@ -203,7 +203,7 @@ def capture_logs() -> Iterator[list[MutableMapping[str, Any]]]:
     import structlog
     from structlog.testing import LogCapture
 
-    from .._logging import add_trace_context
+    from zerver.trace._logging import add_trace_context
 
     capture = LogCapture()
     old = structlog.get_config()

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._spans import KIND_NAMES, STATUS_NAMES, AttrValue, SpanData, span_tree
+from zerver.export._spans import KIND_NAMES, STATUS_NAMES, AttrValue, SpanData, span_tree
 
 __all__ = [
     "GoldenMismatchError",

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import anyio
 
-from .._app import App
-from .._sinks import InMemorySpanSink
-from .._spans import SpanData
+from zerver._app import App
+from zerver.export._sinks import InMemorySpanSink
+from zerver.export._spans import SpanData
+
 from ._client import AppClient
 from ._golden import GoldenMismatchError, assert_golden
 

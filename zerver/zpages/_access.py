@@ -11,40 +11,12 @@ as if the pages did not exist.
 from __future__ import annotations
 
 import ipaddress
-import re
+
+from zerver._config import Network, check_path, parse_networks
 
 __all__ = ["Allow", "check_path", "parse_networks"]
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
-_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
-
-
-def check_path(text: str) -> str:
-    """The pages' path prefix (``/debug``); raises ``ValueError`` saying what is accepted."""
-    if not _PATH.match(text):
-        raise ValueError(
-            "accepted: a path such as /debug (segments of letters, digits, '.', '_', '~' "
-            "or '-', no trailing slash)"
-        )
-    return text
-
-
-def parse_networks(text: str) -> tuple[Network, ...]:
-    """``10.0.0.0/8, 192.168.1.7, fd00::/8`` parsed; raises ``ValueError`` on a bad entry."""
-    nets: list[Network] = []
-    for raw in text.split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        try:
-            nets.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise ValueError(
-                f"accepted: comma-separated addresses or networks such as 10.0.0.0/8 (not {item!r})"
-            ) from None
-    return tuple(nets)
 
 
 class Allow:

@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .._records import CANCEL, COMPLETE, JobState, RequestRecord
+from zerver.trace._records import CANCEL, COMPLETE, JobState, RequestRecord
 
 __all__ = [
     "BUCKET_LABELS",

@@ -32,15 +32,18 @@ from urllib.parse import parse_qs, quote
 
 import orjson
 
-from .._http import Request, Response
-from .._records import JobState, RequestRecord
-from .._spans import SpanData, SpanKind, StatusCode
+from zerver.core._http import Request, Response
+from zerver.export._spans import SpanData, SpanKind, StatusCode
+from zerver.trace._records import JobState, RequestRecord
+
 from ._access import Allow
 from ._aggregator import BUCKET_LABELS, Sample, TracezAggregator
 
 if TYPE_CHECKING:
-    from .._app import App
-    from .._tracing import TraceEngine
+    from zerver._config import Settings
+    from zerver.export._spans import Resource
+    from zerver.runtime._runtime import Runtime
+    from zerver.trace._tracing import TraceEngine
 
 __all__ = ["ZPages"]
 
@@ -104,13 +107,16 @@ def _process() -> dict[str, object]:
 class ZPages:
     """The trace pages of one app: an aggregator subscribed to it, and the routes."""
 
-    def __init__(self, app: App) -> None:
-        settings = app.settings
-        self.app = app
+    def __init__(
+        self, settings: Settings, runtime: Runtime, resource: Callable[[], Resource]
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self._resource = resource
         self.prefix = settings.zpages_path
         self.allow = Allow.parse(settings.zpages_allow)
         self.aggregator = TracezAggregator()
-        app.subscribe(self.aggregator)
+        runtime.subscribe(self.aggregator)
         self._engine: TraceEngine | None = None
         p = self.prefix
         self._exact: dict[str, Callable[[Request], Response]] = {
@@ -255,12 +261,12 @@ class ZPages:
 
     def pipeline(self) -> dict[str, Any]:
         """What this process can see of trace export."""
-        from .._offload import ProcessTraceSubscriber
-        from .._telemetry import PipelineSink
-        from .._tracing import TraceEngine
+        from zerver.export._sinks import PipelineSink
+        from zerver.trace._offload import ProcessTraceSubscriber
+        from zerver.trace._tracing import TraceEngine
 
         found: list[dict[str, Any]] = []
-        for sub in self.app._subscribers:
+        for sub in self.runtime.subscribers:
             if isinstance(sub, TraceEngine) and isinstance(sub.sink, PipelineSink):
                 found.append(
                     {
@@ -294,11 +300,13 @@ class ZPages:
     def _build(self, rec: RequestRecord) -> list[SpanData]:
         engine = self._engine
         if engine is None:
-            from .._tracing import engine_from_settings
+            from zerver.trace._tracing import engine_from_settings
 
-            app = self.app
             engine = self._engine = engine_from_settings(
-                app.settings, _NoSink(), resource=app._resource(), interpreters=app.interpreters
+                self.settings,
+                _NoSink(),
+                resource=self._resource(),
+                interpreters=self.runtime.interpreters,
             )
         # Promoted spans take fresh ids from the record's id source: give the build its
         # own (the same on every view) so the app's stays untouched.
