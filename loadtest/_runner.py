@@ -674,6 +674,12 @@ _PAIRS: dict[str, tuple[str, str]] = {
     "zerver-otlp / zerver": ("zerver-otlp", "zerver"),
     "zerver-debug-jobs / zerver": ("zerver-debug-jobs", "zerver"),
     "zerver / starlette": ("zerver", "starlette"),
+    "zerver-pg-redis / starlette-pg-redis": ("zerver-pg-redis", "starlette-pg-redis"),
+    "zerver-pg-redis-otlp / starlette-pg-redis": ("zerver-pg-redis-otlp", "starlette-pg-redis"),
+    "zerver-pg-redis-otlp / starlette-pg-redis-otel": (
+        "zerver-pg-redis-otlp",
+        "starlette-pg-redis-otel",
+    ),
 }
 """Ratio label -> (numerator, denominator) contender names."""
 
