@@ -221,7 +221,7 @@ def test_the_demo_recipe_shares_posts_cache_and_messages_across_workers(
     # Each worker reports its counters at shutdown; summed, they add up.
     stopped = [
         line
-        for line in map(orjson.loads, out.splitlines())
+        for line in (orjson.loads(raw) for raw in out.splitlines() if raw.startswith(b"{"))
         if line.get("event") == "consumer stopped"
     ]
     assert len(stopped) == WORKERS, stopped
