@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from zerver import App, MemoryBroker, load_settings
+from zerver._interpreters import SqliteInterpreter
 from zerver.demo import create_app
 from zerver.demo._blog import POST_CREATED
 from zerver.testing import AppClient, capture_logs
@@ -38,6 +39,7 @@ async def _settled(app: App, ended: int) -> None:
 async def test_a_created_post_is_published_and_joins_the_feed(app: App) -> None:
     assert isinstance(app.broker, MemoryBroker)
     db = app.interpreters["db"]
+    assert isinstance(db, SqliteInterpreter)
     async with AppClient(app) as c:
         r = await c.post("/blogs/posts", json={"title": "Fed", "body": "Text", "author_id": "ada"})
         assert r.status == 201
@@ -63,6 +65,7 @@ async def test_a_message_that_is_not_an_event_is_dead_lettered_not_retried(
     broker = app.broker
     assert isinstance(broker, MemoryBroker)
     db = app.interpreters["db"]
+    assert isinstance(db, SqliteInterpreter)
     async with AppClient(app):
         await broker.publish(POST_CREATED, body, {})
         await _settled(app, 1)
