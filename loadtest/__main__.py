@@ -11,12 +11,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._contenders import CONTENDERS, by_name
+from ._contenders import CONTENDERS, SHARED, by_name
 from ._runner import RunConfig, format_table, run_all, write_results, write_svg
 
 
 def _parser() -> argparse.ArgumentParser:
     names = ", ".join(c.name for c in CONTENDERS)
+    shared = ", ".join(c.name for c in SHARED)
     p = argparse.ArgumentParser(
         prog="python -m loadtest", description="zerver against its peers, side by side."
     )
@@ -27,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         action="extend",
         default=[],
         metavar="NAME",
-        help=f"run only these contenders: {names}",
+        help=f"run only these contenders: {names}; or, never run unless named here, the "
+        f"blog route on PostgreSQL and Redis servers started for each: {shared}",
     )
     p.add_argument("--duration", type=float, help="seconds of measured load per path (10; quick 2)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per path (2; quick 1)")

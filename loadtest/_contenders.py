@@ -6,6 +6,10 @@ in-process cache, the same answer bytes). Each is started as
 ``<argv> --port P`` on 127.0.0.1 with a clean environment: inherited
 ``OTEL_*`` and ``ZER_VER_*`` variables are removed and the contender's own set,
 so a developer's shell cannot change what is measured.
+
+:data:`SHARED` are the blog route on PostgreSQL and Redis (zerver's demo and a
+Starlette peer, each with servers of its own that the runner starts and stops).
+They run only when named (``--only``): each needs two servers started for it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-__all__ = ["BLOG", "CONTENDERS", "ITEMS", "Contender", "Workload", "by_name"]
+__all__ = ["BLOG", "CONTENDERS", "ITEMS", "SHARED", "Contender", "Workload", "by_name"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,6 +48,9 @@ class Contender:
     metrics: bool = False
     """Exports metrics to ``{metrics}`` (a metrics receiver's URL); a failure unless
     its server-duration histogram counts every completed request."""
+    backends: tuple[str, ...] = ()
+    """Servers started for this contender alone (``postgresql``, ``redis``), on free
+    ports, removed after it; ``{db_url}`` and ``{cache_url}`` in ``env`` become their URLs."""
 
 
 _PY = sys.executable
@@ -161,14 +168,66 @@ CONTENDERS: tuple[Contender, ...] = (
 )
 
 
+# The demo on PostgreSQL and Redis, as docs/backends.md runs it.
+_SHARED_ENV = {
+    "ZER_VER_DB_URL": "{db_url}",
+    "ZER_VER_CACHE_URL": "{cache_url}",
+    "ZER_VER_BROKER_URL": "{cache_url}",
+}
+_SHARED_BACKENDS = ("postgresql", "redis")
+_STARLETTE_SHARED = (*_UVICORN, "--factory")
+
+SHARED: tuple[Contender, ...] = (
+    Contender(
+        name="starlette-pg-redis",
+        title="uvicorn (h11) + Starlette, psycopg pool + redis-py, untraced",
+        argv=(*_STARLETTE_SHARED, "loadtest.apps.starlette_shared:create_app"),
+        env=_SHARED_ENV,
+        workloads=(BLOG,),
+        backends=_SHARED_BACKENDS,
+    ),
+    Contender(
+        name="starlette-pg-redis-otel",
+        title="uvicorn (h11) + Starlette + OTel ASGI, psycopg pool + redis-py, "
+        "BatchSpanProcessor, OTLP/HTTP protobuf",
+        argv=(*_STARLETTE_SHARED, "loadtest.apps.starlette_shared:create_traced_app"),
+        env={**_STARLETTE_OTEL_ENV, **_SHARED_ENV},
+        workloads=(BLOG,),
+        traced=True,
+        backends=_SHARED_BACKENDS,
+    ),
+    Contender(
+        name="zerver-pg-redis",
+        title="zerver demo on PostgreSQL + Redis, telemetry off",
+        argv=_ZERVER,
+        env={**_ZERVER_ENV, "OTEL_TRACES_EXPORTER": "none", **_SHARED_ENV},
+        workloads=(BLOG,),
+        backends=_SHARED_BACKENDS,
+    ),
+    Contender(
+        name="zerver-pg-redis-otlp",
+        title="zerver demo on PostgreSQL + Redis, default telemetry, OTLP/HTTP JSON",
+        argv=_ZERVER,
+        env={**_ZERVER_ENV, **_OTLP_ENV, **_SHARED_ENV},
+        workloads=(BLOG,),
+        traced=True,
+        check_spans=True,
+        backends=_SHARED_BACKENDS,
+    ),
+)
+"""Not in :data:`CONTENDERS`: run them by name (``--only``)."""
+
+
 def by_name(names: list[str]) -> tuple[Contender, ...]:
-    """The contenders named (all when ``names`` is empty); ValueError naming an unknown one."""
+    """The contenders named, in their order (:data:`CONTENDERS` when ``names`` is empty;
+    :data:`SHARED` only when named); ValueError naming an unknown one."""
     if not names:
         return CONTENDERS
-    known = {c.name: c for c in CONTENDERS}
+    every = CONTENDERS + SHARED
+    known = {c.name for c in every}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(
-            f"unknown contender {unknown[0]!r}: choose from {', '.join(c.name for c in CONTENDERS)}"
+            f"unknown contender {unknown[0]!r}: choose from {', '.join(c.name for c in every)}"
         )
-    return tuple(c for c in CONTENDERS if c.name in names)
+    return tuple(c for c in every if c.name in names)

@@ -6,6 +6,12 @@ workload a warm-up and a measured load (load generator pinned to CPU 1, this
 process and its receiver too), stop the server (SIGTERM, SIGKILL after a
 deadline), wait until the receiver is quiet and count.
 
+A contender on shared backends (``Contender.backends``) gets a PostgreSQL and
+a Redis server of its own, started before it on free ports (the way zerver's
+test suite starts them, :mod:`zerver.testing._servers`) and removed after it.
+They run beside the load generator (its CPU when pinned), so the server under
+test keeps its CPU to itself, as every other contender does.
+
 Span loss is judged on root SERVER spans: every request zerver serves makes
 one trace whose root is a SERVER span, so after the server has drained its
 exporter and exited, ``root SERVER spans received >= responses the load
@@ -29,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -47,6 +53,7 @@ __all__ = [
     "ratio_lines",
     "ratios",
     "run_all",
+    "start_backends",
     "start_server",
     "write_results",
     "write_svg",
@@ -231,6 +238,26 @@ def _taskset(cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu)] if cpu is not None else []
 
 
+@contextlib.contextmanager
+def start_backends(contender: Contender) -> Iterator[dict[str, str]]:
+    """The servers ``contender.backends`` names, started for it alone and removed
+    afterwards; yields the values of its placeholders (``db_url``, ``cache_url``).
+    RuntimeError when one cannot be started (its binaries missing, say)."""
+    from zerver.testing._servers import postgres_server, redis_server
+
+    unknown = sorted(set(contender.backends) - {"postgresql", "redis"})
+    if unknown:
+        raise RuntimeError(f"unknown backend {unknown[0]!r}: accepted: postgresql, redis")
+    urls: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        if "postgresql" in contender.backends:
+            pg = stack.enter_context(postgres_server())
+            urls["db_url"] = pg.url(pg.database)
+        if "redis" in contender.backends:
+            urls["cache_url"] = stack.enter_context(redis_server()).url
+        yield urls
+
+
 def start_server(
     contender: Contender,
     port: int,
@@ -239,14 +266,16 @@ def start_server(
     log: IO[bytes],
     prefix: Sequence[str] = (),
     metrics: str = "",
+    backends: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``contender`` on 127.0.0.1:``port`` in its clean environment (its data
-    under ``data_dir``, its spans to ``receiver``), output to ``log``; ``prefix``
-    goes before its command (``taskset``, ``valgrind``)."""
+    under ``data_dir``, its spans to ``receiver``, its ``backends`` URLs from
+    :func:`start_backends`), output to ``log``; ``prefix`` goes before its command
+    (``taskset``, ``valgrind``)."""
     return subprocess.Popen(
         [*prefix, *contender.argv, "--host", "127.0.0.1", "--port", str(port)],
         cwd=_ROOT,
-        env=_server_env(contender, receiver, data_dir, metrics),
+        env=_server_env(contender, receiver, data_dir, metrics, backends or {}),
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -255,15 +284,24 @@ def start_server(
 
 
 def _server_env(
-    contender: Contender, receiver: str, db_dir: str, metrics: str = ""
+    contender: Contender,
+    receiver: str,
+    db_dir: str,
+    metrics: str = "",
+    backends: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ZER_VER_"))}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
-    env["ZER_VER_DB_PATH"] = str(Path(db_dir) / "loadtest.sqlite3")
+    if "ZER_VER_DB_URL" not in contender.env:  # zerver refuses a URL and a path at once
+        env["ZER_VER_DB_PATH"] = str(Path(db_dir) / "loadtest.sqlite3")
     # A spool of the run's own: nothing left by an earlier run is replayed into this one.
     env["ZER_VER_EXPORT_SPOOL_DIR"] = str(Path(db_dir) / "spool")
-    for key, value in contender.env.items():
-        env[key] = value.replace("{receiver}", receiver).replace("{metrics}", metrics)
+    values = {"receiver": receiver, "metrics": metrics, **(backends or {})}
+    for key, template in contender.env.items():
+        value = template
+        for name, replacement in values.items():
+            value = value.replace("{" + name + "}", replacement)
+        env[key] = value
     return env
 
 
@@ -327,12 +365,41 @@ def run_contender(
         traced=contender.traced,
         check_spans=contender.check_spans,
     )
-    server_cpu = _SERVER_CPU if cfg.pin else None
-    load_cpu = _LOAD_CPU if cfg.pin else None
     logs = cfg.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{contender.name}.log"
     result.log = str(log_path)
+    with contextlib.ExitStack() as stack:
+        if contender.backends:
+            progress.update(f"{prefix}{contender.name}: starting {', '.join(contender.backends)}")
+            try:
+                backends = stack.enter_context(start_backends(contender))
+            except Exception as exc:  # a contender's failure: reported, the run goes on
+                result.problems.append(f"{contender.name}: starting its servers failed: {exc}")
+                progress.done(prefix + _summary_line(result))
+                return result
+        else:
+            backends = {}
+        snapshot = _run_server(contender, cfg, tool, progress, prefix, result, log_path, backends)
+    _account(result, contender, snapshot)
+    result.log_problems = _log_problems(log_path)
+    progress.done(prefix + _summary_line(result))
+    return result
+
+
+def _run_server(
+    contender: Contender,
+    cfg: RunConfig,
+    tool: str,
+    progress: Progress,
+    prefix: str,
+    result: ContenderResult,
+    log_path: Path,
+    backends: Mapping[str, str],
+) -> TallySnapshot:
+    """Start the server, run its workloads, stop it; what its receiver tallied."""
+    server_cpu = _SERVER_CPU if cfg.pin else None
+    load_cpu = _LOAD_CPU if cfg.pin else None
     with (
         SpanReceiver() as receiver,
         MetricsReceiver() as metrics,
@@ -349,6 +416,7 @@ def run_contender(
             log,
             _taskset(server_cpu),
             metrics=metrics.endpoint,
+            backends=backends,
         )
         try:
             wait_ready(port, proc, cfg.ready_timeout_s)
@@ -374,10 +442,7 @@ def run_contender(
         result.metrics_requests = metrics.requests_counted
         if metrics.errors:
             result.problems.append(f"{contender.name}: {metrics.errors} unreadable metrics exports")
-    _account(result, contender, snapshot)
-    result.log_problems = _log_problems(log_path)
-    progress.done(prefix + _summary_line(result))
-    return result
+    return snapshot
 
 
 def _run_workload(
@@ -609,6 +674,12 @@ _PAIRS: dict[str, tuple[str, str]] = {
     "zerver-otlp / zerver": ("zerver-otlp", "zerver"),
     "zerver-debug-jobs / zerver": ("zerver-debug-jobs", "zerver"),
     "zerver / starlette": ("zerver", "starlette"),
+    "zerver-pg-redis / starlette-pg-redis": ("zerver-pg-redis", "starlette-pg-redis"),
+    "zerver-pg-redis-otlp / starlette-pg-redis": ("zerver-pg-redis-otlp", "starlette-pg-redis"),
+    "zerver-pg-redis-otlp / starlette-pg-redis-otel": (
+        "zerver-pg-redis-otlp",
+        "starlette-pg-redis-otel",
+    ),
 }
 """Ratio label -> (numerator, denominator) contender names."""
 

@@ -374,6 +374,20 @@ class App:
                         yield
                     finally:
                         stop.set()
+                # Each process's own totals: summed over the processes of a
+                # shared broker they add up (docs/messaging.md, ConsumerStats).
+                for c in self._consumers:
+                    st = c.stats
+                    _log.info(
+                        "consumer stopped",
+                        topic=c.topic,
+                        received=st.received,
+                        processed=st.processed,
+                        retried=st.retried,
+                        dead_lettered=st.dead_lettered,
+                        lost=st.lost,
+                        in_flight=st.in_flight,
+                    )
         finally:
             for interp in reversed(started):
                 try:

@@ -26,11 +26,12 @@ from zerver.core._errors import ConfigError
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
-    from zerver._app import App
-    from zerver.export import ExportPipeline
     from zerver.export._config import MetricsExportConfig
     from zerver.trace._offload import ProcessTraceSubscriber
     from zerver.trace._tracing import TraceEngine
+
+    from ._app import App
+    from .export import ExportPipeline
 
 __all__ = ["default_spool_dir", "metrics_config", "setup_tracing"]
 
@@ -72,10 +73,11 @@ def setup_tracing(
     says otherwise. Raises :class:`~zerver.ConfigError` naming the first invalid
     variable.
     """
-    from zerver.export import ExportConfig, ExportPipeline
     from zerver.export._sinks import InMemorySpanSink, PipelineSink
     from zerver.trace._offload import records_item_spans
     from zerver.trace._tracing import engine_from_settings
+
+    from .export import ExportConfig, ExportPipeline
 
     env = os.environ if environ is None else environ
     config = ExportConfig.from_env(env, default_spool_dir=default_spool_dir)
@@ -185,7 +187,7 @@ def _install_user_span_provider(
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.util.types import AttributeValue
 
-    from zerver.export import ZerverSpanProcessor
+    from .export import ZerverSpanProcessor
 
     attrs = cast(Mapping[str, AttributeValue], resource)
     provider = TracerProvider(resource=OtelResource.create(dict(attrs)))

@@ -49,7 +49,17 @@ from zerver.demo import SEED_AUTHORS, SEED_COMMENTS, SEED_POSTS
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
-__all__ = ["Blog", "OrjsonResponse", "SqlitePool", "TtlCache", "app", "create_app"]
+__all__ = [
+    "Blog",
+    "OrjsonResponse",
+    "SqlitePool",
+    "TtlCache",
+    "app",
+    "create_app",
+    "create_traced_app",
+    "instrument",
+    "post_html",
+]
 
 # zerver's variable and defaults for the database file, the pool, the cache TTL and size.
 DB_PATH_ENV = "ZER_VER_DB_PATH"
@@ -193,7 +203,7 @@ def _seed(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
-def _post_html(post: Row, author: Row) -> str:
+def post_html(post: Row, author: Row) -> str:
     e = html.escape
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
@@ -276,7 +286,7 @@ class Blog:
                 )
             self._cache_set(post_id, author)
         if request.query_params.get("format") == "html":
-            return HTMLResponse(_post_html(post, author))
+            return HTMLResponse(post_html(post, author))
         return OrjsonResponse({"post": post, "author": author})
 
 
@@ -312,7 +322,16 @@ app = create_app()
 
 
 def create_traced_app() -> ASGIApp:
-    """Starlette wrapped in ``OpenTelemetryMiddleware``, exporting to ``OTEL_EXPORTER_OTLP_*``.
+    """Starlette wrapped in ``OpenTelemetryMiddleware``, exporting to ``OTEL_EXPORTER_OTLP_*``
+    (see :func:`instrument`)."""
+    return instrument(
+        lambda tracer, on_shutdown: create_app(tracer=tracer, on_shutdown=on_shutdown)
+    )
+
+
+def instrument(build: Callable[[Tracer, Callable[[], object]], Starlette]) -> ASGIApp:
+    """``build(tracer, on_shutdown)`` wrapped in ``OpenTelemetryMiddleware``, exporting to
+    ``OTEL_EXPORTER_OTLP_*``; the app must call ``on_shutdown`` when its lifespan ends.
 
     The sampler is the SDK's from ``OTEL_TRACES_SAMPLER`` / ``_ARG`` (parent-based
     always-on when unset). With ``OTEL_METRICS_EXPORTER=otlp`` the middleware also
@@ -347,5 +366,5 @@ def create_traced_app() -> ASGIApp:
         for close in shutdowns:
             close()
 
-    inner = create_app(tracer=provider.get_tracer(__name__), on_shutdown=shutdown)
+    inner = build(provider.get_tracer(__name__), shutdown)
     return OpenTelemetryMiddleware(inner, tracer_provider=provider, meter_provider=meter_provider)

@@ -16,7 +16,12 @@ Routes:
   comments route's JSON fails the request with 502, as a failed fetch does.
 * ``POST /blogs/posts`` — validates the JSON body (415 for a body that is
   not JSON, 422 for an ``author_id`` that names no author), writes with
-  ``db.put``, answers 201 with the new id.
+  ``db.put``, publishes ``blog.post.created`` (optional: a refused publish
+  leaves the post stored), answers 201 with the new id.
+* Consumer of ``blog.post.created`` — adds the post to the ``feed`` table
+  (``db.put feed``, keyed by the post id, so a redelivery writes it again
+  unchanged). With several workers on a shared broker each message is
+  consumed by one of them.
 * ``GET /healthz``.
 """
 
@@ -36,6 +41,7 @@ from zerver.core._effects import CacheGet, CacheSet, DbGet, DbPut, DbQuery, Http
 from zerver.core._http import Request, Response
 from zerver.core._slots import Context, Slot
 from zerver.core._steps import Step, step
+from zerver.runtime._messaging import Publish
 
 __all__ = ["SEED_AUTHORS", "SEED_COMMENTS", "SEED_POSTS", "create_app"]
 
@@ -301,13 +307,37 @@ def create_post(ctx: Context) -> Decision:
         return Fail(422, "author_id names no author", key="author_id")
     post["id"] = secrets.token_hex(6)
     ctx.put(NEW_POST, post)
-    return Need(DbPut(table="blog_post", key=post["id"], value=post), then=created)
+    return Need(DbPut(table="blog_post", key=post["id"], value=post), then=announce_post)
+
+
+POST_CREATED = "blog.post.created"
+"""The topic ``POST /blogs/posts`` publishes each stored post on."""
+
+
+@step(reads=[NEW_POST])
+def announce_post(ctx: Context) -> Decision:
+    post = ctx.require(NEW_POST)
+    event = {"id": post["id"], "author_id": post["author_id"], "title": post["title"]}
+    return Need(Publish(topic=POST_CREATED, message=event, required=False), then=created)
 
 
 @step(reads=[NEW_POST])
 def created(ctx: Context) -> Decision:
     post_id = ctx.require(NEW_POST)["id"]
     return Done(Response.json({"id": post_id}, 201, [("location", f"/blogs/posts/{post_id}")]))
+
+
+@step
+def add_to_feed(ctx: Context) -> Decision:
+    """A ``blog.post.created`` message: the post joins the feed (idempotent by post id)."""
+    try:
+        event = ctx.message.json() if ctx.message is not None else None
+    except ValueError:
+        event = None
+    if not isinstance(event, dict) or not isinstance(event.get("id"), str):
+        # A 4xx: the message itself is wrong, so it is dead-lettered, not retried.
+        return Fail(422, "not a blog.post.created event", key="body")
+    return Need(DbPut(table="feed", key=event["id"], value=event))
 
 
 @step
@@ -340,5 +370,6 @@ def create_app(
     app.get("/blogs/posts/{id}/with-comments", _with_comments_steps(app.settings))
     app.post("/blogs/posts", validate_new_post, check_author)
     app.get("/healthz", healthz)
+    app.consumer(POST_CREATED, add_to_feed)
     app.on_startup(_seed)
     return app
