@@ -24,7 +24,7 @@ from zerver import (
     load_settings,
     step,
 )
-from zerver.trace._records import JobState, RequestRecord
+from zerver.trace._records import JobState, Outcome, RequestRecord
 from zerver.zpages import (
     BUCKET_LABELS,
     BUCKET_LOWER_NS,
@@ -151,7 +151,7 @@ def test_error_rules_follow_the_span_status() -> None:
     assert {s.record.status for s in agg.samples(row.name, "error")} == {200, 503}
 
 
-def job(index: int, outcome: str | None, *, required: bool = True) -> JobState:
+def job(index: int, outcome: Outcome | None, *, required: bool = True) -> JobState:
     j = JobState(
         index=index,
         kind="effect",

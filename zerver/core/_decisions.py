@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import TYPE_CHECKING, ClassVar, Final, Literal
 
 from ._effects import Effect
 from ._http import Response
@@ -40,9 +40,13 @@ class Join(enum.Enum):
     FIRST_SUCCESS = "first_success"
 
 
+#: What a step decided, as its step record and span name it.
+DecisionKind = Literal["Continue", "Done", "Fail", "Need"]
+
+
 class _Continue:
     __slots__ = ()
-    kind: ClassVar[str] = "Continue"
+    kind: ClassVar[DecisionKind] = "Continue"
 
     def __repr__(self) -> str:
         return "Continue"
@@ -57,7 +61,7 @@ class Done:
     """Answer the request with ``response``."""
 
     response: Response
-    kind: ClassVar[str] = "Done"
+    kind: ClassVar[DecisionKind] = "Done"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +75,7 @@ class Fail:
     status: int
     what: str = ""
     key: str | None = None
-    kind: ClassVar[str] = "Fail"
+    kind: ClassVar[DecisionKind] = "Fail"
 
     def __post_init__(self) -> None:
         if not 400 <= self.status <= 599:
@@ -90,7 +94,7 @@ class Need:
     mode: Mode
     join: Join
     then: Step | None
-    kind: ClassVar[str] = "Need"
+    kind: ClassVar[DecisionKind] = "Need"
 
     def __init__(
         self,

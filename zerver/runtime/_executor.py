@@ -95,25 +95,25 @@ def call_step(
         if token is not None:
             otel_context.detach(token)
     sr.end_ts = record.clock.now_ns()
-    kind = getattr(decision, "kind", None)
-    if kind is None:
+    if isinstance(decision, Need):
+        sr.decision = decision.kind
+        if decision.then is not None:
+            sr.resume = decision.then.name
+    elif isinstance(decision, Done):
+        sr.decision = decision.kind
+        resp = decision.response
+        if resp.render_phase is not None:
+            sr.render_phase = resp.render_phase
+            sr.render_size = len(resp.body)
+    elif decision is Continue or isinstance(decision, Fail):
+        sr.decision = decision.kind
+    else:
         sr.error_type = "InvalidDecision"
         sr.error_message = f"step returned {decision!r}"
         return PipelineError(
             f"step {step.name!r} returned {decision!r}; expected Continue, Done, Fail or Need",
             error_type="InvalidDecision",
         )
-    sr.decision = kind
-    if kind == "Need":
-        assert isinstance(decision, Need)
-        if decision.then is not None:
-            sr.resume = decision.then.name
-    elif kind == "Done":
-        assert isinstance(decision, Done)
-        resp = decision.response
-        if resp.render_phase is not None:
-            sr.render_phase = resp.render_phase
-            sr.render_size = len(resp.body)
     return decision
 
 

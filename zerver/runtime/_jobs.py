@@ -39,6 +39,7 @@ from zerver.trace._records import (
     COMPLETE,
     FAIL,
     JobState,
+    Outcome,
     RequestRecord,
     RetryRecord,
     active_span,
@@ -137,7 +138,7 @@ class Job:
 
     def finish(
         self,
-        outcome: str,
+        outcome: Outcome,
         *,
         error_type: str | None = None,
         error_message: str | None = None,

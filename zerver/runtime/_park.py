@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 
 from zerver.core._clock import TokenBucket
-from zerver.trace._records import PARK_CAUSES, JobState, ParkEpisode, RequestRecord
+from zerver.trace._records import PARK_CAUSES, JobState, ParkCause, ParkEpisode, RequestRecord
 
 if TYPE_CHECKING:
     from zerver.core._clock import Clock
@@ -79,7 +79,7 @@ class JobContext:
 
     def parked(
         self,
-        cause: str,
+        cause: ParkCause,
         token: str | None = None,
         *,
         limit_current: int | None = None,

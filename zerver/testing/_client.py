@@ -19,7 +19,7 @@ from zerver.core._effects import Effect
 from zerver.core._errors import EffectError
 from zerver.core._http import Request, Response
 from zerver.runtime._park import JobContext
-from zerver.trace._records import RequestRecord
+from zerver.trace._records import ParkCause, RequestRecord
 
 __all__ = ["AppClient", "FakeInterpreter", "FakeRule", "RecordCapture", "capture_logs"]
 
@@ -117,7 +117,8 @@ class FakeRule:
     fail_times: int = 0
     work_ms: float = 0.0
     parks: Sequence[
-        tuple[str, float, str | None] | tuple[str, float, str | None, int | None, int | None]
+        tuple[ParkCause, float, str | None]
+        | tuple[ParkCause, float, str | None, int | None, int | None]
     ] = ()
     gate: anyio.Event | None = None
     note: dict[str, Any] = field(default_factory=dict)

@@ -25,7 +25,7 @@ import random
 import traceback
 from collections.abc import Sequence
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Protocol, get_args
 
 from zerver.core._effects import Effect
 
@@ -45,7 +45,13 @@ __all__ = [
     "Subscriber",
 ]
 
-PARK_CAUSES = frozenset({"io_wait", "rate_limit", "backpressure", "lock", "timer", "other"})
+#: Why a running job waits (the ``job.park(<cause>)`` span's cause).
+ParkCause = Literal["io_wait", "rate_limit", "backpressure", "lock", "timer", "other"]
+PARK_CAUSES: frozenset[str] = frozenset(get_args(ParkCause))
+#: What a job runs: an effect (by an interpreter) or a continuation step.
+JobKind = Literal["effect", "continuation"]
+#: How a job ended.
+Outcome = Literal["complete", "fail", "cancel"]
 
 _default_ids = random.Random()
 
@@ -87,9 +93,9 @@ def exception_facts(exc: BaseException, ts: int) -> ExceptionFacts:
 
 
 # Job outcomes.
-COMPLETE = "complete"
-FAIL = "fail"
-CANCEL = "cancel"
+COMPLETE: Final = "complete"
+FAIL: Final = "fail"
+CANCEL: Final = "cancel"
 
 
 class ParkEpisode:
@@ -108,7 +114,7 @@ class ParkEpisode:
 
     def __init__(
         self,
-        cause: str,
+        cause: ParkCause,
         park_ts: int,
         token: str | None = None,
         limit_current: int | None = None,
@@ -216,7 +222,7 @@ class JobState:
         self,
         *,
         index: int,
-        kind: str,
+        kind: JobKind,
         name: str,
         queue: str,
         step_index: int,
@@ -239,7 +245,7 @@ class JobState:
         self.worker: int | None = None
         self.attempts = 0
         self.success: bool | None = None
-        self.outcome: str | None = None
+        self.outcome: Outcome | None = None
         self.error_type: str | None = None
         self.error_message: str | None = None
         self.status_hint: int | None = None
