@@ -238,6 +238,32 @@ def test_caches_stay_bounded_and_correct() -> None:
     assert max(len(wire._kv), len(wire._keys), len(wire._names)) <= 4
 
 
+def test_cached_sequence_and_bool_fragments_never_mix_equal_values() -> None:
+    # (1,) == (True,) == (1.0,) as dict keys; each must keep its own encoding when
+    # one encoder meets them in turn under the same key, cached or not.
+    values: list[object] = [
+        ("a", "b"),
+        (1,),
+        (True,),
+        (1.0,),
+        ("1",),
+        True,
+        1,
+        ([1],),  # unhashable: encoded, never cached
+        ("a", "b"),
+        (True,),
+        ("1",),
+        (),
+    ]
+    enc = JsonEncoder()
+    for _ in range(2):
+        for v in values:
+            span = make_span(0, attributes={"k": v})
+            assert parse_json(enc.encode([span])) == parse_json(JsonEncoder().encode([span]))
+    with_bool = [make_span(0, attributes={"k": True}), make_span(0, attributes={"k": False})]
+    assert_same(parse_json(enc.encode(with_bool)), to_proto(with_bool))
+
+
 # -- conformance with the official schema and encoder ------------------------
 
 conformance = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -38,7 +38,7 @@ import json.encoder
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from ._spans import AttrValue, InstrumentationScope, Resource, SpanData
 
@@ -50,7 +50,7 @@ _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 _isfinite = math.isfinite
 _NONE: Mapping[object, str] = MappingProxyType({})  # "no fragments for this key yet"
-_V = TypeVar("_V", str, int)
+_V = TypeVar("_V", str, int, tuple[str, ...])
 
 #: Spans encoded between two calls of an encoder's ``pause`` (~0.1 ms of work).
 PAUSE_EVERY = 32
@@ -191,6 +191,7 @@ class JsonEncoder:
         "_kv_size",
         "_kvbool",
         "_kvint",
+        "_kvseq",
         "_names",
         "_res",
         "_scope",
@@ -203,6 +204,7 @@ class JsonEncoder:
         self._kvint: dict[str, dict[int, str]] = {}
         self._kv_size = 0
         self._kvbool: dict[tuple[str, bool], str] = {}
+        self._kvseq: dict[str, dict[tuple[str, ...], str]] = {}
         self._kdouble: dict[str, str] = {}
         self._names: dict[str, str] = {}
         self._res: IdentityCache[Resource, str] = IdentityCache()
@@ -232,6 +234,7 @@ class JsonEncoder:
         if self._kv_size > self._cache_size:
             self._kv.clear()
             self._kvint.clear()
+            self._kvseq.clear()
             self._kv_size = 1
         by_value = table.get(key)
         if by_value is None:
@@ -251,6 +254,23 @@ class JsonEncoder:
         return remember(self._names, name, _esc(name), self._cache_size)
 
     # -- attributes -----------------------------------------------------------
+
+    def _tuple_kv(self, key: str, value: tuple[object, ...]) -> str | None:
+        """The fragment for a tuple value; cached when every item is a string (the
+        engine's slot names): no other item type could share a cache entry, since
+        ``(1,) == (True,) == (1.0,)`` but no string equals a non-string."""
+        by_value = self._kvseq.get(key)
+        if by_value is not None:
+            try:
+                hit = by_value.get(value)  # type: ignore[arg-type]
+            except TypeError:  # an unhashable item: encoded below, not cached
+                hit = None
+            if hit is not None:
+                return hit
+        frag = self._other_kv(key, value)
+        if frag is not None and all(type(x) is str for x in value):
+            self._store_by_key(self._kvseq, key, cast("tuple[str, ...]", value), frag)
+        return frag
 
     def _other_kv(self, key: str, value: object) -> str | None:
         """The fragment for a value that is not a str, int or finite float; None = skip."""
@@ -274,6 +294,12 @@ class JsonEncoder:
                 app((self._kvint.get(k) or _NONE).get(v) or self._int_kv(k, v))  # type: ignore[arg-type]
             elif t is float and _isfinite(v):  # type: ignore[arg-type]
                 app("%s%r}}" % (self._kdouble.get(k) or self._double_prefix(k), v))
+            elif t is bool:
+                app(self._kvbool.get((k, v)) or self._bool_kv(k, v))  # type: ignore[arg-type]
+            elif t is tuple:
+                frag = self._tuple_kv(k, v)  # type: ignore[arg-type]
+                if frag is not None:
+                    app(frag)
             else:
                 frag = self._other_kv(k, v)
                 if frag is not None:

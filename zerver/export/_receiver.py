@@ -114,6 +114,13 @@ def _count_spans(doc: dict[str, Any]) -> int:
     )
 
 
+def _decode_json(body: bytes) -> tuple[Any, int]:
+    # The whole document is parsed (as a collector would); counting then needs
+    # only the length of each ``spans`` list.
+    doc = orjson.loads(body)
+    return doc, _count_spans(doc)
+
+
 def _value(v: dict[str, Any]) -> object:
     if "stringValue" in v:
         return v["stringValue"]
@@ -171,8 +178,12 @@ class OtlpReceiver:
         keep_bodies: bool = True,
         clock: Callable[[], float] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        decode_json: Callable[[bytes], tuple[Any, int]] | None = None,
     ) -> None:
         self.path = path
+        self.decode_json = decode_json or _decode_json
+        """What a JSON traces body becomes: (``document``, its span count). The default
+        parses the whole document, as a collector would."""
         self.ssl_context = ssl_context
         """Serve HTTPS with this server-side context (its ``verify_mode`` decides
         whether client certificates are required)."""
@@ -360,10 +371,7 @@ class OtlpReceiver:
                     len(ss.spans) for rs in message.resource_spans for ss in rs.scope_spans
                 )
             else:
-                # The whole document is parsed (as a collector would); counting
-                # then needs only the length of each ``spans`` list.
-                req.document = orjson.loads(body)
-                req.span_count = _count_spans(req.document)
+                req.document, req.span_count = self.decode_json(body)
             if self.keep_bodies:
                 req.body = body
         except Exception as exc:
