@@ -54,8 +54,8 @@ def prepare(n: int) -> dict[str, Callable[[], None]]:
     import orjson
 
     from loadtest._receiver import SpanTally, scan_json_spans
-    from zerver._offload import handover_bytes, unpack_record
     from zerver.export import JsonEncoder
+    from zerver.trace._offload import handover_bytes, unpack_record
 
     records, engine = anyio.run(record_happy_paths, RECORDS)
     for i in range(4 * len(records)):  # the route's rolling p95s settle

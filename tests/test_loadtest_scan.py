@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loadtest._receiver import SpanReceiver, SpanTally, _count_json, scan_json_spans
-from zerver._spans import InstrumentationScope, Resource, SpanData, SpanKind, SpanLink
 from zerver.export import JsonEncoder
+from zerver.export._spans import InstrumentationScope, Resource, SpanData, SpanKind, SpanLink
 
 RES = Resource(attributes={"service.name": "svc"})
 SCOPE = InstrumentationScope(name="zerver", version="1")
