@@ -96,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("app", help="module:attribute naming an App or a factory returning one")
     _server_args(run)
     demo = sub.add_parser(
-        "demo", help="serve the demo blog (SQLite by default; ZER_VER_DB_URL for PostgreSQL)"
+        "demo",
+        help="serve the demo blog (SQLite by default; ZER_VER_DB_URL for PostgreSQL, "
+        "ZER_VER_CACHE_URL and ZER_VER_BROKER_URL for Redis)",
     )
     demo.add_argument("--db", help="SQLite file (default: ZER_VER_DB_PATH or zerver.sqlite3)")
     _server_args(demo)
