@@ -108,10 +108,8 @@ class App:
             otel_context=self.settings.otel_context,
         )
         self.clock: Clock = self.runtime.clock
-        #: Where ``Publish`` effects go and consumers read from.
-        self.broker: Broker = self.runtime.broker
+        # The runtime's, bound once: the request path reads them on every request.
         self._rng = self.runtime.rng
-        self._interpreters = self.runtime.interpreters
         self._notify = self.runtime.notify
         self._started = False
         # Secrets never enter a record: query values redacted, userinfo dropped, headers
@@ -181,7 +179,7 @@ class App:
         """Use ``interpreter`` for every effect whose ``system`` is ``system``."""
         if self._started:
             raise UsageError("interpreters must be registered before the app starts")
-        self._interpreters[system] = interpreter
+        self.runtime.interpreters[system] = interpreter
 
     def consumer(
         self,
@@ -242,7 +240,7 @@ class App:
         from zerver.trace._tracing import engine_from_settings
 
         engine = engine_from_settings(
-            self.settings, sink, resource=self._resource(), interpreters=self._interpreters
+            self.settings, sink, resource=self._resource(), interpreters=self.runtime.interpreters
         )
         self.subscribe(engine)
         return engine
@@ -270,7 +268,7 @@ class App:
             resource=dict(self._resource().attributes),
             static_attributes={
                 system: dict(attrs)
-                for system, interp in self._interpreters.items()
+                for system, interp in self.runtime.interpreters.items()
                 if isinstance(attrs := getattr(interp, "span_attributes", None), Mapping)
             },
             parent_cpus=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
@@ -298,8 +296,19 @@ class App:
         return self.runtime.subscriber_errors
 
     @property
+    def broker(self) -> Broker:
+        """Where ``Publish`` effects go and consumers read from."""
+        return self.runtime.broker
+
+    @broker.setter
+    def broker(self, broker: Broker) -> None:
+        if self._started:
+            raise UsageError("the broker must be set before the app starts")
+        self.runtime.broker = broker
+
+    @property
     def interpreters(self) -> dict[str, Interpreter]:
-        return self._interpreters
+        return self.runtime.interpreters
 
     # -- running ------------------------------------------------------------------
 
@@ -318,7 +327,7 @@ class App:
         else:
             db = SqliteInterpreter(target, pool_size=s.db_pool_size, clock=self.clock)
         self._open_on_use = (db,)
-        self._interpreters.setdefault("db", db)
+        self.runtime.interpreters.setdefault("db", db)
         cache: Interpreter
         if s.cache_url:
             from zerver.runtime.interpreters import RedisCacheInterpreter
@@ -330,9 +339,11 @@ class App:
             cache = CacheInterpreter(
                 max_entries=s.cache_max_entries, default_ttl_ms=s.cache_ttl_ms, clock=self.clock
             )
-        self._interpreters.setdefault("cache", cache)
-        self._interpreters.setdefault("http", HttpInterpreter(capture_headers=self._captures))
-        self._interpreters.setdefault("queue", BrokerInterpreter(self.broker))
+        self.runtime.interpreters.setdefault("cache", cache)
+        self.runtime.interpreters.setdefault(
+            "http", HttpInterpreter(capture_headers=self._captures)
+        )
+        self.runtime.interpreters.setdefault("queue", BrokerInterpreter(self.runtime.broker))
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -343,14 +354,14 @@ class App:
         s = self.settings
         started: list[Interpreter] = []
         try:
-            for interp in self._interpreters.values():
+            for interp in self.runtime.interpreters.values():
                 if not any(interp is lazy for lazy in self._open_on_use):
                     await interp.start()
                 # Closed in any case: a default may have opened itself meanwhile.
                 started.append(interp)
             jobs = JobSystem(
                 self.clock,
-                self._interpreters,
+                self.runtime.interpreters,
                 effects_queue=s.queue_name_effects,
                 cont_queue=s.queue_name_cont,
                 effects_capacity=s.queue_capacity_effects,

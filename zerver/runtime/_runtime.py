@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import structlog
 
 from zerver.core._clock import Clock
-from zerver.core._errors import UsageError
 from zerver.trace._propagation import propagation_fields
 from zerver.trace._records import RequestRecord, Subscriber
 
@@ -95,10 +94,3 @@ class Runtime:
             finally:
                 self.executor = None
                 self.jobs = None
-
-    def require_executor(self) -> Executor:
-        """The running executor; a clear error when the runtime is not running."""
-        executor = self.executor
-        if executor is None:
-            raise UsageError("the app is not running; use `async with app.lifespan():`")
-        return executor
