@@ -9,21 +9,31 @@ differ only in ``ZER_VER_ZPAGES``. Two measures:
 * wall clock (default): rounds alternate on and off so drift (CPU frequency,
   other processes) hits both alike; the figure is the per-round ratio on/off,
   with its median and spread. On a shared machine the spread is wide;
-* ``--instructions``: each setting runs in processes of its own under
-  ``valgrind --tool=callgrind``, once with ``n`` and once with ``2 n`` requests;
-  the difference divided by ``n`` is the instructions per request, start-up and
-  warm-up cancelling out. Instructions do not move with the machine's load.
-  Slow (several minutes); needs valgrind.
+* ``--instructions``: one process under ``valgrind --tool=callgrind`` runs both
+  apps on a virtual clock (advanced 40 µs a request, about what one takes at
+  native speed, so tracez keeps samples as often as it would: one per bucket
+  per 10 ms), warms them up and freezes the heap start-up made (the
+  collector's full passes then walk only what the requests leave); then rounds
+  of ``n`` requests alternate the settings, for the mix above and for the blog
+  page alone, each round between two ``callgrind_control --dump`` calls (what
+  a dump itself costs is measured by empty rounds and taken off). Printed:
+  instructions per request by setting (median, min, max over rounds) and the
+  difference on - off per round. Instructions do not move with the machine's
+  load; what still moves them is when the collector runs, hence the rounds.
+  Slow (about ten minutes for ``--n 300 --rounds 6``); needs valgrind.
 
 The cost of answering the summary page after the run is shown too (it folds
 what the requests appended).
 
-Run: ``python loadtest/bench_tracez.py [--n 20000] [--rounds 9] [--instructions]``.
+Run: ``python loadtest/bench_tracez.py [--n 20000] [--rounds 9] [--instructions]``
+(with ``--instructions``, ``--n 300 --rounds 6`` is plenty).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import re
 import statistics
 import subprocess
@@ -38,6 +48,7 @@ import anyio
 from zerver import (
     App,
     CacheGet,
+    Clock,
     Context,
     DbGet,
     Done,
@@ -47,6 +58,7 @@ from zerver import (
     Request,
     Response,
     Slot,
+    VirtualClock,
     load_settings,
     step,
 )
@@ -83,18 +95,14 @@ def healthz(ctx: Context) -> Done:
     return Done(Response.json({"ok": True}))
 
 
-#: tracez's sample interval (``--sample-interval-ms``); None: its default (10 ms).
-_INTERVAL_NS: list[int] = []
-
-
-def _app(zpages: bool) -> App:
+def _app(zpages: bool, clock: Clock | None = None) -> App:
     # A count window for the route p95 (not the default 60 s): the promoter's work per
     # request then does not depend on how fast the requests go (under callgrind, slowly).
     env = {
         "ZER_VER_ZPAGES": "on" if zpages else "off",
         "ZER_VER_METRICS_VIEW_ROUTE_P95_WINDOW": "1000",
     }
-    app = App("bench", settings=load_settings(env))
+    app = App("bench", settings=load_settings(env), clock=clock)
     fake = FakeInterpreter(app.clock)
     fake.on("db.get blog_post", result={"title": "t"}, parks=[("io_wait", 0.0, "sqlite")])
     fake.on("cache.get author_profile", result={"name": "a"}, note={"cache.hit": True})
@@ -103,30 +111,35 @@ def _app(zpages: bool) -> App:
     app.get("/blogs/posts/{id}", load)
     app.get("/healthz", healthz)
     app.trace_to(InMemorySpanSink(maxlen=1024))
-    if _INTERVAL_NS and app._zpages is not None:
-        app._zpages.aggregator.sample_interval_ns = _INTERVAL_NS[0]
     return app
 
 
-async def _round(app: App, fake: FakeInterpreter, n: int) -> float:
-    """µs per request over ``n`` requests."""
+async def _round(app: App, fake: FakeInterpreter, n: int) -> tuple[float, float]:
+    """µs per request over ``n`` requests, and the 99th percentile of their latencies."""
     requests = [
         Request.from_target("GET", TARGETS[i % len(TARGETS)], headers=HEADERS, client=CLIENT)
         for i in range(n)
     ]
     dispatch = app.dispatch
-    t0 = time.perf_counter()
+    clock = time.perf_counter
+    took = [0.0] * n
+    t0 = clock()
     for i, req in enumerate(requests):
+        t = clock()
         await dispatch(req)
+        took[i] = clock() - t
         if i % 1000 == 0:
             fake.performed.clear()
-    return (time.perf_counter() - t0) / n * 1e6
+    per_request = (clock() - t0) / n * 1e6
+    took.sort()
+    return per_request, took[int(0.99 * (n - 1))] * 1e6
 
 
 async def run(n: int, rounds: int) -> dict[str, Any]:
     apps = {False: _app(False), True: _app(True)}
     fakes = {k: a.interpreters["db"] for k, a in apps.items()}
     times: dict[bool, list[float]] = {False: [], True: []}
+    p99s: dict[bool, list[float]] = {False: [], True: []}
     async with apps[False].lifespan(), apps[True].lifespan():
         for on in (False, True):  # warm-up
             fake = fakes[on]
@@ -137,28 +150,80 @@ async def run(n: int, rounds: int) -> dict[str, Any]:
             for on in order:
                 fake = fakes[on]
                 assert isinstance(fake, FakeInterpreter)
-                times[on].append(await _round(apps[on], fake, n))
+                per_request, p99 = await _round(apps[on], fake, n)
+                times[on].append(per_request)
+                p99s[on].append(p99)
         page = Request.from_target("GET", "/debug/tracez", headers=HEADERS, client=CLIENT)
         t0 = time.perf_counter()
         resp = await apps[True].dispatch(page)
         page_ms = (time.perf_counter() - t0) * 1e3
         assert resp.status == 200
     ratios = [on / off for on, off in zip(times[True], times[False], strict=True)]
-    return {"off": times[False], "on": times[True], "ratios": ratios, "page_ms": page_ms}
+    return {
+        "off": times[False],
+        "on": times[True],
+        "p99": p99s,
+        "ratios": ratios,
+        "page_ms": page_ms,
+    }
 
 
-async def _counted(on: bool, n: int) -> None:
-    """In a process under callgrind: warm up, then serve ``n`` requests."""
-    app = _app(on)
+#: Traffic for the instruction counts: the mix above, or the blog page alone.
+TRAFFIC = {"mix": TARGETS, "blog": ["/blogs/posts/1", "/blogs/posts/2", "/blogs/posts/3"]}
+#: Virtual time per request in the instruction counts: what a request takes at native
+#: speed, so tracez keeps samples as often as it would (one per bucket per 10 ms).
+_STEP_NS = 40_000
+
+
+def _dump(label: str) -> None:
+    """Ask callgrind to write the instructions counted since the last dump."""
+    subprocess.run(
+        ["callgrind_control", "--dump=" + label, str(os.getpid())],
+        check=True,
+        capture_output=True,
+    )
+
+
+async def _counted(n: int, rounds: int) -> None:
+    """Under callgrind: both apps on a virtual clock, warmed up; the heap that start-up
+    made frozen, so the collector's full passes do not walk it; then rounds alternate
+    the settings (and the traffic), each between two dumps, and empty rounds measure
+    what the dumps themselves cost."""
+    apps = {on: _app(on, VirtualClock()) for on in (False, True)}
+    async with apps[False].lifespan(), apps[True].lifespan():
+        for app in apps.values():
+            for targets in TRAFFIC.values():
+                await _virtual_round(app, targets, 300)
+        gc.collect()
+        gc.freeze()
+        for r in range(rounds):
+            order = (False, True) if r % 2 == 0 else (True, False)
+            for traffic, targets in TRAFFIC.items():
+                for on in order:
+                    _dump("start")
+                    await _virtual_round(apps[on], targets, n)
+                    _dump(f"{'on' if on else 'off'} {traffic}")
+            _dump("start")
+            _dump("empty")
+
+
+async def _virtual_round(app: App, targets: list[str], n: int) -> None:
+    clock = app.clock
+    assert isinstance(clock, VirtualClock)
     fake = app.interpreters["db"]
     assert isinstance(fake, FakeInterpreter)
-    async with app.lifespan():
-        await _round(app, fake, 2000)
-        await _round(app, fake, n)
+    dispatch = app.dispatch
+    for i in range(n):
+        await dispatch(
+            Request.from_target("GET", targets[i % len(targets)], headers=HEADERS, client=CLIENT)
+        )
+        clock.advance(_STEP_NS)
+    fake.performed.clear()
 
 
-def _total_instructions(key: str, n: int) -> int:
-    """Instructions of a whole child process (start-up, warm-up and ``n`` requests)."""
+def instructions(n: int, rounds: int) -> dict[str, list[float]]:
+    """Instructions per request, per round, by ``"<on|off> <traffic>"``: one process
+    under callgrind, rounds alternated, what a dump costs taken off each round."""
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [
@@ -168,29 +233,34 @@ def _total_instructions(key: str, n: int) -> int:
                 sys.executable,
                 __file__,
                 "--child",
-                key,
                 "--n",
                 str(n),
-                *(["--sample-interval-ms", str(_INTERVAL_NS[0] / 1e6)] if _INTERVAL_NS else []),
+                "--rounds",
+                str(rounds),
             ],
             check=True,
             capture_output=True,
             timeout=3600,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
         )
-        text = (Path(tmp) / "cg.out").read_text(errors="replace")
-    m = re.search(r"^totals:\s+(\d+)", text, re.M) or re.search(r"^summary:\s+(\d+)", text, re.M)
-    if m is None:
-        raise RuntimeError("callgrind wrote no totals")
-    return int(m.group(1))
-
-
-def instructions(n: int) -> dict[str, float]:
-    """Instructions per request with the pages off and on: each setting runs twice,
-    with ``n`` and ``2 n`` measured requests, and the difference is divided by ``n``,
-    so start-up and warm-up cancel out."""
+        counts: dict[str, list[int]] = {}
+        for path in Path(tmp).glob("cg.out.*"):
+            text = path.read_text(errors="replace")
+            label = re.search(
+                r"^desc: Trigger: Client Request: (.*)$|^desc: Trigger: (.*)$", text, re.M
+            )
+            total = re.search(r"^totals:\s+(\d+)", text, re.M)
+            if label is None or total is None:
+                continue
+            name = (label.group(1) or label.group(2)).removeprefix("dump ")
+            counts.setdefault(name, []).append(int(total.group(1)))
+    if "empty" not in counts:
+        raise RuntimeError(f"callgrind wrote no dumps: {sorted(counts)}")
+    overhead = statistics.median(counts["empty"])
     return {
-        key: (_total_instructions(key, 2 * n) - _total_instructions(key, n)) / n
-        for key in ("off", "on")
+        key: [(c - overhead) / n for c in values]
+        for key, values in sorted(counts.items())
+        if key not in ("start", "empty")
     }
 
 
@@ -201,31 +271,36 @@ def main() -> None:
     parser.add_argument(
         "--instructions", action="store_true", help="count instructions under callgrind"
     )
-    parser.add_argument(
-        "--sample-interval-ms",
-        type=float,
-        help="tracez's sample interval (default 10 ms); under callgrind, which runs some "
-        "50-100 times slower, 1000 keeps samples as 10 ms does at native speed",
-    )
-    parser.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.sample_interval_ms is not None:
-        _INTERVAL_NS.append(int(args.sample_interval_ms * 1e6))
-    if args.child is not None:
-        anyio.run(_counted, args.child == "on", args.n)
+    if args.child:
+        anyio.run(_counted, args.n, args.rounds)
         return
     if args.instructions:
-        counts = instructions(args.n)
-        print(f"zpages off: {counts['off']:,.0f} instructions/request ({args.n} requests)")
-        print(f"zpages on : {counts['on']:,.0f} instructions/request ({args.n} requests)")
-        print(f"ratio on/off: {counts['on'] / counts['off']:.4f} (1.0000 = no difference)")
+        counts = instructions(args.n, args.rounds)
+        for traffic in TRAFFIC:
+            off, on = counts[f"off {traffic}"], counts[f"on {traffic}"]
+            for key, xs in (("off", off), ("on", on)):
+                print(
+                    f"{traffic:4} zpages {key:3}: median {statistics.median(xs):9,.0f} "
+                    f"instructions/request (min {min(xs):,.0f}, max {max(xs):,.0f}; "
+                    f"{len(xs)} rounds of {args.n})"
+                )
+            extra = [b - a for a, b in zip(off, on, strict=True)]
+            print(
+                f"{traffic:4} on - off: median {statistics.median(extra):+,.0f} "
+                f"({statistics.median(extra) / statistics.median(off):+.2%}; "
+                f"min {min(extra):+,.0f}, max {max(extra):+,.0f} per round)"
+            )
         return
     res = anyio.run(run, args.n, args.rounds)
-    for key in ("off", "on"):
+    for key, is_on in (("off", False), ("on", True)):
         xs = res[key]
+        med = statistics.median(xs)
         print(
-            f"zpages {key:3}: median {statistics.median(xs):7.2f} µs/request "
-            f"(min {min(xs):.2f}, max {max(xs):.2f}, {len(xs)} rounds of {args.n})"
+            f"zpages {key:3}: median {med:7.2f} µs/request, {1e6 / med:,.0f} requests/s "
+            f"(min {min(xs):.2f}, max {max(xs):.2f}, {len(xs)} rounds of {args.n}); "
+            f"p99 {statistics.median(res['p99'][is_on]):.1f} µs (median over rounds)"
         )
     r = res["ratios"]
     print(

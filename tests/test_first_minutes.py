@@ -173,6 +173,25 @@ def test_demo_says_traces_go_nowhere_when_export_is_off(cwd: Path) -> None:
     assert said == ["traces go nowhere (OTEL_TRACES_EXPORTER=none)"]
 
 
+def test_the_start_line_names_the_tracez_address_where_the_pages_answer(cwd: Path) -> None:
+    with zerver_process(["demo"], env_for(cwd), cwd) as (proc, port, lines):
+        (line,) = [e["event"] for e in lines if e["event"].startswith("traces go")]
+        # With --port 0 the address is the one the "server started" line gives.
+        assert line.endswith("; tracez at /debug/tracez on this server"), line
+        assert get(port, "/debug/tracez").status == 200
+        stop(proc)
+    quiet = (
+        (["demo"], env_for(cwd, ZER_VER_ZPAGES="off")),
+        (["run", "plain:app"], env_for(cwd)),
+    )
+    for args, env in quiet:
+        with zerver_process(args, env, cwd) as (proc, port, lines):
+            (line,) = [e["event"] for e in lines if e["event"].startswith("traces go")]
+            assert "tracez" not in line, line
+            assert get(port, "/debug/tracez").status == 404
+            stop(proc)
+
+
 def test_run_says_where_otlp_traces_go_and_warns_once_that_no_collector_answers(
     cwd: Path,
 ) -> None:

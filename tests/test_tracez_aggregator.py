@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import types
 from typing import Any
 
 import anyio
@@ -261,3 +262,79 @@ async def test_a_failed_required_effect_is_an_error_of_its_span() -> None:
     assert rows["db.get t"].errors == 1
     (sample,) = agg.samples("db.get t", "error")
     assert sample.job_index == 0 and sample.record.status == resp.status
+
+
+_JOB = st.tuples(
+    st.sampled_from(["db.get t", "cache.get a", "step.render.resume"]),
+    st.sampled_from(["complete", "fail", "cancel", None]),
+    st.booleans(),
+    st.one_of(st.none(), st.integers(0, 10**7)),
+    st.one_of(st.none(), st.integers(0, 10**12)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([("http", "GET", "/a"), ("http", "POST", None), ("consumer", "", "q")]),
+            st.integers(0, 10**12),
+            st.sampled_from([200, 404, 499, 500, 503]),
+            st.booleans(),
+            st.lists(_JOB, max_size=4),
+        ),
+        max_size=40,
+    ),
+    st.integers(1, 17),
+)
+def test_folding_counts_what_span_names_says(records: list[Any], fold_every: int) -> None:
+    """The fold, written for speed, against the readable rule (``span_names``)."""
+    clock = VirtualClock()
+    agg = TracezAggregator(fold_every=fold_every, sample_interval_ns=0)
+    expected: dict[str, list[int]] = {}
+    errors: dict[str, int] = {}
+    for (kind, method, route), duration, status, fault, jobs in records:
+        rec = finished(clock, duration, status=status, route=route or "")
+        rec.kind, rec.method, rec.route, rec.system_fault = kind, method, route, fault
+        for i, (name, outcome, required, enq, took) in enumerate(jobs):
+            j = job(i, outcome, required=required)
+            j.name = name
+            j.enqueue_ts = None if enq is None else rec.start_ts + enq
+            j.end_ts = None if took is None or enq is None else rec.start_ts + enq + took
+            rec.jobs.append(j)
+        for s in span_names(rec):
+            expected.setdefault(s.name, [0] * 9)[latency_bucket(s.duration_ns)] += 1
+            errors[s.name] = errors.get(s.name, 0) + s.error
+        agg.on_request_end(rec)
+    rows = {r.name: r for r in agg.summary()}
+    assert {n: list(r.latency) for n, r in rows.items()} == expected
+    assert {n: r.errors for n, r in rows.items()} == errors
+    assert agg.requests == len(records)
+
+
+def test_registering_a_running_request_is_the_registrys_own_add() -> None:
+    """What a request pays at its start for tracez: a C call, no Python frame."""
+    agg = TracezAggregator()
+    assert isinstance(agg.started, types.BuiltinMethodType)
+    rec = finished(VirtualClock(), 1)
+    agg.started(rec)
+    assert agg.running == 1
+    agg.on_request_end(rec)
+    assert agg.running == 0
+
+
+def test_the_running_bound_is_kept_when_requests_end() -> None:
+    clock = VirtualClock()
+    agg = TracezAggregator(max_running=2)
+    hanging = [finished(clock, 1) for _ in range(4)]
+    for rec in hanging:
+        agg.started(rec)
+    done = finished(clock, 1)
+    agg.started(done)
+    agg.on_request_end(done)
+    assert agg.evicted["running"] == 2 and agg.running == 2
+    # Taken out of the registry, a request still counts when it ends.
+    for rec in hanging:
+        agg.on_request_end(rec)
+    (row,) = agg.summary()
+    assert agg.running == 0 and row.running == 0 and sum(row.latency) == 5

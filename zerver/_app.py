@@ -487,7 +487,8 @@ class App:
         if executor is None:
             raise UsageError("the app is not running; use `async with app.lifespan():`")
         zpages = self._zpages
-        if zpages is not None and zpages.claims(request):
+        # The prefix test first: for the app's own requests it is all tracez costs here.
+        if zpages is not None and request.path.startswith(zpages.prefix) and zpages.claims(request):
             return zpages.serve(request)  # neither traced nor counted
         record = self._start_record(request)
         in_flight = self.active_requests

@@ -446,6 +446,7 @@ class RequestRecord:
         "request_id",
         "response_body_size",
         "route",
+        "sampling_reason",
         "scheme",
         "server_address",
         "server_port",
@@ -505,13 +506,15 @@ class RequestRecord:
         ("jobs", list[JobState]),
         ("slot_writes", list[SlotWrite]),
     )
-    #: The clock, the id source, the OpenTelemetry switch and what runs now.
+    #: The clock, the id source, the OpenTelemetry switch, what runs now and why this
+    #: process's sampler kept the trace.
     LOCAL: ClassVar[tuple[str, ...]] = (
         "clock",
         "current_job",
         "current_step",
         "ids",
         "otel_context",
+        "sampling_reason",
     )
 
     def __init__(self, clock: Clock, ids: random.Random | None = None) -> None:
@@ -523,6 +526,9 @@ class RequestRecord:
         self.parent_span_id = 0
         self.parent_remote = False
         self.trace_flags = 0x01
+        # Why a sampler in this process kept the trace (``zerver.sampling.reason``);
+        # written by the tail sampler when it decides, so tracez can show it.
+        self.sampling_reason: str | None = None
         # Whether steps run with their span as the current OpenTelemetry span.
         self.otel_context = False
         self.start_ts = clock.now_ns()

@@ -340,7 +340,8 @@ class TailSampler:
         return w
 
     def decide(self, record: RequestRecord) -> str | None:
-        """Why ``record`` is kept, or ``None``; then add it to its route's windows."""
+        """Why ``record`` is kept, or ``None`` (left on ``record.sampling_reason`` for
+        tracez too); then add it to its route's windows."""
         w = self.windows(record)
         end = record.end_ts if record.end_ts is not None else record.start_ts
         facts = _Facts(record, end)
@@ -361,6 +362,7 @@ class TailSampler:
                     w.park.add(end, _episode_ms(ep.park_ts, ep.resume_ts, end))
         if reason is not None:
             self.kept[reason] = self.kept.get(reason, 0) + 1
+        record.sampling_reason = reason
         return reason
 
     def _slow_queue(self, facts: _Facts, w: _RouteWindows) -> bool:

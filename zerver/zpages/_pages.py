@@ -40,7 +40,7 @@ from ._access import Allow
 from ._aggregator import BUCKET_LABELS, Sample, TracezAggregator
 
 if TYPE_CHECKING:
-    from zerver._config import Settings
+    from zerver._config import SamplerSpec, Settings
     from zerver.export._spans import Resource
     from zerver.runtime._runtime import Runtime
     from zerver.trace._tracing import TraceEngine
@@ -175,6 +175,7 @@ class ZPages:
 
     def samples(self, name: str, kind: str, bucket: int | None) -> dict[str, Any]:
         found = self.aggregator.samples(name, kind, bucket)
+        sampling = self.sampling()
         return {
             "process": _process(),
             "name": name,
@@ -183,11 +184,27 @@ class ZPages:
             "bucket_label": BUCKET_LABELS[bucket]
             if kind == "latency" and bucket is not None and 0 <= bucket < len(BUCKET_LABELS)
             else None,
-            "samples": [self._sample(s) for s in found],
+            "sampling": sampling.describe(),
+            "samples": [self._sample(s, sampling) for s in found],
         }
 
+    def sampling(self) -> _Sampling:
+        """What this process knows of the sampling decisions (docs/sampling.md)."""
+        from zerver._config import SamplerSpec
+        from zerver.trace._offload import ProcessTraceSubscriber
+        from zerver.trace._tracing import TraceEngine
+
+        tail_here = tail_elsewhere = False
+        for sub in self.runtime.subscribers:
+            if isinstance(sub, TraceEngine) and sub.sampler is not None:
+                tail_here = True
+            elif isinstance(sub, ProcessTraceSubscriber):
+                tail_elsewhere = True
+        spec = self.settings.sampler_spec
+        return _Sampling(spec, spec != SamplerSpec(), tail_here, tail_elsewhere)
+
     @staticmethod
-    def _sample(s: Sample) -> dict[str, Any]:
+    def _sample(s: Sample, sampling: _Sampling) -> dict[str, Any]:
         rec = s.record
         start_ts = rec.start_ts
         if s.job_index is not None:
@@ -203,8 +220,7 @@ class ZPages:
             "route": rec.route,
             "path": rec.path,
             "sampled": bool(rec.trace_flags & 0x01),
-            # Set only when a sampler's reason is kept on the record (none today).
-            "sampling_reason": None,
+            **sampling.of(rec),
         }
 
     def trace(self, trace_id: int) -> dict[str, Any] | None:
@@ -310,10 +326,11 @@ class ZPages:
             )
         # Promoted spans take fresh ids from the record's id source: give the build its
         # own (the same on every view) so the app's stays untouched.
+        reason = self.sampling().of(rec)["sampling_reason"]
         ids = rec.ids
         rec.ids = random.Random(rec.trace_id)
         try:
-            return engine.build(rec)
+            return engine.build(rec, reason)
         finally:
             rec.ids = ids
 
@@ -398,6 +415,101 @@ class ZPages:
 
     def _pipeline_page(self, request: Request) -> Response:
         return self._html(_layout(self.prefix, "pipeline", _pipeline_html(self.pipeline())))
+
+
+class _Sampling:
+    """What the serving process knows of a request's sampling decision.
+
+    The head decision is made here at request start (the record's sampled flag).
+    The tail decision is made where traces are built: in this process, whose
+    sampler leaves its reason on the record, or in the exporter process, whose
+    decision never comes back. So a request the head did not sample has a known
+    fate only when its tail was decided here, or when no tail trigger is set
+    (the head decision is then final).
+
+    ``of(record)`` answers ``sampling_reason`` (the ``zerver.sampling.reason`` the
+    exported root span carries, when known here) and ``sampling_decision``:
+
+    ==============  ==============================================================
+    ``kept``        exported; ``sampling_reason`` says why (``head``, ``tail:...``)
+    ``dropped``     neither head nor tail kept it: no trace was exported
+    ``pending``     running, not head-sampled: the tail decides when it ends
+    ``elsewhere``   not head-sampled; the exporter process's tail sampler decided
+                    (exported with ``tail:<trigger>``, or dropped): not known here
+    ``no_sampler``  no sampler configured: the sampled flag alone decided, and
+                    exported traces carry no reason
+    ==============  ==============================================================
+    """
+
+    __slots__ = ("configured", "spec", "tail_elsewhere", "tail_here")
+
+    def __init__(
+        self, spec: SamplerSpec, configured: bool, tail_here: bool, tail_elsewhere: bool
+    ) -> None:
+        self.spec = spec
+        self.configured = configured  # anything but the default (head:1, no reason)
+        self.tail_here = tail_here
+        # Only records the head did not sample, with triggers that may keep them.
+        self.tail_elsewhere = tail_elsewhere and not tail_here and bool(spec.tail)
+
+    def of(self, rec: RequestRecord) -> dict[str, str | None]:
+        if not self.configured:
+            return {"sampling_reason": None, "sampling_decision": "no_sampler"}
+        if rec.sampling_reason is not None:
+            return {"sampling_reason": rec.sampling_reason, "sampling_decision": "kept"}
+        head = bool(rec.trace_flags & 0x01)
+        if rec.end_ts is None:  # running: only the head has decided
+            if head:
+                return {"sampling_reason": "head", "sampling_decision": "kept"}
+            pending = bool(self.spec.tail) and (self.tail_here or self.tail_elsewhere)
+            return {
+                "sampling_reason": None,
+                "sampling_decision": "pending" if pending else "dropped",
+            }
+        if self.tail_here:  # the sampler here decided, and kept nothing
+            return {"sampling_reason": None, "sampling_decision": "dropped"}
+        if head:
+            return {"sampling_reason": "head", "sampling_decision": "kept"}
+        if self.tail_elsewhere:
+            return {"sampling_reason": None, "sampling_decision": "elsewhere"}
+        return {"sampling_reason": None, "sampling_decision": "dropped"}
+
+    def describe(self) -> dict[str, Any]:
+        spec = self.spec
+        if not self.configured:
+            return {
+                "sampler": None,
+                "tail_decided_in": None,
+                "note": "No sampler is configured: every trace the caller did not refuse is "
+                "sampled, and exported traces carry no zerver.sampling.reason.",
+            }
+        sampler = {
+            "head_ratio": spec.head_ratio,
+            "parent_based": spec.parent_based,
+            "tail": list(spec.tail),
+        }
+        if self.tail_here:
+            where: str | None = "this process"
+            note = (
+                "Head decided at request start, tail at request end, both in this process: "
+                "the reason shown is the exported root span's zerver.sampling.reason."
+            )
+        elif self.tail_elsewhere:
+            where = "exporter process"
+            note = (
+                "Head decided here at request start; the tail is decided in the exporter "
+                "process, and its decision is not known here. A request the head did not "
+                "sample shows 'elsewhere': it was exported with zerver.sampling.reason "
+                "tail:<trigger> if a trigger matched, else dropped."
+            )
+        else:
+            where = None
+            note = (
+                "Head decided here at request start; no tail sampler runs "
+                + ("(no tail triggers), " if not spec.tail else "(trace export is off), ")
+                + "so that decision is final."
+            )
+        return {"sampler": sampler, "tail_decided_in": where, "note": note}
 
 
 def _trace_id(text: str) -> int | None:
@@ -515,7 +627,7 @@ def _samples_html(prefix: str, data: Mapping[str, Any]) -> str:
             f'<td><a class=trace href="{escape(prefix)}/traces/{tid}">{tid}</a></td>'
             f"<td>{escape(s['route'] or '-')}</td><td>{escape(s['path'])}</td>"
             f"<td>{'yes' if s['sampled'] else 'no'}</td>"
-            f"<td>{escape(s['sampling_reason'] or '')}</td>"
+            f"<td>{escape(_reason_text(s))}</td>"
             "</tr>"
         )
     body = "".join(rows) if rows else "<tr><td colspan=8>No samples kept for this cell.</td></tr>"
@@ -524,7 +636,25 @@ def _samples_html(prefix: str, data: Mapping[str, Any]) -> str:
         "<table id=samples><thead><tr><th>Start (UTC)</th><th>Duration</th><th>Status</th>"
         "<th>Trace id</th><th>Route</th><th>Path</th><th>Sampled</th>"
         f"<th>zerver.sampling.reason</th></tr></thead><tbody>{body}</tbody></table>"
+        f"<p class=note id=sampling-note>{escape(data['sampling']['note'])}</p>"
     )
+
+
+_DECISION_TEXT = {
+    "dropped": "dropped: no trace exported",
+    "pending": "pending: the tail decides when it ends",
+    "elsewhere": "not head-sampled; tail decided in the exporter process",
+    "no_sampler": "no sampler",
+}
+
+
+def _reason_text(sample: Mapping[str, Any]) -> str:
+    """The reason column: the reason when known, else what is known of the decision."""
+    reason = sample["sampling_reason"]
+    if reason is not None:
+        return str(reason)
+    decision = str(sample["sampling_decision"])
+    return _DECISION_TEXT.get(decision, decision)
 
 
 def _waterfall_html(prefix: str, data: Mapping[str, Any]) -> str:
