@@ -275,6 +275,28 @@ def test_tracez_address_when_the_pages_are_on() -> None:
     assert tracez_text(load_settings({**on, "ZER_VER_PORT": "0"})) == (
         "tracez at /debug/tracez on this server"
     )
+    assert tracez_text(load_settings({**on, "ZER_VER_HOST": "localhost"})) == (
+        "tracez at http://localhost:9000/debug/tracez"
+    )
+
+
+def test_tracez_address_says_when_the_bound_address_is_refused() -> None:
+    """A browser on this machine that opens a non-loopback bound address connects
+    from that address, which the pages refuse unless the allow-list admits it."""
+    on = {"ZER_VER_ZPAGES": "on", "ZER_VER_PORT": "9000", "ZER_VER_HOST": "10.1.2.3"}
+    line = tracez_text(load_settings(on))
+    assert line == (
+        "tracez at http://10.1.2.3:9000/debug/tracez, served to loopback clients only, "
+        "so a browser reaching 10.1.2.3 is refused (404); to admit it, set "
+        "ZER_VER_ZPAGES_ALLOW=10.1.2.3/32 or the clients' network"
+    )
+    six = tracez_text(load_settings({**on, "ZER_VER_HOST": "fd00::5"}))
+    assert six is not None and "http://[fd00::5]:9000/" in six
+    assert "ZER_VER_ZPAGES_ALLOW=fd00::5/128" in six
+    # Another 127.0.0.0/8 address is not loopback to the pages either.
+    assert "refused" in (tracez_text(load_settings({**on, "ZER_VER_HOST": "127.0.0.2"})) or "")
+    admitted = load_settings({**on, "ZER_VER_ZPAGES_ALLOW": "10.1.0.0/16"})
+    assert tracez_text(admitted) == "tracez at http://10.1.2.3:9000/debug/tracez"
 
 
 # -- 2. no collector: said once, early, with the two fixes -------------------------------

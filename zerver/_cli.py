@@ -358,19 +358,36 @@ def tracez_text(settings: Settings) -> str | None:
     """``tracez at http://host:port/debug/tracez`` when the trace pages are on, else None.
 
     A server bound to every address is reached on loopback, where the pages answer;
-    with ``--port 0`` the port is the one the ``server started`` line names.
+    with ``--port 0`` the port is the one the ``server started`` line names. A server
+    bound to one address that is not loopback is reached from that address even by a
+    browser on this machine, so unless ``ZER_VER_ZPAGES_ALLOW`` admits it, the line
+    says that the pages will refuse it and how to admit it.
     """
     if not settings.zpages:
         return None
+    from zerver.zpages._access import Allow
+
     host = settings.host
+    bound = host.strip("[]")
+    refused = False
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
-    elif ":" in host and not host.startswith("["):
-        host = f"[{host}]"
+    else:
+        refused = bound != "localhost" and not Allow.parse(settings.zpages_allow)(bound)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
     path = settings.zpages_path.rstrip("/") + "/tracez"
-    if settings.port == 0:
-        return f"tracez at {path} on this server"
-    return f"tracez at http://{host}:{settings.port}{path}"
+    where = (
+        f"{path} on this server" if settings.port == 0 else f"http://{host}:{settings.port}{path}"
+    )
+    if refused:
+        width = "128" if ":" in bound else "32"
+        return (
+            f"tracez at {where}, served to loopback clients only, so a browser reaching "
+            f"{bound} is refused (404); to admit it, set ZER_VER_ZPAGES_ALLOW={bound}/{width} "
+            "or the clients' network"
+        )
+    return f"tracez at {where}"
 
 
 def announce_traces(settings: Settings, config: ExportConfig, extra: Sequence[str] = ()) -> str:
