@@ -77,6 +77,19 @@ def test_an_app_without_tracing_loads_no_export_machinery() -> None:
     assert heavy_in(modules) == []
 
 
+def test_an_app_author_s_imports_load_no_settings_machinery() -> None:
+    """The programming model and the runtime's value types load without pydantic:
+    only reading the settings (``App(...)``) needs it."""
+    modules = loaded_after(
+        "from zerver import App, Done, Need, Response, Slot, step; zerver_app = App"
+    )
+    assert sorted(m for m in modules if m.split(".")[0] in ("pydantic", "pydantic_settings")) == []
+    assert "zerver._config" not in modules
+    assert "zerver._specs" in modules  # the trace engine's windows and sampler specs
+    settings = loaded_after("from zerver import App; App('blog')")
+    assert {"pydantic", "zerver._config"} <= settings
+
+
 def test_the_pytest_plugin_imports_nothing_of_the_runtime() -> None:
     modules = loaded_after("import zerver.testing._pytest_plugin")
     assert sorted(m for m in modules if m.startswith("zerver")) == [

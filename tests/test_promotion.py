@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from zerver import JobState, ParkEpisode
-from zerver._config import Window
+from zerver._specs import Window
 from zerver.trace._promotion import MIN_SAMPLES, Promoter, RollingPercentile, durations
 from zerver.trace._tracing import _lifecycle_events
 

@@ -41,7 +41,7 @@ from zerver import (
     load_settings,
     step,
 )
-from zerver._config import Window, parse_sampler
+from zerver._specs import Window, parse_sampler
 from zerver.testing import AppClient, FakeInterpreter, RecordCapture
 from zerver.trace._records import ParkEpisode, RequestRecord
 from zerver.trace._sampling import (

@@ -14,7 +14,7 @@ import pytest
 from demo_process import operator_env, zerver_process
 
 from zerver import App, Context, Done, Fail, Response, VirtualClock, load_settings, step
-from zerver._config import SamplerSpec
+from zerver._specs import SamplerSpec
 from zerver.export._sinks import InMemorySpanSink
 from zerver.testing import AppClient
 from zerver.trace._records import RequestRecord

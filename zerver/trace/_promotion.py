@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from zerver._config import Window
+from zerver._specs import Window
 
 from ._records import JobState
 

@@ -58,7 +58,7 @@ import math
 from array import array
 from collections.abc import Callable, Iterable
 
-from zerver._config import SamplerSpec, Window
+from zerver._specs import SamplerSpec, Window
 
 from ._promotion import MIN_SAMPLES, job_durations
 from ._records import CANCEL, COMPLETE, RequestRecord
@@ -158,7 +158,7 @@ def _bucket(value: float) -> int:
 
 
 class RollingQuantile:
-    """Percentiles over a rolling window (:class:`~zerver._config.Window`) of samples.
+    """Percentiles over a rolling window (:class:`~zerver._specs.Window`) of samples.
 
     The window keeps the last ``window.count`` samples, or those of the last
     ``window.seconds`` but never more than ``window.max_samples``. Memory is

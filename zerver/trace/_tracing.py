@@ -28,7 +28,8 @@ import uuid
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from zerver._config import SamplerSpec, Settings
+from zerver._config import Settings
+from zerver._specs import SamplerSpec
 from zerver._version import __version__
 from zerver.core._effects import effect_span_attributes
 from zerver.export._sinks import SpanSink

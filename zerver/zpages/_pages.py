@@ -40,7 +40,8 @@ from ._access import Allow
 from ._aggregator import BUCKET_LABELS, Sample, TracezAggregator
 
 if TYPE_CHECKING:
-    from zerver._config import SamplerSpec, Settings
+    from zerver._config import Settings
+    from zerver._specs import SamplerSpec
     from zerver.export._spans import Resource
     from zerver.runtime._runtime import Runtime
     from zerver.trace._tracing import TraceEngine
@@ -190,7 +191,7 @@ class ZPages:
 
     def sampling(self) -> _Sampling:
         """What this process knows of the sampling decisions (docs/sampling.md)."""
-        from zerver._config import SamplerSpec
+        from zerver._specs import SamplerSpec
         from zerver.trace._offload import ProcessTraceSubscriber
         from zerver.trace._tracing import TraceEngine
 
