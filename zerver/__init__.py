@@ -56,6 +56,7 @@ if _TYPE_CHECKING:
     from zerver.export._sinks import ConsoleSpanSink as ConsoleSpanSink
     from zerver.export._sinks import InMemorySpanSink as InMemorySpanSink
     from zerver.export._sinks import PipelineSink as PipelineSink
+    from zerver.export._sinks import SpanSink as SpanSink
     from zerver.export._spans import InstrumentationScope as InstrumentationScope
     from zerver.export._spans import Resource as Resource
     from zerver.export._spans import SpanData as SpanData
@@ -77,10 +78,10 @@ if _TYPE_CHECKING:
     from zerver.runtime._park import Interpreter as Interpreter
     from zerver.runtime._park import JobContext as JobContext
     from zerver.runtime._park import RateLimiter as RateLimiter
-    from zerver.runtime.interpreters import CacheInterpreter as CacheInterpreter
-    from zerver.runtime.interpreters import CacheStats as CacheStats
-    from zerver.runtime.interpreters import HttpInterpreter as HttpInterpreter
-    from zerver.runtime.interpreters import SqliteInterpreter as SqliteInterpreter
+    from zerver.runtime.interpreters._cache import CacheInterpreter as CacheInterpreter
+    from zerver.runtime.interpreters._cache import CacheStats as CacheStats
+    from zerver.runtime.interpreters._httpclient import HttpInterpreter as HttpInterpreter
+    from zerver.runtime.interpreters._sqlite import SqliteInterpreter as SqliteInterpreter
     from zerver.trace._logging import AccessLog as AccessLog
     from zerver.trace._logging import add_trace_context as add_trace_context
     from zerver.trace._logging import configure_logging as configure_logging
@@ -96,7 +97,6 @@ if _TYPE_CHECKING:
     from zerver.trace._records import SlotWrite as SlotWrite
     from zerver.trace._records import StepRecord as StepRecord
     from zerver.trace._records import Subscriber as Subscriber
-    from zerver.trace._tracing import SpanSink as SpanSink
     from zerver.trace._tracing import TraceEngine as TraceEngine
 
     from ._app import App as App
@@ -203,9 +203,9 @@ _LAZY = {
     "BrokerInterpreter": ".runtime._messaging",
     "CacheDel": ".core._effects",
     "CacheGet": ".core._effects",
-    "CacheInterpreter": ".runtime.interpreters",
+    "CacheInterpreter": ".runtime.interpreters._cache",
     "CacheSet": ".core._effects",
-    "CacheStats": ".runtime.interpreters",
+    "CacheStats": ".runtime.interpreters._cache",
     "Clock": ".core._clock",
     "ConcurrencyLimiter": ".runtime._park",
     "ConfigError": ".core._errors",
@@ -225,7 +225,7 @@ _LAZY = {
     "Fail": ".core._decisions",
     "HttpDelete": ".core._effects",
     "HttpGet": ".core._effects",
-    "HttpInterpreter": ".runtime.interpreters",
+    "HttpInterpreter": ".runtime.interpreters._httpclient",
     "HttpPost": ".core._effects",
     "HttpPut": ".core._effects",
     "HttpResult": ".core._effects",
@@ -266,8 +266,8 @@ _LAZY = {
     "SpanEvent": ".export._spans",
     "SpanKind": ".export._spans",
     "SpanLink": ".export._spans",
-    "SpanSink": ".trace._tracing",
-    "SqliteInterpreter": ".runtime.interpreters",
+    "SpanSink": ".export._sinks",
+    "SqliteInterpreter": ".runtime.interpreters._sqlite",
     "StatusCode": ".export._spans",
     "Step": ".core._steps",
     "StepRecord": ".trace._records",

@@ -4,8 +4,16 @@ A public package lists each of its names with the private module that defines
 it and calls :func:`install`. ``zerver.App`` (or ``from zerver import App``)
 then imports ``zerver._app`` the first time the name is used and keeps the
 object in the package's namespace, so later uses are plain attribute reads.
-The objects themselves are unchanged (``zerver.App.__module__`` is still
-``"zerver._app"``).
+Public classes and functions report their public home, as anyio's do:
+``zerver.App.__module__ == "zerver"``, ``zerver.export.ExportPipeline.__module__
+== "zerver.export"``. The table is the one declaration of that home: when a
+defining module is executed (by whatever import comes first, a private one
+included), its public objects are renamed before anyone else sees them, so the
+answer does not depend on the order of imports. A name two packages list
+belongs to the package installed first (``zerver`` before its subpackages).
+The price is the one anyio pays: tools that find source through
+``__module__`` (``inspect.getsource`` of a class) look in the package's
+``__init__``.
 
 Rules this module keeps:
 
@@ -19,8 +27,11 @@ Rules this module keeps:
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -32,6 +43,65 @@ _namespace: Any = vars(ModuleType)["__dict__"]
 
 # Package name → {public name: module that defines it, relative to the package}.
 _TABLES: dict[str, Mapping[str, str]] = {}
+
+# Defining module (absolute) → {public name: its public package}, first claim wins.
+_HOMES: dict[str, dict[str, str]] = {}
+
+
+def _claim(module: ModuleType, homes: Mapping[str, str]) -> None:
+    """Give the public classes and functions ``module`` defines their public home."""
+    defined_in = module.__name__
+    for name, package in homes.items():
+        obj = module.__dict__.get(name)
+        if (
+            (isinstance(obj, type) or (callable(obj) and hasattr(obj, "__code__")))
+            and getattr(obj, "__module__", None) == defined_in
+            and obj.__name__ == name
+        ):
+            obj.__module__ = package
+
+
+class _ClaimingLoader(importlib.abc.Loader):
+    """The defining module's own loader, plus :func:`_claim` once it has run."""
+
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self._inner = inner
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._inner.exec_module(module)
+        _claim(module, _HOMES.get(module.__name__, {}))
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, ...
+        return getattr(self._inner, name)
+
+
+class _ClaimingFinder(importlib.abc.MetaPathFinder):
+    """First on ``sys.meta_path``: finds nothing itself; for a defining module it asks
+    the finders after it and wraps the loader they give."""
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in _HOMES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _ClaimingLoader(spec.loader)
+                return spec
+        return None
+
+
+_FINDER = _ClaimingFinder()
 
 
 class _LazyPackage(ModuleType):
@@ -54,6 +124,13 @@ def install(
     module = sys.modules[package]
     ns: dict[str, Any] = _namespace.__get__(module, type(module))
     _TABLES[package] = names
+    for name, source in names.items():
+        defined_in = importlib.util.resolve_name(source, package)
+        _HOMES.setdefault(defined_in, {}).setdefault(name, package)
+        if defined_in in sys.modules:  # already run: claim now
+            _claim(sys.modules[defined_in], {name: _HOMES[defined_in][name]})
+    if _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
 
     def getattr_(name: str) -> Any:
         source = names.get(name)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 from zerver._lazy import install as _install
 
 if _TYPE_CHECKING:
+    from zerver.core._clock import TokenBucket as TokenBucket
+
     from ._base import BatchExporter as BatchExporter
     from ._base import BodyTransport as BodyTransport
     from ._base import DropReason as DropReason
@@ -58,7 +60,6 @@ if _TYPE_CHECKING:
     from ._resilience import ResilienceBuilder as ResilienceBuilder
     from ._resilience import RetryingExporter as RetryingExporter
     from ._resilience import RetryPolicy as RetryPolicy
-    from ._resilience import TokenBucket as TokenBucket
     from ._simple import ConsoleExporter as ConsoleExporter
     from ._simple import FanOutExporter as FanOutExporter
     from ._simple import InMemoryExporter as InMemoryExporter
@@ -160,7 +161,7 @@ _LAZY = {
     "SpoolItem": "._spool",
     "SpoolStats": "._spool",
     "Timer": "._base",
-    "TokenBucket": "._resilience",
+    "TokenBucket": "zerver.core._clock",
     "ZerverSpanExporter": "._otel",
     "ZerverSpanProcessor": "._otel",
     "attributes_of": "._receiver",
