@@ -56,7 +56,9 @@ def job_durations(job: JobState, end_fallback: int) -> tuple[float, float, float
     if enq is None:
         enq = take if take is not None else end
     # Conditionals, not min()/max(): on CPython 3.11 each builtin call costs ~0.14 µs,
-    # a third of this function, and it runs for every job of every request.
+    # a third of this function, and it runs for every job of every request. A
+    # CPython 3.11 speed-up: re-measure with loadtest/bench_trace.py on a newer oldest
+    # supported Python and use the builtins once they cost no more.
     # A job never taken (cancelled while queued, refused by a full queue) spent
     # all its time queued: the phases it never reached count 0.
     if take is None:
@@ -207,7 +209,8 @@ class Promoter:
         if self.debug:
             return 0.0, 0.0
         # min(threshold, max(p95_min, p95)), written as conditionals (cheaper than the
-        # builtins on CPython 3.11); a property test holds it to the rule.
+        # builtins on CPython 3.11, as in job_durations; the same test decides when it
+        # can go); a property test holds it to the rule.
         p95_min = self.p95_min_ms
         queue = stats.queue.value
         if queue < p95_min:

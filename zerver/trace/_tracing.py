@@ -67,7 +67,9 @@ __all__ = ["SpanSink", "TraceEngine", "default_resource", "engine_from_settings"
 _JOB_END_EVENTS = frozenset({"zerver.job.completed", "zerver.job.failed"})
 _new = object.__new__
 # Status and kind values as module constants: a class attribute load is not
-# specialised on CPython 3.11 and costs a type lookup each time.
+# specialised on CPython 3.11 and costs a type lookup each time, for every span
+# built. A CPython 3.11 speed-up: re-measure with loadtest/bench_trace.py when the
+# oldest supported Python specialises these loads, and go back to the enum names.
 _UNSET, _OK, _ERROR = StatusCode.UNSET, StatusCode.OK, StatusCode.ERROR
 _INTERNAL, _SERVER, _CLIENT = SpanKind.INTERNAL, SpanKind.SERVER, SpanKind.CLIENT
 _PRODUCER, _CONSUMER = SpanKind.PRODUCER, SpanKind.CONSUMER
