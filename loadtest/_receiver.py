@@ -32,8 +32,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from zerver import SpanKind
-from zerver.export import OtlpReceiver, ReceivedRequest, Reply
+from zerver.export import OtlpReceiver, ReceivedRequest, Reply, SpanKind
 from zerver.export._metrics_exporter import metrics_from_json
 
 __all__ = [

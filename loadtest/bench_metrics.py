@@ -28,7 +28,8 @@ from opentelemetry.sdk.metrics import MeterProvider, TraceBasedExemplarFilter
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from loadtest.bench_trace import bench_build, record_happy_paths
-from zerver import RecordMetrics, RequestRecord
+from zerver import RecordMetrics
+from zerver.trace import RequestRecord
 from zerver.trace._aggregate import Aggregator
 from zerver.trace._offload import pack_record, unpack_record
 

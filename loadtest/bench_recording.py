@@ -36,13 +36,13 @@ from zerver import (
     MonotonicClock,
     Need,
     Request,
-    RequestRecord,
     Response,
     Slot,
     load_settings,
     step,
 )
 from zerver.testing import FakeInterpreter, RecordCapture
+from zerver.trace import RequestRecord
 from zerver.trace._records import RECORD_CLASSES
 
 POST: Slot[Any] = Slot("post")

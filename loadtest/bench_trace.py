@@ -31,11 +31,12 @@ import time
 import anyio
 from opentelemetry.sdk.trace import TracerProvider
 
-from zerver import RequestRecord, VirtualClock, load_settings
+from zerver import VirtualClock, load_settings
 from zerver.demo import SEED_AUTHORS, SEED_POSTS, create_app
 from zerver.export._sinks import InMemorySpanSink
 from zerver.export._spans import SpanData
 from zerver.testing import AppClient, FakeInterpreter, RecordCapture
+from zerver.trace import RequestRecord
 from zerver.trace._tracing import TraceEngine
 
 IO_WAIT_MS = 1.2

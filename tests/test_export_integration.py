@@ -10,12 +10,13 @@ import httpx
 import pytest
 from demo_process import demo_process
 
-from zerver import ConfigError, Context, Done, Response, TraceEngine, load_settings, step
+from zerver import ConfigError, Context, Done, Response, load_settings, step
 from zerver._telemetry import setup_tracing
 from zerver.demo import create_app
 from zerver.export import OtlpReceiver
 from zerver.export._sinks import PipelineSink
 from zerver.testing import AppClient
+from zerver.trace import TraceEngine
 
 pytestmark = pytest.mark.anyio
 

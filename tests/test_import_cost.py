@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ import pytest
 import zerver
 import zerver.export
 import zerver.testing
+import zerver.trace
 
 # Loaded only when tracing or export starts (or an http effect makes a client).
 HEAVY = (
@@ -128,7 +130,7 @@ def test_tracing_loads_the_sdk_and_the_pipeline_when_it_starts() -> None:
 # -- the public surface is unchanged -------------------------------------------------
 
 
-@pytest.mark.parametrize("package", [zerver, zerver.export, zerver.testing])
+@pytest.mark.parametrize("package", [zerver, zerver.export, zerver.testing, zerver.trace])
 def test_every_public_name_resolves_and_is_listed(package: ModuleType) -> None:
     names = package.__all__
     assert set(names) <= set(dir(package))
@@ -149,7 +151,7 @@ def test_public_objects_are_the_defining_modules_objects() -> None:
     assert zerver.testing.AppClient is AppClient
 
 
-@pytest.mark.parametrize("package", [zerver, zerver.export, zerver.testing])
+@pytest.mark.parametrize("package", [zerver, zerver.export, zerver.testing, zerver.trace])
 def test_public_classes_and_functions_report_their_public_module(package: ModuleType) -> None:
     for name in package.__all__:
         obj = getattr(package, name)
@@ -182,7 +184,7 @@ def test_the_public_module_does_not_depend_on_the_order_of_imports() -> None:
     )
 
 
-@pytest.mark.parametrize("package", [zerver, zerver.export, zerver.testing])
+@pytest.mark.parametrize("package", [zerver, zerver.export, zerver.testing, zerver.trace])
 def test_an_unknown_name_is_an_attribute_error(package: ModuleType) -> None:
     name = package.__name__
     with pytest.raises(AttributeError, match=f"^module '{name}' has no attribute 'NoSuchName'$"):
@@ -200,3 +202,32 @@ def test_vars_lists_every_public_name_even_before_first_use() -> None:
         """
     )
     assert "zerver._app" in modules
+
+
+def test_record_internals_and_the_span_model_live_in_their_subpackages() -> None:
+    """zerver's own surface is what an app author uses; the records a subscriber
+    reads are zerver.trace's, the span model zerver.export's."""
+    from zerver.trace._records import RequestRecord
+
+    assert zerver.trace.RequestRecord is RequestRecord
+    assert RequestRecord.__module__ == "zerver.trace"
+    assert zerver.export.SpanData.__module__ == "zerver.export"
+    for gone in ("RequestRecord", "Subscriber", "durations", "TraceEngine", "SpanData"):
+        assert gone not in zerver.__all__ and gone not in dir(zerver)
+
+
+@pytest.mark.parametrize(
+    ("name", "home"),
+    [
+        ("RequestRecord", "zerver.trace"),
+        ("durations", "zerver.trace"),
+        ("SpanKind", "zerver.export"),
+    ],
+)
+def test_a_moved_name_still_answers_with_a_warning(name: str, home: str) -> None:
+    message = f"zerver.{name} moved: import it from {home} (from {home} import {name})"
+    with pytest.warns(DeprecationWarning, match=re.escape(message)):
+        value = getattr(zerver, name)
+    assert value is getattr(sys.modules[home], name)
+    with pytest.warns(DeprecationWarning, match=re.escape(message)):
+        exec(f"from zerver import {name}", {})

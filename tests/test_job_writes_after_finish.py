@@ -161,7 +161,8 @@ async def test_spans_of_cancelled_jobs_end_within_their_step() -> None:
 def test_a_long_never_taken_wait_is_queue_wait_and_is_promoted() -> None:
     """One rule (docs/jobs.md): a job cancelled while queued waited on the queue
     until it ended, and that wait is promoted like any other."""
-    from zerver import RequestRecord, TraceEngine, VirtualClock, durations
+    from zerver import VirtualClock
+    from zerver.trace import RequestRecord, TraceEngine, durations
     from zerver.trace._records import JobState, StepRecord
 
     clock = VirtualClock()

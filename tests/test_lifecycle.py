@@ -15,7 +15,6 @@ from zerver import (
     DbGet,
     DbPut,
     Done,
-    JobState,
     Join,
     Need,
     Request,
@@ -26,6 +25,7 @@ from zerver import (
 )
 from zerver.runtime.interpreters import SqliteInterpreter
 from zerver.testing import AppClient, FakeInterpreter, RecordCapture
+from zerver.trace import JobState
 
 pytestmark = pytest.mark.anyio
 

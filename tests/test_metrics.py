@@ -19,20 +19,10 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.sdk.metrics import MeterProvider, TraceBasedExemplarFilter
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
 
-from zerver import (
-    CacheGet,
-    ConfigError,
-    DbGet,
-    JobState,
-    ParkEpisode,
-    RecordMetrics,
-    RequestRecord,
-    RetryRecord,
-    StepRecord,
-    VirtualClock,
-)
+from zerver import CacheGet, ConfigError, DbGet, RecordMetrics, VirtualClock
 from zerver.export import MetricsExportConfig, OtlpMetricExporter, meter_provider
 from zerver.export._metrics_exporter import encode_metrics, metrics_from_json, metrics_json
+from zerver.trace import JobState, ParkEpisode, RequestRecord, RetryRecord, StepRecord
 from zerver.trace._aggregate import Aggregator
 from zerver.trace._metrics import (
     HTTP_DURATION_BUCKETS,

@@ -16,11 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import receiver_env
 
-from zerver import App, RequestRecord, SpanData, TraceEngine, load_settings
+from zerver import App, load_settings
 from zerver.demo import create_app
 from zerver.demo._scenarios import SCENARIOS
-from zerver.export import OtlpReceiver
+from zerver.export import OtlpReceiver, SpanData
 from zerver.testing import AppClient, InMemorySpanSink, RecordCapture, normalise
+from zerver.trace import RequestRecord, TraceEngine
 from zerver.trace._offload import ProcessTraceSubscriber, pack_record, unpack_record
 
 pytestmark = pytest.mark.anyio

@@ -18,13 +18,9 @@ from zerver import (
     ConcurrencyLimiter,
     ConsoleSpanSink,
     InMemorySpanSink,
-    InstrumentationScope,
     JobContext,
-    JobState,
     RateLimiter,
-    Resource,
     RetryPolicy,
-    SpanData,
     SpanSink,
     VirtualClock,
 )
@@ -33,10 +29,14 @@ from zerver.export import (
     ExportContext,
     ExportPipeline,
     ExportStatus,
+    InstrumentationScope,
+    Resource,
     RetryingExporter,
+    SpanData,
 )
 from zerver.export._resilience import EXPORT_RETRY
 from zerver.export._sinks import _SpanStore, format_tree
+from zerver.trace import JobState
 
 pytestmark = pytest.mark.anyio
 

@@ -7,8 +7,8 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zerver import JobState, ParkEpisode
 from zerver._specs import Window
+from zerver.trace import JobState, ParkEpisode
 from zerver.trace._promotion import MIN_SAMPLES, Promoter, RollingPercentile, durations
 from zerver.trace._tracing import _lifecycle_events
 

@@ -17,19 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zerver import (
-    CacheGet,
-    DbGet,
-    DbPut,
-    DbQuery,
-    Effect,
-    HttpGet,
-    HttpPost,
-    Publish,
-    RequestRecord,
-    VirtualClock,
-)
+from zerver import CacheGet, DbGet, DbPut, DbQuery, Effect, HttpGet, HttpPost, Publish, VirtualClock
 from zerver.export._spans import AttrValue
+from zerver.trace import RequestRecord
 from zerver.trace._offload import PACK_SCHEMA, codec_source, pack_record, unpack_record
 from zerver.trace._records import RECORD_CLASSES, JobState, Record
 

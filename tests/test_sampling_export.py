@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from support import receiver_env
 
-from zerver import App, Context, Decision, Done, Response, SpanData, load_settings, step
-from zerver.export import OtlpReceiver
+from zerver import App, Context, Decision, Done, Response, load_settings, step
+from zerver.export import OtlpReceiver, SpanData
 from zerver.testing import AppClient, InMemorySpanSink
 from zerver.trace._offload import ProcessTraceSubscriber
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zerver import RequestRecord, VirtualClock
+from zerver import VirtualClock
+from zerver.trace import RequestRecord
 from zerver.trace._semconv import MODES, SERVER_ROWS, SemConv
 
 # Few values per shape fact, so records often share a shape (and a template);

@@ -16,18 +16,16 @@ from zerver import (
     Done,
     EffectError,
     Fail,
-    JobState,
     Need,
-    RequestRecord,
     Response,
     Slot,
-    StepRecord,
     VirtualClock,
     load_settings,
     step,
 )
 from zerver.export._spans import SpanData, SpanEvent, SpanKind, StatusCode
 from zerver.testing import AppClient, FakeInterpreter, InMemorySpanSink
+from zerver.trace import JobState, RequestRecord, StepRecord
 from zerver.trace._tracing import TraceEngine, default_resource
 
 pytestmark = pytest.mark.anyio

@@ -57,13 +57,6 @@ if _TYPE_CHECKING:
     from zerver.export._sinks import InMemorySpanSink as InMemorySpanSink
     from zerver.export._sinks import PipelineSink as PipelineSink
     from zerver.export._sinks import SpanSink as SpanSink
-    from zerver.export._spans import InstrumentationScope as InstrumentationScope
-    from zerver.export._spans import Resource as Resource
-    from zerver.export._spans import SpanData as SpanData
-    from zerver.export._spans import SpanEvent as SpanEvent
-    from zerver.export._spans import SpanKind as SpanKind
-    from zerver.export._spans import SpanLink as SpanLink
-    from zerver.export._spans import StatusCode as StatusCode
     from zerver.http._server import ServerApp as ServerApp
     from zerver.http._server import ServerConfig as ServerConfig
     from zerver.http._server import run as run
@@ -86,18 +79,6 @@ if _TYPE_CHECKING:
     from zerver.trace._logging import add_trace_context as add_trace_context
     from zerver.trace._logging import configure_logging as configure_logging
     from zerver.trace._metrics import RecordMetrics as RecordMetrics
-    from zerver.trace._offload import ProcessTraceSubscriber as ProcessTraceSubscriber
-    from zerver.trace._promotion import JobDurations as JobDurations
-    from zerver.trace._promotion import durations as durations
-    from zerver.trace._records import JobState as JobState
-    from zerver.trace._records import NeedRecord as NeedRecord
-    from zerver.trace._records import ParkEpisode as ParkEpisode
-    from zerver.trace._records import RequestRecord as RequestRecord
-    from zerver.trace._records import RetryRecord as RetryRecord
-    from zerver.trace._records import SlotWrite as SlotWrite
-    from zerver.trace._records import StepRecord as StepRecord
-    from zerver.trace._records import Subscriber as Subscriber
-    from zerver.trace._tracing import TraceEngine as TraceEngine
 
     from ._app import App as App
     from ._config import Settings as Settings
@@ -138,11 +119,8 @@ __all__ = [
     "HttpPut",
     "HttpResult",
     "InMemorySpanSink",
-    "InstrumentationScope",
     "Interpreter",
     "JobContext",
-    "JobDurations",
-    "JobState",
     "Join",
     "MemoryBroker",
     "Message",
@@ -150,37 +128,22 @@ __all__ = [
     "Mode",
     "MonotonicClock",
     "Need",
-    "NeedRecord",
-    "ParkEpisode",
     "PeerError",
     "PipelineSink",
-    "ProcessTraceSubscriber",
     "Publish",
     "QueueFullError",
     "RateLimiter",
     "RecordMetrics",
     "Request",
-    "RequestRecord",
-    "Resource",
     "Response",
     "RetryPolicy",
-    "RetryRecord",
     "ServerApp",
     "ServerConfig",
     "Settings",
     "Slot",
-    "SlotWrite",
-    "SpanData",
-    "SpanEvent",
-    "SpanKind",
-    "SpanLink",
     "SpanSink",
     "SqliteInterpreter",
-    "StatusCode",
     "Step",
-    "StepRecord",
-    "Subscriber",
-    "TraceEngine",
     "UnsupportedEffectError",
     "UsageError",
     "VirtualClock",
@@ -188,7 +151,6 @@ __all__ = [
     "__version__",
     "add_trace_context",
     "configure_logging",
-    "durations",
     "load_settings",
     "run",
     "serve",
@@ -230,11 +192,8 @@ _LAZY = {
     "HttpPut": ".core._effects",
     "HttpResult": ".core._effects",
     "InMemorySpanSink": ".export._sinks",
-    "InstrumentationScope": ".export._spans",
     "Interpreter": ".runtime._park",
     "JobContext": ".runtime._park",
-    "JobDurations": ".trace._promotion",
-    "JobState": ".trace._records",
     "Join": ".core._decisions",
     "MemoryBroker": ".runtime._messaging",
     "Message": ".core._message",
@@ -242,44 +201,28 @@ _LAZY = {
     "Mode": ".core._decisions",
     "MonotonicClock": ".core._clock",
     "Need": ".core._decisions",
-    "NeedRecord": ".trace._records",
-    "ParkEpisode": ".trace._records",
     "PeerError": ".core._errors",
     "PipelineSink": ".export._sinks",
-    "ProcessTraceSubscriber": ".trace._offload",
     "RecordMetrics": ".trace._metrics",
     "Publish": ".runtime._messaging",
     "QueueFullError": ".core._errors",
     "RateLimiter": ".runtime._park",
     "Request": ".core._http",
-    "RequestRecord": ".trace._records",
-    "Resource": ".export._spans",
     "Response": ".core._http",
     "RetryPolicy": ".core._effects",
-    "RetryRecord": ".trace._records",
     "ServerApp": ".http._server",
     "ServerConfig": ".http._server",
     "Settings": "._config",
     "Slot": ".core._slots",
-    "SlotWrite": ".trace._records",
-    "SpanData": ".export._spans",
-    "SpanEvent": ".export._spans",
-    "SpanKind": ".export._spans",
-    "SpanLink": ".export._spans",
     "SpanSink": ".export._sinks",
     "SqliteInterpreter": ".runtime.interpreters._sqlite",
-    "StatusCode": ".export._spans",
     "Step": ".core._steps",
-    "StepRecord": ".trace._records",
-    "Subscriber": ".trace._records",
-    "TraceEngine": ".trace._tracing",
     "UnsupportedEffectError": ".core._errors",
     "UsageError": ".core._errors",
     "VirtualClock": ".core._clock",
     "ZerverError": ".core._errors",
     "add_trace_context": ".trace._logging",
     "configure_logging": ".trace._logging",
-    "durations": ".trace._promotion",
     "load_settings": "._config",
     "run": ".http._server",
     "serve": ".http._server",
@@ -287,5 +230,28 @@ _LAZY = {
     "step": ".core._steps",
 }
 
+# Names that moved to the subpackage that owns them; still answered, with a warning.
+_MOVED = {
+    "JobState": "zerver.trace",
+    "NeedRecord": "zerver.trace",
+    "ParkEpisode": "zerver.trace",
+    "RequestRecord": "zerver.trace",
+    "RetryRecord": "zerver.trace",
+    "SlotWrite": "zerver.trace",
+    "StepRecord": "zerver.trace",
+    "Subscriber": "zerver.trace",
+    "TraceEngine": "zerver.trace",
+    "JobDurations": "zerver.trace",
+    "durations": "zerver.trace",
+    "ProcessTraceSubscriber": "zerver.trace",
+    "SpanData": "zerver.export",
+    "SpanEvent": "zerver.export",
+    "SpanLink": "zerver.export",
+    "SpanKind": "zerver.export",
+    "StatusCode": "zerver.export",
+    "Resource": "zerver.export",
+    "InstrumentationScope": "zerver.export",
+}
+
 if not _TYPE_CHECKING:
-    __getattr__, __dir__ = _install(__name__, _LAZY)
+    __getattr__, __dir__ = _install(__name__, _LAZY, _MOVED)

@@ -31,6 +31,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
@@ -117,10 +118,16 @@ class _LazyPackage(ModuleType):
 
 
 def install(
-    package: str, names: Mapping[str, str]
+    package: str, names: Mapping[str, str], moved: Mapping[str, str] | None = None
 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """Make ``names`` (public name → defining module, e.g. ``{"App": "._app"}``) of
-    ``package`` load on first use; returns the package's ``__getattr__`` and ``__dir__``."""
+    ``package`` load on first use; returns the package's ``__getattr__`` and ``__dir__``.
+
+    ``moved`` (old public name → the package that exports it now) keeps names that
+    left this package working for a while: each use warns (``DeprecationWarning``,
+    naming the new import) and answers the new home's object. They are not listed by
+    ``dir`` and not loaded by ``vars``."""
+    moved = dict(moved or {})
     module = sys.modules[package]
     ns: dict[str, Any] = _namespace.__get__(module, type(module))
     _TABLES[package] = names
@@ -135,6 +142,14 @@ def install(
     def getattr_(name: str) -> Any:
         source = names.get(name)
         if source is None:
+            if name in moved:
+                warnings.warn(
+                    f"{package}.{name} moved: import it from {moved[name]} "
+                    f"(from {moved[name]} import {name})",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                return getattr(importlib.import_module(moved[name]), name)
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         value = getattr(importlib.import_module(source, package), name)
         ns[name] = value

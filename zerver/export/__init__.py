@@ -64,6 +64,13 @@ if _TYPE_CHECKING:
     from ._simple import FanOutExporter as FanOutExporter
     from ._simple import InMemoryExporter as InMemoryExporter
     from ._simple import NoopExporter as NoopExporter
+    from ._spans import InstrumentationScope as InstrumentationScope
+    from ._spans import Resource as Resource
+    from ._spans import SpanData as SpanData
+    from ._spans import SpanEvent as SpanEvent
+    from ._spans import SpanKind as SpanKind
+    from ._spans import SpanLink as SpanLink
+    from ._spans import StatusCode as StatusCode
     from ._spool import Spool as Spool
     from ._spool import SpoolItem as SpoolItem
     from ._spool import SpoolStats as SpoolStats
@@ -87,6 +94,7 @@ __all__ = [
     "ExportStatus",
     "FanOutExporter",
     "InMemoryExporter",
+    "InstrumentationScope",
     "JsonEncoder",
     "MetricsExportConfig",
     "NoopExporter",
@@ -101,13 +109,19 @@ __all__ = [
     "ReceivedRequest",
     "Reply",
     "ResilienceBuilder",
+    "Resource",
     "RetryPolicy",
     "RetryingExporter",
     "ShutdownReport",
+    "SpanData",
     "SpanEncoder",
+    "SpanEvent",
+    "SpanKind",
+    "SpanLink",
     "Spool",
     "SpoolItem",
     "SpoolStats",
+    "StatusCode",
     "Timer",
     "TokenBucket",
     "ZerverSpanExporter",
@@ -124,6 +138,13 @@ __all__ = [
 
 # Imported on first use (see ``zerver._lazy``).
 _LAZY = {
+    "SpanData": "._spans",
+    "SpanEvent": "._spans",
+    "SpanLink": "._spans",
+    "SpanKind": "._spans",
+    "StatusCode": "._spans",
+    "Resource": "._spans",
+    "InstrumentationScope": "._spans",
     "BatchExporter": "._base",
     "BodyTransport": "._base",
     "BreakerState": "._resilience",

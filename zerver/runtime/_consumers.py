@@ -1,6 +1,6 @@
 """Consumers: the runtime that runs an app's pipelines for messages (see ``_messaging``).
 
-For each consumed message a :class:`~zerver.RequestRecord` of kind
+For each consumed message a :class:`~zerver.trace.RequestRecord` of kind
 ``consumer`` is recorded exactly as for a request, so subscribers (the trace
 engine, logs) see consumers and requests alike.
 """

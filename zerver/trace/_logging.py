@@ -6,7 +6,7 @@ zerver and app code log through structlog; the standard library's ``logging``
 out in the same format, with the same trace context. httpx and httpcore log
 every request at INFO: they are kept at WARNING unless the level is ``debug``.
 
-The access log is a :class:`~zerver.Subscriber`: one line per finished
+The access log is a :class:`~zerver.trace.Subscriber`: one line per finished
 request with method, route, status, duration and request id.
 """
 

@@ -1,6 +1,6 @@
 """Metrics derived from finished request records, through the OpenTelemetry metrics SDK.
 
-:class:`RecordMetrics` is fed each finished :class:`~zerver.RequestRecord` where
+:class:`RecordMetrics` is fed each finished :class:`~zerver.trace.RequestRecord` where
 traces are built (the exporter process when it runs, else the server process),
 for every request, sampled or not, and records RED and job-phase measurements on
 instruments of an OpenTelemetry SDK ``MeterProvider`` (whose readers decide when
@@ -367,7 +367,7 @@ class RecordMetrics:
     # -- finished records --------------------------------------------------------------
 
     def on_request_end(self, record: RequestRecord) -> None:
-        """:class:`~zerver.Subscriber` entry point: :meth:`record`."""
+        """:class:`~zerver.trace.Subscriber` entry point: :meth:`record`."""
         self.record(record)
 
     def record(self, rec: RequestRecord) -> None:

@@ -261,11 +261,11 @@ class MetricsWorker:
         pending.append(record)
 
     def on_request_end(self, record: Any) -> None:
-        """:class:`~zerver.Subscriber` entry point (in-process tracing): :meth:`offer`."""
+        """:class:`~zerver.trace.Subscriber` entry point (in-process tracing): :meth:`offer`."""
         self.offer(record)
 
     def shutdown(self) -> None:
-        """:class:`~zerver.Subscriber` exit: :meth:`close` within the export timeout."""
+        """:class:`~zerver.trace.Subscriber` exit: :meth:`close` within the export timeout."""
         self.close(min(self.export_timeout_s, 5.0))
 
     def abandon(self) -> None:

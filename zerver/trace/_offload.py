@@ -2,10 +2,10 @@
 
 On a machine with more than one core, building spans (~15 µs a request) and
 encoding them (~5 µs a span) on the request's own core competes with request
-handling under the GIL. Instead, each finished :class:`~zerver.RequestRecord`
+handling under the GIL. Instead, each finished :class:`~zerver.trace.RequestRecord`
 is packed into a tuple of primitives (a few µs) and appended to a bounded
 buffer; a feeder thread sends batches of them down a pipe to an exporter
-process, which rebuilds the records, runs the same :class:`~zerver.TraceEngine`
+process, which rebuilds the records, runs the same :class:`~zerver.trace.TraceEngine`
 and export pipeline, and reports its counters back.
 
 Rules of the hand-over. The *server* is the request-handling process, the
@@ -883,7 +883,7 @@ class _Child:
 
 
 class ProcessTraceSubscriber:
-    """A :class:`~zerver.Subscriber` that builds and exports traces in another process.
+    """A :class:`~zerver.trace.Subscriber` that builds and exports traces in another process.
 
     ``stats()`` gives this side's counters and the exporter's latest (its
     :class:`~zerver.export.ExportStats` as a dict under ``"export"``), summed over

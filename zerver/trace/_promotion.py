@@ -1,6 +1,6 @@
 """Durations and promotion: which job internals deserve a span of their own.
 
-Sans-I/O: fed finished :class:`~zerver.JobState` values, it derives
+Sans-I/O: fed finished :class:`~zerver.trace.JobState` values, it derives
 
 * ``queue_wait = take - enqueue``, ``dispatch = start - take``,
 * ``park_wait_total = Σ(resume - park)``, ``run_active = (end - start) - park_wait_total``,

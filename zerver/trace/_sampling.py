@@ -1,7 +1,7 @@
 """Sampling: which requests' traces are kept, decided at request start and at its end.
 
 Sans-I/O: the head sampler is a pure function of a trace id and the incoming
-parent; the tail sampler is fed finished :class:`~zerver.RequestRecord` values
+parent; the tail sampler is fed finished :class:`~zerver.trace.RequestRecord` values
 and reads time only from them. Neither has a clock of its own.
 
 Rules (docs/sampling.md says the same for users):

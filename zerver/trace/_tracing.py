@@ -1,4 +1,4 @@
-"""The trace engine: a finished :class:`~zerver.RequestRecord` becomes a span tree.
+"""The trace engine: a finished :class:`~zerver.trace.RequestRecord` becomes a span tree.
 
 Sans-I/O: :meth:`TraceEngine.build` is a pure function of the record (plus
 the promoter's rolling per-route statistics); the spans go to a
@@ -213,7 +213,7 @@ class _Builder:
 class TraceEngine:
     """Turns finished request records into spans and hands them to a sink.
 
-    It is a :class:`~zerver.Subscriber`: ``app.subscribe(engine)``.
+    It is a :class:`~zerver.trace.Subscriber`: ``app.subscribe(engine)``.
 
     Building runs once per request, so it is written for speed: events are
     plain tuples, each job's durations, attributes, events and promotion are

@@ -5,7 +5,7 @@ Sans-I/O and synchronous, fed from the event loop thread that serves requests:
 * ``TracezAggregator.started`` registers a request as running (called as its
   record is made): it is the registry's own ``set.add``, so a request's start
   pays one C call. :meth:`~TracezAggregator.on_request_end` (it is a
-  :class:`~zerver.Subscriber`) takes it out again and appends the finished
+  :class:`~zerver.trace.Subscriber`) takes it out again and appends the finished
   record to a pending batch: the one Python call tracez adds to a request. A
   cancelled request ends there too (the app notifies subscribers in a
   ``finally``), so the running registry never leaks. Its bound
