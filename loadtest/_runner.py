@@ -305,15 +305,43 @@ def _server_env(
     return env
 
 
+_PROBLEM_WORDS = ("traceback", "error", "exception", "critical", "dropped", "lost")
+_PROBLEM_LEVELS = frozenset({"warning", "error", "critical", "exception"})
+
+
+def _is_problem(line: str) -> bool:
+    """Whether a server log line reports a problem.
+
+    A JSON line (zerver's structured log) is one when its level is warning or worse,
+    or when it counts something lost or dropped that is not zero (``"lost": 0`` in
+    a consumer's or the exporter's closing counters is the good news); any other
+    line when it has a word such as ``error`` or ``traceback``.
+    """
+    try:
+        event = json.loads(line)
+    except ValueError:
+        event = None
+    if not isinstance(event, dict):
+        return any(w in line.lower() for w in _PROBLEM_WORDS)
+    if str(event.get("level", "")).lower() in _PROBLEM_LEVELS:
+        return True
+    for key, value in event.items():
+        if "lost" in key or "dropped" in key:
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int | float | dict | list) and value:
+                return True
+    return False
+
+
 def _log_problems(path: Path, limit: int = 5) -> list[str]:
-    """Lines of a server log that look like errors (first ``limit``, then a count)."""
+    """Lines of a server log that report problems (first ``limit``, then a count)."""
     if not path.exists():
         return []
-    words = ("traceback", "error", "exception", "critical", "dropped", "lost")
     hits = [
         line.strip()[:300]
         for line in path.read_text(errors="replace").splitlines()
-        if any(w in line.lower() for w in words)
+        if _is_problem(line)
     ]
     return hits[:limit] + ([f"... and {len(hits) - limit} more"] if len(hits) > limit else [])
 

@@ -487,3 +487,30 @@ def test_ratios_skip_pairs_that_did_not_both_run() -> None:
     assert ratios([_served("zerver", 2000, 1500), _served("starlette", 1000)]) == {
         "/items/{id}": {"zerver / starlette": 2.0}
     }
+
+
+def test_server_log_problems_are_problems_not_zero_counters(tmp_path: Path) -> None:
+    """A closing line that counts nothing lost is not reported; a count above zero,
+    a warning, or a plain traceback is."""
+    from loadtest._runner import _log_problems
+
+    log = tmp_path / "server.log"
+    quiet = [
+        {"event": "consumer stopped", "level": "info", "received": 0, "lost": 0},
+        {"event": "trace export stopped", "level": "info", "records_lost": 0, "spans_dropped": {}},
+        {"event": "server started", "level": "info", "port": 8000},
+    ]
+    loud = [
+        {"event": "trace export stopped", "level": "info", "records_lost": 3, "spans_dropped": {}},
+        {
+            "event": "trace export stopped",
+            "level": "info",
+            "records_lost": 0,
+            "spans_dropped": {"queue_full": 2},
+        },
+        {"event": "collector unreachable", "level": "warning"},
+    ]
+    lines = [json.dumps(e) for e in quiet + loud] + ["Traceback (most recent call last):"]
+    log.write_text("\n".join(lines) + "\n")
+    problems = _log_problems(log)
+    assert problems == [json.dumps(e) for e in loud] + ["Traceback (most recent call last):"]
