@@ -22,8 +22,8 @@ from ._base import (
     ExportStatus,
     layers,
 )
-from ._sinks import ConsoleSpanSink, _SpanStore, format_span
-from ._spans import KIND_NAMES, STATUS_NAMES, AttrValue, SpanData, StatusCode, span_tree
+from ._sinks import ConsoleSpanSink, _SpanStore, format_span, format_trace, traces_text
+from ._spans import KIND_NAMES, STATUS_NAMES, SpanData
 
 __all__ = [
     "CONSOLE_FORMAT_VARIABLE",
@@ -43,34 +43,6 @@ __all__ = [
 ConsoleFormat = Literal["tree", "jsonl"]
 CONSOLE_FORMAT_VARIABLE = "ZER_VER_CONSOLE_FORMAT"
 _CONSOLE_FORMATS: tuple[str, ...] = get_args(ConsoleFormat)
-
-# The attributes a tree line shows, in this order, when the span has them: what
-# tells one request or effect from another at a glance. When a key and the older
-# name of the same thing are both present, the first wins (``_SAME``).
-_KEY_ATTRIBUTES = (
-    "http.response.status_code",
-    "http.status_code",
-    "url.path",
-    "http.target",
-    "url.full",
-    "http.url",
-    "zerver.step.decision",
-    "db.key",
-    "cache.hit",
-    "messaging.destination.name",
-    "error.type",
-    "job.queue_wait_ms",
-    "job.park_wait_ms_total",
-    "job.attempt",
-    "zerver.sampling.reason",
-)
-_SAME = {
-    "http.status_code": "http.response.status_code",
-    "http.target": "url.path",
-    "http.url": "url.full",
-}
-# Values that say nothing on a tree line: no wait, a first attempt.
-_QUIET = {"job.queue_wait_ms": (0, 0.0), "job.park_wait_ms_total": (0, 0.0), "job.attempt": (1,)}
 
 
 class InMemoryExporter(_SpanStore):
@@ -131,58 +103,6 @@ class FanOutExporter:
             exporter.shutdown()
 
 
-def _key_attributes(attributes: Mapping[str, AttrValue]) -> str:
-    shown: list[str] = []
-    for key in _KEY_ATTRIBUTES:
-        if key not in attributes:
-            continue
-        same = _SAME.get(key)
-        if same is not None and same in attributes:
-            continue
-        value = attributes[key]
-        if value in _QUIET.get(key, ()):
-            continue
-        if isinstance(value, str):
-            text = value
-        elif isinstance(value, float):
-            text = f"{value:.3f}"
-        else:
-            text = repr(value)
-        shown.append(f"{key}={text}")
-    return " ".join(shown)
-
-
-def format_trace(spans: Sequence[SpanData]) -> str:
-    """One trace as an indented tree: a header with the trace id, then per span its
-    name, duration, kind, ``ERROR`` (and why) when it failed, and the attributes that
-    tell it apart.
-
-    Children are indented under their parent in start order; a span whose parent
-    is not among ``spans`` is shown at the top level. Lines end without newline
-    on the last one.
-    """
-    roots, children = span_tree(spans)
-    trace_id = spans[0].trace_id if spans else 0
-    noun = "span" if len(spans) == 1 else "spans"
-    lines = [f"trace {trace_id:032x} ({len(spans)} {noun})"]
-
-    def walk(span: SpanData, depth: int) -> None:
-        ms = (span.end_ns - span.start_ns) / 1e6
-        parts = [f"{'  ' * depth}{span.name}", f"{ms:.3f} ms", KIND_NAMES.get(span.kind, "?")]
-        if span.status_code == StatusCode.ERROR:
-            parts.append(f"ERROR: {span.status_message}" if span.status_message else "ERROR")
-        attrs = _key_attributes(span.attributes)
-        if attrs:
-            parts.append(attrs)
-        lines.append("  ".join(parts))
-        for child in sorted(children.get(span.span_id, ()), key=lambda c: c.start_ns):
-            walk(child, depth + 1)
-
-    for root in sorted(roots, key=lambda r: r.start_ns):
-        walk(root, 1)
-    return "\n".join(lines)
-
-
 def _json_default(value: object) -> object:
     if isinstance(value, bytes):
         return value.hex()
@@ -215,15 +135,8 @@ def span_json(span: SpanData) -> bytes:
     return orjson.dumps(doc, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
 
 
-def _by_trace(spans: Sequence[SpanData]) -> list[list[SpanData]]:
-    groups: dict[int, list[SpanData]] = {}
-    for span in spans:
-        groups.setdefault(span.trace_id, []).append(span)
-    return list(groups.values())
-
-
 def _tree_text(spans: Sequence[SpanData]) -> str:
-    return "".join(format_trace(trace) + "\n\n" for trace in _by_trace(spans))
+    return traces_text(spans)
 
 
 def _jsonl_text(spans: Sequence[SpanData]) -> str:

@@ -14,12 +14,12 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol, TextIO
 
 import structlog
 
-from ._spans import KIND_NAMES, STATUS_NAMES, SpanData, StatusCode, span_tree
+from ._spans import KIND_NAMES, STATUS_NAMES, AttrValue, SpanData, StatusCode, span_tree
 
 if TYPE_CHECKING:
     from ._base import ExportContext, ExportResult
@@ -31,7 +31,8 @@ __all__ = [
     "PipelineSink",
     "SpanSink",
     "format_span",
-    "format_tree",
+    "format_trace",
+    "traces_text",
 ]
 
 _log = structlog.get_logger("zerver.export")
@@ -135,33 +136,107 @@ def format_span(s: SpanData) -> str:
     )
 
 
-def format_tree(spans: list[SpanData]) -> str:
-    """A trace as an indented tree with durations, for humans."""
+# The attributes a tree line shows, in this order, when the span has them: what
+# tells one request or effect from another at a glance. When a key and the older
+# name of the same thing are both present, the first wins (``_SAME``).
+_KEY_ATTRIBUTES = (
+    "http.response.status_code",
+    "http.status_code",
+    "url.path",
+    "http.target",
+    "url.full",
+    "http.url",
+    "zerver.step.decision",
+    "db.key",
+    "cache.hit",
+    "messaging.destination.name",
+    "error.type",
+    "job.queue_wait_ms",
+    "job.park_wait_ms_total",
+    "job.attempt",
+    "zerver.sampling.reason",
+)
+_SAME = {
+    "http.status_code": "http.response.status_code",
+    "http.target": "url.path",
+    "http.url": "url.full",
+}
+# Values that say nothing on a tree line: no wait, a first attempt.
+_QUIET = {"job.queue_wait_ms": (0, 0.0), "job.park_wait_ms_total": (0, 0.0), "job.attempt": (1,)}
+
+
+def _key_attributes(attributes: Mapping[str, AttrValue]) -> str:
+    shown: list[str] = []
+    for key in _KEY_ATTRIBUTES:
+        if key not in attributes:
+            continue
+        same = _SAME.get(key)
+        if same is not None and same in attributes:
+            continue
+        value = attributes[key]
+        if value in _QUIET.get(key, ()):
+            continue
+        if isinstance(value, str):
+            text = value
+        elif isinstance(value, float):
+            text = f"{value:.3f}"
+        else:
+            text = repr(value)
+        shown.append(f"{key}={text}")
+    return " ".join(shown)
+
+
+def format_trace(spans: Sequence[SpanData]) -> str:
+    """One trace as an indented tree: a header with the trace id, then per span its
+    name, duration, kind, ``ERROR`` (and why) when it failed, and the attributes that
+    tell it apart.
+
+    Children are indented under their parent in start order; a span whose parent
+    is not among ``spans`` is shown at the top level. Lines end without newline
+    on the last one.
+    """
     roots, children = span_tree(spans)
-    lines: list[str] = []
+    trace_id = spans[0].trace_id if spans else 0
+    noun = "span" if len(spans) == 1 else "spans"
+    lines = [f"trace {trace_id:032x} ({len(spans)} {noun})"]
 
     def walk(span: SpanData, depth: int) -> None:
         ms = (span.end_ns - span.start_ns) / 1e6
-        code = span.status_code
-        status = STATUS_NAMES.get(code, "") if code != StatusCode.UNSET else ""
-        lines.append(
-            f"{'  ' * depth}{KIND_NAMES.get(span.kind, '?'):<8} {span.name}  "
-            f"{ms:.3f} ms{' ' + status if status else ''}"
-        )
+        parts = [f"{'  ' * depth}{span.name}", f"{ms:.3f} ms", KIND_NAMES.get(span.kind, "?")]
+        if span.status_code == StatusCode.ERROR:
+            parts.append(f"ERROR: {span.status_message}" if span.status_message else "ERROR")
+        attrs = _key_attributes(span.attributes)
+        if attrs:
+            parts.append(attrs)
+        lines.append("  ".join(parts))
         for child in sorted(children.get(span.span_id, ()), key=lambda c: c.start_ns):
             walk(child, depth + 1)
 
-    for r in roots:
-        lines.append(f"trace {r.trace_id:032x}")
-        walk(r, 0)
+    for root in sorted(roots, key=lambda r: r.start_ns):
+        walk(root, 1)
     return "\n".join(lines)
+
+
+def _by_trace(spans: Sequence[SpanData]) -> list[list[SpanData]]:
+    groups: dict[int, list[SpanData]] = {}
+    for span in spans:
+        groups.setdefault(span.trace_id, []).append(span)
+    return list(groups.values())
+
+
+def traces_text(spans: Sequence[SpanData]) -> str:
+    """Each trace among ``spans`` as :func:`format_trace` draws it, followed by a
+    blank line: what the console writes for a person at a terminal."""
+    return "".join(format_trace(trace) + "\n\n" for trace in _by_trace(spans))
 
 
 class ConsoleSpanSink:
     """Writes spans to a text stream, for development (this is I/O).
 
-    ``layout="tree"`` writes each ``export`` call (a request's trace) as an
-    indented tree with durations, to ``sys.stderr`` by default;
+    ``layout="tree"`` writes each trace of an ``export`` call as an indented
+    tree (:func:`format_trace`: durations, kinds, errors, the attributes that
+    tell spans apart, as the console exporter draws them), to ``sys.stderr`` by
+    default;
     ``layout="lines"`` writes one line per span with ids, status and
     attributes, to ``sys.stdout`` by default (``OTEL_TRACES_EXPORTER=console``,
     as the OpenTelemetry SDK's console exporter). A failed write is reported
@@ -188,7 +263,7 @@ class ConsoleSpanSink:
 
     def export(self, spans: Sequence[SpanData], ctx: ExportContext | None = None) -> ExportResult:
         if self.layout == "tree":
-            text = format_tree(list(spans)) + "\n"
+            text = traces_text(spans)
         else:
             text = "".join(format_span(s) + "\n" for s in spans)
         stream = self.stream
