@@ -379,8 +379,10 @@ class ConnectionMachine:
                 self._go(E.REQUEST_RECEIVED)
                 self.deadline = math.inf
                 return request
-            else:
-                # ConnectionClosed. PAUSED cannot happen: a cycle starts after its response.
+            elif event is h11.PAUSED:
+                # A cycle starts after its response: parsing before it is a driver's bug.
+                raise TransitionError(f"cannot parse in state {self.state.name}: a response is due")
+            else:  # ConnectionClosed
                 self._go(E.CLOSE)
                 return None
 
