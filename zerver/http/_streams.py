@@ -144,8 +144,12 @@ class ServerConnection:
                 if request is not None:
                     return request
             output = machine.take_output()
-            if output and not await self._send(output):
-                return None
+            if output:
+                if not await self._send(output):
+                    return None
+                if machine.waiting:
+                    # The peer may have answered a 100 Continue while it was written.
+                    continue
             state = machine.state
             if state is State.LINGERING:
                 await self._linger()
