@@ -97,6 +97,14 @@ from ._connection import (
 )
 
 __all__ = [
+    "BODY",
+    "CLOSED",
+    "DISPATCHING",
+    "DRAINING",
+    "HEAD",
+    "IDLE",
+    "LINGERING",
+    "STALLED",
     "TRANSITIONS",
     "ConnectionMachine",
     "Event",
@@ -157,6 +165,25 @@ class Event(enum.IntEnum):
 S = State
 E = Event
 
+# An enum member looked up on its class costs a descriptor call (Python 3.11),
+# several times a module global: the per-request paths use these names.
+IDLE, HEAD, BODY, DISPATCHING, STALLED, LINGERING, DRAINING, CLOSED = State
+(
+    _HEAD_STARTED,
+    _HEAD_RECEIVED,
+    _REQUEST_RECEIVED,
+    _RESPONDED,
+    _RESPONDED_LAST,
+    _REFUSED,
+    _OUTPUT_PAUSED,
+    _OUTPUT_RESUMED,
+    _PEER_EOF,
+    _DEADLINE,
+    _SHUTDOWN,
+    _CLOSE,
+    _FLUSHING,
+) = Event
+
 TRANSITIONS: dict[tuple[State, Event], State] = {
     # Reading a request.
     (S.IDLE, E.HEAD_STARTED): S.HEAD,
@@ -204,8 +231,8 @@ class Expiry(enum.IntEnum):
     """Write :meth:`~ConnectionMachine.take_output` (a 408), then linger or close."""
 
 
-_WAITING = frozenset({S.IDLE, S.HEAD, S.BODY})
-_BUSY = frozenset({S.DISPATCHING, S.STALLED})
+_WAITING = frozenset({IDLE, HEAD, BODY})
+_BUSY = frozenset({DISPATCHING, STALLED})
 
 
 class ConnectionMachine:
@@ -227,12 +254,12 @@ class ConnectionMachine:
         "_head",
         "_headers",
         "_local",
-        "_output",
         "_parts",
         "_target",
         "ahead",
         "deadline",
         "eof",
+        "output",
         "state",
         "write_deadline",
     )
@@ -247,7 +274,7 @@ class ConnectionMachine:
         self._client = client
         self._local = local
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=ctx.max_header_bytes)
-        self.state = S.IDLE
+        self.state = IDLE
         self.deadline = math.inf
         """When the current state's wait ends (``inf``: it has none)."""
         self.write_deadline = 0.0
@@ -256,7 +283,8 @@ class ConnectionMachine:
         """Bytes received since parsing last ran dry (the read-ahead budget)."""
         self.eof = False
         """Whether the peer's input has ended."""
-        self._output = b""
+        self.output = b""
+        """Bytes to write first (``100 Continue``, a refusal); see :meth:`take_output`."""
         # The request being read.
         self._head: h11.Request | None = None
         self._headers: list[tuple[bytes, bytes]] = []
@@ -270,13 +298,15 @@ class ConnectionMachine:
         return f"<ConnectionMachine {self.state.name} client={self._client}>"
 
     def _go(self, event: Event) -> State:
+        """Take the transition the table gives for ``event`` (the per-request ones are inlined)."""
         try:
             state = self.state = TRANSITIONS[self.state, event]
         except KeyError:
-            raise TransitionError(
-                f"cannot handle {event.name} in state {self.state.name}"
-            ) from None
+            raise self._invalid(event) from None
         return state
+
+    def _invalid(self, event: Event) -> TransitionError:
+        return TransitionError(f"cannot handle {event.name} in state {self.state.name}")
 
     # ----------------------------------------------------------------- input
 
@@ -293,16 +323,18 @@ class ConnectionMachine:
             self.state in _BUSY or self.write_deadline != 0.0
         )
 
-    def receive(self, data: bytes) -> None:
-        """Bytes from the peer (not while LINGERING: see :meth:`discard`)."""
+    def receive(self, data: bytes) -> bool:
+        """Bytes from the peer (not while LINGERING: see :meth:`discard`); whether
+        the connection waits for bytes (so they should be parsed now)."""
         self.ahead += len(data)
         self._h11.receive_data(data)
+        return self.state in _WAITING
 
     def discard(self, data: bytes) -> bool:
         """Bytes received while LINGERING; ``False`` once past ``LINGER_MAX_BYTES`` (closed)."""
         self._discarded += len(data)
         if self._discarded > LINGER_MAX_BYTES:
-            self._go(E.CLOSE)
+            self._go(_CLOSE)
             return False
         return True
 
@@ -315,8 +347,8 @@ class ConnectionMachine:
         (:meth:`next_request`), which refuses an incomplete request and
         closes otherwise.
         """
-        state = self._go(E.PEER_EOF)
-        if state is not S.CLOSED:
+        state = self._go(_PEER_EOF)
+        if state is not CLOSED:
             self.eof = True
             if state in _WAITING:
                 self._h11.receive_data(b"")
@@ -348,7 +380,10 @@ class ConnectionMachine:
                 except RejectedError as reject:
                     self.refuse(reject)
                     return None
-                self._go(E.HEAD_RECEIVED)
+                try:  # inline: once per request
+                    self.state = TRANSITIONS[self.state, _HEAD_RECEIVED]
+                except KeyError:
+                    raise self._invalid(_HEAD_RECEIVED) from None
                 self._head = event
                 self._headers = headers
                 self._body_deadline = now + ctx.body_timeout_s
@@ -363,12 +398,12 @@ class ConnectionMachine:
             elif type(event) is h11.EndOfMessage:
                 head = self._head
                 if head is None:  # pragma: no cover - h11 never ends a message it did not start
-                    self._go(E.CLOSE)
+                    self._go(_CLOSE)
                     return None
                 if self.eof:
                     # A request complete before the peer's EOF is dropped, not dispatched.
                     _log.debug("client disconnected before dispatch", client=self._client)
-                    self._go(E.CLOSE)
+                    self._go(_CLOSE)
                     return None
                 request = make_request(
                     head, self._headers, self._target, self._parts, self._client, self._local
@@ -376,14 +411,17 @@ class ConnectionMachine:
                 self._head = None
                 self._parts = []
                 self._body_size = 0
-                self._go(E.REQUEST_RECEIVED)
+                try:
+                    self.state = TRANSITIONS[self.state, _REQUEST_RECEIVED]
+                except KeyError:
+                    raise self._invalid(_REQUEST_RECEIVED) from None
                 self.deadline = math.inf
                 return request
             elif event is h11.PAUSED:
                 # A cycle starts after its response: parsing before it is a driver's bug.
                 raise TransitionError(f"cannot parse in state {self.state.name}: a response is due")
             else:  # ConnectionClosed
-                self._go(E.CLOSE)
+                self._go(_CLOSE)
                 return None
 
     def _need_data(self, now: float) -> None:
@@ -393,15 +431,15 @@ class ConnectionMachine:
         if self._head is None:
             if not conn.trailing_data[0]:
                 if ctx.closing:
-                    self._go(E.SHUTDOWN)
+                    self._go(_SHUTDOWN)
                 else:
                     self.deadline = now + ctx.keepalive_timeout_s
-            elif self.state is not S.HEAD:
-                self._go(E.HEAD_STARTED)
+            elif self.state is not HEAD:
+                self._go(_HEAD_STARTED)
                 self.deadline = now + ctx.header_timeout_s
             return
         if conn.they_are_waiting_for_100_continue:
-            self._output += conn.send(_CONTINUE) or b""
+            self.output += conn.send(_CONTINUE) or b""
         self.deadline = min(now + ctx.header_timeout_s, self._body_deadline)
 
     # ------------------------------------------------------------- answering
@@ -414,22 +452,25 @@ class ConnectionMachine:
         """
         head, body, keep_alive = encode_response(self._ctx, request, response)
         if keep_alive:
-            self._go(E.RESPONDED)
+            try:
+                self.state = TRANSITIONS[self.state, _RESPONDED]
+            except KeyError:
+                raise self._invalid(_RESPONDED) from None
             self._h11 = next_cycle(self._h11, self._ctx.max_header_bytes)
         else:
-            self._linger(E.RESPONDED_LAST)
+            self._linger(_RESPONDED_LAST)
         return head, body
 
     def refuse(self, reject: RejectedError) -> None:
         """Answer a peer error: the refusal goes to :meth:`take_output`, then linger."""
-        self._output += rejection(self._ctx, reject, self._client)
-        self._linger(E.REFUSED)
+        self.output += rejection(self._ctx, reject, self._client)
+        self._linger(_REFUSED)
 
     def _linger(self, event: Event) -> None:
         self._go(event)
         self._discarded = 0
         if self.eof:
-            self._go(E.CLOSE)
+            self._go(_CLOSE)
             self.deadline = math.inf
         else:
             self.deadline = math.inf  # the driver's half-close starts the wait (see lingering)
@@ -440,22 +481,22 @@ class ConnectionMachine:
 
     def take_output(self) -> bytes:
         """Bytes the driver must write now (``100 Continue`` or a refusal), once."""
-        output = self._output
-        self._output = b""
+        output = self.output
+        self.output = b""
         return output
 
     # --------------------------------------------------------- output, time
 
     def output_paused(self, now: float) -> None:
         """The peer stopped taking output: after a response, wait for it (STALLED)."""
-        if self.state is S.IDLE:
-            self._go(E.OUTPUT_PAUSED)
+        if self.state is IDLE:
+            self._go(_OUTPUT_PAUSED)
             self.deadline = now + self._ctx.write_timeout_s
 
     def output_resumed(self) -> bool:
         """The peer takes output again; ``True`` if parsing should go on (it was STALLED)."""
-        if self.state is S.STALLED:
-            self._go(E.OUTPUT_RESUMED)
+        if self.state is STALLED:
+            self._go(_OUTPUT_RESUMED)
             self.deadline = math.inf
             return True
         return False
@@ -479,32 +520,32 @@ class ConnectionMachine:
             return Expiry.NOTHING
         state = self.state
         self.deadline = math.inf
-        if state is S.HEAD or state is S.BODY:
+        if state is HEAD or state is BODY:
             self.refuse(RejectedError(408, "request timeout"))
             return Expiry.REFUSE
-        if state is S.IDLE or state is S.LINGERING:
-            self._go(E.DEADLINE)
+        if state is IDLE or state is LINGERING:
+            self._go(_DEADLINE)
             return Expiry.CLOSE
-        if state is S.STALLED or state is S.DRAINING:
+        if state is STALLED or state is DRAINING:
             _log.debug("write timed out; dropping the connection", client=self._client)
-            self._go(E.DEADLINE)
+            self._go(_DEADLINE)
             return Expiry.DROP
         return Expiry.NOTHING  # pragma: no cover - only waiting states have deadlines
 
     def shutdown(self) -> bool:
         """The server stops; ``True`` if the connection was idle and is now CLOSED."""
-        if self.state is S.IDLE:
-            self._go(E.SHUTDOWN)
+        if self.state is IDLE:
+            self._go(_SHUTDOWN)
             self.deadline = math.inf
             return True
         return False
 
     def close(self) -> None:
         """The driver closes the connection (or it was lost)."""
-        self._go(E.CLOSE)
+        self._go(_CLOSE)
         self.deadline = math.inf
 
     def flushing(self, now: float) -> None:
         """Closed with output still buffered: the peer has ``write_timeout_s`` to take it."""
-        self._go(E.FLUSHING)
+        self._go(_FLUSHING)
         self.deadline = now + self._ctx.write_timeout_s

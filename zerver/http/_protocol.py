@@ -50,7 +50,7 @@ from ._connection import (
     host_port,
     internal_error,
 )
-from ._machine import ConnectionMachine, Expiry, State
+from ._machine import CLOSED, DISPATCHING, LINGERING, STALLED, ConnectionMachine, Expiry
 
 if TYPE_CHECKING:
     from anyio.streams.stapled import MultiListener
@@ -351,14 +351,13 @@ class ProtocolConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         machine = self._machine
         assert machine is not None
-        if machine.state is State.LINGERING:
+        if machine.state is LINGERING:
             if not machine.discard(data):
                 self._close()
             return
-        machine.receive(data)
-        if machine.waiting:
+        if machine.receive(data):
             self._advance()
-        if machine.read_paused and not self._read_paused and self._transport is not None:
+        if not self._read_paused and machine.read_paused and self._transport is not None:
             self._read_paused = True
             self._transport.pause_reading()
 
@@ -366,7 +365,7 @@ class ProtocolConnection(asyncio.Protocol):
         machine = self._machine
         assert machine is not None
         state = machine.receive_eof()
-        if state is State.DISPATCHING:
+        if state is DISPATCHING:
             _log.debug("client disconnected during dispatch", client=self._client)
             if self._scope is not None:
                 self._scope.cancel()
@@ -405,19 +404,14 @@ class ProtocolConnection(asyncio.Protocol):
 
     def _advance(self) -> None:
         """Parse what is buffered; start a busy period for a complete request."""
-        request = self._next_request()
-        if request is not None:
-            self._busy = True
-            self._task = self._loop.create_task(self._serve(request))
-
-    def _next_request(self) -> Request | None:
-        """The machine's next complete request; else do what it says and ``None``."""
         machine = self._machine
         assert machine is not None
         request = machine.next_request(self._loop.time())
         if request is None:
             self._follow()
-        return request
+        else:
+            self._busy = True
+            self._task = self._loop.create_task(self._serve(request))
 
     def _follow(self) -> None:
         """Do what the machine asks when it has no request: write, wait, linger or close."""
@@ -426,13 +420,12 @@ class ProtocolConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._lost:
             return
-        output = machine.take_output()
-        if output:
-            transport.write(output)
+        if machine.output:
+            transport.write(machine.take_output())
         state = machine.state
-        if state is State.LINGERING:
+        if state is LINGERING:
             self._linger()
-        elif state is State.CLOSED:
+        elif state is CLOSED:
             self._close()
         else:
             # A waiting state: parsing ran dry.
@@ -491,10 +484,11 @@ class ProtocolConnection(asyncio.Protocol):
                         break
                     if not self._respond(request, response):
                         break
-                    if machine.state is State.STALLED:
+                    if machine.state is STALLED:
                         break
-                    next_request = self._next_request()
+                    next_request = machine.next_request(self._loop.time())
                     if next_request is None:
+                        self._follow()
                         break
                     request = next_request
             if scope.cancel_called:
@@ -523,10 +517,10 @@ class ProtocolConnection(asyncio.Protocol):
             if body:
                 transport.write(body)
         state = machine.state
-        if state is State.LINGERING:
+        if state is LINGERING:
             self._linger()
             return False
-        if state is State.CLOSED:
+        if state is CLOSED:
             self._close()
             return False
         return True

@@ -36,7 +36,7 @@ from ._connection import (
     host_port,
     internal_error,
 )
-from ._machine import ConnectionMachine, Expiry, State
+from ._machine import CLOSED, DISPATCHING, IDLE, LINGERING, ConnectionMachine, Expiry
 
 __all__ = ["ServerConnection"]
 
@@ -151,15 +151,15 @@ class ServerConnection:
                     # The peer may have answered a 100 Continue while it was written.
                     continue
             state = machine.state
-            if state is State.LINGERING:
+            if state is LINGERING:
                 await self._linger()
                 return None
-            if state is State.CLOSED:
+            if state is CLOSED:
                 return None
             timeout = machine.deadline - anyio.current_time()
-            if await self._wait_for_bytes(timeout, idle=state is State.IDLE):
+            if await self._wait_for_bytes(timeout, idle=state is IDLE):
                 continue
-            if self._reader_done or machine.state is State.CLOSED:
+            if self._reader_done or machine.state is CLOSED:
                 return None
             if machine.expire(anyio.current_time()) is Expiry.CLOSE:
                 return None
@@ -217,10 +217,10 @@ class ServerConnection:
                     sent = await self._send(body[start : start + WRITE_SLICE])
         if not sent:
             return False
-        if machine.state is State.LINGERING:
+        if machine.state is LINGERING:
             await self._linger()
             return False
-        return machine.state is State.IDLE
+        return machine.state is IDLE
 
     async def _linger(self) -> None:
         """Half-close, then discard input until the peer's EOF (bounded)."""
@@ -258,15 +258,15 @@ class ServerConnection:
                 except (anyio.EndOfStream, anyio.BrokenResourceError):
                     data = b""
                 if self._discard:
-                    if data and machine.state is State.LINGERING and machine.discard(data):
+                    if data and machine.state is LINGERING and machine.discard(data):
                         continue
                     return
                 if not data:
-                    if machine.receive_eof() is State.DISPATCHING and self._scope is not None:
+                    if machine.receive_eof() is DISPATCHING and self._scope is not None:
                         _log.debug("client disconnected during dispatch", client=self._client)
                         self._scope.cancel()
                     return
-                machine.receive(data)
+                machine.receive(data)  # parsed by the handler
                 ready = self._data_ready
                 if ready is not None:
                     ready.set()
