@@ -81,6 +81,7 @@ import math
 import h11
 import structlog
 
+from zerver.core._errors import ZerverError
 from zerver.core._http import Request, Response
 
 from ._connection import (
@@ -214,8 +215,9 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 }
 
 
-class TransitionError(RuntimeError):
-    """A driver fed an event the connection's state does not allow (a bug in zerver)."""
+class TransitionError(ZerverError, RuntimeError):
+    """A driver fed an event the connection's state does not allow (a bug in zerver, as
+    h11's ``LocalProtocolError`` is a bug in its caller, not the peer's fault)."""
 
 
 class Expiry(enum.IntEnum):
@@ -469,11 +471,10 @@ class ConnectionMachine:
     def _linger(self, event: Event) -> None:
         self._go(event)
         self._discarded = 0
+        # The wait starts once the driver has half-closed (see lingering).
+        self.deadline = math.inf
         if self.eof:
-            self._go(_CLOSE)
-            self.deadline = math.inf
-        else:
-            self.deadline = math.inf  # the driver's half-close starts the wait (see lingering)
+            self._go(_CLOSE)  # the peer is gone: nothing to linger for
 
     def lingering(self, now: float) -> None:
         """The driver half-closed: the linger deadline starts now."""
