@@ -1,58 +1,12 @@
-"""One HTTP/1.1 connection: h11 on an anyio socket stream, with limits and timeouts.
+"""What one HTTP/1.1 connection needs besides h11: limits, requests, responses.
 
-h11 parses requests; this module adds what a server needs on top of it and
-writes response heads itself (see :func:`encode_response`). The rules below
-hold for both transports; the sans-I/O helpers (limits, request building,
-response encoding) are shared with the asyncio Protocol transport in
-:mod:`zerver.http._protocol`, which implements the same rules with callbacks
-instead of the reader task described here. The rules of a connection:
-
-* Requests are answered strictly in order, one at a time (pipelined requests
-  wait in h11's receive buffer until the previous response has been sent).
-  HTTP/1.1 connections stay open unless either side says ``connection: close``;
-  HTTP/1.0 connections close after one response (h11 has no 1.0 keep-alive).
-* One **reader task** per connection is the only caller of ``stream.receive``.
-  It feeds every byte to h11 and wakes the handler. It keeps reading while the
-  handler waits for bytes, and otherwise only until ``max_pipelined`` bytes have
-  been read ahead since the handler last ran dry; then it parks. So h11's buffer
-  never holds more than ``max_pipelined`` + ``max_header_bytes`` + one read.
-* Reading ahead is also how a disconnect is noticed. The peer's EOF means it is
-  gone (a half-close is treated as a close, as most servers do): EOF while the
-  app's ``dispatch`` is awaited cancels the connection's cancel scope, hence the
-  dispatch and whatever jobs the app ties to it; a request that was complete
-  before the EOF is not dispatched. A reader parked on the read-ahead budget
-  notices nothing until the current response has been written.
-* Waiting for a new request with nothing buffered is *idle*: after
-  ``keepalive_timeout_s``, or at once when the server shuts down, the
-  connection closes silently.
-* Once a request head has started it must be complete within
-  ``header_timeout_s``; each wait for more body bytes is bounded by the same
-  value, and the whole body must arrive within ``body_timeout_s`` of the head
-  (an overall deadline: a trickle of bytes does not extend it). Running out of
-  time answers 408 and closes.
-* Writing waits on the peer: each write of a response (bodies are written in
-  slices of ``WRITE_SLICE`` bytes) must be taken by the peer within
-  ``write_timeout_s``, else the connection is dropped without a word. While a
-  response waits, no further pipelined request is parsed, and the reader stops
-  at its read-ahead budget, so a peer that never reads holds at most one
-  response and ``max_pipelined`` bytes of input.
-* A peer error answers with a small JSON body and closes: h11's status hint
-  for malformed input (400, 431 for an incomplete head over
-  ``max_header_bytes``, 501 for an unknown transfer coding), 431 for a complete
-  head over the limit, 505 for an HTTP version other than 1.0 and 1.1, 400 for
-  a request target that is not origin-, absolute- or asterisk-form, for a
-  ``Host`` that is not ``host[:port]``, and for framing that could be read two
-  ways (``Content-Length`` together with ``Transfer-Encoding``, or
-  ``Transfer-Encoding`` in HTTP/1.0; RFC 9112 §6.1), 413 for a body over
-  ``max_body_bytes`` (a Content-Length over the limit is refused before any
-  body byte is read; chunked bodies are counted), 417 for an ``Expect`` other
-  than ``100-continue``. The body names the rule, never the offending input.
-* A connection accepted while ``max_connections`` are open is answered 503
-  and closed (with a lingering close, counted apart); one accepted while as
-  many such refusals are still lingering is closed at once.
-* Every server-side close after a response is a *lingering close*: half-close,
-  then discard what the peer still sends (bounded in time and bytes) until its
-  EOF, so that a TCP reset cannot destroy the response in flight.
+The sans-I/O helpers of :mod:`zerver.http._machine`, which states the rules of
+a connection: the server's checks of a request head (:func:`check_head`),
+building the :class:`Request` (:func:`make_request`), the refusal of a peer
+error (:func:`rejection`, :func:`reject_for`), encoding a response
+(:func:`encode_response`) and the next cycle of a kept-alive connection
+(:func:`next_cycle`), with the :class:`ConnectionContext` every connection of
+one server shares and the accept-failure log both transports keep.
 """
 
 from __future__ import annotations
@@ -65,8 +19,6 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
-import anyio
-import anyio.abc
 import h11
 import orjson
 import structlog
@@ -78,7 +30,6 @@ __all__ = [
     "ConnectionContext",
     "DateHeader",
     "RejectedError",
-    "ServerConnection",
     "check_head",
     "encode_response",
     "host_port",
@@ -92,7 +43,6 @@ __all__ = [
 
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger("zerver.server")
 
-_READ_SIZE = 64 * 1024
 # Large bodies are written in slices, so the write deadline measures the
 # peer's progress rather than the size of the response.
 WRITE_SLICE = 64 * 1024
@@ -423,289 +373,6 @@ def _client_keeps_alive(request: Request) -> bool:
         if name == b"connection" and b"close" in (t.strip() for t in value.lower().split(b",")):
             return False
     return True
-
-
-class ServerConnection:
-    """Serves the requests of one accepted socket stream; see the module rules."""
-
-    __slots__ = (
-        "_ahead",
-        "_client",
-        "_ctx",
-        "_data_ready",
-        "_discard",
-        "_dispatching",
-        "_eof",
-        "_h11",
-        "_idle_scope",
-        "_local",
-        "_reader_done",
-        "_reader_wakeup",
-        "_scope",
-        "_write_since",
-        "stream",
-    )
-
-    def __init__(self, ctx: ConnectionContext, stream: anyio.abc.SocketStream) -> None:
-        self._ctx = ctx
-        self.stream = stream
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=ctx.max_header_bytes)
-        # anyio leaves remote_address out when the peer already reset the connection.
-        self._client = host_port(stream.extra(anyio.abc.SocketAttribute.remote_address, None))
-        self._local = host_port(stream.extra(anyio.abc.SocketAttribute.local_address, None))
-        self._scope: anyio.CancelScope | None = None
-        self._dispatching = False
-        self._eof = False
-        self._discard = False
-        self._reader_done = False
-        self._ahead = 0
-        self._data_ready: anyio.Event | None = None
-        self._reader_wakeup: anyio.Event | None = None
-        self._idle_scope: anyio.CancelScope | None = None
-        self._write_since = 0.0
-
-    def close_if_idle(self) -> None:
-        """Close the connection now if it is waiting for a new request (server shutdown)."""
-        if self._idle_scope is not None:
-            self._idle_scope.cancel()
-
-    def drop_if_stalled(self, now: float) -> None:
-        """Drop the connection if one write has waited on the peer past the write timeout."""
-        since = self._write_since
-        if since and now - since >= self._ctx.write_timeout_s and self._scope is not None:
-            _log.debug("write timed out; dropping the connection", client=self._client)
-            self._scope.cancel()
-
-    async def run(self, refuse: RejectedError | None = None) -> None:
-        """Serve requests until the connection is done, then close the stream.
-
-        With ``refuse``, answer that error at once instead (over ``max_connections``).
-        """
-        # Why a per-connection reader task instead of a watcher per request: it
-        # keeps the hot path free of task and task-group creation. A request
-        # costs one wake-up of this task by the reader; the only per-request
-        # objects are h11's events, the Request, the response headers and one
-        # timeout scope while waiting for the next request.
-        try:
-            async with anyio.create_task_group() as tg:
-                self._scope = tg.cancel_scope
-                tg.start_soon(self._read_loop)
-                try:
-                    if refuse is None:
-                        await self._serve()
-                    else:
-                        await self._reject(refuse)
-                finally:
-                    tg.cancel_scope.cancel()
-        finally:
-            await self.stream.aclose()
-
-    # ---------------------------------------------------------------- handler
-
-    async def _serve(self) -> None:
-        dispatch = self._ctx.dispatch
-        while True:
-            try:
-                request = await self._read_request()
-            except RejectedError as reject:
-                await self._reject(reject)
-                return
-            if request is None:
-                return
-            if self._eof:
-                # The peer's EOF means it is gone (see the module rules); a
-                # request that was complete before it is dropped, not dispatched.
-                _log.debug("client disconnected before dispatch", client=self._client)
-                return
-            self._dispatching = True
-            try:
-                response = await dispatch(request)
-            except Exception:
-                response = internal_error("app dispatch raised", request)
-            finally:
-                self._dispatching = False
-            keep_alive = await self._respond(request, response)
-            if keep_alive is None:
-                return
-            if not keep_alive:
-                await self._linger()
-                return
-            self._h11 = next_cycle(self._h11, self._ctx.max_header_bytes)
-
-    async def _read_request(self) -> Request | None:
-        """The next complete request, or ``None`` when the connection should close."""
-        conn = self._h11
-        ctx = self._ctx
-        head: h11.Request | None = None
-        headers: list[tuple[bytes, bytes]] = []
-        target = ("", "")
-        parts: list[bytes] = []
-        body_size = 0
-        head_deadline: float | None = None
-        body_deadline = 0.0
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise reject_for(exc) from None
-            if event is h11.NEED_DATA:
-                if head is None:
-                    if head_deadline is None:
-                        if not conn.trailing_data[0]:
-                            if ctx.closing or not await self._wait_for_bytes(
-                                ctx.keepalive_timeout_s, idle=True
-                            ):
-                                return None
-                            continue
-                        head_deadline = anyio.current_time() + ctx.header_timeout_s
-                    timeout = head_deadline - anyio.current_time()
-                else:
-                    if conn.they_are_waiting_for_100_continue and not await self._continue():
-                        return None
-                    timeout = min(ctx.header_timeout_s, body_deadline - anyio.current_time())
-                if not await self._wait_for_bytes(timeout):
-                    if self._reader_done:
-                        return None
-                    raise RejectedError(408, "request timeout")
-                continue
-            if type(event) is h11.Data:
-                body_size += len(event.data)
-                if body_size > ctx.max_body_bytes:
-                    raise RejectedError(413, "request body too large", limit=ctx.max_body_bytes)
-                parts.append(event.data)
-            elif type(event) is h11.Request:
-                head = event
-                headers = list(event.headers)
-                target = check_head(ctx, event, headers)
-                body_deadline = anyio.current_time() + ctx.body_timeout_s
-            elif type(event) is h11.EndOfMessage:
-                if head is None:  # pragma: no cover - h11 never ends a message it did not start
-                    return None
-                return make_request(head, headers, target, parts, self._client, self._local)
-            else:
-                # ConnectionClosed. PAUSED cannot happen: a cycle starts after its response.
-                return None
-
-    async def _wait_for_bytes(self, timeout: float, *, idle: bool = False) -> bool:
-        """Wait until the reader has fed h11 more bytes; ``False`` on timeout or shutdown."""
-        if self._reader_done:
-            return False
-        self._ahead = 0
-        ready = self._data_ready = anyio.Event()
-        wakeup = self._reader_wakeup
-        if wakeup is not None:
-            wakeup.set()
-        with anyio.move_on_after(timeout) as scope:
-            if idle:
-                self._idle_scope = scope
-            try:
-                await ready.wait()
-            finally:
-                self._idle_scope = None
-        self._data_ready = None
-        return ready.is_set()
-
-    async def _send(self, data: bytes) -> bool:
-        """Write ``data``; ``False`` if the peer is gone.
-
-        The write deadline is kept by the server's sweeper (see
-        :meth:`drop_if_stalled`): a cancel scope per write would cost more
-        than the rest of sending a small response.
-        """
-        self._write_since = anyio.current_time()
-        try:
-            await self.stream.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return False
-        finally:
-            self._write_since = 0.0
-        return True
-
-    async def _continue(self) -> bool:
-        """Send ``100 Continue``; ``False`` if the peer is gone."""
-        event = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
-        return await self._send(self._h11.send(event) or b"")
-
-    async def _respond(self, request: Request, response: Response) -> bool | None:
-        """Send the response; ``None`` if the peer is gone, else whether to keep alive."""
-        head, body, keep_alive = encode_response(self._ctx, request, response)
-        if body and len(body) <= COALESCE_MAX:
-            sent = await self._send(head + body)
-        else:
-            sent = await self._send(head)
-            if len(body) <= WRITE_SLICE:
-                sent = sent and (not body or await self._send(body))
-            else:
-                for start in range(0, len(body), WRITE_SLICE):
-                    if not sent:
-                        break
-                    sent = await self._send(body[start : start + WRITE_SLICE])
-        return keep_alive if sent else None
-
-    async def _reject(self, reject: RejectedError) -> None:
-        if await self._send(rejection(self._ctx, reject, self._client)):
-            await self._linger()
-
-    async def _linger(self) -> None:
-        """Half-close, then discard input until the peer's EOF (bounded)."""
-        self._discard = True
-        wakeup = self._reader_wakeup
-        if wakeup is not None:
-            wakeup.set()
-        if self._reader_done:
-            return
-        try:
-            await self.stream.send_eof()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return
-        # In discard mode the reader sets this event only when it stops.
-        ready = self._data_ready = anyio.Event()
-        if not self._reader_done:
-            with anyio.move_on_after(LINGER_TIMEOUT_S):
-                await ready.wait()
-
-    # ----------------------------------------------------------------- reader
-
-    async def _read_loop(self) -> None:
-        receive = self.stream.receive
-        limit = self._ctx.max_pipelined
-        discarded = 0
-        try:
-            while True:
-                if not self._discard and self._ahead >= limit and self._data_ready is None:
-                    wakeup = self._reader_wakeup = anyio.Event()
-                    await wakeup.wait()
-                    self._reader_wakeup = None
-                    continue
-                try:
-                    data = await receive(_READ_SIZE)
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    data = b""
-                if self._discard:
-                    discarded += len(data)
-                    if data and discarded <= LINGER_MAX_BYTES:
-                        continue
-                    return
-                if not data:
-                    self._eof = True
-                    self._h11.receive_data(b"")
-                    if self._dispatching and self._scope is not None:
-                        _log.debug("client disconnected during dispatch", client=self._client)
-                        self._scope.cancel()
-                    return
-                self._ahead += len(data)
-                # Not bound once: the handler moves to a fresh h11 connection per request.
-                self._h11.receive_data(data)
-                ready = self._data_ready
-                if ready is not None:
-                    ready.set()
-        except anyio.ClosedResourceError:
-            return
-        finally:
-            self._reader_done = True
-            ready = self._data_ready
-            if ready is not None:
-                ready.set()
 
 
 class AcceptFailures:

@@ -1,38 +1,24 @@
-"""The asyncio ``Protocol`` transport: h11 fed from ``data_received`` callbacks.
+"""The asyncio ``Protocol`` transport: a connection machine driven by transport callbacks.
 
 The default transport when anyio runs on asyncio (see ``ServerConfig.transport``).
-It keeps every rule of :mod:`zerver.http._connection` (ordering, limits, timeouts,
-read-ahead bound, disconnect cancels dispatch, lingering close, graceful
-shutdown) but replaces the per-connection reader task, anyio events and
-cancel scopes of the streams transport with callbacks, which costs far less
-per request. This module is the only one that touches the asyncio loop directly.
+The rules of a connection are :mod:`zerver.http._machine`'s; this module
+feeds it from asyncio's callbacks, which costs far less per request than the
+reader task, anyio events and cancel scopes of the streams transport. It is
+the only module that touches the asyncio loop directly. What is particular
+to callbacks:
 
-The rules of one connection's state machine:
-
-* ``data_received`` feeds h11 and, unless a request is being answered, parses
-  at once. A complete request starts a *busy period*: one asyncio task that
+* ``data_received`` feeds the machine and, when it waits for bytes, parses at
+  once. A complete request starts a *busy period*: one asyncio task that
   awaits ``dispatch`` inside an anyio cancel scope, writes the response, and
-  goes on with the next pipelined request already buffered. So requests are
-  answered strictly in order, one at a time, and a connection that is not
-  busy has no task at all.
-* While busy (or while the transport has paused writing), received bytes are
-  only fed to h11; once ``max_pipelined`` bytes have been read since parsing
-  last ran dry, reading pauses. It resumes when parsing runs dry again.
-* ``pause_writing`` from the transport (a slow reader: more than its
-  high-water mark of output is buffered) ends the busy period after the
-  current response and starts the write deadline; ``resume_writing`` stops
-  it and goes on parsing. So a peer that does not read holds one response
-  and ``max_pipelined`` bytes of input, for at most ``write_timeout_s``.
-* The peer's EOF (or a lost connection) while busy cancels the dispatch's
-  scope; a request complete before the EOF is not dispatched.
-* At most one timer per connection, re-armed lazily: a wait records its
-  deadline and mode (idle, head, body, write, linger, drain); the timer, when
-  it fires, acts only if the deadline has passed and otherwise re-arms
-  itself. Idle closes silently; head/body answer 408 (the body's deadline is
-  the earlier of ``header_timeout_s`` from its last bytes and
-  ``body_timeout_s`` from its head); write (output stalled) drops the
-  connection; linger closes, and a close with output still buffered (drain)
-  drops the connection if the peer has not taken it within ``write_timeout_s``.
+  goes on with the next pipelined request already buffered; a connection
+  that is not busy has no task at all.
+* The read-ahead budget is ``pause_reading``/``resume_reading``;
+  ``pause_writing`` (more than the transport's high-water mark of output is
+  buffered) is the machine's output paused, which ends the busy period after
+  the current response; ``resume_writing`` goes on parsing.
+* At most one timer per connection, re-armed lazily: the timer fires at the
+  machine's deadline, and when the deadline has moved meanwhile it only
+  re-arms itself.
 * A connection leaves the server's set once its transport is lost *and* no
   busy period is running, so shutdown waits for both.
 
@@ -47,31 +33,24 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import os
 import socket
 from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
-import h11
 import structlog
 
 from ._connection import (
     COALESCE_MAX,
-    LINGER_MAX_BYTES,
-    LINGER_TIMEOUT_S,
     AcceptFailures,
     ConnectionContext,
     RejectedError,
-    check_head,
-    encode_response,
     host_port,
     internal_error,
-    make_request,
-    next_cycle,
-    reject_for,
-    rejection,
 )
+from ._machine import CLOSED, DISPATCHING, LINGERING, STALLED, ConnectionMachine, Expiry
 
 if TYPE_CHECKING:
     from anyio.streams.stapled import MultiListener
@@ -81,15 +60,6 @@ if TYPE_CHECKING:
 __all__ = ["ProtocolConnection", "ProtocolServer", "running_on_asyncio"]
 
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger("zerver.server")
-
-# What a connection is waiting for; decides what its timer does.
-_NONE = 0  # nothing (busy, stalled on writing, or closed): the timer does nothing
-_IDLE = 1  # a new request with nothing buffered: close silently
-_HEAD = 2  # the rest of a started request head: 408
-_BODY = 3  # more body bytes: 408
-_LINGER = 4  # the peer's EOF after our half-close: close
-_WRITE = 5  # the peer to take buffered output (writing paused): drop
-_DRAIN = 6  # closed with output still buffered: drop
 
 # Accepts per readiness event, as asyncio's own loop does with its backlog.
 _ACCEPT_BATCH = 128
@@ -294,32 +264,19 @@ class ProtocolConnection(asyncio.Protocol):
 
     __slots__ = (
         "_admission",
-        "_ahead",
-        "_body_deadline",
-        "_body_size",
         "_busy",
         "_client",
         "_ctx",
-        "_deadline",
-        "_discarded",
-        "_eof",
-        "_h11",
-        "_head",
-        "_headers",
-        "_local",
         "_loop",
         "_lost",
-        "_parts",
+        "_machine",
         "_read_paused",
         "_scope",
         "_server",
-        "_stalled",
-        "_target",
         "_task",
         "_timer",
         "_timer_at",
         "_transport",
-        "_wait",
         "_write_paused",
     )
 
@@ -328,33 +285,19 @@ class ProtocolConnection(asyncio.Protocol):
         self._server = server
         self._ctx = ctx
         self._loop = server.loop
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=ctx.max_header_bytes)
+        self._machine: ConnectionMachine | None = None
         self._transport: asyncio.Transport | None = None
         self._client: tuple[str, int] | None = None
-        self._local: tuple[str, int] | None = None
-        # The request being read.
-        self._head: h11.Request | None = None
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._target = ("", "")
-        self._parts: list[bytes] = []
-        self._body_size = 0
-        self._body_deadline = 0.0
         self._admission = _DROP
         # Flow.
         self._busy = False
         self._scope: anyio.CancelScope | None = None
         # asyncio keeps only weak references to tasks.
         self._task: asyncio.Task[None] | None = None
-        self._stalled = False
         self._write_paused = False
         self._read_paused = False
-        self._ahead = 0
-        self._eof = False
         self._lost = False
-        self._discarded = 0
         # The timer (see the module rules).
-        self._wait = _NONE
-        self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
@@ -362,7 +305,8 @@ class ProtocolConnection(asyncio.Protocol):
 
     def close_if_idle(self) -> None:
         """Close now if waiting for a new request with nothing buffered (server shutdown)."""
-        if self._wait == _IDLE:
+        machine = self._machine
+        if machine is not None and machine.shutdown():
             self._close()
 
     def cancel(self) -> None:
@@ -389,55 +333,50 @@ class ProtocolConnection(asyncio.Protocol):
             transport.close()
             return
         self._transport = transport
-        self._client = host_port(transport.get_extra_info("peername"))
-        self._local = host_port(transport.get_extra_info("sockname"))
+        client = self._client = host_port(transport.get_extra_info("peername"))
+        machine = self._machine = ConnectionMachine(
+            self._ctx, client, host_port(transport.get_extra_info("sockname"))
+        )
         admission = self._admission = self._server.admit(self)
         if admission == _SERVE:
             self._advance()
         elif admission == _REFUSE:
-            _log.debug("too many connections; refusing one", client=self._client)
-            self._reject(_TOO_MANY)
+            _log.debug("too many connections; refusing one", client=client)
+            machine.refuse(_TOO_MANY)
+            self._follow()
         else:
-            _log.debug("too many connections; closing one unanswered", client=self._client)
+            _log.debug("too many connections; closing one unanswered", client=client)
             transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        if self._wait == _LINGER:
-            self._discarded += len(data)
-            if self._discarded > LINGER_MAX_BYTES:
+        machine = self._machine
+        assert machine is not None
+        if machine.state is LINGERING:
+            if not machine.discard(data):
                 self._close()
             return
-        self._ahead += len(data)
-        self._h11.receive_data(data)
-        if not (self._busy or self._stalled):
+        if machine.receive(data):
             self._advance()
-        if (
-            (self._busy or self._stalled)
-            and self._ahead >= self._ctx.max_pipelined
-            and not self._read_paused
-            and self._transport is not None
-        ):
+        if not self._read_paused and machine.read_paused and self._transport is not None:
             self._read_paused = True
             self._transport.pause_reading()
 
     def eof_received(self) -> bool:
-        # The peer's EOF means it is gone (a half-close is treated as a close).
-        if self._wait == _LINGER:
-            return False
-        self._eof = True
-        if self._busy:
+        machine = self._machine
+        assert machine is not None
+        state = machine.receive_eof()
+        if state is DISPATCHING:
             _log.debug("client disconnected during dispatch", client=self._client)
             if self._scope is not None:
                 self._scope.cancel()
-            return False
-        if not self._stalled:
-            self._h11.receive_data(b"")
+        elif machine.waiting:
             self._advance()
         return False  # the transport closes once our writes are flushed
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self._wait = _NONE
+        if self._machine is not None:
+            self._machine.close()
         timer = self._timer
         if timer is not None:
             timer.cancel()
@@ -450,111 +389,60 @@ class ProtocolConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        if self._wait == _NONE:
-            self._arm(_WRITE, self._loop.time() + self._ctx.write_timeout_s)
+        machine = self._machine
+        if machine is not None:
+            machine.output_paused(self._loop.time())
+            self._arm()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._wait == _WRITE:
-            self._wait = _NONE
-        if self._stalled and not self._lost:
-            self._stalled = False
+        machine = self._machine
+        if machine is not None and machine.output_resumed() and not self._lost:
             self._advance()
 
     # ---------------------------------------------------------------- parsing
 
     def _advance(self) -> None:
-        """Parse what h11 holds; start a busy period for a complete request."""
-        request = self._next_request()
-        if request is not None:
+        """Parse what is buffered; start a busy period for a complete request."""
+        machine = self._machine
+        assert machine is not None
+        request = machine.next_request(self._loop.time())
+        if request is None:
+            self._follow()
+        else:
             self._busy = True
             self._task = self._loop.create_task(self._serve(request))
 
-    def _next_request(self) -> Request | None:
-        """The next complete request; else arrange the wait, reject or close and ``None``."""
-        conn = self._h11
-        ctx = self._ctx
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._reject(reject_for(exc))
-                return None
-            if event is h11.NEED_DATA:
-                self._need_data()
-                return None
-            if type(event) is h11.Request:
-                headers = list(event.headers)
-                try:
-                    self._target = check_head(ctx, event, headers)
-                except RejectedError as reject:
-                    self._reject(reject)
-                    return None
-                self._head = event
-                self._headers = headers
-                self._body_deadline = self._loop.time() + ctx.body_timeout_s
-            elif type(event) is h11.Data:
-                self._body_size += len(event.data)
-                if self._body_size > ctx.max_body_bytes:
-                    self._reject(
-                        RejectedError(413, "request body too large", limit=ctx.max_body_bytes)
-                    )
-                    return None
-                self._parts.append(event.data)
-            elif type(event) is h11.EndOfMessage:
-                head = self._head
-                if head is None:  # pragma: no cover - h11 never ends a message it did not start
-                    self._close()
-                    return None
-                request = make_request(
-                    head, self._headers, self._target, self._parts, self._client, self._local
-                )
-                self._head = None
-                self._parts = []
-                self._body_size = 0
-                self._wait = _NONE
-                if self._eof:
-                    # A request complete before the peer's EOF is dropped, not dispatched.
-                    _log.debug("client disconnected before dispatch", client=self._client)
-                    self._close()
-                    return None
-                return request
-            else:
-                # ConnectionClosed. PAUSED cannot happen: a cycle starts after its response.
-                self._close()
-                return None
-
-    def _need_data(self) -> None:
-        self._ahead = 0
+    def _follow(self) -> None:
+        """Do what the machine asks when it has no request: write, wait, linger or close."""
+        machine = self._machine
+        assert machine is not None
         transport = self._transport
         if transport is None or self._lost:
             return
-        if self._read_paused:
-            self._read_paused = False
-            transport.resume_reading()
-        ctx = self._ctx
-        conn = self._h11
-        if self._head is None:
-            if not conn.trailing_data[0]:
-                if ctx.closing:
-                    self._close()
-                else:
-                    self._arm(_IDLE, self._loop.time() + ctx.keepalive_timeout_s)
-            elif self._wait != _HEAD:
-                self._arm(_HEAD, self._loop.time() + ctx.header_timeout_s)
-            return
-        if conn.they_are_waiting_for_100_continue:
-            event = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
-            transport.write(conn.send(event) or b"")
-        self._arm(_BODY, min(self._loop.time() + ctx.header_timeout_s, self._body_deadline))
+        if machine.output:
+            transport.write(machine.take_output())
+        state = machine.state
+        if state is LINGERING:
+            self._linger()
+        elif state is CLOSED:
+            self._close()
+        else:
+            # A waiting state: parsing ran dry.
+            if self._read_paused:
+                self._read_paused = False
+                transport.resume_reading()
+            self._arm()
 
     # ----------------------------------------------------------------- timer
 
-    def _arm(self, wait: int, deadline: float) -> None:
-        self._wait = wait
-        self._deadline = deadline
+    def _arm(self) -> None:
+        """Make sure the timer fires by the machine's deadline."""
+        machine = self._machine
+        assert machine is not None
+        deadline = machine.deadline
         timer = self._timer
-        if timer is None or deadline < self._timer_at:
+        if deadline != math.inf and (timer is None or deadline < self._timer_at):
             if timer is not None:
                 timer.cancel()
             self._timer = self._loop.call_at(deadline, self._on_timer)
@@ -562,17 +450,15 @@ class ProtocolConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        wait = self._wait
-        if wait == _NONE:
+        machine = self._machine
+        if machine is None or self._lost:
             return
-        if self._deadline > self._loop.time() + _TIMER_SLACK_S:
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
-            self._timer_at = self._deadline
-            return
-        if wait in (_HEAD, _BODY):
-            self._reject(RejectedError(408, "request timeout"))
-        elif wait in (_WRITE, _DRAIN):
-            _log.debug("write timed out; dropping the connection", client=self._client)
+        expiry = machine.expire(self._loop.time() + _TIMER_SLACK_S)
+        if expiry is Expiry.NOTHING:
+            self._arm()
+        elif expiry is Expiry.REFUSE:
+            self._follow()
+        elif expiry is Expiry.DROP:
             self.abort()
         else:
             self._close()
@@ -582,6 +468,8 @@ class ProtocolConnection(asyncio.Protocol):
     async def _serve(self, request: Request) -> None:
         """A busy period: answer ``request`` and whatever complete ones follow it."""
         dispatch = self._ctx.dispatch
+        machine = self._machine
+        assert machine is not None
         try:
             if self._lost:
                 return
@@ -592,15 +480,15 @@ class ProtocolConnection(asyncio.Protocol):
                         response = await dispatch(request)
                     except Exception:
                         response = internal_error("app dispatch raised", request)
-                    if self._eof or self._lost or scope.cancel_called:
+                    if machine.eof or self._lost or scope.cancel_called:
                         break
                     if not self._respond(request, response):
                         break
-                    if self._write_paused:
-                        self._stalled = True
+                    if machine.state is STALLED:
                         break
-                    next_request = self._next_request()
+                    next_request = machine.next_request(self._loop.time())
                     if next_request is None:
+                        self._follow()
                         break
                     request = next_request
             if scope.cancel_called:
@@ -617,7 +505,9 @@ class ProtocolConnection(asyncio.Protocol):
 
     def _respond(self, request: Request, response: Response) -> bool:
         """Write the response; ``False`` if the connection closes after it."""
-        head, body, keep_alive = encode_response(self._ctx, request, response)
+        machine = self._machine
+        assert machine is not None
+        head, body = machine.respond(request, response)
         transport = self._transport
         assert transport is not None
         if body and len(body) <= COALESCE_MAX:
@@ -626,40 +516,41 @@ class ProtocolConnection(asyncio.Protocol):
             transport.write(head)
             if body:
                 transport.write(body)
-        if keep_alive:
-            self._h11 = next_cycle(self._h11, self._ctx.max_header_bytes)
-            return True
-        self._linger()
-        return False
-
-    def _reject(self, reject: RejectedError) -> None:
-        data = rejection(self._ctx, reject, self._client)
-        transport = self._transport
-        if transport is not None and not self._lost:
-            transport.write(data)
-        self._linger()
+        state = machine.state
+        if state is LINGERING:
+            self._linger()
+            return False
+        if state is CLOSED:
+            self._close()
+            return False
+        return True
 
     # -------------------------------------------------------------- closing
 
     def _linger(self) -> None:
         """Half-close, then discard input until the peer's EOF (bounded)."""
+        machine = self._machine
+        assert machine is not None
         transport = self._transport
-        if transport is None or self._lost or self._eof or transport.is_closing():
+        if transport is None or self._lost or transport.is_closing():
             self._close()
             return
         transport.write_eof()
-        self._discarded = 0
-        self._arm(_LINGER, self._loop.time() + LINGER_TIMEOUT_S)
+        machine.lingering(self._loop.time())
+        self._arm()
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
 
     def _close(self) -> None:
-        self._wait = _NONE
+        machine = self._machine
+        assert machine is not None
+        machine.close()
         transport = self._transport
         if transport is not None and not self._lost:
             transport.close()
             if transport.get_write_buffer_size():
                 # close() waits for the output to be flushed; a peer that does
                 # not read must not keep the connection for ever.
-                self._arm(_DRAIN, self._loop.time() + self._ctx.write_timeout_s)
+                machine.flushing(self._loop.time())
+                self._arm()

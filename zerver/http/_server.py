@@ -1,8 +1,9 @@
 """The HTTP/1.1 server shell: listening, graceful shutdown, signals and worker processes.
 
-One connection's protocol rules live in :mod:`zerver.http._connection`, carried by
+One connection's protocol rules live in :mod:`zerver.http._machine`, driven by
 one of two transports (``ServerConfig.transport``): anyio socket streams
-(:class:`_StreamServer` here, a task per connection, any anyio backend) or an
+(:class:`_StreamServer` here and :mod:`zerver.http._streams`, a task per
+connection, any anyio backend) or an
 asyncio ``Protocol`` (:mod:`zerver.http._protocol`, callbacks, the default on
 asyncio because it costs far less per request). This module binds, runs the
 app's lifespan around the transport and stops gracefully, the same way on both:
@@ -15,7 +16,7 @@ app's lifespan around the transport and stops gracefully, the same way on both:
 
 Accepting is bounded the same way on both: past ``max_connections`` open
 connections a new one is answered 503 and closed (see
-:mod:`zerver.http._connection`); an accept that fails for want of resources
+:mod:`zerver.http._machine`); an accept that fails for want of resources
 (``EMFILE``, ``ENFILE``, ...) backs off for ``_ACCEPT_BACKOFF_S`` and is
 logged at most once per ``_ACCEPT_LOG_INTERVAL_S`` (:class:`AcceptFailures`).
 """
@@ -46,8 +47,9 @@ from anyio.streams.stapled import MultiListener
 from zerver.core._errors import ConfigError, UsageError
 from zerver.core._http import Request, Response
 
-from ._connection import AcceptFailures, ConnectionContext, RejectedError, ServerConnection
+from ._connection import AcceptFailures, ConnectionContext, RejectedError
 from ._protocol import ProtocolServer, running_on_asyncio
+from ._streams import ServerConnection
 
 if TYPE_CHECKING:
     from zerver._config import Settings
