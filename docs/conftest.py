@@ -6,9 +6,10 @@ temporary directory (removed when the page's examples are done), so an example
 that starts servers, writes files or calls ``anyio.run`` leaves nothing behind
 and no process-wide state (tracer providers, logging) leaks between examples.
 
-- Expected output: lines ``# > text`` give what the block prints, in order.
-  Leading and trailing spaces are ignored, and ``...`` stands for any text
-  within a line (ids and durations that differ from run to run).
+- Expected output: lines ``# > text`` give what the block prints to stdout,
+  in order; a block that prints must show it. Leading and trailing spaces are
+  ignored, and ``...`` stands for any text within a line (an id that differs
+  from run to run). zerver's log lines are sent to stderr and not compared.
 - A block whose first line is a docstring naming a file (``\"\"\"notes.py: ...\"\"\"``)
   is saved under that name in the page's directory, so a later block of the page
   may ``import notes``, as a reader who saved it would. A ``test_*.py`` file is
@@ -40,7 +41,14 @@ _TIMEOUT_S = 60
 # Runs the block's source compiled under the page's path, so that a traceback
 # names the page and the page's own line numbers (the source is padded to start
 # at its line) and shows the offending line; it runs as __main__, as a script does.
-_BOOT = "import sys; _code = compile(sys.stdin.read(), sys.argv[1], 'exec'); del sys; exec(_code)"
+# Log lines go to stderr (structlog's default is stdout), so that what a page
+# shows after ``# >`` is what the block prints; a block that configures logging
+# itself still decides.
+_BOOT = (
+    "import sys, structlog; "
+    "structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr)); "
+    "_code = compile(sys.stdin.read(), sys.argv[1], 'exec'); del sys, structlog; exec(_code)"
+)
 
 
 def expected_output(source: str) -> list[str]:
@@ -102,8 +110,8 @@ def run_block(example: Example) -> str | None:
         return _failed("the block", result)
     expected = expected_output(source)
     printed = [line.strip() for line in result.stdout.splitlines() if line.strip()]
-    if expected and not output_matches(printed, expected):
-        shown = "\n".join(f"# > {line}" for line in expected)
+    if not output_matches(printed, expected):
+        shown = "\n".join(f"# > {line}" for line in expected) or "(nothing)"
         return f"the block printed:\n{result.stdout}\nwhere the page shows:\n{shown}"
     return None
 
