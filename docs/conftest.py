@@ -13,7 +13,8 @@ and no process-wide state (tracer providers, logging) leaks between examples.
 - A block whose first line is a docstring naming a file (``\"\"\"notes.py: ...\"\"\"``)
   is saved under that name in the page's directory, so a later block of the page
   may ``import notes``, as a reader who saved it would. A ``test_*.py`` file is
-  run with ``python -m pytest`` instead, and every test in it must pass.
+  run with ``python -m pytest`` instead (with anyio's and zerver's plugins), and
+  every test in it must pass.
 - A fragment (an outline, or code that needs a server the suite does not start)
   says why on the line before its fence: ``<!-- skip: next "needs a Redis server" -->``.
   The reason is required.
@@ -23,6 +24,7 @@ A failing block fails its test with the page and the line of its fence.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -38,6 +40,9 @@ _OUTPUT = re.compile(r"^\s*# ?>(.*)$", re.M)
 _FILE = re.compile(r'^"""(\w+\.py): ')
 _SKIP_WITHOUT_REASON = re.compile(r"<!--\s*skip:\s*(next|start)\s*-->")
 _TIMEOUT_S = 60
+# The pytest plugins the pages' test files use (anyio's marker, zerver's golden_update),
+# and only those: loading every installed plugin would double the run's time.
+_PLUGINS = ("-p", "anyio.pytest_plugin", "-p", "zerver.testing._pytest_plugin")
 # Runs the block's source compiled under the page's path, so that a traceback
 # names the page and the page's own line numbers (the source is padded to start
 # at its line) and shows the offending line; it runs as __main__, as a script does.
@@ -85,9 +90,10 @@ def run_block(example: Example) -> str | None:
     if named is not None and named.group(1).startswith("test_"):
         name = named.group(1)
         result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", name],
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *_PLUGINS, name],
             check=False,
             cwd=workdir,
+            env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
             capture_output=True,
             text=True,
             timeout=_TIMEOUT_S,
