@@ -30,9 +30,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sybil import Document, Example, Region, Sybil
 from sybil.parsers.markdown import PythonCodeBlockParser, SkipParser
 
@@ -143,6 +145,18 @@ class ReasonedSkipParser(SkipParser):
             )
         regions: list[Region] = list(super().__call__(document))
         return regions
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A skipped example is reported at its page and line, not inside pytest."""
+    report = yield
+    example = getattr(item, "example", None)
+    if report.skipped and isinstance(example, Example) and isinstance(report.longrepr, tuple):
+        report.longrepr = (example.path, example.line, report.longrepr[2])
+    return report
 
 
 def _setup(namespace: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ def run_docs(tmp_path: Path, page: str) -> tuple[int, str, Path]:
     temp.mkdir()
     env = {**os.environ, "TMPDIR": str(temp)}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "page.md"],
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "page.md"],
         check=False,
         cwd=site,
         env=env,
@@ -164,6 +164,7 @@ def test_a_page_that_holds_passes_and_leaves_nothing_behind(tmp_path: Path) -> N
     # Four blocks ran (one in a list item), one was skipped with its reason; the
     # skip directive itself is an item too.
     assert "5 passed, 1 skipped" in report
+    assert "page.md:40: needs a server the page cannot start" in report
     assert list(temp.iterdir()) == []
 
 
