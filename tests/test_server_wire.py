@@ -19,6 +19,7 @@ import anyio.abc
 import pytest
 import structlog
 from server_apps import (
+    TRANSPORTS,
     WAIT_S,
     ConfigFactory,
     Reply,
@@ -32,6 +33,21 @@ from zerver.http._connection import split_target
 from zerver.http._server import ServerConfig, _use_protocol, serve
 
 pytestmark = pytest.mark.anyio
+
+
+# The same wire tests on both transports (the ``config`` fixture) and, for the streams
+# transport, on both of anyio's backends: the Protocol transport exists only on asyncio.
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return cast(str, request.param)
+
+
+@pytest.fixture(params=TRANSPORTS)
+def config(request: pytest.FixtureRequest, anyio_backend: str) -> ConfigFactory:
+    if anyio_backend == "trio" and request.param == "protocol":
+        pytest.skip("the Protocol transport runs on asyncio only")
+    return functools.partial(ServerConfig, host="127.0.0.1", port=0, transport=request.param)
+
 
 GET = b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -522,11 +538,17 @@ async def test_idle_connections_are_closed_silently(config: ConfigFactory) -> No
 # -------------------------------------------------------------------- config
 
 
-async def test_auto_transport_is_the_protocol_one_on_asyncio() -> None:
+async def test_auto_transport_is_the_protocol_one_on_asyncio_and_streams_on_trio(
+    anyio_backend: str,
+) -> None:
     assert ServerConfig().transport == "auto"
-    assert _use_protocol("auto")
-    assert _use_protocol("protocol")
+    assert _use_protocol("auto") is (anyio_backend == "asyncio")
     assert not _use_protocol("streams")
+    if anyio_backend == "asyncio":
+        assert _use_protocol("protocol")
+    else:
+        with pytest.raises(ConfigError, match="needs anyio's asyncio backend"):
+            _use_protocol("protocol")
 
 
 def test_config_rejects_bad_values_by_name() -> None:
