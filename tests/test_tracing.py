@@ -414,15 +414,16 @@ async def test_console_sink_writes_each_trace_as_an_indented_tree() -> None:
         await c.get("/x")
         await c.get("/down")
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("trace ")
-    assert lines[1].startswith("SERVER   http.server: GET /x  ")
-    assert not lines[1].endswith(("OK", "ERROR"))  # UNSET says nothing
-    assert any(line.startswith("  INTERNAL step.load  ") for line in lines)
-    assert any(
-        line.startswith("    CLIENT   db.get t  ") and line.endswith(" ms OK") for line in lines
-    )
-    assert lines[-1].startswith("  INTERNAL step.down  ")
-    assert any(
-        line.startswith("SERVER   http.server: GET /down") and line.endswith(" ms ERROR")
-        for line in lines
-    )
+    # One trace per request: a header, the spans indented under their parents, a blank line.
+    headers = [i for i, line in enumerate(lines) if line.startswith("trace ")]
+    assert headers == [0, lines.index("") + 1]
+    assert lines[0].endswith(" spans)") and lines[-1] == ""
+    root = lines[1]
+    assert root.startswith("  http.server: GET /x  ") and " ms  SERVER  " in root
+    assert "ERROR" not in root  # UNSET says nothing
+    assert "http.response.status_code=200" in root
+    assert any(line.startswith("    step.load  ") and "  INTERNAL" in line for line in lines)
+    assert any(line.startswith("      db.get t  ") and "  CLIENT" in line for line in lines)
+    down = next(line for line in lines if line.startswith("  http.server: GET /down"))
+    assert "  SERVER  ERROR: " in down
+    assert any(line.startswith("    step.down  ") for line in lines)
