@@ -423,7 +423,10 @@ class PostgresInterpreter:
             return
         # Safe to interpolate: the name matched the table pattern.
         # Another process may create it at the same moment: then it exists.
-        with contextlib.suppress(errors.UniqueViolation, errors.DuplicateTable):
+        # (PostgreSQL reports that race as any of these three.)
+        with contextlib.suppress(
+            errors.UniqueViolation, errors.DuplicateTable, errors.DuplicateObject
+        ):
             await conn.execute(
                 f'CREATE TABLE IF NOT EXISTS "{table}" '
                 '(key TEXT COLLATE "C" PRIMARY KEY, value TEXT NOT NULL)'
