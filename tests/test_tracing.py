@@ -424,6 +424,6 @@ async def test_console_sink_writes_each_trace_as_an_indented_tree() -> None:
     assert "http.response.status_code=200" in root
     assert any(line.startswith("    step.load  ") and "  INTERNAL" in line for line in lines)
     assert any(line.startswith("      db.get t  ") and "  CLIENT" in line for line in lines)
-    down = next(line for line in lines if line.startswith("  http.server: GET /down"))
-    assert "  SERVER  ERROR: " in down
+    down_root = next(line for line in lines if line.startswith("  http.server: GET /down"))
+    assert "  SERVER  ERROR: " in down_root
     assert any(line.startswith("    step.down  ") for line in lines)
