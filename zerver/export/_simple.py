@@ -19,10 +19,16 @@ from ._base import (
     BatchExporter,
     ExportContext,
     ExportResult,
-    ExportStatus,
     layers,
 )
-from ._sinks import ConsoleSpanSink, _SpanStore, format_span, format_trace, traces_text
+from ._sinks import (
+    ConsoleSpanSink,
+    _SpanStore,
+    format_span,
+    format_trace,
+    traces_text,
+    write_text,
+)
 from ._spans import KIND_NAMES, STATUS_NAMES, SpanData
 
 __all__ = [
@@ -192,15 +198,7 @@ class ConsoleTraceExporter:
     def export(self, spans: Sequence[SpanData], ctx: ExportContext | None = None) -> ExportResult:
         if not spans:
             return SUCCESS
-        text = self._render(spans)
-        stream = self.stream
-        with self._lock:
-            try:
-                stream.write(text)
-                stream.flush()
-            except (OSError, ValueError) as exc:
-                return ExportResult(ExportStatus.PERMANENT, detail=f"console write failed: {exc!r}")
-        return ExportResult(ExportStatus.SUCCESS, bytes_sent=len(text))
+        return write_text(self.stream, self._lock, self._render(spans))
 
     def shutdown(self) -> None:
         return None

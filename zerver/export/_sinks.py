@@ -33,6 +33,7 @@ __all__ = [
     "format_span",
     "format_trace",
     "traces_text",
+    "write_text",
 ]
 
 _log = structlog.get_logger("zerver.export")
@@ -49,6 +50,18 @@ class SpanSink(Protocol):
     """
 
     def export(self, spans: list[SpanData]) -> object: ...
+
+
+def write_text(stream: TextIO, lock: threading.Lock, text: str) -> ExportResult:
+    """Write and flush ``text`` under ``lock``; a failed write is a ``PERMANENT``
+    result naming the error, never an exception (the consoles' one write)."""
+    with lock:
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError) as exc:
+            return _result(False, detail=f"console write failed: {exc!r}")
+    return _result(bytes_sent=len(text))
 
 
 def _result(ok: bool = True, *, detail: str = "", bytes_sent: int = 0) -> ExportResult:
@@ -266,14 +279,7 @@ class ConsoleSpanSink:
             text = traces_text(spans)
         else:
             text = "".join(format_span(s) + "\n" for s in spans)
-        stream = self.stream
-        with self._lock:
-            try:
-                stream.write(text)
-                stream.flush()
-            except (OSError, ValueError) as exc:
-                return _result(False, detail=f"console write failed: {exc!r}")
-        return _result(bytes_sent=len(text))
+        return write_text(self.stream, self._lock, text)
 
     def shutdown(self) -> None:
         return None

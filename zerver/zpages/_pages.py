@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, quote
 import orjson
 
 from zerver.core._http import Request, Response
-from zerver.export._spans import SpanData, SpanKind, StatusCode
+from zerver.export._spans import KIND_NAMES, STATUS_NAMES, SpanData
 from zerver.trace._records import JobState, RequestRecord
 
 from ._access import Allow
@@ -48,15 +48,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ZPages"]
 
-_KINDS = {
-    SpanKind.UNSPECIFIED: "UNSPECIFIED",
-    SpanKind.INTERNAL: "INTERNAL",
-    SpanKind.SERVER: "SERVER",
-    SpanKind.CLIENT: "CLIENT",
-    SpanKind.PRODUCER: "PRODUCER",
-    SpanKind.CONSUMER: "CONSUMER",
-}
-_STATUS = {StatusCode.UNSET: "UNSET", StatusCode.OK: "OK", StatusCode.ERROR: "ERROR"}
 _SAMPLE_KINDS = ("latency", "error", "running")
 _STATIC = {"zpages.css": "text/css; charset=utf-8", "zpages.js": "text/javascript; charset=utf-8"}
 _PER_PROCESS = (
@@ -248,12 +239,12 @@ class ZPages:
                     if span.parent_span_id
                     else None,
                     "name": span.name,
-                    "kind": _KINDS.get(span.kind, str(span.kind)),
+                    "kind": KIND_NAMES.get(span.kind, str(span.kind)),
                     "depth": depth,
                     "start_ms": _ms(span.start_ns - origin),
                     "duration_ms": _ms(span.end_ns - span.start_ns),
                     "status": {
-                        "code": _STATUS.get(span.status_code, str(span.status_code)),
+                        "code": STATUS_NAMES.get(span.status_code, str(span.status_code)),
                         "message": span.status_message,
                     },
                     "attributes": {k: _json_value(v) for k, v in span.attributes.items()},

@@ -57,7 +57,7 @@ from zerver.core._effects import Effect
 from zerver.core._errors import ConfigError, EffectError
 from zerver.runtime._park import ConcurrencyLimiter, JobContext
 
-from ._sqlite import _check_table, _decode, _encode, _json_path, perform_db
+from ._sqlite import _check_table, _decode, _json_path, encode_rows, perform_db
 
 if TYPE_CHECKING:
     import psycopg
@@ -475,9 +475,7 @@ class PostgresInterpreter:
 
         Handy for seeding a database at start-up.
         """
-        name = _check_table(table)
-        pairs = items.items() if isinstance(items, Mapping) else items
-        rows = [(key, _encode(name, key, value)) for key, value in pairs]
+        name, rows = encode_rows(table, items)
         if not rows:
             return 0
         sql = put_statement(name)

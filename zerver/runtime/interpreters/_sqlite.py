@@ -124,6 +124,16 @@ def _encode(table: str, key: str, value: object) -> str:
         ) from exc
 
 
+def encode_rows(
+    table: str, items: Mapping[str, object] | Iterable[tuple[str, object]]
+) -> tuple[str, list[tuple[str, str]]]:
+    """``put_many``'s checked table name and its ``(key, JSON text)`` rows, the same
+    for every database interpreter."""
+    name = _check_table(table)
+    pairs = items.items() if isinstance(items, Mapping) else items
+    return name, [(key, _encode(name, key, value)) for key, value in pairs]
+
+
 def _decode(table: str, text: str) -> Any:
     try:
         return orjson.loads(text)
@@ -419,9 +429,7 @@ class SqliteInterpreter:
 
         Handy for seeding a database at start-up.
         """
-        name = _check_table(table)
-        pairs = items.items() if isinstance(items, Mapping) else items
-        rows = [(key, _encode(name, key, value)) for key, value in pairs]
+        name, rows = encode_rows(table, items)
         if not rows:
             return 0
 
