@@ -15,11 +15,15 @@ Rules this module keeps:
   finds every connection busy parks with cause ``backpressure``.
 * The query itself runs off the event loop inside an ``io_wait`` park episode
   with token ``sqlite``; the event loop never blocks on the database. On
-  asyncio each pooled connection has a thread of its own, fed through a
-  ``queue.SimpleQueue`` and answering with ``call_soon_threadsafe``: a hand-off
-  of a few µs, where a call through ``anyio.to_thread`` (limiter, shielded
-  scope, a ``queue.Queue`` and its ``Condition``) cost several times that on
-  every effect. Other anyio backends use ``anyio.to_thread``.
+  asyncio each pooled connection has a thread of its own. The threads take
+  statements from one shared ``queue.SimpleQueue``, so a thread that has just
+  finished takes the next waiting statement without going to sleep, and their
+  answers reach the loop through :class:`_Answers`, one loop wake-up for every
+  answer ready by then. Under load that halves the thread switches per
+  statement against a queue per thread and a ``call_soon_threadsafe`` per
+  answer, and a call through ``anyio.to_thread`` (limiter, shielded scope, a
+  ``queue.Queue`` and its ``Condition``) cost several times either on every
+  effect. Other anyio backends use ``anyio.to_thread``.
 * A connection and its pool slot are given back only once its statement has
   finished, even when the job is cancelled meanwhile (the job ends at once;
   the next one waits for the slot), so two statements never share a connection.
@@ -28,6 +32,7 @@ Rules this module keeps:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import queue
@@ -53,6 +58,9 @@ if TYPE_CHECKING:
 __all__ = ["SqliteInterpreter"]
 
 T = TypeVar("T")
+
+_Work = tuple[Callable[[sqlite3.Connection], Any], Callable[[bool, Any], None]]
+"""A statement for a connection thread: ``fn(conn)``, and ``done(ok, value)`` for the loop."""
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _TABLE_RE = re.compile(_IDENT)
@@ -168,35 +176,68 @@ def _on_asyncio() -> bool:
     return True
 
 
-class _ConnectionThread:
-    """One pooled connection and the thread that runs its statements (on asyncio).
+class _Answers:
+    """Finished statements on their way back to the event loop: one wake-up of the
+    loop carries every answer ready by then."""
 
-    ``submit`` queues ``fn(conn)``; the thread runs it and calls ``done(self, ok,
-    value)`` on the event loop. ``None`` on the queue closes the connection and
-    ends the thread.
+    __slots__ = ("loop", "ready", "scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.ready: collections.deque[tuple[Callable[[bool, Any], None], bool, Any]] = (
+            collections.deque()
+        )
+        # True from the wake-up's scheduling until `deliver` starts: a thread that
+        # finds it set knows its answer will be seen (deque operations are atomic).
+        self.scheduled = False
+
+    def post(self, done: Callable[[bool, Any], None], ok: bool, value: Any) -> None:
+        """On a connection thread: queue one answer, waking the loop unless a wake-up is due."""
+        self.ready.append((done, ok, value))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self.deliver)
+
+    def deliver(self) -> None:
+        """On the loop: hand every ready answer to its waiter."""
+        self.scheduled = False
+        ready = self.ready
+        try:
+            while ready:
+                done, ok, value = ready.popleft()
+                done(ok, value)
+        finally:
+            if ready and not self.scheduled:  # a waiter's callback raised: the rest next turn
+                self.scheduled = True
+                self.loop.call_soon(self.deliver)
+
+
+class _ConnectionThread:
+    """One pooled connection and the thread that runs statements on it (on asyncio).
+
+    Every thread of a pool takes work from one shared queue, so a thread that has
+    just finished takes the next statement without sleeping. ``None`` on the queue
+    closes one connection and ends its thread.
     """
 
-    __slots__ = ("conn", "loop", "queue", "thread")
+    __slots__ = ("answers", "conn", "queue", "thread")
 
-    def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        work: queue.SimpleQueue[_Work | None],
+        answers: _Answers,
+    ) -> None:
         self.conn = conn
-        self.loop = loop
-        self.queue: queue.SimpleQueue[
-            tuple[Callable[[sqlite3.Connection], Any], Callable[..., None]] | None
-        ] = queue.SimpleQueue()
+        self.queue = work
+        self.answers = answers
         self.thread = threading.Thread(target=self._serve, name="zerver-sqlite", daemon=True)
         self.thread.start()
-
-    def submit(self, fn: Callable[[sqlite3.Connection], Any], done: Callable[..., None]) -> None:
-        self.queue.put((fn, done))
-
-    def close(self) -> None:
-        self.queue.put(None)
 
     def _serve(self) -> None:
         conn = self.conn
         get = self.queue.get
-        call_back = self.loop.call_soon_threadsafe
+        post = self.answers.post
         try:
             while (item := get()) is not None:
                 fn, done = item
@@ -205,7 +246,7 @@ class _ConnectionThread:
                 except BaseException as exc:
                     value, ok = exc, False
                 try:
-                    call_back(done, self, ok, value)
+                    post(done, ok, value)
                 except RuntimeError:  # the loop closed under us: nobody waits any more
                     return
         finally:
@@ -259,7 +300,8 @@ class SqliteInterpreter:
         self._free: list[sqlite3.Connection] = []
         self._open: list[sqlite3.Connection] = []
         # On asyncio: one thread per connection (see the module's rules).
-        self._threads_free: list[_ConnectionThread] = []
+        self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._threads_open: list[_ConnectionThread] = []
         self._tables: set[str] = set()
         self._started = False
@@ -282,9 +324,10 @@ class SqliteInterpreter:
             conns = await anyio.to_thread.run_sync(self._open_pool, target, uri)
             self._tables = set()
             if _on_asyncio():
-                loop = asyncio.get_running_loop()
-                self._threads_open = [_ConnectionThread(c, loop) for c in conns]
-                self._threads_free = list(self._threads_open)
+                self._loop = asyncio.get_running_loop()
+                answers = _Answers(self._loop)
+                self._work = queue.SimpleQueue()
+                self._threads_open = [_ConnectionThread(c, self._work, answers) for c in conns]
             else:
                 self._open = conns
                 self._free = list(conns)
@@ -320,9 +363,9 @@ class SqliteInterpreter:
         free, self._free, self._open = self._free, [], []
         for conn in free:
             conn.close()
-        threads, self._threads_open, self._threads_free = self._threads_open, [], []
-        for ct in threads:
-            ct.close()  # after the statement it may be running
+        threads, self._threads_open = self._threads_open, []
+        for _ in threads:
+            self._work.put(None)  # each thread ends after the statements queued before
 
     # -- running statements --------------------------------------------------
 
@@ -351,9 +394,9 @@ class SqliteInterpreter:
         self, job: JobContext | None, what: str, fn: Callable[[sqlite3.Connection], T]
     ) -> T:
         await self.limiter.acquire(job)
-        ct = self._threads_free.pop()
-        future: asyncio.Future[T] = ct.loop.create_future()
-        ct.submit(partial(self._in_thread, fn=fn), partial(self._finished, future))
+        assert self._loop is not None
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._work.put((partial(self._in_thread, fn=fn), partial(self._finished, future)))
         try:
             if job is None:
                 return await future
@@ -362,13 +405,9 @@ class SqliteInterpreter:
         except sqlite3.Error as exc:
             raise _db_error(exc, what) from exc
 
-    def _finished(
-        self, future: asyncio.Future[Any], ct: _ConnectionThread, ok: bool, value: Any
-    ) -> None:
-        """On the loop, once a statement has finished: the connection and its pool slot
-        go back first, then the job (if it still waits) gets the answer."""
-        if ct in self._threads_open:
-            self._threads_free.append(ct)
+    def _finished(self, future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+        """On the loop, once a statement has finished: its pool slot goes back first,
+        then the job (if it still waits) gets the answer."""
         self.limiter.release()
         if not future.done():
             if ok:
