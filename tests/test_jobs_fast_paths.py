@@ -81,6 +81,26 @@ async def test_take_now_refuses_when_jobs_wait_or_no_worker_idles() -> None:
         queue.close()
 
 
+async def test_take_now_never_overtakes_a_job_no_worker_was_woken_for() -> None:
+    clock = VirtualClock()
+    queue = JobQueue("q", capacity=4, workers=2, clock=clock)
+    ran: list[str] = []
+    async with anyio.create_task_group() as tg:
+        queue.start(tg)
+        while queue.idle_workers() < 2:
+            await anyio.lowlevel.checkpoint()
+        queue.enqueue(a_job(clock, ran, "woken for"))  # one worker is woken for it
+        held = queue.take_now(a_job(clock, ran, "beside it"))  # the other idles: fine
+        assert held is not None
+        queue.enqueue(a_job(clock, ran, "waits"))  # no worker left to wake
+        assert queue.take_now(a_job(clock, ran, "would overtake")) is None
+        queue.give_back(held)  # the held worker goes on with the waiting job
+        while len(ran) < 2:
+            await anyio.lowlevel.checkpoint()
+        assert ran == ["woken for", "waits"]
+        queue.close()
+
+
 @step(reads=[A])
 def render(ctx: Context) -> Done:
     return Done(Response.json({"a": ctx.optional(A)}))
@@ -333,3 +353,129 @@ async def test_cancelling_an_attempt_under_the_native_timeout_stops_it_at_once()
     wait_job, fail_job = [j for j in cap.records[0].jobs if j.kind == "effect"]
     assert wait_job.outcome != COMPLETE and wait_job.error_type == "cancelled"
     assert fail_job.error_type == "broken"
+
+
+class Ping(Effect):
+    system = "ping"
+    operation = "get"
+
+
+class Pong(Effect):
+    system = "pong"
+    operation = "get"
+
+
+class _Rally:
+    """Two interpreters that can only finish side by side: "pong" serves and waits
+    for the return, "ping" waits for the serve and returns it. Each notes the task
+    it ran on."""
+
+    def __init__(self) -> None:
+        self.served = anyio.Event()
+        self.returned = anyio.Event()
+        self.tasks: dict[str, str] = {}
+
+    def interpreters(self) -> tuple[Any, Any]:
+        rally = self
+
+        class _Ping(NothingToOpen):
+            system = "ping"
+
+            async def perform(self, effect: Any, job: Any) -> Any:
+                rally.tasks["ping"] = str(anyio.get_current_task().name)
+                await rally.served.wait()
+                rally.returned.set()
+                return "ping"
+
+        class _Pong(NothingToOpen):
+            system = "pong"
+
+            async def perform(self, effect: Any, job: Any) -> Any:
+                rally.tasks["pong"] = str(anyio.get_current_task().name)
+                rally.served.set()
+                await rally.returned.wait()
+                return "pong"
+
+        return _Ping(), _Pong()
+
+
+async def test_the_last_effect_that_waits_runs_on_the_request_task_beside_the_others() -> None:
+    """In a parallel Need, the last effect whose interpreter waits is run by the
+    request's task for an idle worker, after the others have started on theirs: the
+    two still run side by side (each needs the other to finish), and both are
+    recorded as taken when they were."""
+
+    @step(writes=[A, B])
+    def rally_step(ctx: Context) -> Need:
+        return Need(
+            [Ping(slot=A, timeout_ms=5000), Pong(slot=B, timeout_ms=5000)], then=render_both
+        )
+
+    rally = _Rally()
+    app = App("rally", settings=load_settings({}))
+    ping, pong = rally.interpreters()
+    app.interpreter("ping", ping)
+    app.interpreter("pong", pong)
+    app.get("/x", rally_step)
+    cap = RecordCapture()
+    app.subscribe(cap)
+    async with AppClient(app) as client:
+        with anyio.fail_after(10):
+            response = await client.get("/x")
+        effects = app.jobs.effects
+        assert effects.idle_workers() == effects.workers  # the held worker was given back
+    assert response.status == 200
+    assert json.loads(response.body) == {"a": "ping", "b": "pong"}
+    assert rally.tasks["ping"].startswith("zerver-effects-")
+    assert not rally.tasks["pong"].startswith("zerver-effects-")
+    ping_job, pong_job = [j for j in cap.records[0].jobs if j.kind == "effect"]
+    assert pong_job.enqueue_ts == pong_job.take_ts is not None  # taken at once
+    assert ping_job.enqueue_ts is not None and ping_job.take_ts is not None
+    assert ping_job.take_ts >= ping_job.enqueue_ts  # when its woken worker came to it
+    for j in (ping_job, pong_job):
+        assert j.outcome == COMPLETE
+        assert j.take_ts is not None and j.start_ts is not None
+        assert j.start_ts >= j.take_ts
+    assert pong_job.worker != ping_job.worker
+
+
+async def test_a_held_effect_that_waits_hands_the_waiting_one_to_its_worker() -> None:
+    """A synchronous interpreter that waits after all, ahead of the effect held to
+    wait: that effect goes to its worker at once (taken again, later, as recorded),
+    so the two still meet."""
+
+    class Open(Effect):
+        system = "opener"
+        operation = "get"
+
+    @step(writes=[A, B])
+    def both(ctx: Context) -> Need:
+        return Need([Wait(slot=A, timeout_ms=5000), Open(slot=B)], then=render_both)
+
+    gate = _Gate()
+    ran_on: list[str] = []
+
+    class _NotedOpener(_Opener):
+        async def perform(self, effect: Any, job: Any) -> Any:
+            ran_on.append(str(anyio.get_current_task().name))
+            return await super().perform(effect, job)
+
+    app = App("handed", settings=load_settings({}))
+    app.interpreter("waiter", _Waiter(gate))
+    app.interpreter("opener", _NotedOpener(gate))
+    app.get("/x", both)
+    cap = RecordCapture()
+    app.subscribe(cap)
+    async with AppClient(app) as client:
+        with anyio.fail_after(10):
+            response = await client.get("/x")
+        effects = app.jobs.effects
+        assert effects.idle_workers() == effects.workers
+    assert response.status == 200
+    assert ran_on and ran_on[0].startswith("zerver-effects-")
+    wait_job, open_job = [j for j in cap.records[0].jobs if j.kind == "effect"]
+    assert wait_job.enqueue_ts == wait_job.take_ts
+    assert open_job.enqueue_ts is not None and open_job.take_ts is not None
+    assert open_job.take_ts >= open_job.enqueue_ts
+    assert open_job.start_ts is not None and open_job.start_ts >= open_job.take_ts
+    assert (wait_job.outcome, open_job.outcome) == (COMPLETE, COMPLETE)

@@ -78,7 +78,11 @@ def _save(path: Path, name: str) -> None:
 
 
 def test_summary_samples_and_waterfall_in_chromium(browser_context: Any, tmp_path: Path) -> None:
-    env = operator_env(tmp_path, tmp_path / "state", ZER_VER_PROMOTE_QUEUE_MS="0")
+    # One effect worker: the request's task runs the post's read for it, and the
+    # author's cache read waits in the queue meanwhile, a queue wait to promote.
+    env = operator_env(
+        tmp_path, tmp_path / "state", ZER_VER_PROMOTE_QUEUE_MS="0", ZER_VER_WORKERS_EFFECTS="1"
+    )
     env.pop("ZER_VER_ZPAGES", None)  # the demo turns the pages on by itself
     with zerver_process(["demo", "--db", str(tmp_path / "demo.sqlite3")], env, tmp_path) as (
         _proc,
@@ -147,8 +151,11 @@ def test_summary_samples_and_waterfall_in_chromium(browser_context: Any, tmp_pat
         assert "db.get blog_post" in page.locator("#details-name").inner_text()
         assert "status OK" in page.locator("#details-status").inner_text()
         attrs = page.locator("#details-attributes").inner_text()
-        assert "db.system" in attrs and "segment queue_wait" in attrs
+        assert "db.system" in attrs and "segment park(io_wait)" in attrs
         assert "zerver.job.completed" in page.locator("#details-events").inner_text()
+        page.locator("#waterfall tr.span", has_text="cache.get author_profile").first.click()
+        page.wait_for_selector("#details-name:has-text('cache.get author_profile')")
+        assert "segment queue_wait" in page.locator("#details-attributes").inner_text()
         shot = tmp_path / "tracez-waterfall.png"
         page.screenshot(path=str(shot), full_page=True)
         _save(shot, "tracez-waterfall.png")

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import anyio.lowlevel
 from opentelemetry import context as otel_context
 
 from zerver.core._decisions import Continue, Decision, Done, Fail, Mode, Need
@@ -31,7 +32,7 @@ from zerver.trace._records import (
     exception_facts,
 )
 
-from ._jobs import Job, JobSystem
+from ._jobs import Job, JobSystem, Resumed
 from ._park import Wakeup, wakeup_factory
 
 if TYPE_CHECKING:
@@ -129,11 +130,13 @@ class _NeedRun:
         "error",
         "executor",
         "held",
+        "held_wait",
         "jobs",
         "join",
         "need",
         "next_effect",
         "outcome",
+        "queued",
         "rec",
         "record",
         "sequence",
@@ -169,6 +172,11 @@ class _NeedRun:
         # Effects of synchronous interpreters taken for an idle worker, for the
         # request's own task to run once every effect of the Need has started.
         self.held: deque[tuple[Job, tuple[int, Wakeup]]] | None = None
+        # At most one effect that waits, taken the same way and run by the request's
+        # task after the held ones (see `start`).
+        self.held_wait: tuple[Job, tuple[int, Wakeup]] | None = None
+        # Whether an effect of this Need went on the queue for a worker.
+        self.queued = False
 
     def start(self) -> None:
         if self.need.mode is Mode.PARALLEL:
@@ -178,6 +186,18 @@ class _NeedRun:
                     return
         else:
             self._start_next()
+
+    def _waits_on_request_task(self, index: int) -> bool:
+        """Whether effect ``index`` is the one effect that waits which the request's
+        task may run itself: the last of a parallel Need's effects whose interpreter
+        is not synchronous. Every other effect has been started (on a worker, or held)
+        before the request's task gets to it, so they still run side by side, and the
+        task would only wait for the Need anyway."""
+        synchronous = self.executor.jobs.synchronous
+        effects = self.effects
+        if effects[index].system in synchronous:
+            return False
+        return all(e.system in synchronous for e in effects[index + 1 :])
 
     async def run_held_effects(self) -> None:
         """On the request's task: run the effects held for it (each answers without
@@ -189,6 +209,30 @@ class _NeedRun:
             job, worker = held.popleft()
             try:
                 if not job.finished:  # not cancelled meanwhile
+                    running = jobs.run_effect(job)
+                    try:
+                        waiting_on = running.send(None)
+                    except StopIteration:
+                        pass
+                    else:
+                        # It waits after all: the effect held to wait goes to its
+                        # worker now, so that the two still run side by side.
+                        if self.held_wait is not None:
+                            (waiter, its_worker), self.held_wait = self.held_wait, None
+                            jobs.effects.hand_over(waiter, its_worker)
+                        await Resumed(running, waiting_on)
+            finally:
+                jobs.effects.give_back(worker)
+        if self.held_wait is not None:
+            if self.queued:
+                # Let the workers woken for the queued effects take them first, as
+                # they would have had this effect gone to a worker too.
+                await anyio.lowlevel.checkpoint()
+            if self.held_wait is None:  # cancelled meanwhile
+                return
+            (job, worker), self.held_wait = self.held_wait, None
+            try:
+                if not job.finished:
                     await jobs.run_effect(job)
             finally:
                 jobs.effects.give_back(worker)
@@ -213,20 +257,29 @@ class _NeedRun:
         job = Job(st, ex.clock, ex.jobs.run_effect, self._effect_done, record)
         self.jobs.append(job)
         held = self.held
-        if held is not None and effect.system in ex.jobs.synchronous:
-            # A synchronous interpreter and an idle worker: the request's task runs the
-            # job for that worker (enqueued and taken now, started once every effect
-            # has started), one wake-up and task switch less; records are the same.
-            worker = ex.jobs.effects.take_now(job)
-            if worker is not None:
-                held.append((job, worker))
-                return not self.join.resolved
+        if held is not None:
+            # An idle worker: the request's task runs the job for it (enqueued and
+            # taken now, started once every effect has started), one wake-up and task
+            # switch less; records are the same. Any number of synchronous effects
+            # can be run so, and the last effect that waits (`_waits_on_request_task`).
+            if effect.system in ex.jobs.synchronous:
+                worker = ex.jobs.effects.take_now(job)
+                if worker is not None:
+                    held.append((job, worker))
+                    return not self.join.resolved
+            elif self._waits_on_request_task(self.next_effect - 1):
+                worker = ex.jobs.effects.take_now(job)
+                if worker is not None:
+                    self.held_wait = (job, worker)
+                    return not self.join.resolved
         try:
             ex.jobs.effects.enqueue(job)
         except EffectError as exc:
             job.finish(
                 FAIL, error_type=exc.kind, error_message=str(exc), status_hint=exc.status_hint
             )
+        else:
+            self.queued = True
         return not self.join.resolved
 
     def _effect_done(self, job: Job) -> None:
@@ -363,6 +416,9 @@ class _NeedRun:
         held, self.held = self.held, None
         while held:
             self.executor.jobs.effects.give_back(held.popleft()[1])
+        held_wait, self.held_wait = self.held_wait, None
+        if held_wait is not None:
+            self.executor.jobs.effects.give_back(held_wait[1])
         if self.cont_job is not None:
             self.cont_job.cancel(reason)
         worker, self.cont_worker = self.cont_worker, None
@@ -427,7 +483,7 @@ class Executor:
         run = _NeedRun(self, ctx, record, need, rec, sr.index, sequence)
         try:
             run.start()
-            if run.held:
+            if run.held or run.held_wait is not None:
                 await run.run_held_effects()
             await run.done.wait()
             if run.cont_worker is not None:

@@ -249,15 +249,25 @@ class JobQueue:
     def take_now(self, job: Job) -> tuple[int, Wakeup] | None:
         """Enqueue ``job`` and take it at once for the caller to run, on behalf of an
         idle worker (returned, to :meth:`give_back` once the job finished); None when
-        no worker idles or jobs wait (then nothing is recorded: use :meth:`enqueue`)."""
-        if not self._idle or self._items or self._closed:
+        no worker idles or a queued job has no worker woken for it yet, which this
+        one must not overtake (then nothing is recorded: use :meth:`enqueue`)."""
+        if not self._idle or len(self._items) > self._woken or self._closed:
             return None
         worker = self._idle.pop()
         st = job.state
         st.enqueue_ts = st.take_ts = self.clock.now_ns()
-        st.depth_enqueue = st.depth_take = 0
+        # Jobs on the queue now each have a worker woken for them (checked above).
+        st.depth_enqueue = st.depth_take = len(self._items)
         st.worker = worker[0]
         return worker
+
+    def hand_over(self, job: Job, worker: tuple[int, Wakeup]) -> None:
+        """Give a job :meth:`take_now` took back to the workers after all: it goes to
+        the head of the queue and its worker is woken. The worker that takes it
+        records its take again (the job did wait that long)."""
+        self._items.appendleft(job)
+        self._woken += 1
+        worker[1].set()
 
     def give_back(self, worker: tuple[int, Wakeup]) -> None:
         """Return a worker :meth:`take_now` held: idle again, or woken if jobs wait."""
@@ -487,7 +497,7 @@ class JobSystem:
                     raised = exc
                 else:
                     timed_out, error, raised = await self._rest_of_attempt(
-                        job, deadline, _Resumed(attempt, waiting_on)
+                        job, deadline, Resumed(attempt, waiting_on)
                     )
             else:
                 timed_out, error, raised = await self._rest_of_attempt(
@@ -531,7 +541,7 @@ def _unexpected(exc: Exception) -> EffectError:
     return EffectError(f"{type(exc).__name__}: {exc}", kind=type(exc).__name__, status_hint=500)
 
 
-class _Resumed:
+class Resumed:
     """Awaiting this goes on with a coroutine that was started by hand and is waiting
     on ``waiting_on``: what it yields goes to the task, what the task sends or throws
     (a result, a cancellation) goes to it, as if it had been awaited from the start."""
