@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from zerver.runtime.interpreters import SqliteInterpreter
-from zerver.runtime.interpreters._sqlite import _Answers
+from zerver.runtime.interpreters._sqlite import _Answers, _Outbox
 
 
 def test_answers_from_many_threads_each_arrive_once() -> None:
@@ -106,6 +106,58 @@ def test_statements_share_the_pool_and_threads_end_on_close(tmp_path: Path) -> N
         assert len(threads) == 2
         await interp.aclose()
         for th in threads:
+            th.join(30)
+            assert not th.is_alive()
+        assert interp.limiter.in_use == 0
+
+    asyncio.run(main())
+
+
+def test_statements_asked_in_one_turn_reach_the_threads_together() -> None:
+    """Nothing reaches the shared queue while the turn that asks goes on; at the
+    start of the next turn every statement asked meanwhile is there, in order."""
+    import queue
+
+    async def main() -> None:
+        work: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        outbox = _Outbox(asyncio.get_running_loop(), work)
+        items = [(lambda conn, i=i: i, lambda ok, value: None) for i in range(5)]
+        for item in items:
+            outbox.put(item)
+            assert work.empty()
+        await asyncio.sleep(0)  # one turn of the loop
+        assert [work.get_nowait() for _ in items] == items and work.empty()
+        outbox.put(items[0])
+        outbox.flush()  # as on close: no later turn is needed
+        assert work.get_nowait() == items[0]
+        await asyncio.sleep(0)
+        assert work.empty()  # the turn's flush found nothing left to put
+
+    asyncio.run(main())
+
+
+def test_statements_asked_just_before_close_still_run(tmp_path: Path) -> None:
+    """Two reads have asked for their statements (not yet put) and four wait for a
+    connection when the pool closes: the two run before the threads end, the four
+    on the pool opened again, as any call after close would."""
+
+    async def main() -> None:
+        interp = SqliteInterpreter(tmp_path / "db.sqlite3", pool_size=2)
+        await interp.start()
+        await interp.put("t", "k", 1)
+        reads = [asyncio.ensure_future(interp.get("t", "k")) for _ in range(6)]
+        await asyncio.sleep(0)
+        assert len(interp._outbox.pending) == 2 and interp.limiter.in_use == 2  # type: ignore[union-attr]
+        threads = [ct.thread for ct in interp._threads_open]
+        await interp.aclose()
+        assert await asyncio.wait_for(asyncio.gather(*reads), 30) == [1] * 6
+        for th in threads:
+            th.join(30)
+            assert not th.is_alive()
+        reopened = [ct.thread for ct in interp._threads_open]
+        assert len(reopened) == 2
+        await interp.aclose()
+        for th in reopened:
             th.join(30)
             assert not th.is_alive()
         assert interp.limiter.in_use == 0
