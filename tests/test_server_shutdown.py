@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
@@ -237,3 +238,35 @@ async def test_two_workers_share_the_port_and_stop_on_sigterm(
     pids = {r.json()["pid"] for r in replies}
     assert process.pid not in pids, "workers, not the supervisor, serve requests"
     assert os.getpid() not in pids
+
+
+async def test_a_cancellation_the_connection_did_not_ask_for_passes_through() -> None:
+    """On the Protocol transport a busy period is one asyncio task, which the
+    connection cancels itself when the client goes or shutdown times out. A
+    cancellation from anywhere else is not swallowed as if it were the
+    connection's own; the server goes on serving other connections."""
+    app = StandInApp()
+    shutdown = anyio.Event()
+    config = ServerConfig(host="127.0.0.1", port=0, transport="protocol")
+    with anyio.fail_after(WAIT_S):
+        async with anyio.create_task_group() as tg:
+            port: int = await tg.start(functools.partial(serve, app, config, shutdown=shutdown))
+            async with await anyio.connect_tcp("127.0.0.1", port) as busy:
+                await busy.send(b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\n")
+                await app.entered.wait()
+                (task,) = [
+                    t
+                    for t in asyncio.all_tasks()
+                    if getattr(t.get_coro(), "__qualname__", "") == "ProtocolConnection._serve"
+                ]
+                task.cancel()
+                await app.cancelled.wait()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                assert task.cancelled()
+                replies = await anyio.to_thread.run_sync(
+                    http_client_requests, port, [("GET", "/echo", None)]
+                )
+                assert replies[0].status == 200
+            shutdown.set()
+    assert app.lifespan_exited

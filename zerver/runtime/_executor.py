@@ -14,7 +14,6 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import anyio.lowlevel
 from opentelemetry import context as otel_context
 
 from zerver.core._decisions import Continue, Decision, Done, Fail, Mode, Need
@@ -227,7 +226,7 @@ class _NeedRun:
             if self.queued:
                 # Let the workers woken for the queued effects take them first, as
                 # they would have had this effect gone to a worker too.
-                await anyio.lowlevel.checkpoint()
+                await jobs.yield_turn()
             if self.held_wait is None:  # cancelled meanwhile
                 return
             (job, worker), self.held_wait = self.held_wait, None
