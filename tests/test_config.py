@@ -27,7 +27,7 @@ CASES: dict[str, tuple[str, object, str, object, str | None, str | None]] = {
     "ZER_VER_MAX_CONNECTIONS": ("max_connections", 1000, "50", 50, "0", ">= 1"),
     "ZER_VER_TRANSPORT": ("transport", "auto", "Streams", "streams", "udp", "'auto', 'streams'"),
     "ZER_VER_DB_PATH": ("db_path", "zerver.sqlite3", "/tmp/x.db", "/tmp/x.db", None, None),
-    "ZER_VER_DB_POOL_SIZE": ("db_pool_size", 4, "8", 8, "0", ">= 1"),
+    "ZER_VER_DB_POOL_SIZE": ("db_pool_size", None, "8", 8, "0", ">= 1"),
     "ZER_VER_DB_URL": ("db_url", None, "postgres://h/d", "postgres://h/d", "mysql://h/d", "ql://"),
     "ZER_VER_CACHE_MAX_ENTRIES": ("cache_max_entries", 10000, "5", 5, "0", ">= 1"),
     "ZER_VER_CACHE_TTL_MS": ("cache_ttl_ms", 60000, "5", 5, "0", ">= 1"),

@@ -108,8 +108,15 @@ def test_db_url_chooses_the_database() -> None:
     same = load_settings({"ZER_VER_DB_URL": "sqlite:///x.db", "ZER_VER_DB_PATH": "x.db"})
     assert same.db_backend == ("sqlite", "x.db")
     assert load_settings({}).db_backend == ("sqlite", "zerver.sqlite3")
-    pool = load_settings({"ZER_VER_DB_URL": "postgres://h/d", "ZER_VER_DB_POOL_SIZE": "7"})
-    assert PostgresInterpreter(pool.db_backend[1], pool_size=pool.db_pool_size).pool_size == 7
+    sized = App(
+        "c",
+        settings=load_settings({"ZER_VER_DB_URL": "postgres://h/d", "ZER_VER_DB_POOL_SIZE": "7"}),
+    )
+    assert sized.interpreters["db"].pool_size == 7  # type: ignore[attr-defined]
+    # Unset, each backend has its own default: PostgreSQL's connections are scarce.
+    assert lite_db.pool_size == SqliteInterpreter.default_pool_size == 32
+    pg_default = App("d", settings=load_settings({"ZER_VER_DB_URL": "postgres://h/d"}))
+    assert pg_default.interpreters["db"].pool_size == PostgresInterpreter.default_pool_size == 4  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

@@ -323,9 +323,17 @@ class App:
         if backend == "postgresql":
             from zerver.runtime.interpreters import PostgresInterpreter
 
-            db = PostgresInterpreter(target, pool_size=s.db_pool_size, clock=self.clock)
+            db = PostgresInterpreter(
+                target,
+                pool_size=s.db_pool_size or PostgresInterpreter.default_pool_size,
+                clock=self.clock,
+            )
         else:
-            db = SqliteInterpreter(target, pool_size=s.db_pool_size, clock=self.clock)
+            db = SqliteInterpreter(
+                target,
+                pool_size=s.db_pool_size or SqliteInterpreter.default_pool_size,
+                clock=self.clock,
+            )
         self._open_on_use = (db,)
         self.runtime.interpreters.setdefault("db", db)
         cache: Interpreter

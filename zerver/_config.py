@@ -107,7 +107,8 @@ class Settings(BaseSettings):
 
     # Embedded interpreters.
     db_path: str = "zerver.sqlite3"
-    db_pool_size: int = Field(4, ge=1, le=1000)
+    # None: the backend's own default (SQLite 32, PostgreSQL 4; docs/configuration.md).
+    db_pool_size: int | None = Field(None, ge=1, le=1000)
     # postgresql://... or sqlite:///path (docs/backends.md); the path alone is db_path.
     db_url: str | None = None
     cache_max_entries: int = Field(10_000, ge=1)

@@ -276,12 +276,15 @@ class PostgresInterpreter:
     system = "db"
     #: It makes no OpenTelemetry spans of its own (see ``Interpreter``).
     otel_spans: ClassVar[bool] = False
+    #: Connections when no size is given: each is a server process of PostgreSQL,
+    #: whose ``max_connections`` (100 by default) every worker process shares.
+    default_pool_size: ClassVar[int] = 4
 
     def __init__(
         self,
         url: str,
         *,
-        pool_size: int = 4,
+        pool_size: int = default_pool_size,
         connect_timeout_s: int = _CONNECT_TIMEOUT_S,
         clock: Clock | None = None,
     ) -> None:
