@@ -285,24 +285,27 @@ class _Opener(_Waiter):
         return "opened"
 
 
+class Open(Effect):
+    system = "opener"
+    operation = "get"
+
+
+@step(writes=[A, B])
+def wait_and_open(ctx: Context) -> Need:
+    """A synchronous interpreter that waits after all, then one that waits."""
+    return Need([Wait(slot=A, timeout_ms=5000), Open(slot=B)], then=render_both)
+
+
 async def test_a_held_effect_that_waits_lets_the_others_run_and_joins_with_them() -> None:
     """The held effect runs on the request's task; when it waits after all, the
     task yields, the other effect runs on its worker meanwhile, and the join sees
     both (no deadlock, the wait under the effect's timeout)."""
 
-    class Open(Effect):
-        system = "opener"
-        operation = "get"
-
-    @step(writes=[A, B])
-    def both(ctx: Context) -> Need:
-        return Need([Wait(slot=A, timeout_ms=5000), Open(slot=B)], then=render_both)
-
     gate = _Gate()
     app = App("held-waits", settings=load_settings({}))
     app.interpreter("waiter", _Waiter(gate))
     app.interpreter("opener", _Opener(gate))
-    app.get("/x", both)
+    app.get("/x", wait_and_open)
     async with AppClient(app) as client:
         with anyio.fail_after(10):
             response = await client.get("/x")
@@ -336,7 +339,7 @@ async def test_cancelling_an_attempt_under_the_native_timeout_stops_it_at_once()
     app = App("cancel", settings=load_settings({}))
     app.interpreter("waiter", waiter)
     app.interpreter("opener", _Failing(gate))
-    app.get("/x", both)
+    app.get("/x", wait_and_open)
     cap = RecordCapture()
     app.subscribe(cap)
     async with AppClient(app) as client:
@@ -444,14 +447,6 @@ async def test_a_held_effect_that_waits_hands_the_waiting_one_to_its_worker() ->
     wait: that effect goes to its worker at once (taken again, later, as recorded),
     so the two still meet."""
 
-    class Open(Effect):
-        system = "opener"
-        operation = "get"
-
-    @step(writes=[A, B])
-    def both(ctx: Context) -> Need:
-        return Need([Wait(slot=A, timeout_ms=5000), Open(slot=B)], then=render_both)
-
     gate = _Gate()
     ran_on: list[str] = []
 
@@ -463,7 +458,7 @@ async def test_a_held_effect_that_waits_hands_the_waiting_one_to_its_worker() ->
     app = App("handed", settings=load_settings({}))
     app.interpreter("waiter", _Waiter(gate))
     app.interpreter("opener", _NotedOpener(gate))
-    app.get("/x", both)
+    app.get("/x", wait_and_open)
     cap = RecordCapture()
     app.subscribe(cap)
     async with AppClient(app) as client:
