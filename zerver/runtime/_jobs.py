@@ -78,6 +78,89 @@ class _TimeoutStopper:
             self._timeout.reschedule(self._loop.time())
 
 
+class _Deadlines:
+    """Attempt timeouts on asyncio with one loop timer per timeout length, not one
+    per attempt.
+
+    Attempts with the same timeout start in the order of their deadlines (each is
+    the loop's monotonic time plus that timeout), so each length keeps a *lane*: a
+    FIFO of ``[deadline, timeout, live]`` entries, and one timer for its oldest
+    live entry. An attempt that ends marks its entry dead; dead entries leave from
+    the front as new ones arrive or the timer fires (and, behind a live one that
+    runs long, in a sweep whenever the lane has doubled since the last, so a
+    lane holds about twice its attempts in flight), and the timer fires a
+    still-live entry's ``asyncio.Timeout`` at its deadline (the timeout then
+    cancels its task on the loop's next turn, as its own timer would have).
+    Arming a timer per attempt (a ``TimerHandle`` pushed on the loop's heap, whose
+    ordering is Python code, and cancelled again almost always) was ~3 % of a
+    blog request under load. At most ``MAX_LANES`` lengths get a lane; an attempt
+    beyond that, or one that would not keep its lane in order, arms its own timer.
+    """
+
+    MAX_LANES = 64
+
+    __slots__ = ("_lanes", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lanes: dict[float, _Lane] = {}
+
+    def watch(self, length: float, deadline: float, timeout: asyncio.Timeout) -> list[Any] | None:
+        """Fire ``timeout`` at ``deadline`` unless its entry is marked dead first
+        (``entry[2] = False``); ``None`` if the caller must arm its own timer."""
+        lane = self._lanes.get(length)
+        if lane is None:
+            if len(self._lanes) >= self.MAX_LANES:
+                return None
+            lane = self._lanes[length] = _Lane()
+        entries = lane.entries
+        while entries and not entries[0][2]:
+            entries.popleft()
+        if entries and entries[-1][0] > deadline:
+            return None
+        entry = [deadline, timeout, True]
+        entries.append(entry)
+        if len(entries) > lane.sweep_at:
+            live = deque(e for e in entries if e[2])
+            lane.entries = live
+            lane.sweep_at = max(_Lane.SWEEP_MIN, 2 * len(live))
+        if lane.handle is None:
+            lane.handle = self._loop.call_at(deadline, self._fire, lane)
+        return entry
+
+    def _fire(self, lane: _Lane) -> None:
+        lane.handle = None
+        now = self._loop.time()
+        entries = lane.entries
+        while entries:
+            deadline, timeout, live = entries[0]
+            if live and deadline > now:
+                lane.handle = self._loop.call_at(deadline, self._fire, lane)
+                return
+            entries.popleft()
+            if live:
+                with contextlib.suppress(RuntimeError):  # it ended meanwhile
+                    timeout.reschedule(now)
+
+    def close(self) -> None:
+        for lane in self._lanes.values():
+            if lane.handle is not None:
+                lane.handle.cancel()
+        self._lanes.clear()
+
+
+class _Lane:
+    SWEEP_MIN = 1024
+
+    __slots__ = ("entries", "handle", "sweep_at")
+
+    def __init__(self) -> None:
+        self.entries: deque[list[Any]] = deque()
+        self.handle: asyncio.TimerHandle | None = None
+        # Sweep out dead entries once the lane holds more than this.
+        self.sweep_at = self.SWEEP_MIN
+
+
 class _ScopeTimeout:
     """``asyncio.timeout_at`` on any anyio backend: an anyio cancel scope with the
     deadline, raising ``TimeoutError`` when it fired; :meth:`cancel` fires it now."""
@@ -352,8 +435,10 @@ class JobSystem:
         self.effects = JobQueue(effects_queue, effects_capacity, effects_workers, clock)
         self.continuations = JobQueue(cont_queue, cont_capacity, cont_workers, clock)
         self._tg: TaskGroup | None = None
-        # On asyncio: the loop, whose clock and native timeouts the attempts use.
+        # On asyncio: the loop, whose clock and native timeouts the attempts use,
+        # and the lanes that fire those timeouts.
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadlines: _Deadlines | None = None
         # Systems whose interpreter answers without waiting (``synchronous = True``).
         self.synchronous = frozenset(
             name for name, interp in interpreters.items() if getattr(interp, "synchronous", False)
@@ -379,6 +464,8 @@ class JobSystem:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
             self._loop = None
+        else:
+            self._deadlines = _Deadlines(self._loop)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self.effects.start(self._tg)
@@ -397,7 +484,12 @@ class JobSystem:
         self.effects.close()
         self.continuations.close()
         assert self._tg is not None
-        await self._tg.__aexit__(*exc_info)
+        try:
+            await self._tg.__aexit__(*exc_info)
+        finally:
+            if self._deadlines is not None:
+                self._deadlines.close()
+                self._deadlines = None
         self._tg = None
 
     def interpreter_for(self, effect: Effect) -> Interpreter:
@@ -440,30 +532,39 @@ class JobSystem:
                 otel_context.detach(token)
 
     async def _rest_of_attempt(
-        self, job: Job, deadline: float, attempt: Awaitable[Any]
+        self, job: Job, length: float, deadline: float, attempt: Awaitable[Any]
     ) -> tuple[bool, EffectError | None, Exception | None]:
-        """Await the attempt under its timeout: (timed out?, its error if it failed,
-        what the interpreter raised).
+        """Await the attempt under its timeout (``length`` seconds, ending at
+        ``deadline``): (timed out?, its error if it failed, what the interpreter
+        raised).
 
-        On asyncio the timeout is the loop's own (``asyncio.timeout_at``): an anyio
+        On asyncio the timeout is the loop's own (``asyncio.Timeout``), fired by
+        the lane of attempts with the same length (:class:`_Deadlines`): an anyio
         cancel scope per attempt cost about a tenth of a database request's
         dispatch (it looks up the backend, the host task and its scope stack, and
-        arms a timer), where the native timeout arms only the timer. anyio
+        arms a timer), where the native timeout does none of that. anyio
         propagates a native cancellation through its own scopes inside the
         interpreter; a cancellation from anyio (shutdown) passes through this one.
         Elsewhere an anyio cancel scope behaves the same (:class:`_ScopeTimeout`).
         """
         loop = self._loop
+        deadlines = self._deadlines
         timeout: asyncio.Timeout | _ScopeTimeout
-        if loop is None:
+        if loop is None or deadlines is None:
             timeout = job.scope = _ScopeTimeout(deadline)
         else:
-            timeout = asyncio.timeout_at(deadline)
+            timeout = asyncio.timeout(None)
             job.scope = _TimeoutStopper(timeout, loop)
         error: EffectError | None = None
         raised: Exception | None = None
+        entry: list[Any] | None = None
         try:
             async with timeout:
+                if deadlines is not None:
+                    assert isinstance(timeout, asyncio.Timeout)
+                    entry = deadlines.watch(length, deadline, timeout)
+                    if entry is None:
+                        timeout.reschedule(deadline)
                 try:
                     job.result = await attempt
                 except EffectError as exc:
@@ -475,6 +576,8 @@ class JobSystem:
             return True, None, None
         finally:
             job.scope = None
+            if entry is not None:
+                entry[2] = False
         return False, error, raised
 
     async def _attempts(
@@ -506,11 +609,11 @@ class JobSystem:
                     raised = exc
                 else:
                     timed_out, error, raised = await self._rest_of_attempt(
-                        job, deadline, Resumed(attempt, waiting_on)
+                        job, timeout_s, deadline, Resumed(attempt, waiting_on)
                     )
             else:
                 timed_out, error, raised = await self._rest_of_attempt(
-                    job, deadline, interp.perform(effect, ctx)
+                    job, timeout_s, deadline, interp.perform(effect, ctx)
                 )
             if job.finished:  # cancelled from outside while running
                 return
