@@ -339,7 +339,7 @@ async def test_cancelling_an_attempt_under_the_native_timeout_stops_it_at_once()
     app = App("cancel", settings=load_settings({}))
     app.interpreter("waiter", waiter)
     app.interpreter("opener", _Failing(gate))
-    app.get("/x", wait_and_open)
+    app.get("/x", both)
     cap = RecordCapture()
     app.subscribe(cap)
     async with AppClient(app) as client:

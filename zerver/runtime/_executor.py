@@ -132,6 +132,7 @@ class _NeedRun:
         "held_wait",
         "jobs",
         "join",
+        "last_waiting",
         "need",
         "next_effect",
         "outcome",
@@ -176,27 +177,26 @@ class _NeedRun:
         self.held_wait: tuple[Job, tuple[int, Wakeup]] | None = None
         # Whether an effect of this Need went on the queue for a worker.
         self.queued = False
+        # The index of the effect held to wait, when the Need is parallel (`start`).
+        self.last_waiting = -1
 
     def start(self) -> None:
         if self.need.mode is Mode.PARALLEL:
             self.held = deque()
+            # The one effect that waits which the request's task may run itself: the
+            # last whose interpreter is not synchronous. Every other effect has been
+            # started (on a worker, or held) before the task gets to it, so they still
+            # run side by side, and the task would only wait for the Need anyway.
+            synchronous = self.executor.jobs.synchronous
+            for index in range(len(self.effects) - 1, -1, -1):
+                if self.effects[index].system not in synchronous:
+                    self.last_waiting = index
+                    break
             for _ in range(len(self.effects)):
                 if not self._start_next():
                     return
         else:
             self._start_next()
-
-    def _waits_on_request_task(self, index: int) -> bool:
-        """Whether effect ``index`` is the one effect that waits which the request's
-        task may run itself: the last of a parallel Need's effects whose interpreter
-        is not synchronous. Every other effect has been started (on a worker, or held)
-        before the request's task gets to it, so they still run side by side, and the
-        task would only wait for the Need anyway."""
-        synchronous = self.executor.jobs.synchronous
-        effects = self.effects
-        if effects[index].system in synchronous:
-            return False
-        return all(e.system in synchronous for e in effects[index + 1 :])
 
     async def run_held_effects(self) -> None:
         """On the request's task: run the effects held for it (each answers without
@@ -238,8 +238,9 @@ class _NeedRun:
 
     def _start_next(self) -> bool:
         """Start the next effect; returns False if the need resolved meanwhile."""
-        effect = self.effects[self.next_effect]
-        self.next_effect += 1
+        index = self.next_effect
+        effect = self.effects[index]
+        self.next_effect = index + 1
         record = self.record
         ex = self.executor
         st = JobState(
@@ -260,13 +261,13 @@ class _NeedRun:
             # An idle worker: the request's task runs the job for it (enqueued and
             # taken now, started once every effect has started), one wake-up and task
             # switch less; records are the same. Any number of synchronous effects
-            # can be run so, and the last effect that waits (`_waits_on_request_task`).
+            # can be run so, and the last effect that waits (see `start`).
             if effect.system in ex.jobs.synchronous:
                 worker = ex.jobs.effects.take_now(job)
                 if worker is not None:
                     held.append((job, worker))
                     return not self.join.resolved
-            elif self._waits_on_request_task(self.next_effect - 1):
+            elif index == self.last_waiting:
                 worker = ex.jobs.effects.take_now(job)
                 if worker is not None:
                     self.held_wait = (job, worker)

@@ -99,24 +99,27 @@ class _Deadlines:
 
     MAX_LANES = 64
 
-    __slots__ = ("_lanes", "_loop")
+    __slots__ = ("_lanes", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
         self._lanes: dict[float, _Lane] = {}
 
     def watch(self, length: float, deadline: float, timeout: asyncio.Timeout) -> list[Any] | None:
-        """Fire ``timeout`` at ``deadline`` unless its entry is marked dead first
-        (``entry[2] = False``); ``None`` if the caller must arm its own timer."""
+        """Fire ``timeout`` (entered, without a deadline of its own) at ``deadline``
+        unless its entry is marked dead first (``entry[2] = False``). ``None`` when
+        it has no lane: then it arms its own timer."""
         lane = self._lanes.get(length)
         if lane is None:
             if len(self._lanes) >= self.MAX_LANES:
+                timeout.reschedule(deadline)
                 return None
             lane = self._lanes[length] = _Lane()
         entries = lane.entries
         while entries and not entries[0][2]:
             entries.popleft()
         if entries and entries[-1][0] > deadline:
+            timeout.reschedule(deadline)
             return None
         entry = [deadline, timeout, True]
         entries.append(entry)
@@ -125,17 +128,17 @@ class _Deadlines:
             lane.entries = live
             lane.sweep_at = max(_Lane.SWEEP_MIN, 2 * len(live))
         if lane.handle is None:
-            lane.handle = self._loop.call_at(deadline, self._fire, lane)
+            lane.handle = self.loop.call_at(deadline, self._fire, lane)
         return entry
 
     def _fire(self, lane: _Lane) -> None:
         lane.handle = None
-        now = self._loop.time()
+        now = self.loop.time()
         entries = lane.entries
         while entries:
             deadline, timeout, live = entries[0]
             if live and deadline > now:
-                lane.handle = self._loop.call_at(deadline, self._fire, lane)
+                lane.handle = self.loop.call_at(deadline, self._fire, lane)
                 return
             entries.popleft()
             if live:
@@ -547,24 +550,21 @@ class JobSystem:
         interpreter; a cancellation from anyio (shutdown) passes through this one.
         Elsewhere an anyio cancel scope behaves the same (:class:`_ScopeTimeout`).
         """
-        loop = self._loop
-        deadlines = self._deadlines
+        deadlines = self._deadlines  # set on asyncio only
+        native: asyncio.Timeout | None = None
         timeout: asyncio.Timeout | _ScopeTimeout
-        if loop is None or deadlines is None:
+        if deadlines is None:
             timeout = job.scope = _ScopeTimeout(deadline)
         else:
-            timeout = asyncio.timeout(None)
-            job.scope = _TimeoutStopper(timeout, loop)
+            timeout = native = asyncio.timeout(None)
+            job.scope = _TimeoutStopper(native, deadlines.loop)
         error: EffectError | None = None
         raised: Exception | None = None
         entry: list[Any] | None = None
         try:
             async with timeout:
-                if deadlines is not None:
-                    assert isinstance(timeout, asyncio.Timeout)
-                    entry = deadlines.watch(length, deadline, timeout)
-                    if entry is None:
-                        timeout.reschedule(deadline)
+                if native is not None and deadlines is not None:
+                    entry = deadlines.watch(length, deadline, native)
                 try:
                     job.result = await attempt
                 except EffectError as exc:

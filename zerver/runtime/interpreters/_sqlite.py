@@ -19,12 +19,13 @@ Rules this module keeps:
   statements from one shared ``queue.SimpleQueue``, so a thread that has just
   finished takes the next waiting statement without going to sleep; the
   statements asked for in one turn of the loop go on it together
-  (:class:`_Outbox`), and the answers reach the loop through :class:`_Answers`,
-  one loop wake-up for every answer ready by then. Under load that halves the thread switches per
-  statement against a queue per thread and a ``call_soon_threadsafe`` per
-  answer, and a call through ``anyio.to_thread`` (limiter, shielded scope, a
-  ``queue.Queue`` and its ``Condition``) cost several times either on every
-  effect. Other anyio backends use ``anyio.to_thread``.
+  (:class:`_Outbox`), and the answers reach the loop through
+  :class:`_Answers`, one loop wake-up for every answer ready by then. Under
+  load that halves the thread switches per statement against a queue per
+  thread and a ``call_soon_threadsafe`` per answer, and a call through
+  ``anyio.to_thread`` (limiter, shielded scope, a ``queue.Queue`` and its
+  ``Condition``) cost several times either on every effect. Other anyio
+  backends use ``anyio.to_thread``.
 * A connection and its pool slot are given back only once its statement has
   finished, even when the job is cancelled meanwhile (the job ends at once;
   the next one waits for the slot), so two statements never share a connection.
@@ -247,6 +248,13 @@ class _Outbox:
         for item in pending:
             put(item)
 
+    def close(self, threads: int) -> None:
+        """End ``threads`` connection threads, each once the statements asked for
+        before (this turn's included) have run."""
+        self.flush()
+        for _ in range(threads):
+            self.work.put(None)
+
 
 class _ConnectionThread:
     """One pooled connection and the thread that runs statements on it (on asyncio).
@@ -342,10 +350,9 @@ class SqliteInterpreter:
         )
         self._free: list[sqlite3.Connection] = []
         self._open: list[sqlite3.Connection] = []
-        # On asyncio: one thread per connection (see the module's rules).
-        self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        # On asyncio: one thread per connection, fed through the outbox (see the
+        # module's rules); None while the pool is closed.
         self._outbox: _Outbox | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._threads_open: list[_ConnectionThread] = []
         self._tables: set[str] = set()
         self._started = False
@@ -368,11 +375,11 @@ class SqliteInterpreter:
             conns = await anyio.to_thread.run_sync(self._open_pool, target, uri)
             self._tables = set()
             if _on_asyncio():
-                self._loop = asyncio.get_running_loop()
-                answers = _Answers(self._loop)
-                self._work = queue.SimpleQueue()
-                self._outbox = _Outbox(self._loop, self._work)
-                self._threads_open = [_ConnectionThread(c, self._work, answers) for c in conns]
+                loop = asyncio.get_running_loop()
+                answers = _Answers(loop)
+                work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+                self._outbox = _Outbox(loop, work)
+                self._threads_open = [_ConnectionThread(c, work, answers) for c in conns]
             else:
                 self._open = conns
                 self._free = list(conns)
@@ -409,10 +416,9 @@ class SqliteInterpreter:
         for conn in free:
             conn.close()
         threads, self._threads_open = self._threads_open, []
-        if self._outbox is not None:
-            self._outbox.flush()  # statements asked for this turn run before the threads end
-        for _ in threads:
-            self._work.put(None)  # each thread ends after the statements queued before
+        outbox, self._outbox = self._outbox, None
+        if outbox is not None:
+            outbox.close(len(threads))
 
     # -- running statements --------------------------------------------------
 
@@ -441,14 +447,14 @@ class SqliteInterpreter:
         self, job: JobContext | None, what: str, fn: Callable[[sqlite3.Connection], T]
     ) -> T:
         await self.limiter.acquire(job)
-        if not self._threads_open:
+        outbox = self._outbox
+        if outbox is None:
             # Closed while this job waited for a connection: like any call after
             # `aclose`, it opens the pool again.
             self.limiter.release()
             return await self._run(job, what, fn)
-        assert self._loop is not None and self._outbox is not None
-        future: asyncio.Future[T] = self._loop.create_future()
-        self._outbox.put((partial(self._in_thread, fn=fn), partial(self._finished, future)))
+        future: asyncio.Future[T] = outbox.loop.create_future()
+        outbox.put((partial(self._in_thread, fn=fn), partial(self._finished, future)))
         try:
             if job is None:
                 return await future
