@@ -8,12 +8,14 @@ a traceback of zerver's frames.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,22 @@ MODULES = {
 
 
         app.on_startup(connect)
+    """,
+    "gc_state.py": """
+        import gc
+
+        from zerver import App, Done, Response, step
+
+        app = App("gc")
+
+
+        @step
+        def collector(ctx):
+            threshold = gc.get_threshold()[0]
+            return Done(Response.json({"threshold": threshold, "frozen": gc.get_freeze_count()}))
+
+
+        app.get("/gc", collector)
     """,
 }
 
@@ -224,6 +242,29 @@ def test_port_in_use_is_one_line(tree: tuple[Path, Path], transport: str, worker
 def test_bad_setting_is_still_one_line(tree: tuple[Path, Path]) -> None:
     line = one_line(zerver_cmd(tree, "run", "good:app", ZER_VER_PORT="eighty"))
     assert line == "zerver: ZER_VER_PORT='eighty' is invalid: accepted: a whole number"
+
+
+# -- the garbage collector of a serving process -------------------------------------
+
+
+@pytest.mark.parametrize(("value", "threshold"), [(None, 10_000), ("700", 700)])
+def test_serving_process_freezes_start_up_and_sets_the_collector_threshold(
+    tree: tuple[Path, Path], value: str | None, threshold: int
+) -> None:
+    modules, cwd = tree
+    env = _env(modules, cwd, **({"ZER_VER_GC_THRESHOLD": value} if value else {}))
+    with zerver_process(("run", "gc_state:app"), env, cwd) as (proc, port, _lines):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/gc", timeout=10) as answer:
+            state = json.load(answer)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    assert state["threshold"] == threshold
+    assert state["frozen"] > 1000  # the imported modules and the app, at least
+
+
+def test_bad_collector_threshold_is_one_line(tree: tuple[Path, Path]) -> None:
+    line = one_line(zerver_cmd(tree, "run", "good:app", ZER_VER_GC_THRESHOLD="-5"))
+    assert line.startswith("zerver: ZER_VER_GC_THRESHOLD='-5' is invalid: accepted:"), line
 
 
 # -- unknown variables ----------------------------------------------------------------

@@ -25,6 +25,7 @@ CASES: dict[str, tuple[str, object, str, object, str | None, str | None]] = {
     "ZER_VER_BODY_TIMEOUT_S": ("body_timeout_s", 60.0, "5", 5.0, "0", "> 0"),
     "ZER_VER_WRITE_TIMEOUT_S": ("write_timeout_s", 30.0, "5", 5.0, "-1", "> 0"),
     "ZER_VER_MAX_CONNECTIONS": ("max_connections", 1000, "50", 50, "0", ">= 1"),
+    "ZER_VER_GC_THRESHOLD": ("gc_threshold", 10000, "700", 700, "-1", ">= 0"),
     "ZER_VER_TRANSPORT": ("transport", "auto", "Streams", "streams", "udp", "'auto', 'streams'"),
     "ZER_VER_DB_PATH": ("db_path", "zerver.sqlite3", "/tmp/x.db", "/tmp/x.db", None, None),
     "ZER_VER_DB_POOL_SIZE": ("db_pool_size", None, "8", 8, "0", ">= 1"),

@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     write_timeout_s: float = Field(30.0, gt=0)
     max_connections: int = Field(1000, ge=1)
     transport: Literal["auto", "streams", "protocol"] = "auto"
+    # The cyclic collector's first threshold in a `zerver` process (Python's is 700).
+    gc_threshold: int = Field(10_000, ge=0)
 
     # Embedded interpreters.
     db_path: str = "zerver.sqlite3"
