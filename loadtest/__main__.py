@@ -1,4 +1,4 @@
-"""``python -m loadtest [--quick] [--only NAME ...] [--duration S] [--connections N] [--out DIR]``.
+"""``python -m loadtest [--quick] [--only NAME ...] [--duration S] [--rounds N] [--out DIR]``.
 
 Exit status: 0 when every contender served requests and no zerver contender
 lost spans; 1 otherwise (never because of timings); 2 for a usage error.
@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="load generator: wrk when installed (auto), or the Python one",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every contender this many times, in turn; ratios are the rounds' medians (1)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument(
         "--out",
@@ -65,10 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     duration = args.duration if args.duration is not None else (2.0 if args.quick else 10.0)
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
-    if duration <= 0 or warmup < 0 or args.connections < 1 or args.max_requests < 1:
+    if (
+        duration <= 0
+        or warmup < 0
+        or args.connections < 1
+        or args.max_requests < 1
+        or args.rounds < 1
+    ):
         print(
-            "loadtest: --duration, --connections and --max-requests must be positive, "
-            "--warmup not negative",
+            "loadtest: --duration, --connections, --max-requests and --rounds must be "
+            "positive, --warmup not negative",
             file=sys.stderr,
         )
         return 2
@@ -80,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loadgen=args.loadgen,
         pin=not args.no_pin,
         out=args.out.resolve(),
+        rounds=args.rounds,
         quick=args.quick,
     )
     report = run_all(contenders, cfg)

@@ -31,6 +31,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,8 @@ class RunConfig:
     loadgen: str = "auto"
     pin: bool = True
     out: Path = _ROOT / "loadtest" / "results"
+    rounds: int = 1
+    """Times every contender runs, in turn (round 1 of each, then round 2, ...)."""
     ready_timeout_s: float = 20.0
     stop_timeout_s: float = 15.0
     quick: bool = False
@@ -130,6 +133,8 @@ class ContenderResult:
     title: str
     traced: bool
     check_spans: bool
+    round: int = 1
+    """Which round of the run this is (``--rounds``)."""
     workloads: list[WorkloadResult] = field(default_factory=list)
     spans: int = 0
     root_server_spans: int = 0
@@ -385,6 +390,7 @@ def run_contender(
     tool: str,
     progress: Progress,
     prefix: str = "",
+    round_no: int = 1,
 ) -> ContenderResult:
     """Start, load, stop and count one contender; never raises for a contender's failure."""
     result = ContenderResult(
@@ -392,10 +398,12 @@ def run_contender(
         title=contender.title,
         traced=contender.traced,
         check_spans=contender.check_spans,
+        round=round_no,
     )
     logs = cfg.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"{contender.name}.log"
+    name = contender.name if cfg.rounds == 1 else f"{contender.name}.{round_no}"
+    log_path = logs / f"{name}.log"
     result.log = str(log_path)
     with contextlib.ExitStack() as stack:
         if contender.backends:
@@ -609,7 +617,14 @@ class Report:
     config: dict[str, object]
     contenders: list[ContenderResult]
     ratios: dict[str, dict[str, float]]
-    """Per route (``/items/{id}``, ``/blogs/posts/{id}``): req/s ratios, see :func:`ratios`."""
+    """Per route (``/items/{id}``, ``/blogs/posts/{id}``): req/s ratios, see :func:`ratios`
+    (with several rounds, the median of the rounds' ratios)."""
+    ratio_rounds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    """With several rounds: each ratio in every round, in round order (:func:`round_ratios`)."""
+
+    @property
+    def rounds(self) -> int:
+        return max((c.round for c in self.contenders), default=1)
 
     @property
     def problems(self) -> list[str]:
@@ -627,6 +642,7 @@ class Report:
             "config": self.config,
             "contenders": [r.to_dict() for r in self.contenders],
             "ratios": self.ratios,
+            "ratio_rounds": self.ratio_rounds,
             "problems": self.problems,
             "ok": self.ok,
         }
@@ -635,7 +651,8 @@ class Report:
 def run_all(
     contenders: Sequence[Contender], cfg: RunConfig, progress: Progress | None = None
 ) -> Report:
-    """Run every contender in turn."""
+    """Run every contender in turn, ``cfg.rounds`` times over: each round runs them all
+    again, so a slow minute of the machine falls on every contender alike."""
     progress = progress or Progress()
     cfg = dataclasses.replace(cfg, pin=cfg.pin and can_pin())
     tool = available_tool(cfg.loadgen)
@@ -644,9 +661,12 @@ def run_all(
     load_before = os.getloadavg()
     results: list[ContenderResult] = []
     with _pinned(_LOAD_CPU if cfg.pin else None):
-        for i, contender in enumerate(contenders, 1):
-            prefix = f"[{i}/{len(contenders)}] "
-            results.append(run_contender(contender, cfg, tool, progress, prefix))
+        for round_no in range(1, cfg.rounds + 1):
+            for i, contender in enumerate(contenders, 1):
+                prefix = f"[{i}/{len(contenders)}] "
+                if cfg.rounds > 1:
+                    prefix = f"[round {round_no}/{cfg.rounds}] {prefix}"
+                results.append(run_contender(contender, cfg, tool, progress, prefix, round_no))
     return Report(
         started=started.isoformat(timespec="seconds"),
         elapsed_s=round(time.monotonic() - clock, 1),
@@ -659,9 +679,11 @@ def run_all(
             "loadgen": tool,
             "pinned": cfg.pin,
             "quick": cfg.quick,
+            "rounds": cfg.rounds,
         },
         contenders=results,
         ratios=ratios(results),
+        ratio_rounds=round_ratios(results) if cfg.rounds > 1 else {},
     )
 
 
@@ -716,8 +738,30 @@ def ratios(results: Sequence[ContenderResult]) -> dict[str, dict[str, float]]:
     """req/s ratios per route, ``{"/items/{id}": {"zerver / starlette": 1.2, ...}, ...}``.
 
     Each pair of :data:`_PAIRS` is compared on every workload both of its
-    contenders served (a route with no such pair is left out).
+    contenders served (a route with no such pair is left out). Results of
+    several rounds are compared within each round, and each ratio is the
+    median of the rounds that have it.
     """
+    per_round = round_ratios(results)
+    return {
+        route: {label: round(statistics.median(values), 3) for label, values in row.items()}
+        for route, row in per_round.items()
+    }
+
+
+def round_ratios(results: Sequence[ContenderResult]) -> dict[str, dict[str, list[float]]]:
+    """Each ratio of :func:`ratios` in every round that has both contenders, in round order."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for round_no in sorted({r.round for r in results}):
+        for route, row in _ratios_of([r for r in results if r.round == round_no]).items():
+            into = out.setdefault(route, {})
+            for label, value in row.items():
+                into.setdefault(label, []).append(value)
+    return out
+
+
+def _ratios_of(results: Sequence[ContenderResult]) -> dict[str, dict[str, float]]:
+    """:func:`ratios` of one round."""
     routes: dict[str, str] = {}  # workload name -> route label, in the order they ran
     for r in results:
         for w in r.workloads:
@@ -735,11 +779,25 @@ def ratios(results: Sequence[ContenderResult]) -> dict[str, dict[str, float]]:
 
 
 def ratio_lines(report: Report) -> list[str]:
-    """One line per route: ``req/s ratios on GET <route>: a / b = 1.23, ...``."""
+    """One line per route: ``req/s ratios on GET <route>: a / b = 1.23, ...``; with
+    several rounds, each median is followed by the rounds' ratios."""
     return [
-        f"req/s ratios on GET {route}: " + ", ".join(f"{k} = {v:.2f}" for k, v in row.items())
+        f"req/s ratios on GET {route}: "
+        + ", ".join(_ratio_text(report, route, k, v) for k, v in row.items())
         for route, row in report.ratios.items()
     ]
+
+
+def _ratio_text(report: Report, route: str, label: str, value: float) -> str:
+    each = report.ratio_rounds.get(route, {}).get(label, [])
+    if len(each) < 2:
+        return f"{label} = {value:.2f}"
+    return f"{label} = {value:.2f} (rounds: {', '.join(f'{x:.2f}' for x in each)})"
+
+
+def _row_name(report: Report, c: ContenderResult) -> str:
+    """The contender's name, with its round when the run had several."""
+    return c.name if report.rounds == 1 else f"{c.name} #{c.round}"
 
 
 def format_table(report: Report) -> str:
@@ -760,7 +818,7 @@ def format_table(report: Report) -> str:
             cpu = w.cpu_us_per_request()
             cpu_cell = "-" if cpu is None else f"{cpu[0]:.0f} + {cpu[1]:.0f}"
             lines.append(
-                f"| {c.name} | {w.path} | {load.rps:,.0f} | {load.p50_ms:.2f} | "
+                f"| {_row_name(report, c)} | {w.path} | {load.rps:,.0f} | {load.p50_ms:.2f} | "
                 f"{load.p99_ms:.2f} | {load.errors} | {load.requests} | {spans} | {per} | {roots} "
                 f"| {cpu_cell} |"
             )
@@ -785,7 +843,11 @@ def write_svg(report: Report, path: Path) -> Path:
     """A dependency-free bar chart: req/s and p99 latency per contender and path, then
     the req/s ratios per route."""
     rows = [
-        (f"{c.name} {w.path}", w.load.rps if w.load else 0.0, w.load.p99_ms if w.load else 0.0)
+        (
+            f"{_row_name(report, c)} {w.path}",
+            w.load.rps if w.load else 0.0,
+            w.load.p99_ms if w.load else 0.0,
+        )
         for c in report.contenders
         for w in c.workloads
     ]
@@ -835,7 +897,7 @@ def _wrap_ratios(report: Report, max_chars: int) -> list[tuple[str, bool]]:
         out.append((f"req/s ratios on GET {route}", True))
         line = ""
         for k, v in row.items():
-            item = f"{k} = {v:.2f}"
+            item = _ratio_text(report, route, k, v)
             if line and len(line) + 2 + len(item) > max_chars:
                 out.append((line + ",", False))
                 line = ""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
@@ -34,6 +35,7 @@ from loadtest._runner import (
     free_port,
     ratio_lines,
     ratios,
+    round_ratios,
     stop_process,
     wait_ready,
     write_results,
@@ -480,6 +482,63 @@ def test_ratios_are_given_per_route_with_the_blog_route(tmp_path: Path) -> None:
     assert "req/s ratios on GET /blogs/posts/{id}" in svg
     assert "zerver-otlp / starlette-otel = 4.00" in svg
     assert "starlette /blogs/posts/1" in svg
+
+
+def _in_round(result: ContenderResult, round_no: int) -> ContenderResult:
+    result.round = round_no
+    return result
+
+
+def test_several_rounds_give_each_ratio_per_round_and_their_median(tmp_path: Path) -> None:
+    # A slow minute of the machine halves Starlette in round 2 and zerver in round 3:
+    # each ratio compares contenders of the same round, and the median is robust to both.
+    results = [
+        _in_round(_served("starlette", 1000, 500), 1),
+        _in_round(_served("zerver", 2000, 700), 1),
+        _in_round(_served("starlette", 500, 250), 2),
+        _in_round(_served("zerver", 2100, 800), 2),
+        _in_round(_served("starlette", 1000, 500), 3),
+        _in_round(_served("zerver", 1000, 300), 3),
+    ]
+    assert round_ratios(results) == {
+        "/items/{id}": {"zerver / starlette": [2.0, 4.2, 1.0]},
+        "/blogs/posts/{id}": {"zerver / starlette": [1.4, 3.2, 0.6]},
+    }
+    got = ratios(results)
+    assert got == {
+        "/items/{id}": {"zerver / starlette": 2.0},
+        "/blogs/posts/{id}": {"zerver / starlette": 1.4},
+    }
+    report = Report(
+        started="2026-01-01T00:00:00+00:00",
+        elapsed_s=3.0,
+        machine={"cpus": 2},
+        config={"rounds": 3},
+        contenders=results,
+        ratios=got,
+        ratio_rounds=round_ratios(results),
+    )
+    assert report.rounds == 3
+    lines = ratio_lines(report)
+    assert lines[1] == (
+        "req/s ratios on GET /blogs/posts/{id}: "
+        "zerver / starlette = 1.40 (rounds: 1.40, 3.20, 0.60)"
+    )
+    table = format_table(report)
+    assert "| zerver #2 | /blogs/posts/1 | 800 |" in table
+    assert "| starlette #3 | /items/42 | 1,000 |" in table
+    saved = json.loads(write_results(report, tmp_path).read_text())
+    assert saved["ratio_rounds"]["/items/{id}"]["zerver / starlette"] == [2.0, 4.2, 1.0]
+    assert [c["round"] for c in saved["contenders"]] == [1, 1, 2, 2, 3, 3]
+    svg = write_svg(report, tmp_path / "chart.svg").read_text()
+    assert "zerver #3 /items/42" in svg and "(rounds: 2.00, 4.20, 1.00)" in svg
+
+
+def test_rounds_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest.__main__ import main
+
+    assert main(["--rounds", "0", "--only", "zerver"]) == 2
+    assert "--rounds must be positive" in capsys.readouterr().err
 
 
 def test_ratios_skip_pairs_that_did_not_both_run() -> None:

@@ -88,8 +88,8 @@ def tune_gc(threshold: int) -> None:
     Python's default, only walks the requests in flight and promotes them to
     the older generations, whose full passes then walk everything promoted
     since. Under load that was about a tenth of the server's time
-    (docs/performance.md, "The garbage collector"); at ``threshold`` (10 000 by
-    default) the collector hardly runs while cycles, if any, are still collected.
+    (docs/performance.md, "The garbage collector under load"); at ``threshold``
+    (10 000 by default) the collector hardly runs; cycles, if any, are still collected.
     """
     gc.freeze()
     gc.set_threshold(threshold)
