@@ -51,8 +51,10 @@ __all__ = [
     "RunConfig",
     "WorkloadResult",
     "format_table",
+    "median_ratios",
     "ratio_lines",
     "ratios",
+    "round_ratios",
     "run_all",
     "start_backends",
     "start_server",
@@ -402,8 +404,8 @@ def run_contender(
     )
     logs = cfg.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    name = contender.name if cfg.rounds == 1 else f"{contender.name}.{round_no}"
-    log_path = logs / f"{name}.log"
+    log_name = contender.name if cfg.rounds == 1 else f"{contender.name}.{round_no}"
+    log_path = logs / f"{log_name}.log"
     result.log = str(log_path)
     with contextlib.ExitStack() as stack:
         if contender.backends:
@@ -667,6 +669,7 @@ def run_all(
                 if cfg.rounds > 1:
                     prefix = f"[round {round_no}/{cfg.rounds}] {prefix}"
                 results.append(run_contender(contender, cfg, tool, progress, prefix, round_no))
+    per_round = round_ratios(results)
     return Report(
         started=started.isoformat(timespec="seconds"),
         elapsed_s=round(time.monotonic() - clock, 1),
@@ -682,8 +685,8 @@ def run_all(
             "rounds": cfg.rounds,
         },
         contenders=results,
-        ratios=ratios(results),
-        ratio_rounds=round_ratios(results) if cfg.rounds > 1 else {},
+        ratios=median_ratios(per_round),
+        ratio_rounds=per_round if cfg.rounds > 1 else {},
     )
 
 
@@ -742,7 +745,11 @@ def ratios(results: Sequence[ContenderResult]) -> dict[str, dict[str, float]]:
     several rounds are compared within each round, and each ratio is the
     median of the rounds that have it.
     """
-    per_round = round_ratios(results)
+    return median_ratios(round_ratios(results))
+
+
+def median_ratios(per_round: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Each ratio of :func:`round_ratios` as the median of its rounds."""
     return {
         route: {label: round(statistics.median(values), 3) for label, values in row.items()}
         for route, row in per_round.items()

@@ -378,7 +378,6 @@ def test_version(tree: tuple[Path, Path]) -> None:
 
 
 def test_the_targets_package_is_app_code_even_when_installed() -> None:
-    import json
     import os as os_module
 
     from zerver._cli import _AppCode
