@@ -623,6 +623,10 @@ class Report:
     (with several rounds, the median of the rounds' ratios)."""
     ratio_rounds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     """With several rounds: each ratio in every round, in round order (:func:`round_ratios`)."""
+    p99_ratios: dict[str, dict[str, float]] = field(default_factory=dict)
+    """The same pairs' p99 latency ratios (lower is better; medians of the rounds)."""
+    p99_ratio_rounds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    """With several rounds: each p99 ratio in every round, in round order."""
 
     @property
     def rounds(self) -> int:
@@ -645,6 +649,8 @@ class Report:
             "contenders": [r.to_dict() for r in self.contenders],
             "ratios": self.ratios,
             "ratio_rounds": self.ratio_rounds,
+            "p99_ratios": self.p99_ratios,
+            "p99_ratio_rounds": self.p99_ratio_rounds,
             "problems": self.problems,
             "ok": self.ok,
         }
@@ -670,6 +676,7 @@ def run_all(
                     prefix = f"[round {round_no}/{cfg.rounds}] {prefix}"
                 results.append(run_contender(contender, cfg, tool, progress, prefix, round_no))
     per_round = round_ratios(results)
+    p99_per_round = round_ratios(results, "p99_ms")
     return Report(
         started=started.isoformat(timespec="seconds"),
         elapsed_s=round(time.monotonic() - clock, 1),
@@ -687,6 +694,8 @@ def run_all(
         contenders=results,
         ratios=median_ratios(per_round),
         ratio_rounds=per_round if cfg.rounds > 1 else {},
+        p99_ratios=median_ratios(p99_per_round),
+        p99_ratio_rounds=p99_per_round if cfg.rounds > 1 else {},
     )
 
 
@@ -710,12 +719,15 @@ def _machine(load_before: tuple[float, float, float]) -> dict[str, object]:
 # -- reporting ----------------------------------------------------------------------
 
 
-def _rps(results: Sequence[ContenderResult], name: str, workload: str = "items") -> float | None:
+def _metric(
+    results: Sequence[ContenderResult], name: str, workload: str, metric: str
+) -> float | None:
+    """``metric`` (``rps`` or ``p99_ms``) of contender ``name`` on ``workload``, if it served it."""
     for r in results:
         if r.name == name:
             for w in r.workloads:
                 if w.workload == workload and w.load is not None and w.load.requests:
-                    return w.load.rps
+                    return float(getattr(w.load, metric))
     return None
 
 
@@ -756,19 +768,23 @@ def median_ratios(per_round: dict[str, dict[str, list[float]]]) -> dict[str, dic
     }
 
 
-def round_ratios(results: Sequence[ContenderResult]) -> dict[str, dict[str, list[float]]]:
-    """Each ratio of :func:`ratios` in every round that has both contenders, in round order."""
+def round_ratios(
+    results: Sequence[ContenderResult], metric: str = "rps"
+) -> dict[str, dict[str, list[float]]]:
+    """Each ratio of :func:`ratios` in every round that has both contenders, in round
+    order; ``metric="p99_ms"`` gives the p99 latency ratios instead of req/s."""
     out: dict[str, dict[str, list[float]]] = {}
     for round_no in sorted({r.round for r in results}):
-        for route, row in _ratios_of([r for r in results if r.round == round_no]).items():
+        in_round = [r for r in results if r.round == round_no]
+        for route, row in _ratios_of(in_round, metric).items():
             into = out.setdefault(route, {})
             for label, value in row.items():
                 into.setdefault(label, []).append(value)
     return out
 
 
-def _ratios_of(results: Sequence[ContenderResult]) -> dict[str, dict[str, float]]:
-    """:func:`ratios` of one round."""
+def _ratios_of(results: Sequence[ContenderResult], metric: str) -> dict[str, dict[str, float]]:
+    """The ratios of ``metric`` in one round."""
     routes: dict[str, str] = {}  # workload name -> route label, in the order they ran
     for r in results:
         for w in r.workloads:
@@ -777,7 +793,7 @@ def _ratios_of(results: Sequence[ContenderResult]) -> dict[str, dict[str, float]
     for workload, route in routes.items():
         row: dict[str, float] = {}
         for label, (a, b) in _PAIRS.items():
-            ra, rb = _rps(results, a, workload), _rps(results, b, workload)
+            ra, rb = _metric(results, a, workload, metric), _metric(results, b, workload, metric)
             if ra is not None and rb:
                 row[label] = round(ra / rb, 3)
         if row:
@@ -785,18 +801,33 @@ def _ratios_of(results: Sequence[ContenderResult]) -> dict[str, dict[str, float]
     return out
 
 
-def ratio_lines(report: Report) -> list[str]:
-    """One line per route: ``req/s ratios on GET <route>: a / b = 1.23, ...``; with
-    several rounds, each median is followed by the rounds' ratios."""
+def _ratio_sections(report: Report) -> list[tuple[str, str, str, dict[str, float]]]:
+    """(heading, route, metric, ratios) for every route: req/s first, then p99."""
     return [
-        f"req/s ratios on GET {route}: "
-        + ", ".join(_ratio_text(report, route, k, v) for k, v in row.items())
-        for route, row in report.ratios.items()
+        *(
+            (f"req/s ratios on GET {route}", route, "rps", row)
+            for route, row in report.ratios.items()
+        ),
+        *(
+            (f"p99 ratios on GET {route} (lower is better)", route, "p99_ms", row)
+            for route, row in report.p99_ratios.items()
+        ),
     ]
 
 
-def _ratio_text(report: Report, route: str, label: str, value: float) -> str:
-    each = report.ratio_rounds.get(route, {}).get(label, [])
+def ratio_lines(report: Report) -> list[str]:
+    """One line per route: ``req/s ratios on GET <route>: a / b = 1.23, ...``, then one
+    per route for p99 latency; with several rounds, each median is followed by the
+    rounds' ratios."""
+    return [
+        f"{heading}: " + ", ".join(_ratio_text(report, route, metric, k, v) for k, v in row.items())
+        for heading, route, metric, row in _ratio_sections(report)
+    ]
+
+
+def _ratio_text(report: Report, route: str, metric: str, label: str, value: float) -> str:
+    rounds = report.ratio_rounds if metric == "rps" else report.p99_ratio_rounds
+    each = rounds.get(route, {}).get(label, [])
     if len(each) < 2:
         return f"{label} = {value:.2f}"
     return f"{label} = {value:.2f} (rounds: {', '.join(f'{x:.2f}' for x in each)})"
@@ -829,7 +860,7 @@ def format_table(report: Report) -> str:
                 f"{load.p99_ms:.2f} | {load.errors} | {load.requests} | {spans} | {per} | {roots} "
                 f"| {cpu_cell} |"
             )
-    if report.ratios:
+    if report.ratios or report.p99_ratios:
         lines.append("")
         lines.extend(ratio_lines(report))
     return "\n".join(lines)
@@ -848,7 +879,7 @@ def write_results(report: Report, out: Path) -> Path:
 
 def write_svg(report: Report, path: Path) -> Path:
     """A dependency-free bar chart: req/s and p99 latency per contender and path, then
-    the req/s ratios per route."""
+    the req/s and p99 ratios per route."""
     rows = [
         (
             f"{_row_name(report, c)} {w.path}",
@@ -900,11 +931,11 @@ def write_svg(report: Report, path: Path) -> Path:
 def _wrap_ratios(report: Report, max_chars: int) -> list[tuple[str, bool]]:
     """The chart's ratio lines: a heading per route, then its ratios wrapped to ``max_chars``."""
     out: list[tuple[str, bool]] = []
-    for route, row in report.ratios.items():
-        out.append((f"req/s ratios on GET {route}", True))
+    for heading, route, metric, row in _ratio_sections(report):
+        out.append((heading, True))
         line = ""
         for k, v in row.items():
-            item = _ratio_text(report, route, k, v)
+            item = _ratio_text(report, route, metric, k, v)
             if line and len(line) + 2 + len(item) > max_chars:
                 out.append((line + ",", False))
                 line = ""

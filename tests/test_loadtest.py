@@ -33,6 +33,7 @@ from loadtest._runner import (
     _account,
     format_table,
     free_port,
+    median_ratios,
     ratio_lines,
     ratios,
     round_ratios,
@@ -415,7 +416,9 @@ def test_traced_starlette_blog_route_makes_a_span_per_cache_and_db_call(tmp_path
 # -- ratios ------------------------------------------------------------------------
 
 
-def _served(name: str, items_rps: int, blog_rps: int | None = None) -> ContenderResult:
+def _served(
+    name: str, items_rps: int, blog_rps: int | None = None, *, p99_ms: float = 2.0
+) -> ContenderResult:
     result = ContenderResult(name=name, title=name, traced=False, check_spans=False)
     loads = [(ITEMS, items_rps)] + ([(BLOG, blog_rps)] if blog_rps is not None else [])
     result.workloads = [
@@ -424,7 +427,7 @@ def _served(name: str, items_rps: int, blog_rps: int | None = None) -> Contender
             workload=w.name,
             path=w.path,
             route=w.route,
-            load=LoadResult(tool="wrk", requests=rps, duration_s=1.0, p99_ms=2.0),
+            load=LoadResult(tool="wrk", requests=rps, duration_s=1.0, p99_ms=p99_ms),
         )
         for w, rps in loads
     ]
@@ -492,18 +495,21 @@ def _in_round(result: ContenderResult, round_no: int) -> ContenderResult:
 def test_several_rounds_give_each_ratio_per_round_and_their_median(tmp_path: Path) -> None:
     # A slow minute of the machine halves Starlette in round 2 and zerver in round 3:
     # each ratio compares contenders of the same round, and the median is robust to both.
+    # p99 latency is compared the same way (lower is better): 8/10, 12/20, 20/10.
     results = [
-        _in_round(_served("starlette", 1000, 500), 1),
-        _in_round(_served("zerver", 2000, 700), 1),
-        _in_round(_served("starlette", 500, 250), 2),
-        _in_round(_served("zerver", 2100, 800), 2),
-        _in_round(_served("starlette", 1000, 500), 3),
-        _in_round(_served("zerver", 1000, 300), 3),
+        _in_round(_served("starlette", 1000, 500, p99_ms=10.0), 1),
+        _in_round(_served("zerver", 2000, 700, p99_ms=8.0), 1),
+        _in_round(_served("starlette", 500, 250, p99_ms=20.0), 2),
+        _in_round(_served("zerver", 2100, 800, p99_ms=12.0), 2),
+        _in_round(_served("starlette", 1000, 500, p99_ms=10.0), 3),
+        _in_round(_served("zerver", 1000, 300, p99_ms=20.0), 3),
     ]
     assert round_ratios(results) == {
         "/items/{id}": {"zerver / starlette": [2.0, 4.2, 1.0]},
         "/blogs/posts/{id}": {"zerver / starlette": [1.4, 3.2, 0.6]},
     }
+    p99_rounds = round_ratios(results, "p99_ms")
+    assert p99_rounds["/blogs/posts/{id}"] == {"zerver / starlette": [0.8, 0.6, 2.0]}
     got = ratios(results)
     assert got == {
         "/items/{id}": {"zerver / starlette": 2.0},
@@ -517,6 +523,8 @@ def test_several_rounds_give_each_ratio_per_round_and_their_median(tmp_path: Pat
         contenders=results,
         ratios=got,
         ratio_rounds=round_ratios(results),
+        p99_ratios=median_ratios(p99_rounds),
+        p99_ratio_rounds=p99_rounds,
     )
     assert report.rounds == 3
     lines = ratio_lines(report)
@@ -524,14 +532,22 @@ def test_several_rounds_give_each_ratio_per_round_and_their_median(tmp_path: Pat
         "req/s ratios on GET /blogs/posts/{id}: "
         "zerver / starlette = 1.40 (rounds: 1.40, 3.20, 0.60)"
     )
+    assert lines[3] == (
+        "p99 ratios on GET /blogs/posts/{id} (lower is better): "
+        "zerver / starlette = 0.80 (rounds: 0.80, 0.60, 2.00)"
+    )
+    assert format_table(report).endswith("\n".join(lines))
     table = format_table(report)
     assert "| zerver #2 | /blogs/posts/1 | 800 |" in table
     assert "| starlette #3 | /items/42 | 1,000 |" in table
     saved = json.loads(write_results(report, tmp_path).read_text())
     assert saved["ratio_rounds"]["/items/{id}"]["zerver / starlette"] == [2.0, 4.2, 1.0]
+    assert saved["p99_ratios"]["/blogs/posts/{id}"]["zerver / starlette"] == 0.8
+    assert saved["p99_ratio_rounds"]["/items/{id}"]["zerver / starlette"] == [0.8, 0.6, 2.0]
     assert [c["round"] for c in saved["contenders"]] == [1, 1, 2, 2, 3, 3]
     svg = write_svg(report, tmp_path / "chart.svg").read_text()
     assert "zerver #3 /items/42" in svg and "(rounds: 2.00, 4.20, 1.00)" in svg
+    assert "p99 ratios on GET /items/{id} (lower is better)" in svg
 
 
 def test_rounds_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
