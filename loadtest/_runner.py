@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 from ._contenders import Contender, Workload
 from ._loadgen import LoadResult, LoadSpec, available_tool, run_load
@@ -719,8 +719,12 @@ def _machine(load_before: tuple[float, float, float]) -> dict[str, object]:
 # -- reporting ----------------------------------------------------------------------
 
 
+Metric = Literal["rps", "p99_ms"]
+"""What a ratio compares: req/s (higher is better) or p99 latency (lower is better)."""
+
+
 def _metric(
-    results: Sequence[ContenderResult], name: str, workload: str, metric: str
+    results: Sequence[ContenderResult], name: str, workload: str, metric: Metric
 ) -> float | None:
     """``metric`` (``rps`` or ``p99_ms``) of contender ``name`` on ``workload``, if it served it."""
     for r in results:
@@ -769,7 +773,7 @@ def median_ratios(per_round: dict[str, dict[str, list[float]]]) -> dict[str, dic
 
 
 def round_ratios(
-    results: Sequence[ContenderResult], metric: str = "rps"
+    results: Sequence[ContenderResult], metric: Metric = "rps"
 ) -> dict[str, dict[str, list[float]]]:
     """Each ratio of :func:`ratios` in every round that has both contenders, in round
     order; ``metric="p99_ms"`` gives the p99 latency ratios instead of req/s."""
@@ -783,7 +787,7 @@ def round_ratios(
     return out
 
 
-def _ratios_of(results: Sequence[ContenderResult], metric: str) -> dict[str, dict[str, float]]:
+def _ratios_of(results: Sequence[ContenderResult], metric: Metric) -> dict[str, dict[str, float]]:
     """The ratios of ``metric`` in one round."""
     routes: dict[str, str] = {}  # workload name -> route label, in the order they ran
     for r in results:
@@ -801,7 +805,7 @@ def _ratios_of(results: Sequence[ContenderResult], metric: str) -> dict[str, dic
     return out
 
 
-def _ratio_sections(report: Report) -> list[tuple[str, str, str, dict[str, float]]]:
+def _ratio_sections(report: Report) -> list[tuple[str, str, Metric, dict[str, float]]]:
     """(heading, route, metric, ratios) for every route: req/s first, then p99."""
     return [
         *(
@@ -825,7 +829,7 @@ def ratio_lines(report: Report) -> list[str]:
     ]
 
 
-def _ratio_text(report: Report, route: str, metric: str, label: str, value: float) -> str:
+def _ratio_text(report: Report, route: str, metric: Metric, label: str, value: float) -> str:
     rounds = report.ratio_rounds if metric == "rps" else report.p99_ratio_rounds
     each = rounds.get(route, {}).get(label, [])
     if len(each) < 2:
