@@ -805,15 +805,21 @@ def _ratios_of(results: Sequence[ContenderResult], metric: Metric) -> dict[str, 
     return out
 
 
-def _ratio_sections(report: Report) -> list[tuple[str, str, Metric, dict[str, float]]]:
-    """(heading, route, metric, ratios) for every route: req/s first, then p99."""
+def _ratio_sections(
+    report: Report,
+) -> list[tuple[str, dict[str, float], Mapping[str, list[float]]]]:
+    """(heading, ratios, each ratio's rounds) for every route: req/s first, then p99."""
     return [
         *(
-            (f"req/s ratios on GET {route}", route, "rps", row)
+            (f"req/s ratios on GET {route}", row, report.ratio_rounds.get(route, {}))
             for route, row in report.ratios.items()
         ),
         *(
-            (f"p99 ratios on GET {route} (lower is better)", route, "p99_ms", row)
+            (
+                f"p99 ratios on GET {route} (lower is better)",
+                row,
+                report.p99_ratio_rounds.get(route, {}),
+            )
             for route, row in report.p99_ratios.items()
         ),
     ]
@@ -824,14 +830,12 @@ def ratio_lines(report: Report) -> list[str]:
     per route for p99 latency; with several rounds, each median is followed by the
     rounds' ratios."""
     return [
-        f"{heading}: " + ", ".join(_ratio_text(report, route, metric, k, v) for k, v in row.items())
-        for heading, route, metric, row in _ratio_sections(report)
+        f"{heading}: " + ", ".join(_ratio_text(k, v, rounds.get(k, [])) for k, v in row.items())
+        for heading, row, rounds in _ratio_sections(report)
     ]
 
 
-def _ratio_text(report: Report, route: str, metric: Metric, label: str, value: float) -> str:
-    rounds = report.ratio_rounds if metric == "rps" else report.p99_ratio_rounds
-    each = rounds.get(route, {}).get(label, [])
+def _ratio_text(label: str, value: float, each: Sequence[float]) -> str:
     if len(each) < 2:
         return f"{label} = {value:.2f}"
     return f"{label} = {value:.2f} (rounds: {', '.join(f'{x:.2f}' for x in each)})"
@@ -935,11 +939,11 @@ def write_svg(report: Report, path: Path) -> Path:
 def _wrap_ratios(report: Report, max_chars: int) -> list[tuple[str, bool]]:
     """The chart's ratio lines: a heading per route, then its ratios wrapped to ``max_chars``."""
     out: list[tuple[str, bool]] = []
-    for heading, route, metric, row in _ratio_sections(report):
+    for heading, row, rounds in _ratio_sections(report):
         out.append((heading, True))
         line = ""
         for k, v in row.items():
-            item = _ratio_text(report, route, metric, k, v)
+            item = _ratio_text(k, v, rounds.get(k, []))
             if line and len(line) + 2 + len(item) > max_chars:
                 out.append((line + ",", False))
                 line = ""

@@ -536,8 +536,8 @@ def test_several_rounds_give_each_ratio_per_round_and_their_median(tmp_path: Pat
         "p99 ratios on GET /blogs/posts/{id} (lower is better): "
         "zerver / starlette = 0.80 (rounds: 0.80, 0.60, 2.00)"
     )
-    assert format_table(report).endswith("\n".join(lines))
     table = format_table(report)
+    assert table.endswith("\n".join(lines))
     assert "| zerver #2 | /blogs/posts/1 | 800 |" in table
     assert "| starlette #3 | /items/42 | 1,000 |" in table
     saved = json.loads(write_results(report, tmp_path).read_text())
