@@ -58,7 +58,7 @@ from zerver import (
     load_settings,
     step,
 )
-from zerver._cli import tune_gc
+from zerver._gc import tune_gc
 from zerver.demo import create_app
 from zerver.runtime.interpreters import SqliteInterpreter
 from zerver.testing import FakeInterpreter, FakeRule

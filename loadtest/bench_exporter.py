@@ -42,6 +42,7 @@ from collections.abc import Callable
 import anyio
 
 from loadtest.bench_trace import RECORDS, record_happy_paths
+from zerver._gc import EXPORTER_THRESHOLDS, tune_gc
 
 __all__ = ["PARTS", "main", "prepare"]
 
@@ -110,8 +111,7 @@ def _like_exporter_process() -> None:
     """The exporter process's collector settings (and the receiver's: it runs with
     the collector off): what was prepared is frozen out of it, collections rare."""
     gc.collect()
-    gc.freeze()
-    gc.set_threshold(100_000, 50, 50)
+    tune_gc(*EXPORTER_THRESHOLDS)
 
 
 def _callgrind(on: bool) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import gc
 import importlib.util
 import os
 import site
@@ -35,6 +34,7 @@ from zerver.core._errors import ConfigError, UsageError, ZerverError
 
 from ._app import App
 from ._config import Settings, known_variables, load_settings
+from ._gc import tune_gc
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -76,23 +76,6 @@ def serving_app(*, check_only: bool = False) -> App:
     setup_tracing(app, default_spool_dir=default_spool_dir(settings.service_name or app.name))
     tune_gc(settings.gc_threshold)
     return app
-
-
-def tune_gc(threshold: int) -> None:
-    """Set up the cyclic garbage collector of a serving process.
-
-    Everything built so far lives as long as the process: it is frozen out of
-    the collector's full passes, which otherwise show up in latency tails. And
-    a request's objects are freed by reference counting (zerver's own leave no
-    cycles: tests/test_no_cycles.py), so collecting every 700 net new objects,
-    Python's default, only walks the requests in flight and promotes them to
-    the older generations, whose full passes then walk everything promoted
-    since. Under load that was about a tenth of the server's time
-    (docs/performance.md, "The garbage collector under load"); at ``threshold``
-    (10 000 by default) the collector hardly runs; cycles, if any, are still collected.
-    """
-    gc.freeze()
-    gc.set_threshold(threshold)
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:

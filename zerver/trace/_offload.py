@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import marshal
 import multiprocessing
 import os
@@ -76,6 +75,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from zerver._config import Settings
+from zerver._gc import EXPORTER_THRESHOLDS, tune_gc
 from zerver.core._effects import SPAN_FACTS, Effect, effect_span_attributes
 from zerver.core._errors import ConfigError
 from zerver.export._config import ExportConfig, MetricsExportConfig
@@ -503,13 +503,7 @@ def _child_main(conn: Connection, spec: EngineSpec) -> None:
     from ._logging import configure_logging
 
     configure_logging(spec.settings.log_format, spec.settings.log_level)
-    # What this process allocates (records, spans, encoded batches) is freed by
-    # reference counting; the cyclic collector's default (a collection per 700
-    # net new containers, walking the spans waiting in the queue) cost about a
-    # fifth of its CPU under load. Start-up objects are frozen out of it and it
-    # runs rarely; cycles, if any, are still collected.
-    gc.freeze()
-    gc.set_threshold(100_000, 50, 50)
+    tune_gc(*EXPORTER_THRESHOLDS)
     try:
         _Exporter(conn, _build_pipeline(spec, child=True), spec.drain_timeout_s).run()
     except Exception:
