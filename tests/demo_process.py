@@ -33,7 +33,8 @@ def zerver_process(
     args: Sequence[str], env: Mapping[str, str], cwd: Path
 ) -> Iterator[tuple[subprocess.Popen[bytes], int, list[dict[str, Any]]]]:
     """``python -m zerver *args --port 0`` with JSON logs; yields the process, its bound
-    port and the log lines it wrote up to "server started".
+    port and the log lines it wrote until it serves: "server started", or with
+    ``--workers`` "all workers ready" (one worker listening says nothing of the others).
 
     The process is killed if the block leaves it running; its pipes are closed.
     """
@@ -44,6 +45,8 @@ def zerver_process(
         env={**env, "ZER_VER_LOG_FORMAT": "json"},
         cwd=cwd,
     )
+    workers = args[args.index("--workers") + 1] if "--workers" in args else "1"
+    ready = "server started" if workers == "1" else "all workers ready"
     try:
         assert proc.stdout is not None
         lines: list[dict[str, Any]] = []
@@ -53,7 +56,7 @@ def zerver_process(
             if not raw:
                 break
             lines.append(orjson.loads(raw))
-            if lines[-1].get("event") == "server started":
+            if lines[-1].get("event") == ready:
                 port = int(lines[-1]["port"])
                 break
         assert port, proc.stderr.read() if proc.stderr else "no start-up line"

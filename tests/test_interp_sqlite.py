@@ -7,9 +7,11 @@ every database in test_interp_db.py.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from zerver.core._clock import MonotonicClock
@@ -85,6 +87,49 @@ async def test_locked_database_is_retryable(tmp_path: Path) -> None:
     assert info.value.status_hint == 500
     assert info.value.retryable is True
     assert "locked" in str(info.value)
+
+
+async def test_a_new_file_waits_for_another_writer_before_switching_to_wal(
+    tmp_path: Path,
+) -> None:
+    """SQLite refuses the switch to WAL at once while another connection writes (its
+    busy handler is not consulted): the interpreter keeps trying for busy_timeout_ms."""
+    path = tmp_path / "new.sqlite3"
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute('CREATE TABLE "t" (key TEXT PRIMARY KEY, value TEXT NOT NULL)')
+    blocker.execute("BEGIN IMMEDIATE")
+    interp = SqliteInterpreter(path, busy_timeout_ms=200)
+    started = time.monotonic()
+    try:
+        with pytest.raises(EffectError) as info:
+            await interp.start()
+        waited = time.monotonic() - started
+    finally:
+        blocker.close()
+        await interp.aclose()
+    assert waited >= 0.2  # the whole busy timeout, not an instant refusal
+    assert info.value.retryable is True
+    assert "locked" in str(info.value)
+
+
+async def test_processes_opening_one_new_file_together_all_start(tmp_path: Path) -> None:
+    """Several interpreters (as several worker processes would) open one fresh file
+    and write to it at once: every one of them starts, and the file ends in WAL mode."""
+    for attempt in range(40):  # bounded: each round is a fresh file and a fresh race
+        path = tmp_path / f"shared-{attempt}.sqlite3"
+        interps = [SqliteInterpreter(path, pool_size=2) for _ in range(4)]
+        try:
+            async with anyio.create_task_group() as tg:
+                for n, interp in enumerate(interps):
+                    tg.start_soon(run, interp, DbPut(table="t", key=str(n), value=n))
+            stored = [(await run(interps[0], DbGet(table="t", key=str(n))))[0] for n in range(4)]
+            assert stored == [0, 1, 2, 3]
+        finally:
+            for interp in interps:
+                await interp.aclose()
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
 
 
 async def test_other_db_errors_are_not_retryable(tmp_path: Path) -> None:

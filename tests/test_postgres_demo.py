@@ -102,7 +102,8 @@ def demo_workers(
     workers: str, env: dict[str, str], cwd: Path
 ) -> Iterator[tuple[Any, int, list[str]]]:
     """``zerver demo --workers N --port 0``; yields the process, its port and the log
-    lines up to "server started" (read as text: workers' lines may share one)."""
+    lines until it serves: "server started", or with several workers "all workers
+    ready" (read as text: workers' lines may share one)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "zerver", "demo", "--workers", workers, "--port", "0"],
         stdout=subprocess.PIPE,
@@ -110,6 +111,7 @@ def demo_workers(
         env={**env, "ZER_VER_LOG_FORMAT": "json"},
         cwd=cwd,
     )
+    ready = "server started" if workers == "1" else "all workers ready"
     try:
         assert proc.stdout is not None
         lines: list[str] = []
@@ -119,7 +121,7 @@ def demo_workers(
             if not raw:
                 break
             lines.append(raw)
-            if '"event":"server started"' in raw and (found := _PORT.search(raw)):
+            if f'"event":"{ready}"' in raw and (found := _PORT.search(raw)):
                 port = int(found.group(1))
                 break
         assert port, proc.stderr.read() if proc.stderr else "no start-up line"

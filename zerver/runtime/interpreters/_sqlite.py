@@ -41,6 +41,7 @@ import queue
 import re
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -71,6 +72,9 @@ _FIELD_RE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*")
 _MAX_NAME = 128
 
 _TRANSIENT_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+# Pauses between tries of the switch to WAL while another process writes (start-up).
+_WAL_RETRY_FIRST_S = 0.005
+_WAL_RETRY_MAX_S = 0.05
 
 
 _CHECKED: set[str] = set()
@@ -168,6 +172,30 @@ def _db_error(exc: sqlite3.Error, what: str) -> EffectError:
         status_hint=500,
         retryable=transient,
     )
+
+
+def _switch_to_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """Put the database file in WAL mode, waiting up to ``timeout_s`` for other writers.
+
+    Switching a fresh file to WAL takes an exclusive lock, and SQLite answers
+    ``SQLITE_BUSY`` at once, without its busy handler, while another connection
+    holds a write lock: two processes opening one new file (``--workers 2``) would
+    otherwise fail at random. Start-up only, so the wait is a plain sleep.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause = _WAL_RETRY_FIRST_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _WAL_RETRY_MAX_S)
 
 
 def _on_asyncio() -> bool:
@@ -304,9 +332,9 @@ class SqliteInterpreter:
     makes one private in-memory database shared by every pooled connection
     and gone when the interpreter closes. ``pool_size`` bounds the open
     connections and the concurrent queries (:attr:`default_pool_size` unless
-    given); ``busy_timeout_ms`` bounds how
-    long a statement waits for another writer's lock before failing with a
-    retryable error.
+    given); ``busy_timeout_ms`` bounds how long a statement, or the switch of a
+    new file to WAL at start, waits for another writer's lock before failing with
+    a retryable error.
 
     Connections are opened by :meth:`start` (or on first use) and closed by
     :meth:`aclose`; a later :meth:`start` opens them again.
@@ -401,7 +429,7 @@ class SqliteInterpreter:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
                 if not self.in_memory:
                     if len(conns) == 1:
-                        conn.execute("PRAGMA journal_mode = WAL")
+                        _switch_to_wal(conn, self.busy_timeout_ms / 1000)
                     conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as exc:
             for conn in conns:
