@@ -136,6 +136,12 @@ CONTENDERS: tuple[Contender, ...] = (
     ),
     _zerver_traced("zerver-otlp", "default telemetry", {}, every_trace=True),
     _zerver_traced(
+        "zerver-otlp-normal",
+        "default telemetry, exporter at normal priority (ZER_VER_EXPORT_PRIORITY=normal)",
+        {"ZER_VER_EXPORT_PRIORITY": "normal"},
+        every_trace=True,
+    ),
+    _zerver_traced(
         "zerver-head-0.1",
         "ZER_VER_SAMPLER=head:0.1 (a tenth of new traces)",
         {"ZER_VER_SAMPLER": "head:0.1"},

@@ -737,6 +737,7 @@ def _metric(
 
 _PAIRS: dict[str, tuple[str, str]] = {
     "zerver-otlp / starlette": ("zerver-otlp", "starlette"),
+    "zerver-otlp-normal / starlette": ("zerver-otlp-normal", "starlette"),
     "zerver-otlp / starlette-otel": ("zerver-otlp", "starlette-otel"),
     "zerver-otlp / floor-anyio": ("zerver-otlp", "floor-anyio"),
     "zerver-otlp / floor-protocol": ("zerver-otlp", "floor-protocol"),

@@ -51,6 +51,14 @@ CASES: dict[str, tuple[str, object, str, object, str | None, str | None]] = {
         "maybe",
         "'auto', 'on' or 'off'",
     ),
+    "ZER_VER_EXPORT_PRIORITY": (
+        "export_priority",
+        "idle",
+        "Normal",
+        "normal",
+        "high",
+        "'idle' or 'normal'",
+    ),
     "ZER_VER_DEMO_BASE_URL": (
         "demo_base_url",
         None,

@@ -147,6 +147,24 @@ def test_a_full_spool_drops_counts_and_logs_at_once(tmp_path: Path) -> None:
     assert spool_stats(tmp_path / "spool")[1] == spooled
 
 
+def test_the_spool_knows_how_full_it_is(tmp_path: Path) -> None:
+    """``Spool.fill`` (what the exporter process's CPU share reads per batch) grows with
+    each write, without reading the file, and is 1 once an item is refused."""
+    from zerver.export import Spool
+
+    with Spool(tmp_path / "spool", max_bytes=1 << 20) as spool:
+        assert spool.fill == 0.0
+        fills = []
+        for _ in range(40):  # bounded: 40 x 50 kB is twice the quota
+            if not spool.put("otlp", b"x" * 50_000, 1):
+                break
+            fills.append(spool.fill)
+        assert len(fills) >= 10
+        assert fills == sorted(fills)
+        assert 0 < fills[0] < 0.2 and 0.8 < fills[-1] <= 1.0
+        assert spool.fill == 1.0
+
+
 def test_a_damaged_spool_file_delivers_its_intact_batches(tmp_path: Path) -> None:
     with server(tmp_path, env(closed_port(), "off", OTEL_BSP_MAX_EXPORT_BATCH_SIZE="60")) as s:
         ids = s.get(400)  # 1200 spans: 20 batches of 60

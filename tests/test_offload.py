@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import marshal
 import os
 import random
@@ -173,6 +174,94 @@ async def test_an_exporter_that_keeps_dying_leaves_building_to_the_server(
     assert "exporter process keeps dying; building spans in this process from now on" in events
     stats = sub.stats()
     assert stats["records_lost"] == stats["records_dropped"] == 0
+
+
+LINUX_IDLE = hasattr(os, "SCHED_IDLE") and os.path.isdir("/proc/self/task")
+
+
+def _policies(pid: int) -> list[int]:
+    """The scheduling policy of each thread of process ``pid``."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            out.append(os.sched_getscheduler(int(tid)))
+    return out
+
+
+async def _exporter_pid(sub: ProcessTraceSubscriber) -> int:
+    with anyio.fail_after(20):
+        while not (sub._child is not None and sub._child.ready):
+            await anyio.sleep(0.01)
+    pid = sub._child.process.pid
+    assert pid is not None
+    return pid
+
+
+@pytest.mark.skipif(not LINUX_IDLE, reason="SCHED_IDLE is Linux's")
+@pytest.mark.parametrize("priority", ["idle", "normal"])
+async def test_the_exporter_takes_only_spare_cpu_while_it_keeps_up(
+    tmp_path: Path, priority: str
+) -> None:
+    """Every exporter thread but the reader runs under SCHED_IDLE by default (none with
+    ZER_VER_EXPORT_PRIORITY=normal); the counters say so, and every trace arrives."""
+    from zerver.trace._cpu_share import spare_cpu_unavailable
+
+    if priority == "idle" and spare_cpu_unavailable() is not None:
+        pytest.skip("this process may not leave SCHED_IDLE (no CAP_SYS_NICE)")
+    with OtlpReceiver() as receiver:
+        env = receiver_env(receiver, OTEL_BSP_SCHEDULE_DELAY="20")
+        settings_ = load_settings({}, db_path=str(tmp_path / "i.sqlite3"), export_priority=priority)
+        app = create_app(settings=settings_)
+        sub = app.trace_in_process(env)
+        assert isinstance(sub, ProcessTraceSubscriber)
+        async with AppClient(app) as c:
+            for _ in range(50):
+                assert (await c.get("/healthz")).status == 200
+            policies = _policies(await _exporter_pid(sub))
+        assert len(_roots(receiver)) == 50
+    idle = policies.count(os.SCHED_IDLE)
+    if priority == "idle":
+        assert policies.count(os.SCHED_OTHER) == 1, policies  # the reader
+        assert idle == len(policies) - 1 >= 3  # the builder, the encoder, the sender...
+    else:
+        assert idle == 0, policies
+    cpu = sub.stats()["exporter"]["cpu"]
+    assert cpu == {"priority": "normal", "spare_first": priority == "idle", "raised": 0}
+    # "normal" at the end: the drain at shutdown holds normal priority.
+
+
+@pytest.mark.skipif(not LINUX_IDLE, reason="SCHED_IDLE is Linux's")
+async def test_an_exporter_falling_behind_takes_its_fair_share_of_the_cpu(
+    tmp_path: Path,
+) -> None:
+    """No spool and a slow backend: the intake fills, the exporter's threads return to
+    normal priority (counted, logged once) and every trace still arrives."""
+    from zerver.trace._cpu_share import spare_cpu_unavailable
+
+    if spare_cpu_unavailable() is not None:
+        pytest.skip("this process may not leave SCHED_IDLE (no CAP_SYS_NICE)")
+    with OtlpReceiver(delay_s=0.02) as receiver:
+        env = receiver_env(
+            receiver,
+            OTEL_BSP_SCHEDULE_DELAY="20",
+            OTEL_BSP_MAX_QUEUE_SIZE="128",
+            OTEL_BSP_MAX_EXPORT_BATCH_SIZE="64",
+            ZER_VER_EXPORT_SPOOL_DIR="off",
+        )
+        app = create_app(settings=load_settings({}, db_path=str(tmp_path / "f.sqlite3")))
+        sub = app.trace_in_process(env)
+        async with AppClient(app) as c:
+            for _ in range(600):
+                assert (await c.get("/healthz")).status == 200
+            pid = await _exporter_pid(sub)
+            with anyio.fail_after(20):
+                while os.SCHED_IDLE in _policies(pid):
+                    await anyio.sleep(0.01)
+        assert len(_roots(receiver)) == 600
+    stats = sub.stats()
+    assert stats["exporter"]["cpu"]["raised"] >= 1
+    assert stats["records_lost"] == stats["records_dropped"] == 0
+    assert sum(stats["exporter"]["export"]["dropped"].values()) == 0
 
 
 @settings(max_examples=200, deadline=None)

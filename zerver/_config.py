@@ -130,6 +130,7 @@ class Settings(BaseSettings):
     debug_jobs: bool = False
     otel_context: bool = True
     export_process: Literal["auto", "on", "off"] = "auto"
+    export_priority: Literal["idle", "normal"] = "idle"
     export_job_depth: bool = False
     semconv: Literal["old", "new", "dup"] | None = None
     metrics_view_route_p95_window: str = "60s"
@@ -252,7 +253,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
 
-    @field_validator("log_format", "log_level", "semconv", "transport", mode="before")
+    @field_validator(
+        "log_format", "log_level", "semconv", "transport", "export_priority", mode="before"
+    )
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v

@@ -305,6 +305,7 @@ class Spool:
         "_db",
         "_dir",
         "_file_id",
+        "_fill",
         "_lock",
         "_log",
         "_maintained_ns",
@@ -333,6 +334,7 @@ class Spool:
         self._dir = os.path.abspath(os.fspath(directory))
         self._path = os.path.join(self._dir, "spool.sqlite3")
         self._max_bytes = max_bytes
+        self._fill = 0.0
         self._log = log or RateLimitedLog()
         self._wall_ns = wall_ns
         self._busy_timeout_s = busy_timeout_s
@@ -444,6 +446,12 @@ class Spool:
             except Exception as exc:  # a spool failure must not break export
                 self._failed("release", exc)
 
+    @property
+    def fill(self) -> float:
+        """How full the spool was after this object's last write, from 0 to 1
+        (known without reading the file; deliveries since then are not counted)."""
+        return self._fill
+
     def pending(self, kinds: Collection[str] | None = None) -> int:
         """Unclaimed items now (of these kinds; all when None)."""
         where = _kind_filter(kinds)
@@ -501,9 +509,12 @@ class Spool:
         db = self._db
         with _write(db):
             if self._used(db) + len(body) > self._max_bytes:
+                self._fill = 1.0
                 raise _FullError
             _store(db, (None, kind, count, _meta_text(meta), self._wall_ns()), body)
-            if self._used(db) > self._max_bytes:
+            used = self._used(db)
+            self._fill = min(1.0, used / self._max_bytes)
+            if used > self._max_bytes:
                 raise _FullError
 
     def _claim(self, where: str, kinds: tuple[str, ...]) -> SpoolItem | None:

@@ -81,6 +81,7 @@ from zerver.core._errors import ConfigError
 from zerver.export._config import ExportConfig, MetricsExportConfig
 from zerver.export._log import DropReporter
 
+from ._cpu_share import IDLE, NORMAL, CpuShare, Priority, set_priority, spare_cpu_unavailable
 from ._records import RECORD_CLASSES, Record, RequestRecord
 
 if TYPE_CHECKING:
@@ -505,7 +506,9 @@ def _child_main(conn: Connection, spec: EngineSpec) -> None:
     configure_logging(spec.settings.log_format, spec.settings.log_level)
     tune_gc(*EXPORTER_THRESHOLDS)
     try:
-        _Exporter(conn, _build_pipeline(spec, child=True), spec.drain_timeout_s).run()
+        exporter = _Exporter(conn, _build_pipeline(spec, child=True), spec.drain_timeout_s)
+        exporter.share_cpu(spec.settings.export_priority)
+        exporter.run()
     except Exception:
         # A bug: said in the log's format; the server notices the exit and restarts us.
         _log.exception("exporter process failed")
@@ -613,6 +616,16 @@ class _Intake:
             self._mem.append((seq, blobs))
             self._cond.notify_all()
 
+    @property
+    def backlog(self) -> float:
+        """How close the records waiting here are to being lost, from 0 to 1. With a
+        spool, how full it is while batches go there (a full memory only means the
+        next batch goes there); without one, how full memory is."""
+        spool = self._spool
+        if spool is not None:
+            return spool.fill if self._spilling else 0.0
+        return min(1.0, len(self._mem) / self._capacity)
+
     def stop(self, seconds: float) -> None:
         with self._cond:
             if not self.stopped:
@@ -673,6 +686,22 @@ class _Exporter:
         self._acks: list[int] = []
         self._acks_lock = threading.Lock()
         self._last_report = 0.0
+        # Spare CPU first, a fair share when behind (see zerver.trace._cpu_share); None:
+        # normal priority throughout. Changed by the reader thread (and once by run).
+        self._share: CpuShare | None = None
+        self._share_lock = threading.Lock()
+        self._reader_tid: int | None = None
+
+    def share_cpu(self, priority: Priority) -> None:
+        """Use only spare CPU while keeping up (``idle``), where this process can
+        come back to normal priority; ``normal`` keeps normal priority throughout."""
+        if priority != IDLE:
+            return
+        why = spare_cpu_unavailable()
+        if why is not None:
+            _log.info("exporter process runs at normal priority", reason=why)
+            return
+        self._share = CpuShare()
 
     def send(self, msg: tuple[Any, ...]) -> None:
         with self._send_lock, contextlib.suppress(OSError, ValueError):
@@ -702,10 +731,45 @@ class _Exporter:
             "records_spilled": self.intake.spilled,
             "records_lost": self.intake.lost,
             "export": asdict(self.pipeline.stats()),
+            "cpu": self._cpu_counters(),
         }
         if self.builder.metrics is not None:
             out["metrics"] = self.builder.metrics.counts()
         return out
+
+    def _cpu_counters(self) -> dict[str, Any]:
+        share = self._share
+        if share is None:
+            return {"priority": NORMAL, "spare_first": False, "raised": 0}
+        return {"priority": share.mode, "spare_first": True, "raised": share.raised}
+
+    def _set_priority(self, change: Callable[[CpuShare], Priority | None]) -> None:
+        """Apply ``change`` to the CPU share and, if it says so, to every thread but
+        the reader (which keeps normal priority to notice falling behind)."""
+        share = self._share
+        if share is None:
+            return
+        with self._share_lock:
+            new = change(share)
+            if new is None:
+                return
+            reader = self._reader_tid
+            tids = [t.native_id for t in threading.enumerate() if t.native_id is not None]
+            try:
+                set_priority(new, [tid for tid in tids if tid != reader])
+            except OSError as exc:  # refused after the probe said yes: stay as we are
+                _log.warning("exporter priority unchanged", priority=new, error=str(exc))
+                return
+        if new == NORMAL and share.raised == 1:
+            _log.info(
+                "exporter process fell behind; it takes a fair share of the CPU until it "
+                "catches up (counted in its cpu.raised counter)"
+            )
+
+    def _observe_intake(self) -> None:
+        backlog = self.intake.backlog
+        now = time.monotonic()
+        self._set_priority(lambda share: share.observe(now, backlog))
 
     def _read(self) -> None:
         """The reader thread: batches into the intake until STOP or EOF."""
@@ -713,22 +777,29 @@ class _Exporter:
             try:
                 msg = _unframe(self.conn.recv_bytes())
             except (EOFError, OSError, ValueError, struct.error):
+                self._set_priority(CpuShare.hold)  # the drain must not wait for spare time
                 self.intake.stop(self.drain_timeout_s)  # the server is gone
                 return
             if msg[0] == _BATCH:
+                self._observe_intake()  # before too: with no spool, offer waits for room
                 self.intake.offer(msg[1], msg[2], self.ack_now)
+                self._observe_intake()
             elif msg[0] == _ACTIVE:
                 if self.builder.metrics is not None:
                     self.builder.metrics.active = msg[1]
             elif msg[0] == _STOP:
                 # The server has stopped serving: its cores are free for the drain.
                 _use_other_cores([])
+                self._set_priority(CpuShare.hold)
                 self.intake.stop(float(msg[1]))
                 return
 
     def run(self) -> None:
         reader = threading.Thread(target=self._read, name="zerver-exporter-reader", daemon=True)
         reader.start()
+        self._reader_tid = reader.native_id
+        # Every thread but the reader takes spare CPU only, unless already behind.
+        self._set_priority(lambda share: IDLE if share.mode == IDLE else None)
         self.send((_READY,))
         intake, builder = self.intake, self.builder
         try:
