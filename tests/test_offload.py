@@ -115,6 +115,18 @@ async def test_full_buffer_drops_and_counts(tmp_path: Path) -> None:
     await anyio.lowlevel.checkpoint()
 
 
+def _behind_env(receiver: OtlpReceiver, *, spool: str) -> dict[str, str]:
+    """With ``OtlpReceiver(delay_s=0.02)``, a slow backend and a small pipeline: the
+    exporter process cannot keep up. ``spool``: its directory, or ``off``."""
+    return receiver_env(
+        receiver,
+        OTEL_BSP_SCHEDULE_DELAY="20",
+        OTEL_BSP_MAX_QUEUE_SIZE="128",
+        OTEL_BSP_MAX_EXPORT_BATCH_SIZE="64",
+        ZER_VER_EXPORT_SPOOL_DIR=spool,
+    )
+
+
 def _roots(receiver: OtlpReceiver) -> set[str]:
     return {s["traceId"] for s in receiver.spans() if s["name"].startswith("http.server:")}
 
@@ -122,15 +134,8 @@ def _roots(receiver: OtlpReceiver) -> set[str]:
 async def test_an_exporter_that_falls_behind_spools_records_and_delivers_them(
     tmp_path: Path,
 ) -> None:
-    # A slow backend and a small pipeline: the exporter process cannot keep up.
     with OtlpReceiver(delay_s=0.02) as receiver:
-        env = receiver_env(
-            receiver,
-            OTEL_BSP_SCHEDULE_DELAY="20",
-            OTEL_BSP_MAX_QUEUE_SIZE="128",
-            OTEL_BSP_MAX_EXPORT_BATCH_SIZE="64",
-            ZER_VER_EXPORT_SPOOL_DIR=str(tmp_path / "spool"),
-        )
+        env = _behind_env(receiver, spool=str(tmp_path / "spool"))
         app = create_app(settings=load_settings({}, db_path=str(tmp_path / "b.sqlite3")))
         sub = app.trace_in_process(env)
         async with AppClient(app) as c:
@@ -188,6 +193,15 @@ def _policies(pid: int) -> list[int]:
     return out
 
 
+def _needs_spare_cpu() -> None:
+    """Skip unless the exporter process will use idle priority here."""
+    from zerver.trace._cpu_share import spare_cpu_unavailable
+
+    why = spare_cpu_unavailable()
+    if why is not None:
+        pytest.skip(f"the exporter stays at normal priority here: {why}")
+
+
 async def _exporter_pid(sub: ProcessTraceSubscriber) -> int:
     with anyio.fail_after(20):
         while not (sub._child is not None and sub._child.ready):
@@ -204,10 +218,8 @@ async def test_the_exporter_takes_only_spare_cpu_while_it_keeps_up(
 ) -> None:
     """Every exporter thread but the reader runs under SCHED_IDLE by default (none with
     ZER_VER_EXPORT_PRIORITY=normal); the counters say so, and every trace arrives."""
-    from zerver.trace._cpu_share import spare_cpu_unavailable
-
-    if priority == "idle" and spare_cpu_unavailable() is not None:
-        pytest.skip("this process may not leave SCHED_IDLE (no CAP_SYS_NICE)")
+    if priority == "idle":
+        _needs_spare_cpu()
     with OtlpReceiver() as receiver:
         env = receiver_env(receiver, OTEL_BSP_SCHEDULE_DELAY="20")
         settings_ = load_settings({}, db_path=str(tmp_path / "i.sqlite3"), export_priority=priority)
@@ -236,18 +248,9 @@ async def test_an_exporter_falling_behind_takes_its_fair_share_of_the_cpu(
 ) -> None:
     """No spool and a slow backend: the intake fills, the exporter's threads return to
     normal priority (counted, logged once) and every trace still arrives."""
-    from zerver.trace._cpu_share import spare_cpu_unavailable
-
-    if spare_cpu_unavailable() is not None:
-        pytest.skip("this process may not leave SCHED_IDLE (no CAP_SYS_NICE)")
+    _needs_spare_cpu()
     with OtlpReceiver(delay_s=0.02) as receiver:
-        env = receiver_env(
-            receiver,
-            OTEL_BSP_SCHEDULE_DELAY="20",
-            OTEL_BSP_MAX_QUEUE_SIZE="128",
-            OTEL_BSP_MAX_EXPORT_BATCH_SIZE="64",
-            ZER_VER_EXPORT_SPOOL_DIR="off",
-        )
+        env = _behind_env(receiver, spool="off")
         app = create_app(settings=load_settings({}, db_path=str(tmp_path / "f.sqlite3")))
         sub = app.trace_in_process(env)
         async with AppClient(app) as c:
