@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import structlog
 from demo_process import demo_process
 
 from zerver import ConfigError, Context, Done, Response, load_settings, step
@@ -55,6 +56,27 @@ def test_tracing_off_and_bad_values() -> None:
     assert setup_tracing(app, {"OTEL_TRACES_EXPORTER": "none"}) is None
     with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
         setup_tracing(app, {"OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"})
+
+
+@pytest.mark.parametrize(
+    ("process", "exporter", "warned"),
+    [("off", "otlp", True), ("on", "none", True), ("on", "otlp", False)],
+)
+async def test_the_exporter_priority_is_said_to_be_ignored_without_an_exporter_process(
+    tmp_path: Path, process: str, exporter: str, warned: bool
+) -> None:
+    app = create_app(
+        settings=load_settings({}, db_path=str(tmp_path / "w.sqlite3"), export_process=process)
+    )
+    with OtlpReceiver() as receiver, structlog.testing.capture_logs() as logs:
+        env = _env(receiver, OTEL_TRACES_EXPORTER=exporter, ZER_VER_EXPORT_PRIORITY="normal")
+        setup_tracing(app, env)
+        async with AppClient(app) as c:  # started and stopped: the pipeline drained
+            assert (await c.get("/healthz")).status == 200
+    ignored = [e for e in logs if e["event"].startswith("ZER_VER_EXPORT_PRIORITY ignored")]
+    assert len(ignored) == (1 if warned else 0)
+    if warned:
+        assert ignored[0]["log_level"] == "warning"
 
 
 def test_demo_process_exports_and_drains_on_sigterm(tmp_path: Path) -> None:

@@ -62,6 +62,15 @@ def default_spool_dir(service: str, environ: Mapping[str, str] | None = None) ->
     return path
 
 
+def _warn_unused_priority(env: Mapping[str, str]) -> None:
+    """``ZER_VER_EXPORT_PRIORITY`` is the exporter process's: say so when there is none."""
+    if any(name.upper() == "ZER_VER_EXPORT_PRIORITY" for name in env):
+        _log.warning(
+            "ZER_VER_EXPORT_PRIORITY ignored: no exporter process builds traces here "
+            "(see ZER_VER_EXPORT_PROCESS and OTEL_TRACES_EXPORTER)"
+        )
+
+
 def setup_tracing(
     app: App, environ: Mapping[str, str] | None = None, *, default_spool_dir: str | None = None
 ) -> TraceEngine | ProcessTraceSubscriber | None:
@@ -83,6 +92,7 @@ def setup_tracing(
     config = ExportConfig.from_env(env, default_spool_dir=default_spool_dir)
     metrics = metrics_config(env)
     if not config.exporters or config.exporters == ("none",):
+        _warn_unused_priority(env)
         if metrics is not None:
             raise ConfigError(
                 "OTEL_METRICS_EXPORTER: metrics are recorded where traces are built, and "
@@ -93,6 +103,8 @@ def setup_tracing(
     mode = app.settings.export_process
     in_child = mode == "on" or (mode == "auto" and (os.cpu_count() or 1) > 1)
     spooling = config.spool_dir is not None and config.exporters == ("otlp",)
+    if not in_child:
+        _warn_unused_priority(env)
     _log.info(
         "trace export",
         exporters=",".join(config.exporters),
