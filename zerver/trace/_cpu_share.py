@@ -5,8 +5,8 @@ of what serving the request costs the server. At normal priority that work
 competes with everything else on its cores, and a process woken to do its own
 work (a worker process, a database, whatever else runs on the machine) waits
 behind it. Measured on a two-core machine, with the server on one core and the
-load generator beside the exporter on the other, that wait made up most of
-what tracing added to p99 latency (docs/performance.md).
+load generator beside the exporter on the other, that wait was a large part
+of what tracing added to p99 latency (docs/performance.md).
 
 So on Linux the exporter's threads run under ``SCHED_IDLE``: they get the CPU
 time no other thread wants, and any other thread that wakes up takes the CPU
@@ -26,7 +26,7 @@ for one) or the platform has no idle policy, the exporter stays at normal
 priority and says why in one log line. ``ZER_VER_EXPORT_PRIORITY=normal`` asks for
 normal priority throughout.
 
-:class:`CpuShare` only decides (fed the intake's depth and the time); the
+:class:`CpuShare` only decides (fed the backlog and the time); the
 exporter process applies its decisions with :func:`set_priority`.
 """
 
