@@ -105,22 +105,12 @@ def _policy_of(tid: int) -> int:
 def test_threads_go_to_idle_priority_and_back() -> None:
     if spare_cpu_unavailable() is not None:
         pytest.skip("this process may not leave SCHED_IDLE (no CAP_SYS_NICE)")
-    ready, done = threading.Event(), threading.Event()
-    tids: list[int] = []
-
-    def worker() -> None:
-        tids.append(threading.get_native_id())
-        ready.set()
-        done.wait(10)
-
-    threads = [threading.Thread(target=worker) for _ in range(2)]
+    done = threading.Event()
+    threads = [threading.Thread(target=done.wait, args=(10,)) for _ in range(2)]
     for t in threads:
-        t.start()
+        t.start()  # its native id is known once start returns
+    tids = [t.native_id for t in threads if t.native_id is not None]
     try:
-        assert ready.wait(10)
-        while len(tids) < 2:
-            ready.clear()
-            assert ready.wait(10)
         set_priority(IDLE, tids)
         assert [_policy_of(t) for t in tids] == [os.SCHED_IDLE] * 2
         assert _policy_of(threading.get_native_id()) == os.SCHED_OTHER  # only those

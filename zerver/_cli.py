@@ -337,12 +337,12 @@ def _export_config() -> ExportConfig:
 def trace_destination(settings: Settings, config: ExportConfig) -> str:
     """Where this server's traces go, in words: the OTLP endpoint and protocol (and
     whether an exporter process builds them), the console and its format, or nowhere."""
+    from ._telemetry import in_exporter_process
+
     parts: list[str] = []
     for name in config.exporters:
         if name == "otlp":
-            mode = settings.export_process
-            child = mode == "on" or (mode == "auto" and (os.cpu_count() or 1) > 1)
-            where = "an exporter process" if child else "this process"
+            where = "an exporter process" if in_exporter_process(settings) else "this process"
             parts.append(f"OTLP {config.protocol} at {config.endpoint} (built in {where})")
         elif name == "console":
             form = "trees" if settings.console_format == "tree" else "JSON lines"

@@ -31,9 +31,10 @@ if TYPE_CHECKING:
     from zerver.trace._tracing import TraceEngine
 
     from ._app import App
+    from ._config import Settings
     from .export import ExportPipeline
 
-__all__ = ["default_spool_dir", "metrics_config", "setup_tracing"]
+__all__ = ["default_spool_dir", "in_exporter_process", "metrics_config", "setup_tracing"]
 
 _log = structlog.get_logger("zerver.export")
 
@@ -60,6 +61,13 @@ def default_spool_dir(service: str, environ: Mapping[str, str] | None = None) ->
         )
         return None
     return path
+
+
+def in_exporter_process(settings: Settings) -> bool:
+    """Whether traces are built in an exporter process (``ZER_VER_EXPORT_PROCESS``:
+    ``on``, or ``auto`` on a machine with more than one core)."""
+    mode = settings.export_process
+    return mode == "on" or (mode == "auto" and (os.cpu_count() or 1) > 1)
 
 
 def _warn_unused_priority(env: Mapping[str, str]) -> None:
@@ -91,8 +99,11 @@ def setup_tracing(
     env = os.environ if environ is None else environ
     config = ExportConfig.from_env(env, default_spool_dir=default_spool_dir)
     metrics = metrics_config(env)
-    if not config.exporters or config.exporters == ("none",):
+    tracing = bool(config.exporters) and config.exporters != ("none",)
+    in_child = tracing and in_exporter_process(app.settings)
+    if not in_child:
         _warn_unused_priority(env)
+    if not tracing:
         if metrics is not None:
             raise ConfigError(
                 "OTEL_METRICS_EXPORTER: metrics are recorded where traces are built, and "
@@ -100,11 +111,7 @@ def setup_tracing(
                 "traces exporter and set OTEL_TRACES_SAMPLER=always_off"
             )
         return None
-    mode = app.settings.export_process
-    in_child = mode == "on" or (mode == "auto" and (os.cpu_count() or 1) > 1)
     spooling = config.spool_dir is not None and config.exporters == ("otlp",)
-    if not in_child:
-        _warn_unused_priority(env)
     _log.info(
         "trace export",
         exporters=",".join(config.exporters),

@@ -49,8 +49,8 @@ class CpuShare:
     """When the exporter takes only spare CPU (:data:`IDLE`) and when its fair share.
 
     Fed by the exporter's reader thread, which keeps normal priority so that it
-    sees batches arrive even while the others starve: :meth:`observe` around
-    each batch it takes in, with the intake's *backlog*, how close the records
+    sees batches arrive even while the others starve: :meth:`observe` as
+    each batch comes in, with the intake's *backlog*, how close the records
     waiting are to being lost (0 to 1: with a spool, how full the spool is; without
     one, how full the intake's memory is). At ``raise_at`` or above the exporter
     is behind and takes its fair share; it goes back to spare time once the

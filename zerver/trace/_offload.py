@@ -506,9 +506,12 @@ def _child_main(conn: Connection, spec: EngineSpec) -> None:
     configure_logging(spec.settings.log_format, spec.settings.log_level)
     tune_gc(*EXPORTER_THRESHOLDS)
     try:
-        exporter = _Exporter(conn, _build_pipeline(spec, child=True), spec.drain_timeout_s)
-        exporter.share_cpu(spec.settings.export_priority)
-        exporter.run()
+        _Exporter(
+            conn,
+            _build_pipeline(spec, child=True),
+            spec.drain_timeout_s,
+            spec.settings.export_priority,
+        ).run()
     except Exception:
         # A bug: said in the log's format; the server notices the exit and restarts us.
         _log.exception("exporter process failed")
@@ -674,7 +677,9 @@ class _Intake:
 class _Exporter:
     """The exporter process's main loop (rules in the module docstring)."""
 
-    def __init__(self, conn: Connection, builder: _Builder, drain_timeout_s: float) -> None:
+    def __init__(
+        self, conn: Connection, builder: _Builder, drain_timeout_s: float, priority: Priority
+    ) -> None:
         self.conn = conn
         self.builder = builder
         self.pipeline = builder.pipeline
@@ -686,22 +691,22 @@ class _Exporter:
         self._acks: list[int] = []
         self._acks_lock = threading.Lock()
         self._last_report = 0.0
-        # Spare CPU first, a fair share when behind (see zerver.trace._cpu_share); None:
-        # normal priority throughout. Changed by the reader thread (and once by run).
-        self._share: CpuShare | None = None
+        # Spare CPU first, a fair share when behind (see zerver.trace._cpu_share), where
+        # this process can come back to normal priority; None: normal priority
+        # throughout. Changed by the reader thread (and once by run).
+        self._share = self._cpu_share(priority)
         self._share_lock = threading.Lock()
         self._reader_tid: int | None = None
 
-    def share_cpu(self, priority: Priority) -> None:
-        """Use only spare CPU while keeping up (``idle``), where this process can
-        come back to normal priority; ``normal`` keeps normal priority throughout."""
+    @staticmethod
+    def _cpu_share(priority: Priority) -> CpuShare | None:
         if priority != IDLE:
-            return
+            return None
         why = spare_cpu_unavailable()
         if why is not None:
             _log.info("exporter process runs at normal priority", reason=why)
-            return
-        self._share = CpuShare()
+            return None
+        return CpuShare()
 
     def send(self, msg: tuple[Any, ...]) -> None:
         with self._send_lock, contextlib.suppress(OSError, ValueError):
@@ -781,9 +786,10 @@ class _Exporter:
                 self.intake.stop(self.drain_timeout_s)  # the server is gone
                 return
             if msg[0] == _BATCH:
-                self._observe_intake()  # before too: with no spool, offer waits for room
-                self.intake.offer(msg[1], msg[2], self.ack_now)
+                # Before the offer, which (with no spool) waits for room: the backlog
+                # as the batches so far left it.
                 self._observe_intake()
+                self.intake.offer(msg[1], msg[2], self.ack_now)
             elif msg[0] == _ACTIVE:
                 if self.builder.metrics is not None:
                     self.builder.metrics.active = msg[1]
