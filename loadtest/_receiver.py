@@ -239,8 +239,8 @@ def scan_json_spans(body: bytes) -> list[tuple[str, str | None]] | None:
     if not (stripped.startswith(b"{") and stripped.endswith(b"}")):
         return None
     heads = list(_SPAN_HEAD.finditer(body))
-    if len(heads) != body.count(_SPAN_MEMBER):
-        return None
+    if not heads or len(heads) != body.count(_SPAN_MEMBER):
+        return None  # (no span read this way is no proof of no span: parsed in full)
     rows: list[tuple[str, str | None]] = []
     last = len(heads) - 1
     for i, m in enumerate(heads):
@@ -339,6 +339,14 @@ class SpanReceiver:
             self._decoder = None
         if self._gc_was_enabled:
             gc.enable()
+
+    def go_down(self) -> None:
+        """Stop listening, as a collector that went away (the tally keeps what it has)."""
+        self._receiver.stop()
+
+    def come_back(self) -> None:
+        """Listen again on the same port after :meth:`go_down`."""
+        self._receiver.start()
 
     def __enter__(self) -> SpanReceiver:
         return self.start()

@@ -132,6 +132,52 @@ def test_receiver_counts_json_and_protobuf_spans() -> None:
     }
 
 
+def test_receiver_goes_down_and_comes_back_on_its_port_keeping_its_tally() -> None:
+    """The fault run's collector outage: refused while down, the same port after, and
+    what was counted before is still counted (a trace sent twice counts once)."""
+
+    def body(trace: str) -> bytes:
+        root = _json_span(trace, "01" * 8, "", 2, "/blogs/posts/{id}")
+        return orjson.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [root]}]}]})
+
+    with SpanReceiver() as receiver:
+        url, port = receiver.traces_endpoint, receiver.port
+        assert _post(url, body("11" * 16), "application/json") == 200
+        receiver.go_down()
+        with pytest.raises(urllib.error.URLError):
+            _post(url, body("22" * 16), "application/json")
+        receiver.come_back()
+        assert receiver.port == port
+        assert _post(url, body("22" * 16), "application/json") == 200
+        assert _post(url, body("22" * 16), "application/json") == 200  # again: at least once
+        assert receiver.wait_quiet(quiet_s=0.05, timeout_s=5)
+        snap = receiver.snapshot()
+    assert snap.by_root["/blogs/posts/{id}"].roots == 2
+    assert snap.root_server_spans == 3
+
+
+def test_the_fault_run_reads_the_servers_closing_line(tmp_path: Path) -> None:
+    from loadtest.fault_run import _closing_line, _losses
+
+    log = tmp_path / "server.log"
+    closing = {"event": "trace export stopped", "records_lost": 0, "spans_dropped": {}}
+    log.write_text(
+        "not json\n"
+        + json.dumps({"event": "trace export stopped", "records_lost": 3})  # an earlier one
+        + "\n"
+        + json.dumps(closing)
+        + "\n"
+        + json.dumps({"event": "server stopped"})
+        + "\n"
+    )
+    assert _closing_line(log) == closing
+    assert _losses(closing) == {}
+    lossy = {**closing, "records_lost": 2, "spans_dropped": {"spool_full": 5}}
+    assert _losses(lossy) == {"records_lost": 2, "spans_dropped": {"spool_full": 5}}
+    (tmp_path / "empty.log").write_text("")
+    assert _closing_line(tmp_path / "empty.log") == {}
+
+
 def test_python_loadgen_counts_responses_and_stops_at_its_bound() -> None:
     async def scenario() -> tuple[LoadResult, LoadResult]:
         loop = asyncio.get_running_loop()
